@@ -1,0 +1,218 @@
+//! Wiring: builds the engine, hub, workers and HTTP server from a [`Config`], binds the
+//! listener (so the port is known before serving), and runs until shutdown.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Authenticator, KeyError};
+use crate::config::Config;
+use crate::engine::embedded::EmbeddedEngine;
+use crate::engine::{Engine, EngineError};
+use crate::http::{AppState, Metrics};
+use crate::hub::Hub;
+use crate::mirror::Layout;
+use crate::worker::{self, WorkerSettings, WorkerStops};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not bind {addr}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("could not prepare the data directory {path}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("could not open the engine")]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(
+        "the redis engine (HIVESYNC_REDIS_URL) is not available in this build yet; unset it to run the embedded engine"
+    )]
+    RedisUnsupported,
+}
+
+/// A bound, ready-to-run hub.
+pub struct Application {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    serve_workers: usize,
+    /// how the dev secret was chosen, for the start-up banner
+    pub generated_secret: Option<String>,
+}
+
+/// The JWT key: the configured secret or public key, else a dev secret kept in
+/// DATA_DIR so tokens stay valid across restarts. Returns the dev secret when used.
+pub fn authenticator(config: &Config) -> Result<(Authenticator, Option<String>), StartError> {
+    if let Some(key) = &config.jwt_public_key {
+        return Ok((Authenticator::from_public_key(key)?, None));
+    }
+    if let Some(secret) = &config.jwt_secret {
+        return Ok((Authenticator::from_secret(secret.as_bytes()), None));
+    }
+    let secret = dev_secret(&config.data_dir)?;
+    Ok((Authenticator::from_secret(secret.as_bytes()), Some(secret)))
+}
+
+fn dev_secret(data_dir: &Path) -> Result<String, StartError> {
+    let path = data_dir.join("dev-jwt-secret");
+    let as_start_error = |source| StartError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim().to_owned();
+        if existing.len() >= 32 {
+            return Ok(existing);
+        }
+    }
+    std::fs::create_dir_all(data_dir).map_err(as_start_error)?;
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|err| as_start_error(std::io::Error::other(err.to_string())))?;
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, &secret).map_err(as_start_error)?;
+    Ok(secret)
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents.as_bytes())
+}
+
+/// Makes DATA_DIR absolute (snapshots' gitfiles point into it) and creates it.
+pub fn prepare_data_dir(config: &mut Config) -> Result<(), StartError> {
+    let path = config.data_dir.clone();
+    let as_start_error = |source| StartError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&path).map_err(as_start_error)?;
+    config.data_dir = std::fs::canonicalize(&path).map_err(as_start_error)?;
+    Ok(())
+}
+
+impl Application {
+    pub async fn build(mut config: Config) -> Result<Self, StartError> {
+        if config.redis_url.is_some() {
+            return Err(StartError::RedisUnsupported);
+        }
+        prepare_data_dir(&mut config)?;
+        let (auth, generated_secret) = authenticator(&config)?;
+        let embedded =
+            EmbeddedEngine::open(&config.data_dir, config.sync_rate, config.event_history)?;
+        let engine = Engine {
+            store: embedded.clone(),
+            queue: embedded.clone(),
+            events: embedded,
+        };
+        let requeued = engine.requeue_unfinished().await?;
+        if requeued > 0 {
+            tracing::info!(
+                requeued,
+                "requeued syncs that were unfinished at the last stop"
+            );
+        }
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let hub = Hub::new(Arc::clone(&engine.events), config.ws_queue);
+        let layout = Layout::new(config.data_dir.clone());
+        let serve_workers = config.effective_serve_workers();
+        let state = Arc::new(AppState {
+            engine,
+            hub,
+            auth,
+            config: Arc::new(config),
+            layout,
+            metrics: Metrics::default(),
+        });
+        Ok(Self {
+            listener,
+            state,
+            serve_workers,
+            generated_secret,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Runs until `shutdown` fires, then drains: stops accepting, closes sockets with a
+    /// close frame, lets running syncs finish for the drain timeout and hands the rest
+    /// back to the queue.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let state = self.state;
+        let tracker = TaskTracker::new();
+        let workers = TaskTracker::new();
+        let stops = WorkerStops {
+            stop_taking: shutdown.child_token(),
+            interrupt: CancellationToken::new(),
+        };
+        worker::spawn(
+            self.serve_workers,
+            state.engine.clone(),
+            state.layout.clone(),
+            WorkerSettings {
+                sync_timeout: state.config.sync_timeout,
+                retry_base: state.config.retry_base,
+                retry_max: state.config.retry_max,
+            },
+            stops.clone(),
+            &workers,
+        );
+        workers.close();
+        let dispatch_stop = CancellationToken::new();
+        let dispatcher = tokio::spawn(Arc::clone(&state.hub).run_dispatch(dispatch_stop.clone()));
+
+        crate::http::serve(
+            self.listener,
+            Arc::clone(&state),
+            shutdown.clone(),
+            tracker.clone(),
+        )
+        .await;
+        tracing::info!("shutting down: closing sockets and draining syncs");
+        tracker.close();
+        if tokio::time::timeout(state.config.drain_timeout, workers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "syncs still running after the drain timeout; returning them to the queue"
+            );
+            stops.interrupt.cancel();
+            workers.wait().await;
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tracker.wait()).await;
+        dispatch_stop.cancel();
+        let _ = dispatcher.await;
+        tracing::info!("stopped");
+    }
+}

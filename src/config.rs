@@ -1,0 +1,247 @@
+//! Configuration: the environment variables of API.md, each overridable by a flag of
+//! the same name (`HIVESYNC_LISTEN` ↔ `--listen`). `Config::default()` is the contract's
+//! defaults, so tests start from it and change only what they mean to.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::domain::{UrlPolicy, parse_rate};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub redis_url: Option<String>,
+    pub jwt_secret: Option<String>,
+    pub jwt_public_key: Option<String>,
+    /// sync jobs a `worker` process runs in parallel
+    pub workers: usize,
+    /// in-process workers of `serve`; `None` = the contract's default for the engine
+    pub serve_workers: Option<usize>,
+    pub redis_prefix: String,
+    pub reclaim_after: Duration,
+    pub allowed_schemes: Vec<String>,
+    pub allow_private_hosts: bool,
+    pub sync_timeout: Duration,
+    pub secrets_dir: Option<PathBuf>,
+    pub ssh_known_hosts: Option<PathBuf>,
+    pub min_free_bytes: u64,
+    pub sync_rate: (u32, Duration),
+    pub retry_base: Duration,
+    pub retry_max: u32,
+    /// where the dashboard's files are served from
+    pub static_dir: PathBuf,
+    /// a WebSocket peer silent this long is dropped
+    pub ws_idle_timeout: Duration,
+    /// frames a connection may have queued before it is closed with 4008
+    pub ws_queue: usize,
+    /// events kept per user for resume and polling
+    pub event_history: u64,
+    /// how long SIGTERM waits for running syncs before returning them to the queue
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            redis_url: None,
+            jwt_secret: None,
+            jwt_public_key: None,
+            workers: 2,
+            serve_workers: None,
+            redis_prefix: "hivesync".to_owned(),
+            reclaim_after: Duration::from_millis(60_000),
+            allowed_schemes: vec!["https".to_owned(), "ssh".to_owned()],
+            allow_private_hosts: false,
+            sync_timeout: Duration::from_secs(600),
+            secrets_dir: None,
+            ssh_known_hosts: None,
+            min_free_bytes: 1 << 30,
+            sync_rate: (30, Duration::from_secs(60)),
+            retry_base: Duration::from_millis(30_000),
+            retry_max: 5,
+            static_dir: PathBuf::from("static"),
+            ws_idle_timeout: Duration::from_secs(60),
+            ws_queue: 1024,
+            event_history: 1000,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// In-process workers `serve` runs: `HIVESYNC_WORKERS` with the embedded engine,
+    /// none with Redis (workers are separate processes there).
+    pub fn effective_serve_workers(&self) -> usize {
+        self.serve_workers.unwrap_or(if self.redis_url.is_some() {
+            0
+        } else {
+            self.workers
+        })
+    }
+
+    pub fn url_policy(&self) -> UrlPolicy {
+        UrlPolicy {
+            allowed_schemes: self.allowed_schemes.clone(),
+            allow_private_hosts: self.allow_private_hosts,
+        }
+    }
+
+    pub fn repos_dir(&self) -> PathBuf {
+        self.data_dir.join("repos")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for {name}: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+/// The flags (and environment) every subcommand that runs the engine accepts.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    #[arg(long, env = "HIVESYNC_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    #[arg(long, env = "HIVESYNC_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "HIVESYNC_REDIS_URL")]
+    pub redis_url: Option<String>,
+    #[arg(long, env = "HIVESYNC_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    #[arg(long, env = "HIVESYNC_JWT_PUBLIC_KEY", hide_env_values = true)]
+    pub jwt_public_key: Option<String>,
+    #[arg(long, env = "HIVESYNC_WORKERS")]
+    pub workers: Option<usize>,
+    #[arg(long, env = "HIVESYNC_SERVE_WORKERS")]
+    pub serve_workers: Option<usize>,
+    #[arg(long, env = "HIVESYNC_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    #[arg(long, env = "HIVESYNC_RECLAIM_AFTER_MS")]
+    pub reclaim_after_ms: Option<u64>,
+    #[arg(long, env = "HIVESYNC_ALLOWED_SCHEMES")]
+    pub allowed_schemes: Option<String>,
+    #[arg(long, env = "HIVESYNC_ALLOW_PRIVATE_HOSTS")]
+    pub allow_private_hosts: Option<String>,
+    #[arg(long, env = "HIVESYNC_SYNC_TIMEOUT_S")]
+    pub sync_timeout_s: Option<u64>,
+    #[arg(long, env = "HIVESYNC_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    #[arg(long, env = "HIVESYNC_SSH_KNOWN_HOSTS")]
+    pub ssh_known_hosts: Option<PathBuf>,
+    #[arg(long, env = "HIVESYNC_MIN_FREE_BYTES")]
+    pub min_free_bytes: Option<u64>,
+    #[arg(long, env = "HIVESYNC_SYNC_RATE")]
+    pub sync_rate: Option<String>,
+    #[arg(long, env = "HIVESYNC_RETRY_BASE_MS")]
+    pub retry_base_ms: Option<u64>,
+    #[arg(long, env = "HIVESYNC_RETRY_MAX")]
+    pub retry_max: Option<u32>,
+    #[arg(long, env = "HIVESYNC_STATIC_DIR")]
+    pub static_dir: Option<PathBuf>,
+    #[arg(long, env = "HIVESYNC_WS_IDLE_TIMEOUT_S")]
+    pub ws_idle_timeout_s: Option<u64>,
+    #[arg(long, env = "HIVESYNC_EVENT_HISTORY")]
+    pub event_history: Option<u64>,
+}
+
+impl ConfigArgs {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        if let Some(v) = self.listen {
+            config.listen = v;
+        }
+        if let Some(v) = self.data_dir {
+            config.data_dir = v;
+        }
+        config.redis_url = self.redis_url.filter(|url| !url.trim().is_empty());
+        config.jwt_secret = self.jwt_secret.filter(|s| !s.is_empty());
+        config.jwt_public_key = self.jwt_public_key.filter(|s| !s.is_empty());
+        if let Some(v) = self.workers {
+            config.workers = v;
+        }
+        config.serve_workers = self.serve_workers;
+        if let Some(v) = self.redis_prefix {
+            config.redis_prefix = v;
+        }
+        if let Some(v) = self.reclaim_after_ms {
+            config.reclaim_after = Duration::from_millis(v);
+        }
+        if let Some(v) = self.allowed_schemes {
+            config.allowed_schemes = v
+                .split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if let Some(v) = self.allow_private_hosts {
+            config.allow_private_hosts = matches!(v.trim(), "1" | "true" | "yes");
+        }
+        if let Some(v) = self.sync_timeout_s {
+            config.sync_timeout = Duration::from_secs(v.max(1));
+        }
+        config.secrets_dir = self.secrets_dir;
+        config.ssh_known_hosts = self.ssh_known_hosts;
+        if let Some(v) = self.min_free_bytes {
+            config.min_free_bytes = v;
+        }
+        if let Some(v) = self.sync_rate {
+            config.sync_rate = parse_rate(&v).ok_or_else(|| ConfigError {
+                name: "HIVESYNC_SYNC_RATE",
+                reason: format!("'{v}' is not COUNT/s|min|hour"),
+            })?;
+        }
+        if let Some(v) = self.retry_base_ms {
+            config.retry_base = Duration::from_millis(v);
+        }
+        if let Some(v) = self.retry_max {
+            config.retry_max = v.max(1);
+        }
+        if let Some(v) = self.static_dir {
+            config.static_dir = v;
+        }
+        if let Some(v) = self.ws_idle_timeout_s {
+            config.ws_idle_timeout = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = self.event_history {
+            config.event_history = v.max(1);
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_serve_runs_workers_by_default_redis_serve_does_not() {
+        let mut config = Config::default();
+        assert_eq!(config.effective_serve_workers(), 2);
+        config.redis_url = Some("redis://127.0.0.1".into());
+        assert_eq!(config.effective_serve_workers(), 0);
+        config.serve_workers = Some(3);
+        assert_eq!(config.effective_serve_workers(), 3);
+    }
+
+    #[test]
+    fn flags_override_defaults_and_bad_rates_are_refused() {
+        let args = ConfigArgs {
+            allowed_schemes: Some("https, FILE".into()),
+            sync_rate: Some("5/s".into()),
+            ..Default::default()
+        };
+        let config = args.into_config().expect("valid");
+        assert_eq!(config.allowed_schemes, vec!["https", "file"]);
+        assert_eq!(config.sync_rate, (5, Duration::from_secs(1)));
+        let bad = ConfigArgs {
+            sync_rate: Some("lots".into()),
+            ..Default::default()
+        };
+        assert!(bad.into_config().is_err());
+    }
+}

@@ -1,0 +1,164 @@
+//! The engine behind the hub and the workers: a [`Store`] of projects and sync records,
+//! a [`JobQueue`] that carries sync jobs to workers, and an [`EventLog`] that numbers each
+//! user's events, keeps their history and fans them out live. `embedded` implements all
+//! three in process; a Redis implementation slots in beside it without touching callers.
+
+pub mod embedded;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{ProjectId, RepoUrl, SyncId};
+use crate::protocol::{Event, EventBody, EventId, Job, ProjectView, SyncRecord, SyncStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("embedded store failed")]
+    Embedded(#[from] redb::Error),
+    #[error("stored record is unreadable")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("engine task failed")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("engine is shutting down")]
+    Closed,
+}
+
+/// A registered project as stored. Holds the repo URL as given (it may carry userinfo),
+/// so it is never serialized to a client: [`Project::view`] is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Project {
+    pub project_id: String,
+    pub name: String,
+    pub repo_url: String,
+    pub branch: String,
+    pub owner: String,
+    pub created_at: String,
+    pub credential: Option<String>,
+    pub last_status: Option<SyncStatus>,
+    pub last_synced_at: Option<String>,
+    pub commit: Option<String>,
+    /// The sync that is queued or running, if any; requests coalesce onto it.
+    pub active_sync: Option<String>,
+}
+
+impl Project {
+    pub fn view(&self) -> ProjectView {
+        let repo_url = RepoUrl::from_stored(self.repo_url.clone())
+            .map(|url| url.redacted().to_owned())
+            .unwrap_or_else(|_| "<unreadable url>".to_owned());
+        ProjectView {
+            project_id: self.project_id.clone(),
+            name: self.name.clone(),
+            repo_url,
+            branch: self.branch.clone(),
+            owner: self.owner.clone(),
+            created_at: self.created_at.clone(),
+            credential: self.credential.clone(),
+            last_status: self.last_status,
+            last_synced_at: self.last_synced_at.clone(),
+            commit: self.commit.clone(),
+        }
+    }
+}
+
+/// Events after a resume point. `gap` is set when the point is older than the kept
+/// history, so the client has to resynchronize instead of trusting the list.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    pub events: Vec<Event>,
+    pub gap: bool,
+}
+
+/// A job handed to one worker. Complete it, or release it back to the queue.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub job: Job,
+    pub token: String,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn insert_project(&self, project: &Project) -> Result<(), EngineError>;
+    async fn project(&self, id: &ProjectId) -> Result<Option<Project>, EngineError>;
+    async fn projects_of(&self, owner: &str) -> Result<Vec<Project>, EngineError>;
+    /// Removes the project and its sync history.
+    async fn delete_project(&self, id: &ProjectId) -> Result<(), EngineError>;
+    /// Atomically: if the project has a queued or running sync, returns it with
+    /// `false`; else stores `record` as the project's active sync and returns `true`.
+    async fn begin_sync(&self, record: SyncRecord) -> Result<(SyncRecord, bool), EngineError>;
+    async fn sync(&self, id: &SyncId) -> Result<Option<SyncRecord>, EngineError>;
+    /// Stores a new state of a sync; a terminal one also ends the project's active
+    /// sync and updates its last status (and, on success, its commit).
+    async fn put_sync(&self, record: &SyncRecord) -> Result<(), EngineError>;
+    /// Newest first.
+    async fn syncs_of(
+        &self,
+        project: &ProjectId,
+        limit: usize,
+    ) -> Result<Vec<SyncRecord>, EngineError>;
+    /// Syncs that were queued or running when the engine last stopped, with their owner.
+    async fn unfinished_syncs(&self) -> Result<Vec<(SyncRecord, String)>, EngineError>;
+    /// Accounts one sync request of `user`: `Err(wait)` when over the rate.
+    async fn admit_sync_request(&self, user: &str) -> Result<Result<(), Duration>, EngineError>;
+    /// Cheap round trip for `/readyz`.
+    async fn ping(&self) -> Result<(), EngineError>;
+}
+
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    async fn enqueue(&self, job: Job) -> Result<(), EngineError>;
+    /// Waits for the next job; `None` once `shutdown` is cancelled.
+    async fn take(&self, shutdown: &CancellationToken) -> Result<Option<Lease>, EngineError>;
+    async fn complete(&self, lease: &Lease) -> Result<(), EngineError>;
+    /// Gives a job back unfinished (shutdown), so another worker runs it.
+    async fn release(&self, lease: Lease) -> Result<(), EngineError>;
+}
+
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Numbers the event in `user`'s sequence, keeps it in their history and fans it
+    /// out to every live subscriber.
+    async fn publish(&self, user: &str, body: EventBody) -> Result<Event, EngineError>;
+    /// Every event published from now on, for all users.
+    fn live(&self) -> broadcast::Receiver<Event>;
+    /// Up to `limit` events of `user` with id greater than `after`, oldest first.
+    async fn after(&self, user: &str, after: EventId, limit: usize)
+    -> Result<History, EngineError>;
+    /// The id of `user`'s newest event (0 when none).
+    async fn latest(&self, user: &str) -> Result<EventId, EngineError>;
+}
+
+/// The three parts as one value that the hub, the HTTP layer and workers share.
+#[derive(Clone)]
+pub struct Engine {
+    pub store: Arc<dyn Store>,
+    pub queue: Arc<dyn JobQueue>,
+    pub events: Arc<dyn EventLog>,
+}
+
+impl Engine {
+    /// Puts syncs that were queued or running when the engine last stopped back on the
+    /// queue, so a restart loses no requested work.
+    pub async fn requeue_unfinished(&self) -> Result<usize, EngineError> {
+        let unfinished = self.store.unfinished_syncs().await?;
+        let count = unfinished.len();
+        for (mut record, owner) in unfinished {
+            record.status = SyncStatus::Queued;
+            record.progress = None;
+            self.store.put_sync(&record).await?;
+            self.queue
+                .enqueue(Job {
+                    sync_id: record.sync_id.clone(),
+                    project_id: record.project_id.clone(),
+                    owner,
+                })
+                .await?;
+        }
+        Ok(count)
+    }
+}

@@ -1,0 +1,141 @@
+//! The one table from an API error to its contract code and HTTP status. Internal
+//! causes are logged here with their chain and never shown to the client.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use warp::Reply;
+
+use crate::auth::AuthError;
+use crate::engine::EngineError;
+use crate::protocol::ErrorBody;
+use crate::worker::error_chain;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    PathInvalid(String),
+    #[error("missing or invalid bearer token")]
+    InvalidToken,
+    #[error("token expired")]
+    TokenExpired,
+    #[error("this project belongs to another user")]
+    Forbidden,
+    #[error("mobile tokens read metadata only")]
+    MobileMetadataOnly,
+    #[error("no such project")]
+    ProjectNotFound,
+    #[error("no such sync")]
+    SyncNotFound,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("request body is over 64 KiB")]
+    PayloadTooLarge,
+    #[error("too many sync requests; retry in {} s", retry_after.as_secs().max(1))]
+    RateLimited { retry_after: Duration },
+    #[error("free space on the data volume is under the configured floor")]
+    StorageFull,
+    #[error("internal error")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("service unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApiError {
+    pub fn code_and_status(&self) -> (&'static str, StatusCode) {
+        match self {
+            ApiError::InvalidRequest(_) => ("invalid_request", StatusCode::BAD_REQUEST),
+            ApiError::PathInvalid(_) => ("path_invalid", StatusCode::BAD_REQUEST),
+            ApiError::InvalidToken => ("invalid_token", StatusCode::UNAUTHORIZED),
+            ApiError::TokenExpired => ("token_expired", StatusCode::UNAUTHORIZED),
+            ApiError::Forbidden => ("forbidden", StatusCode::FORBIDDEN),
+            ApiError::MobileMetadataOnly => ("mobile_metadata_only", StatusCode::FORBIDDEN),
+            ApiError::ProjectNotFound => ("project_not_found", StatusCode::NOT_FOUND),
+            ApiError::SyncNotFound => ("sync_not_found", StatusCode::NOT_FOUND),
+            ApiError::NotFound(_) => ("not_found", StatusCode::NOT_FOUND),
+            ApiError::PayloadTooLarge => ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE),
+            ApiError::RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
+            ApiError::StorageFull => ("storage_full", StatusCode::INSUFFICIENT_STORAGE),
+            ApiError::Backend(_) => ("backend_error", StatusCode::INTERNAL_SERVER_ERROR),
+            ApiError::Unavailable(_) => ("backend_error", StatusCode::SERVICE_UNAVAILABLE),
+        }
+    }
+
+    pub fn into_response(self) -> warp::reply::Response {
+        let (code, status) = self.code_and_status();
+        if let ApiError::Backend(cause) | ApiError::Unavailable(cause) = &self {
+            tracing::error!(error = %error_chain(cause.as_ref()), status = status.as_u16(), "request failed");
+        }
+        let body = ErrorBody {
+            error: code.to_owned(),
+            message: self.to_string(),
+        };
+        let reply = warp::reply::with_status(warp::reply::json(&body), status);
+        match &self {
+            ApiError::RateLimited { retry_after } => {
+                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                warp::reply::with_header(reply, "retry-after", seconds.max(1).to_string())
+                    .into_response()
+            }
+            _ => reply.into_response(),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(err: EngineError) -> Self {
+        ApiError::Backend(Box::new(err))
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Invalid => ApiError::InvalidToken,
+            AuthError::Expired => ApiError::TokenExpired,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_contract_code_has_its_status() {
+        let table = [
+            (
+                ApiError::InvalidRequest(String::new()),
+                "invalid_request",
+                400,
+            ),
+            (ApiError::PathInvalid(String::new()), "path_invalid", 400),
+            (ApiError::InvalidToken, "invalid_token", 401),
+            (ApiError::TokenExpired, "token_expired", 401),
+            (ApiError::Forbidden, "forbidden", 403),
+            (ApiError::MobileMetadataOnly, "mobile_metadata_only", 403),
+            (ApiError::ProjectNotFound, "project_not_found", 404),
+            (ApiError::SyncNotFound, "sync_not_found", 404),
+            (ApiError::NotFound(String::new()), "not_found", 404),
+            (ApiError::PayloadTooLarge, "payload_too_large", 413),
+            (
+                ApiError::RateLimited {
+                    retry_after: Duration::from_secs(1),
+                },
+                "rate_limited",
+                429,
+            ),
+            (ApiError::StorageFull, "storage_full", 507),
+            (ApiError::Backend("x".into()), "backend_error", 500),
+            (ApiError::Unavailable("x".into()), "backend_error", 503),
+        ];
+        for (error, code, status) in table {
+            assert_eq!(
+                error.code_and_status(),
+                (code, StatusCode::from_u16(status).expect("valid"))
+            );
+        }
+    }
+}

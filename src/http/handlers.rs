@@ -1,0 +1,401 @@
+//! Request handlers: plain async fns from extracted values to `Result<_, ApiError>`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::StatusCode;
+use warp::Reply;
+
+use super::{ApiError, AppState, Metrics, Response, parse_json, respond};
+use crate::auth::Principal;
+use crate::domain::{ProjectId, RepoUrl, SyncId, now_rfc3339};
+use crate::engine::Project;
+use crate::hub::MAX_REPLAY;
+use crate::protocol::{
+    ControlFrame, CreateProjectRequest, EventBody, Job, MobileProject, ProjectView, SyncAccepted,
+    SyncRecord, SyncRequest, SyncStatus,
+};
+
+const DEFAULT_SYNC_LIST: usize = 20;
+const MAX_SYNC_LIST: usize = 100;
+const DEFAULT_NOTIFICATIONS: usize = 100;
+
+fn query_map(query: &str) -> Result<HashMap<String, String>, ApiError> {
+    serde_urlencoded::from_str(query)
+        .map_err(|err| ApiError::InvalidRequest(format!("invalid query string: {err}")))
+}
+
+fn parse_limit(value: Option<&String>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|limit| (1..=max).contains(limit))
+            .ok_or_else(|| {
+                ApiError::InvalidRequest(format!("limit must be a number from 1 to {max}"))
+            }),
+    }
+}
+
+/// Loads a project of the caller: unknown or malformed ids are `project_not_found`,
+/// someone else's project is `forbidden`.
+async fn owned_project(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<Project, ApiError> {
+    let id = ProjectId::parse(id).ok_or(ApiError::ProjectNotFound)?;
+    let project = state
+        .engine
+        .store
+        .project(&id)
+        .await?
+        .ok_or(ApiError::ProjectNotFound)?;
+    if project.owner != principal.user {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(project)
+}
+
+pub async fn list_projects(
+    state: Arc<AppState>,
+    auth: Option<String>,
+) -> Result<Vec<ProjectView>, ApiError> {
+    let principal = state.principal(auth.as_deref())?;
+    let projects = state.engine.store.projects_of(&principal.user).await?;
+    Ok(projects.iter().map(Project::view).collect())
+}
+
+pub async fn create_project(
+    state: Arc<AppState>,
+    auth: Option<String>,
+    body: Result<Bytes, ApiError>,
+) -> Result<ProjectView, ApiError> {
+    let principal = state.principal(auth.as_deref())?;
+    let request: CreateProjectRequest = parse_json(body)?;
+    let name = request.name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::InvalidRequest(
+            "name must be 1 to 200 characters".into(),
+        ));
+    }
+    validate_branch(&request.branch)?;
+    if let Some(credential) = &request.credential
+        && !is_credential_name(credential)
+    {
+        return Err(ApiError::InvalidRequest(
+            "credential must be a name of 1 to 64 letters, digits, '_', '-' or '.'".into(),
+        ));
+    }
+    let url = RepoUrl::parse(&request.repo_url, &state.config.url_policy())
+        .map_err(|err| ApiError::InvalidRequest(err.to_string()))?;
+    let project = Project {
+        project_id: ProjectId::generate().to_string(),
+        name: name.to_owned(),
+        repo_url: url.expose_secret().to_owned(),
+        branch: request.branch,
+        owner: principal.user,
+        created_at: now_rfc3339(),
+        credential: request.credential,
+        last_status: None,
+        last_synced_at: None,
+        commit: None,
+        active_sync: None,
+    };
+    state.engine.store.insert_project(&project).await?;
+    tracing::info!(project_id = %project.project_id, repo_url = %url, "project registered");
+    Ok(project.view())
+}
+
+fn validate_branch(branch: &str) -> Result<(), ApiError> {
+    let full = format!("refs/heads/{branch}");
+    let valid = !branch.is_empty()
+        && branch.len() <= 255
+        && !branch.starts_with('-')
+        && gix::refs::FullName::try_from(full.as_str()).is_ok();
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidRequest(format!(
+            "'{branch}' is not a valid branch name"
+        )))
+    }
+}
+
+fn is_credential_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+pub async fn get_project(
+    state: Arc<AppState>,
+    auth: Option<String>,
+    id: String,
+) -> Result<ProjectView, ApiError> {
+    let principal = state.principal(auth.as_deref())?;
+    Ok(owned_project(&state, &principal, &id).await?.view())
+}
+
+pub async fn delete_project(state: Arc<AppState>, auth: Option<String>, id: String) -> Response {
+    let result = async {
+        let principal = state.principal(auth.as_deref())?;
+        let project = owned_project(&state, &principal, &id).await?;
+        let project_id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
+        state.engine.store.delete_project(&project_id).await?;
+        let layout = state.layout.clone();
+        let removed = tokio::task::spawn_blocking(move || layout.remove(&project_id))
+            .await
+            .map_err(|err| ApiError::Backend(Box::new(err)))?;
+        if let Err(err) = removed {
+            // the project is gone either way; leftover files are only disk space
+            tracing::warn!(project_id = %project.project_id, error = %err, "could not remove the mirror");
+        }
+        Ok::<_, ApiError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+pub async fn request_sync(
+    state: Arc<AppState>,
+    auth: Option<String>,
+    body: Result<Bytes, ApiError>,
+) -> Response {
+    let result = request_sync_inner(&state, auth, body).await;
+    match result {
+        Ok((accepted, true)) => respond(StatusCode::ACCEPTED, Ok(accepted)),
+        Ok((accepted, false)) => respond(StatusCode::OK, Ok(accepted)),
+        Err(err) => respond::<()>(StatusCode::OK, Err(err)),
+    }
+}
+
+async fn request_sync_inner(
+    state: &AppState,
+    auth: Option<String>,
+    body: Result<Bytes, ApiError>,
+) -> Result<(SyncAccepted, bool), ApiError> {
+    let principal = state.principal(auth.as_deref())?;
+    let request: SyncRequest = parse_json(body)?;
+    let project = owned_project(state, &principal, &request.project_id).await?;
+    Metrics::bump(&state.metrics.sync_requests);
+    if let Err(retry_after) = state
+        .engine
+        .store
+        .admit_sync_request(&principal.user)
+        .await?
+    {
+        return Err(ApiError::RateLimited { retry_after });
+    }
+    if free_bytes(&state.config.data_dir).is_some_and(|free| free < state.config.min_free_bytes) {
+        return Err(ApiError::StorageFull);
+    }
+    let record = SyncRecord {
+        sync_id: SyncId::generate().to_string(),
+        project_id: project.project_id.clone(),
+        status: SyncStatus::Queued,
+        progress: None,
+        commit: None,
+        previous_commit: project.commit.clone(),
+        attempt: 0,
+        queued_at: now_rfc3339(),
+        started_at: None,
+        finished_at: None,
+        duration_ms: None,
+        error: None,
+    };
+    let (record, created) = state.engine.store.begin_sync(record).await?;
+    if created {
+        state
+            .engine
+            .events
+            .publish(
+                &principal.user,
+                EventBody::SyncStage {
+                    sync_id: record.sync_id.clone(),
+                    project_id: record.project_id.clone(),
+                    stage: SyncStatus::Queued,
+                    progress: None,
+                    at: record.queued_at.clone(),
+                },
+            )
+            .await?;
+        state
+            .engine
+            .queue
+            .enqueue(Job {
+                sync_id: record.sync_id.clone(),
+                project_id: record.project_id.clone(),
+                owner: principal.user.clone(),
+            })
+            .await?;
+    } else {
+        Metrics::bump(&state.metrics.syncs_coalesced);
+    }
+    Ok((
+        SyncAccepted {
+            sync_id: record.sync_id,
+            project_id: record.project_id,
+            status: record.status,
+            coalesced: !created,
+        },
+        created,
+    ))
+}
+
+pub async fn get_sync(
+    state: Arc<AppState>,
+    auth: Option<String>,
+    id: String,
+) -> Result<SyncRecord, ApiError> {
+    let principal = state.principal(auth.as_deref())?;
+    let id = SyncId::parse(&id).ok_or(ApiError::SyncNotFound)?;
+    let record = state
+        .engine
+        .store
+        .sync(&id)
+        .await?
+        .ok_or(ApiError::SyncNotFound)?;
+    let project_id = ProjectId::parse(&record.project_id).ok_or(ApiError::SyncNotFound)?;
+    let project = state
+        .engine
+        .store
+        .project(&project_id)
+        .await?
+        .ok_or(ApiError::SyncNotFound)?;
+    if project.owner != principal.user {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(record)
+}
+
+pub async fn list_syncs(
+    state: Arc<AppState>,
+    auth: Option<String>,
+    query: String,
+) -> Result<Vec<SyncRecord>, ApiError> {
+    let principal = state.principal(auth.as_deref())?;
+    let query = query_map(&query)?;
+    let project_id = query
+        .get("project_id")
+        .ok_or_else(|| ApiError::InvalidRequest("project_id is required".into()))?;
+    let limit = parse_limit(query.get("limit"), DEFAULT_SYNC_LIST, MAX_SYNC_LIST)?;
+    let project = owned_project(&state, &principal, project_id).await?;
+    let id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
+    Ok(state.engine.store.syncs_of(&id, limit).await?)
+}
+
+/// The caller's events after `after`, exactly as the socket sends them; a resume point
+/// older than the kept history comes back as a lone `resync_required` frame first.
+pub async fn notifications(
+    state: Arc<AppState>,
+    auth: Option<String>,
+    query: String,
+) -> Result<Vec<serde_json::Value>, ApiError> {
+    let principal = state.principal(auth.as_deref())?;
+    let query = query_map(&query)?;
+    let after = match query.get("after") {
+        None => 0,
+        Some(raw) => raw
+            .parse()
+            .map_err(|_| ApiError::InvalidRequest("after must be an event id".into()))?,
+    };
+    let limit = parse_limit(query.get("limit"), DEFAULT_NOTIFICATIONS, MAX_REPLAY)?;
+    let history = state
+        .engine
+        .events
+        .after(&principal.user, after, limit)
+        .await?;
+    let mut frames = Vec::with_capacity(history.events.len() + 1);
+    if history.gap && after > 0 {
+        frames.push(
+            serde_json::to_value(ControlFrame::ResyncRequired)
+                .map_err(|err| ApiError::Backend(Box::new(err)))?,
+        );
+    }
+    for event in &history.events {
+        frames.push(serde_json::to_value(event).map_err(|err| ApiError::Backend(Box::new(err)))?);
+    }
+    Ok(frames)
+}
+
+pub async fn mobile_projects(
+    state: Arc<AppState>,
+    auth: Option<String>,
+) -> Result<Vec<MobileProject>, ApiError> {
+    let principal = state.principal(auth.as_deref())?;
+    let projects = state.engine.store.projects_of(&principal.user).await?;
+    Ok(projects
+        .into_iter()
+        .map(|project| MobileProject {
+            project_id: project.project_id,
+            name: project.name,
+            branch: project.branch,
+            last_status: project.last_status,
+            last_synced_at: project.last_synced_at,
+            commit: project.commit,
+        })
+        .collect())
+}
+
+/// Free bytes on the volume holding `path` (`None` when it cannot be told).
+pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(path).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+pub async fn readyz(state: Arc<AppState>) -> Response {
+    let engine = state.engine.store.ping().await;
+    let data_dir = state.config.data_dir.clone();
+    let writable = tokio::task::spawn_blocking(move || {
+        let probe = data_dir.join(format!(".readyz-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&probe, b"ok").and_then(|()| std::fs::remove_file(&probe))
+    })
+    .await;
+    let writable = matches!(writable, Ok(Ok(())));
+    let free = free_bytes(&state.config.data_dir);
+    let space_ok = free.is_some_and(|free| free >= state.config.min_free_bytes);
+    let ready = engine.is_ok() && writable && space_ok;
+    if let Err(err) = &engine {
+        tracing::warn!(error = %crate::worker::error_chain(err), "engine not reachable");
+    }
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "engine": engine.is_ok(),
+        "data_dir_writable": writable,
+        "free_bytes": free,
+        "min_free_bytes": state.config.min_free_bytes,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+pub async fn metrics(state: Arc<AppState>) -> Response {
+    let metrics = &state.metrics;
+    let counter = |value: &std::sync::atomic::AtomicU64| value.load(Ordering::Relaxed);
+    let text = format!(
+        "# TYPE hivesync_ws_connections gauge\nhivesync_ws_connections {}\n\
+         # TYPE hivesync_ws_connections_total counter\nhivesync_ws_connections_total {}\n\
+         # TYPE hivesync_ws_slow_consumers_total counter\nhivesync_ws_slow_consumers_total {}\n\
+         # TYPE hivesync_sync_requests_total counter\nhivesync_sync_requests_total {}\n\
+         # TYPE hivesync_syncs_coalesced_total counter\nhivesync_syncs_coalesced_total {}\n",
+        state.hub.connection_count(),
+        counter(&metrics.ws_connections_total),
+        counter(&metrics.ws_slow_consumers),
+        counter(&metrics.sync_requests),
+        counter(&metrics.syncs_coalesced),
+    );
+    warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response()
+}

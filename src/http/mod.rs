@@ -1,0 +1,285 @@
+//! The HTTP edge, and the only module that imports warp: REST routes, the WebSocket
+//! upgrade, the dashboard's files and the accept loop. Filters only extract; handlers
+//! are plain async fns returning `Result<_, ApiError>`, and every failure — including a
+//! route that does not match — leaves as the same JSON error body.
+
+mod error;
+mod handlers;
+mod server;
+mod ws;
+
+pub use error::ApiError;
+pub use server::serve;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Buf, Bytes};
+use futures_util::{Stream, StreamExt};
+use http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+use crate::auth::{Authenticator, Principal};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::hub::Hub;
+use crate::mirror::Layout;
+
+/// Bodies over this are refused with 413, before they are read in full.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Everything a request handler may touch.
+pub struct AppState {
+    pub engine: Engine,
+    pub hub: Arc<Hub>,
+    pub auth: Authenticator,
+    pub config: Arc<Config>,
+    pub layout: Layout,
+    pub metrics: Metrics,
+}
+
+/// Counters behind `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    pub http_requests: AtomicU64,
+    pub sync_requests: AtomicU64,
+    pub syncs_coalesced: AtomicU64,
+    pub ws_connections_total: AtomicU64,
+    pub ws_slow_consumers: AtomicU64,
+}
+
+impl Metrics {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl AppState {
+    /// Checks a bearer token from the `Authorization` header.
+    pub fn principal(&self, authorization: Option<&str>) -> Result<Principal, ApiError> {
+        let token = authorization
+            .and_then(|value| {
+                value
+                    .strip_prefix("Bearer ")
+                    .or_else(|| value.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .ok_or(ApiError::InvalidToken)?;
+        Ok(self.auth.verify(token)?)
+    }
+}
+
+type Response = warp::reply::Response;
+
+/// Turns a handler's result into the response: the value as JSON with `status`, or the
+/// error's JSON body and status.
+fn respond<T: serde::Serialize>(status: StatusCode, result: Result<T, ApiError>) -> Response {
+    match result {
+        Ok(value) => warp::reply::with_status(warp::reply::json(&value), status).into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+/// The request body, read up to [`MAX_BODY`]: larger bodies are refused as soon as
+/// the header or the stream shows it, so a client cannot make the server buffer more.
+fn capped_body() -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("content-length")
+        .and(warp::body::stream())
+        .then(|declared: Option<String>, stream| async move {
+            if declared
+                .and_then(|len| len.trim().parse::<u64>().ok())
+                .is_some_and(|len| len > MAX_BODY as u64)
+            {
+                return Err(ApiError::PayloadTooLarge);
+            }
+            collect_capped(stream).await
+        })
+}
+
+async fn collect_capped<S, B>(stream: S) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut collected = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let mut chunk = chunk
+            .map_err(|err| ApiError::InvalidRequest(format!("could not read the body: {err}")))?;
+        if collected.len() + chunk.remaining() > MAX_BODY {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            collected.extend_from_slice(part);
+            let advance = part.len();
+            chunk.advance(advance);
+        }
+    }
+    Ok(Bytes::from(collected))
+}
+
+/// Parses a JSON body into `T`; any failure is `invalid_request` naming what was wrong.
+pub fn parse_json<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, ApiError>,
+) -> Result<T, ApiError> {
+    let body = body?;
+    serde_json::from_slice(&body)
+        .map_err(|err| ApiError::InvalidRequest(format!("invalid JSON body: {err}")))
+}
+
+/// The raw query string, empty when there is none (warp's own filter rejects that).
+fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
+    warp::query::raw().or(warp::any().map(String::new)).unify()
+}
+
+fn authorization() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+}
+
+/// All REST routes and the dashboard, with one recovery that renders any rejection as
+/// the contract's JSON error.
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let static_dir = state.config.static_dir.clone();
+    let with_state = warp::any().map(move || Arc::clone(&state));
+
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response());
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_state.clone())
+        .then(handlers::readyz);
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_state.clone())
+        .then(handlers::metrics);
+
+    let projects = warp::path!("api" / "v1" / "projects");
+    let list_projects = projects
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(authorization())
+        .then(|state, auth| async move {
+            respond(StatusCode::OK, handlers::list_projects(state, auth).await)
+        });
+    let create_project = projects
+        .and(warp::post())
+        .and(with_state.clone())
+        .and(authorization())
+        .and(capped_body())
+        .then(|state, auth, body| async move {
+            respond(
+                StatusCode::CREATED,
+                handlers::create_project(state, auth, body).await,
+            )
+        });
+    let project = warp::path!("api" / "v1" / "projects" / String);
+    let get_project = project
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(authorization())
+        .then(|id, state, auth| async move {
+            respond(StatusCode::OK, handlers::get_project(state, auth, id).await)
+        });
+    let delete_project = project
+        .and(warp::delete())
+        .and(with_state.clone())
+        .and(authorization())
+        .then(|id, state, auth| async move { handlers::delete_project(state, auth, id).await });
+
+    let sync = warp::path!("api" / "v1" / "repo" / "sync");
+    let request_sync = sync
+        .and(warp::post())
+        .and(with_state.clone())
+        .and(authorization())
+        .and(capped_body())
+        .then(|state, auth, body| async move { handlers::request_sync(state, auth, body).await });
+    let list_syncs = sync
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(authorization())
+        .and(raw_query())
+        .then(|state, auth, query| async move {
+            respond(
+                StatusCode::OK,
+                handlers::list_syncs(state, auth, query).await,
+            )
+        });
+    let get_sync = warp::path!("api" / "v1" / "repo" / "sync" / String)
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(authorization())
+        .then(|id, state, auth| async move {
+            respond(StatusCode::OK, handlers::get_sync(state, auth, id).await)
+        });
+
+    let notifications = warp::path!("api" / "v1" / "notifications")
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(authorization())
+        .and(raw_query())
+        .then(|state, auth, query| async move {
+            respond(
+                StatusCode::OK,
+                handlers::notifications(state, auth, query).await,
+            )
+        });
+    let mobile = warp::path!("api" / "v1" / "mobile" / "projects")
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(authorization())
+        .then(|state, auth| async move {
+            respond(StatusCode::OK, handlers::mobile_projects(state, auth).await)
+        });
+
+    let dashboard = warp::get()
+        .and(warp::fs::dir(static_dir))
+        .map(Reply::into_response);
+
+    healthz
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(list_projects)
+        .unify()
+        .or(create_project)
+        .unify()
+        .or(get_project)
+        .unify()
+        .or(delete_project)
+        .unify()
+        .or(request_sync)
+        .unify()
+        .or(list_syncs)
+        .unify()
+        .or(get_sync)
+        .unify()
+        .or(notifications)
+        .unify()
+        .or(mobile)
+        .unify()
+        .or(dashboard)
+        .unify()
+        .recover(recover)
+        .unify()
+}
+
+/// What no route matched, as JSON: an unknown path, or a known path with another method.
+async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+    let error = if rejection.is_not_found() {
+        ApiError::NotFound("no such route".to_owned())
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::NotFound("no such route for this method".to_owned())
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ApiError::PayloadTooLarge
+    } else {
+        ApiError::InvalidRequest("malformed request".to_owned())
+    };
+    Ok(error.into_response())
+}

@@ -1,0 +1,303 @@
+//! `GET /api/v1/ws`: the upgrade is done here rather than by `warp::ws()`, whose fixed
+//! 128 KiB read buffer per socket would make 10k idle sockets cost over a gigabyte.
+//! The socket loop writes queued frames in batches with one flush, answers pings and
+//! `subscribe`, pings the peer, and closes with 4008 when the hub kicks it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, StatusCode, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warp::Reply;
+
+use super::{ApiError, AppState, Metrics, Response};
+use crate::hub::Attachment;
+use crate::protocol::{ClientFrame, ControlFrame, EventId};
+
+pub const WS_PATH: &str = "/api/v1/ws";
+/// Close code for a client that could not keep up; it should resume (4000–4499:
+/// reconnect allowed).
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// How long one batch of writes may take before the peer counts as stuck.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Frames written before one flush.
+const WRITE_BATCH: usize = 64;
+/// Client frames are small; the read buffer grows for the rare larger one.
+const READ_BUFFER: usize = 2 * 1024;
+
+fn socket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .max_message_size(Some(64 * 1024))
+        .max_frame_size(Some(64 * 1024))
+}
+
+/// Answers the upgrade request and, once hyper hands over the connection, runs the
+/// socket on `tracker` until it closes or `shutdown` fires.
+pub async fn upgrade(
+    state: Arc<AppState>,
+    mut request: http::Request<Incoming>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) -> Response {
+    let query = request.uri().query().unwrap_or_default().to_owned();
+    let params: std::collections::HashMap<String, String> =
+        serde_urlencoded::from_str(&query).unwrap_or_default();
+    let header_token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let principal = match (&header_token, params.get("access_token")) {
+        (Some(header), _) => state.principal(Some(header)),
+        (None, Some(token)) => state.principal(Some(&format!("Bearer {token}"))),
+        (None, None) => Err(ApiError::InvalidToken),
+    };
+    let principal = match principal {
+        Ok(principal) => principal,
+        Err(err) => return err.into_response(),
+    };
+    let resume_from: Option<EventId> = match params.get("last_event_id").map(|raw| raw.parse()) {
+        None => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => {
+            return ApiError::InvalidRequest("last_event_id must be an event id".into())
+                .into_response();
+        }
+    };
+    let accept = match handshake_accept(request.headers()) {
+        Ok(accept) => accept,
+        Err(err) => return err.into_response(),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let hub = Arc::clone(&state.hub);
+    let idle_timeout = state.config.ws_idle_timeout;
+    let state_for_task = Arc::clone(&state);
+    tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(err) => {
+                tracing::debug!(error = %err, "websocket upgrade did not complete");
+                return;
+            }
+        };
+        let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(socket_config())).await;
+        let attachment = match hub.attach(&principal.user, resume_from).await {
+            Ok(attachment) => attachment,
+            Err(err) => {
+                tracing::error!(error = %crate::worker::error_chain(&err), "could not attach a websocket");
+                let mut socket = socket;
+                let _ = close(&mut socket, CloseCode::Error, "backend_error").await;
+                return;
+            }
+        };
+        Metrics::bump(&state_for_task.metrics.ws_connections_total);
+        let handle = attachment.handle();
+        let connection_id = attachment.connection_id.clone();
+        let end = drive(socket, attachment, idle_timeout, &shutdown).await;
+        hub.detach(&handle);
+        if end == End::SlowConsumer {
+            Metrics::bump(&state_for_task.metrics.ws_slow_consumers);
+        }
+        tracing::debug!(%connection_id, end = ?end, "websocket closed");
+    });
+    let reply = warp::reply::with_header(warp::reply(), header::UPGRADE, "websocket");
+    let reply = warp::reply::with_header(reply, header::CONNECTION, "Upgrade");
+    let reply = warp::reply::with_header(reply, header::SEC_WEBSOCKET_ACCEPT, accept);
+    warp::reply::with_status(reply, StatusCode::SWITCHING_PROTOCOLS).into_response()
+}
+
+/// Checks the RFC 6455 handshake headers and derives `Sec-WebSocket-Accept`.
+fn handshake_accept(headers: &HeaderMap) -> Result<String, ApiError> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return Err(ApiError::InvalidRequest(
+            "this endpoint only speaks WebSocket".into(),
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        return Err(ApiError::InvalidRequest(
+            "Sec-WebSocket-Version must be 13".into(),
+        ));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| ApiError::InvalidRequest("Sec-WebSocket-Key is missing".into()))?;
+    Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
+}
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    ClientClosed,
+    SlowConsumer,
+    Idle,
+    Shutdown,
+    Broken,
+}
+
+fn text(json: Bytes) -> Message {
+    // every frame is serde_json output, so valid UTF-8
+    Message::Text(Utf8Bytes::try_from(json).unwrap_or_else(|_| Utf8Bytes::from_static("{}")))
+}
+
+async fn drive(
+    mut socket: Socket,
+    attachment: Attachment,
+    idle_timeout: Duration,
+    shutdown: &CancellationToken,
+) -> End {
+    let opening = attachment.opening_frames();
+    let Attachment {
+        mut queue,
+        kicked,
+        mut subscription,
+        ..
+    } = attachment;
+    for frame in opening {
+        if socket.feed(text(frame)).await.is_err() {
+            return End::Broken;
+        }
+    }
+    if !matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, socket.flush()).await,
+        Ok(Ok(()))
+    ) {
+        return End::Broken;
+    }
+
+    let mut last_heard = Instant::now();
+    let mut pinger = tokio::time::interval(idle_timeout / 3);
+    pinger.tick().await;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                let _ = close(&mut socket, CloseCode::Away, "server shutting down").await;
+                return End::Shutdown;
+            }
+            _ = kicked.cancelled() => {
+                let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "client too slow; resume with last_event_id").await;
+                return End::SlowConsumer;
+            }
+            incoming = socket.next() => {
+                let Some(Ok(message)) = incoming else { return End::Broken };
+                last_heard = Instant::now();
+                match message {
+                    Message::Text(raw) => {
+                        match serde_json::from_str::<ClientFrame>(raw.as_str()) {
+                            Ok(ClientFrame::Ping) => {
+                                let pong = crate::hub::control_json(&ControlFrame::Pong);
+                                if send_now(&mut socket, text(pong)).await.is_err() {
+                                    return End::Broken;
+                                }
+                            }
+                            Ok(ClientFrame::Subscribe { project_ids }) => subscription.narrow_to(project_ids),
+                            Err(_) => {
+                                let error = serde_json::json!({"type": "error", "error": "invalid_request", "message": "unknown or malformed frame"});
+                                if send_now(&mut socket, text(Bytes::from(error.to_string()))).await.is_err() {
+                                    return End::Broken;
+                                }
+                            }
+                        }
+                    }
+                    Message::Close(_) => return End::ClientClosed,
+                    // tungstenite answers pings itself; pongs and binary only prove liveness
+                    _ => {}
+                }
+            }
+            frame = queue.recv() => {
+                let Some(frame) = frame else { return End::Broken };
+                let mut batch = Vec::with_capacity(WRITE_BATCH);
+                if subscription.admit(&frame) {
+                    batch.push(frame.json.clone());
+                }
+                while batch.len() < WRITE_BATCH {
+                    let Ok(more) = queue.try_recv() else { break };
+                    if subscription.admit(&more) {
+                        batch.push(more.json.clone());
+                    }
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+                    for json in batch {
+                        socket.feed(text(json)).await?;
+                    }
+                    socket.flush().await
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return End::Broken,
+                    Err(_) => {
+                        let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "client too slow; resume with last_event_id").await;
+                        return End::SlowConsumer;
+                    }
+                }
+            }
+            _ = pinger.tick() => {
+                if last_heard.elapsed() >= idle_timeout {
+                    let _ = close(&mut socket, CloseCode::Away, "no traffic from the client").await;
+                    return End::Idle;
+                }
+                if send_now(&mut socket, Message::Ping(Bytes::new())).await.is_err() {
+                    return End::Broken;
+                }
+            }
+        }
+    }
+}
+
+async fn send_now(socket: &mut Socket, message: Message) -> Result<(), ()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, socket.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+async fn close(socket: &mut Socket, code: CloseCode, reason: &'static str) -> Result<(), ()> {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let closing = async {
+        socket.close(Some(frame)).await.map_err(|_| ())?;
+        // wait briefly for the peer's close reply, so the close handshake completes
+        while let Some(Ok(message)) = socket.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), closing)
+        .await
+        .map_err(|_| ())?
+}

@@ -1,0 +1,348 @@
+//! The hub: who is connected, which events each connection gets, and resume. Events are
+//! serialized once and shared by every connection of their user; a connection whose
+//! queue is full is kicked (it closes with 4008 and resumes without loss). Knows the
+//! event log trait only: no warp, no sockets, no storage types.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{EngineError, EventLog};
+use crate::protocol::{ControlFrame, Event, EventId};
+
+/// How many missed events a resume replays at most; past that the client resyncs.
+pub const MAX_REPLAY: usize = 10_000;
+
+/// An event as it goes on the wire, shared by every connection that gets it.
+#[derive(Debug)]
+pub struct Frame {
+    pub id: EventId,
+    pub project_id: String,
+    pub json: Bytes,
+}
+
+impl Frame {
+    pub fn from_event(event: &Event) -> Arc<Frame> {
+        let json = serde_json::to_vec(event).expect("events always serialize");
+        Arc::new(Frame {
+            id: event.id,
+            project_id: event.project_id().to_owned(),
+            json: Bytes::from(json),
+        })
+    }
+}
+
+pub fn control_json(frame: &ControlFrame) -> Bytes {
+    Bytes::from(serde_json::to_vec(frame).expect("control frames always serialize"))
+}
+
+struct Connection {
+    id: u64,
+    queue: mpsc::Sender<Arc<Frame>>,
+    kicked: CancellationToken,
+}
+
+pub struct Hub {
+    events: Arc<dyn EventLog>,
+    connections: RwLock<HashMap<String, Vec<Connection>>>,
+    next_connection: AtomicU64,
+    queue_capacity: usize,
+    node: String,
+}
+
+/// What a new connection starts with.
+pub struct Attachment {
+    pub connection_id: String,
+    internal_id: u64,
+    user: String,
+    pub queue: mpsc::Receiver<Arc<Frame>>,
+    /// fires when the connection fell too far behind; close it with 4008
+    pub kicked: CancellationToken,
+    /// the frames to send first, in order: hello, then missed events or resync_required
+    pub opening: Vec<Bytes>,
+    pub subscription: Subscription,
+}
+
+impl Hub {
+    pub fn new(events: Arc<dyn EventLog>, queue_capacity: usize) -> Arc<Self> {
+        let node = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        Arc::new(Self {
+            events,
+            connections: RwLock::new(HashMap::new()),
+            next_connection: AtomicU64::new(1),
+            queue_capacity: queue_capacity.max(1),
+            node,
+        })
+    }
+
+    /// Forwards every live event to the connections of its user until `shutdown`.
+    pub async fn run_dispatch(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut live = self.events.live();
+        loop {
+            let received = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                received = live.recv() => received,
+            };
+            match received {
+                Ok(event) => self.dispatch(&event),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    // some events never reached the sockets: every connection resumes
+                    // from its own last id, which loses nothing
+                    tracing::warn!(
+                        missed,
+                        "hub fell behind the event stream; connections will resume"
+                    );
+                    self.kick_all();
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn dispatch(&self, event: &Event) {
+        let connections = self.connections.read().expect("hub lock is never poisoned");
+        let Some(of_user) = connections.get(&event.user) else {
+            return;
+        };
+        let frame = Frame::from_event(event);
+        for connection in of_user {
+            match connection.queue.try_send(Arc::clone(&frame)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => connection.kicked.cancel(),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+
+    fn kick_all(&self) {
+        let connections = self.connections.read().expect("hub lock is never poisoned");
+        connections
+            .values()
+            .flatten()
+            .for_each(|connection| connection.kicked.cancel());
+    }
+
+    /// Registers a connection of `user` and prepares what it sees first. With
+    /// `resume_from`, every event after it that is still kept is replayed and the live
+    /// stream continues with no gap and no duplicate.
+    pub async fn attach(
+        &self,
+        user: &str,
+        resume_from: Option<EventId>,
+    ) -> Result<Attachment, EngineError> {
+        let internal_id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let (sender, queue) = mpsc::channel(self.queue_capacity);
+        let kicked = CancellationToken::new();
+        // registered before history is read: an event published meanwhile is in the
+        // history, the queue or both, and the subscription drops the second copy
+        self.connections
+            .write()
+            .expect("hub lock is never poisoned")
+            .entry(user.to_owned())
+            .or_default()
+            .push(Connection {
+                id: internal_id,
+                queue: sender,
+                kicked: kicked.clone(),
+            });
+        let attachment = self.opening(user, resume_from).await;
+        let (opening, subscription) = match attachment {
+            Ok(parts) => parts,
+            Err(err) => {
+                self.detach_internal(user, internal_id);
+                return Err(err);
+            }
+        };
+        Ok(Attachment {
+            connection_id: format!("{}-{internal_id}", self.node),
+            internal_id,
+            user: user.to_owned(),
+            queue,
+            kicked,
+            opening,
+            subscription,
+        })
+    }
+
+    async fn opening(
+        &self,
+        user: &str,
+        resume_from: Option<EventId>,
+    ) -> Result<(Vec<Bytes>, Subscription), EngineError> {
+        let latest = self.events.latest(user).await?;
+        let mut opening = Vec::new();
+        let mut subscription = Subscription::new(latest);
+        match resume_from {
+            Some(from) if from < latest => {
+                let history = self.events.after(user, from, MAX_REPLAY).await?;
+                let complete =
+                    !history.gap && history.events.last().is_some_and(|last| last.id >= latest);
+                opening.push(control_json(&ControlFrame::Hello {
+                    connection_id: String::new(),
+                    last_event_id: if complete { from } else { latest },
+                }));
+                if complete {
+                    subscription = Subscription::new(from);
+                    for event in &history.events {
+                        subscription.last_sent = event.id;
+                        opening.push(Frame::from_event(event).json.clone());
+                    }
+                } else {
+                    opening.push(control_json(&ControlFrame::ResyncRequired));
+                }
+            }
+            _ => opening.push(control_json(&ControlFrame::Hello {
+                connection_id: String::new(),
+                last_event_id: latest,
+            })),
+        }
+        Ok((opening, subscription))
+    }
+
+    pub fn detach(&self, handle: &AttachmentHandle) {
+        self.detach_internal(&handle.user, handle.internal_id);
+    }
+
+    fn detach_internal(&self, user: &str, internal_id: u64) {
+        let mut connections = self
+            .connections
+            .write()
+            .expect("hub lock is never poisoned");
+        if let Some(of_user) = connections.get_mut(user) {
+            of_user.retain(|connection| connection.id != internal_id);
+            if of_user.is_empty() {
+                connections.remove(user);
+            }
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections
+            .read()
+            .expect("hub lock is never poisoned")
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+}
+
+/// Identifies an attached connection, to detach it when the socket ends.
+#[derive(Debug, Clone)]
+pub struct AttachmentHandle {
+    user: String,
+    internal_id: u64,
+}
+
+impl Attachment {
+    pub fn handle(&self) -> AttachmentHandle {
+        AttachmentHandle {
+            user: self.user.clone(),
+            internal_id: self.internal_id,
+        }
+    }
+
+    /// The hello frame carries the connection id, which is only known here.
+    pub fn opening_frames(&self) -> Vec<Bytes> {
+        let mut frames = self.opening.clone();
+        if let Some(first) = frames.first_mut()
+            && let Ok(ControlFrame::Hello { last_event_id, .. }) =
+                serde_json::from_slice::<ControlFrame>(first)
+        {
+            *first = control_json(&ControlFrame::Hello {
+                connection_id: self.connection_id.clone(),
+                last_event_id,
+            });
+        }
+        frames
+    }
+}
+
+/// Which live frames a connection still needs: newer than the last one it got, and of
+/// a project it subscribed to (all of the user's by default).
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub last_sent: EventId,
+    projects: Option<HashSet<String>>,
+}
+
+impl Subscription {
+    pub fn new(last_sent: EventId) -> Self {
+        Self {
+            last_sent,
+            projects: None,
+        }
+    }
+
+    pub fn narrow_to(&mut self, project_ids: Vec<String>) {
+        self.projects = Some(project_ids.into_iter().collect());
+    }
+
+    /// Whether `frame` goes out; advances the position when it does. Frames filtered
+    /// out still advance it, so a resume after them does not replay them.
+    pub fn admit(&mut self, frame: &Frame) -> bool {
+        if frame.id <= self.last_sent {
+            return false;
+        }
+        self.last_sent = frame.id;
+        self.projects
+            .as_ref()
+            .is_none_or(|projects| projects.contains(&frame.project_id))
+    }
+
+    pub fn wants_project(&self, project_id: &str) -> bool {
+        self.projects
+            .as_ref()
+            .is_none_or(|projects| projects.contains(project_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn frame(id: EventId, project: &str) -> Frame {
+        Frame {
+            id,
+            project_id: project.into(),
+            json: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn duplicates_and_other_projects_are_dropped() {
+        let mut subscription = Subscription::new(3);
+        assert!(!subscription.admit(&frame(2, "a")));
+        assert!(!subscription.admit(&frame(3, "a")));
+        assert!(subscription.admit(&frame(4, "a")));
+        subscription.narrow_to(vec!["b".into()]);
+        assert!(!subscription.admit(&frame(5, "a")));
+        assert!(subscription.admit(&frame(6, "b")));
+        assert_eq!(subscription.last_sent, 6);
+    }
+
+    proptest! {
+        /// History and live stream overlap arbitrarily; the client sees each id once, in order.
+        #[test]
+        fn overlapping_history_and_live_yield_each_event_once(
+            total in 1u64..60, resume in 0u64..60, overlap_start in 0u64..60
+        ) {
+            let resume = resume.min(total);
+            let mut subscription = Subscription::new(resume);
+            let history: Vec<_> = (resume + 1..=total).collect();
+            let live: Vec<_> = (overlap_start.min(total) + 1..=total + 5).collect();
+            let mut seen = Vec::new();
+            for id in history.iter().chain(live.iter()) {
+                if subscription.admit(&frame(*id, "p")) {
+                    seen.push(*id);
+                }
+            }
+            let expected: Vec<_> = (resume + 1..=total + 5).filter(|id| *id > resume && (*id <= total || live.contains(id))).collect();
+            prop_assert_eq!(seen, expected);
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The `hivesync` binary: `serve`, `worker` and `token`. Thin: everything is in the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use hivesync::app::{self, Application};
+use hivesync::auth::ClientKind;
+use hivesync::config::ConfigArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "hivesync",
+    version,
+    about = "HiveSync Hub: git mirrors with live sync progress"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// REST + WebSocket hub and the dashboard (with in-process workers when embedded).
+    Serve(#[command(flatten)] ConfigArgs),
+    /// A sync worker only; needs HIVESYNC_REDIS_URL.
+    Worker(#[command(flatten)] ConfigArgs),
+    /// Mints a token with the configured key, for local use and tests.
+    Token {
+        #[arg(long)]
+        sub: String,
+        #[arg(long, value_enum, default_value = "desktop")]
+        client: ClientKind,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    hivesync::telemetry::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Worker(args) => worker(args),
+            Command::Token {
+                sub,
+                client,
+                ttl,
+                config,
+            } => token(&sub, client, ttl, config),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    hivesync::worker::error_chain(err)
+}
+
+async fn serve(args: ConfigArgs) -> Result<(), String> {
+    let config = args.into_config().map_err(|err| err.to_string())?;
+    let application = Application::build(config)
+        .await
+        .map_err(|err| chain(&err))?;
+    let addr = application.local_addr();
+    let state = application.state().clone();
+    tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "hivesync serving");
+    if let Some(secret) = &application.generated_secret {
+        let token = state
+            .auth
+            .mint("dev", ClientKind::Desktop, Duration::from_secs(24 * 3600))
+            .map_err(|err| chain(&err))?;
+        println!(
+            "No HIVESYNC_JWT_SECRET set: using the dev secret kept in {}/dev-jwt-secret",
+            state.config.data_dir.display()
+        );
+        println!("  HIVESYNC_JWT_SECRET={secret}");
+        println!("A token for user 'dev' (24h):");
+        println!("  TOKEN={token}");
+        println!("Dashboard:  http://{addr}/#token={token}");
+        println!("API:        http://{addr}/api/v1/projects");
+        println!("WebSocket:  ws://{addr}/api/v1/ws?access_token=$TOKEN");
+    } else {
+        println!("hivesync serving on http://{addr}");
+    }
+    application.run(hivesync::shutdown::on_signal()).await;
+    Ok(())
+}
+
+fn worker(args: ConfigArgs) -> Result<(), String> {
+    let config = args.into_config().map_err(|err| err.to_string())?;
+    if config.redis_url.is_none() {
+        return Err("`hivesync worker` takes jobs from Redis: set HIVESYNC_REDIS_URL (without Redis, `hivesync serve` runs its own workers)".into());
+    }
+    Err("the Redis engine is not part of this build yet, so `hivesync worker` cannot run; use `hivesync serve` (embedded engine with in-process workers)".into())
+}
+
+fn token(sub: &str, client: ClientKind, ttl: Duration, args: ConfigArgs) -> Result<(), String> {
+    let mut config = args.into_config().map_err(|err| err.to_string())?;
+    app::prepare_data_dir(&mut config).map_err(|err| chain(&err))?;
+    let (auth, _) = app::authenticator(&config).map_err(|err| chain(&err))?;
+    let token = auth.mint(sub, client, ttl).map_err(|err| chain(&err))?;
+    println!("{token}");
+    Ok(())
+}

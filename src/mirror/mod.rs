@@ -1,0 +1,499 @@
+//! Mirrors on disk, with gitoxide. Blocking code only: callers run it on the blocking
+//! pool and stop it through the interrupt flag. Knows nothing of jobs, events or HTTP.
+//!
+//! Layout under DATA_DIR (all of a project's paths are named by its validated id):
+//! - `git/<id>.git` — the repository: objects and refs, fetched into; never a worktree.
+//! - `trees/<id>/<snapshot>/` — one checkout of one commit, written once, never edited;
+//!   its `.git` is a gitfile pointing at `git/<id>.git`.
+//! - `repos/<id>` — a symlink to the current snapshot, replaced by `rename(2)`, so a
+//!   reader sees the old tree or the new one and never a mix.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use gix::progress::tree::{Item, Root};
+
+use crate::domain::ProjectId;
+use crate::protocol::{Progress, SyncErrorCode};
+
+/// Progress ids gix's pack writer reports under (see `gix_pack` `ProgressId`).
+const PACK_BYTES: [u8; 4] = *b"BWRB";
+const INDEXED_OBJECTS: [u8; 4] = *b"IWIO";
+/// Our own ids for the checkout.
+const CHECKOUT_FILES: [u8; 4] = *b"HSCF";
+const CHECKOUT_BYTES: [u8; 4] = *b"HSCB";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("could not prepare the mirror directory: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the repository was not found or is not readable")]
+    RepoNotFound(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("branch '{0}' does not exist in the repository")]
+    BranchNotFound(String),
+    #[error("the remote refused the credentials")]
+    AuthFailed(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("could not reach the remote")]
+    Network(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the mirror repository is damaged and could not be repaired")]
+    Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the sync was interrupted")]
+    Interrupted,
+    #[error("the working tree could not be written")]
+    Checkout(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("git operation failed")]
+    Git(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl MirrorError {
+    pub fn code(&self) -> SyncErrorCode {
+        match self {
+            MirrorError::RepoNotFound(_) | MirrorError::BranchNotFound(_) => {
+                SyncErrorCode::RepoNotFound
+            }
+            MirrorError::AuthFailed(_) => SyncErrorCode::RepoAuthFailed,
+            MirrorError::Network(_) => SyncErrorCode::NetworkError,
+            MirrorError::Corrupt(_) => SyncErrorCode::MirrorCorrupt,
+            MirrorError::Interrupted => SyncErrorCode::Timeout,
+            MirrorError::Io(err) if is_out_of_space(err) => SyncErrorCode::StorageFull,
+            MirrorError::Io(_) | MirrorError::Checkout(_) | MirrorError::Git(_) => {
+                SyncErrorCode::BackendError
+            }
+        }
+    }
+
+    /// Network failures are worth another attempt; the others fail the same way again.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, MirrorError::Network(_))
+    }
+}
+
+fn is_out_of_space(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::StorageFull || err.raw_os_error() == Some(28)
+}
+
+/// Where a step of a sync is; the worker turns these into stage events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Fetching,
+    UpdatingFiles,
+    Cleaning,
+    Finalizing,
+}
+
+#[derive(Debug, Clone)]
+pub struct Layout {
+    data_dir: PathBuf,
+}
+
+impl Layout {
+    /// `data_dir` should be absolute: gitfiles in snapshots point at it.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self { data_dir }
+    }
+
+    pub fn git_dir(&self, project: &ProjectId) -> PathBuf {
+        self.data_dir.join("git").join(format!("{project}.git"))
+    }
+
+    pub fn trees_dir(&self, project: &ProjectId) -> PathBuf {
+        self.data_dir.join("trees").join(project.as_str())
+    }
+
+    /// The path builds and readers use: `DATA_DIR/repos/<id>`.
+    pub fn worktree(&self, project: &ProjectId) -> PathBuf {
+        self.data_dir.join("repos").join(project.as_str())
+    }
+
+    /// Removes everything of a deleted project.
+    pub fn remove(&self, project: &ProjectId) -> std::io::Result<()> {
+        remove_if_exists(&self.worktree(project))?;
+        remove_if_exists(&self.trees_dir(project))?;
+        remove_if_exists(&self.git_dir(project))
+    }
+}
+
+/// What one sync of a mirror asks for.
+pub struct SyncSpec<'a> {
+    pub project: &'a ProjectId,
+    /// The URL to fetch from, credentials included: never logged.
+    pub url: &'a str,
+    pub branch: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncOutcome {
+    pub commit: String,
+    pub previous_commit: Option<String>,
+    /// The repository was unusable and was re-created from scratch.
+    pub repaired: bool,
+}
+
+/// Brings the mirror of `spec.project` to exactly the head of `spec.branch`: fetch (a
+/// clone when there is no repository yet), check the commit out into a new snapshot,
+/// then swap it in. `on_phase` is called as each phase starts; byte and object counts
+/// go to `progress`, which the caller samples with [`sample_progress`].
+pub fn sync(
+    layout: &Layout,
+    spec: &SyncSpec<'_>,
+    progress: &Root,
+    interrupt: &AtomicBool,
+    on_phase: &(dyn Fn(Phase) + Sync),
+) -> Result<SyncOutcome, MirrorError> {
+    on_phase(Phase::Fetching);
+    let git_dir = layout.git_dir(spec.project);
+    let (repo, repaired) = open_or_init(&git_dir)?;
+    let local_branch = format!("refs/heads/{}", spec.branch);
+    let previous_commit = repo
+        .try_find_reference(local_branch.as_str())
+        .ok()
+        .flatten()
+        .and_then(|mut reference| reference.peel_to_id().ok())
+        .map(|id| id.to_string());
+
+    let commit = fetch(&repo, spec, progress, interrupt)?;
+    check_interrupt(interrupt)?;
+
+    on_phase(Phase::UpdatingFiles);
+    let trees_dir = layout.trees_dir(spec.project);
+    std::fs::create_dir_all(&trees_dir)?;
+    let snapshot_name = format!("{}-{}", &commit.to_string()[..12], unique_suffix());
+    let snapshot = trees_dir.join(&snapshot_name);
+    let written = checkout(&repo, commit, &snapshot, &git_dir, progress, interrupt);
+    if let Err(err) = written {
+        let _ = remove_if_exists(&snapshot);
+        return Err(err);
+    }
+    let mut index = written.expect("checked above");
+    check_interrupt(interrupt).inspect_err(|_| {
+        let _ = remove_if_exists(&snapshot);
+    })?;
+
+    on_phase(Phase::Cleaning);
+    let worktree = layout.worktree(spec.project);
+    let current = std::fs::read_link(&worktree).ok();
+    // snapshots left behind by a crashed or interrupted sync
+    for entry in std::fs::read_dir(&trees_dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let is_current = current
+            .as_ref()
+            .is_some_and(|current| current.ends_with(entry.file_name()));
+        if path != snapshot && !is_current {
+            remove_if_exists(&path)?;
+        }
+    }
+
+    on_phase(Phase::Finalizing);
+    index
+        .write(Default::default())
+        .map_err(|err| MirrorError::Git(Box::new(err)))?;
+    repo.reference(
+        local_branch.as_str(),
+        commit,
+        gix::refs::transaction::PreviousValue::Any,
+        "hivesync: sync",
+    )
+    .map_err(|err| MirrorError::Git(Box::new(err)))?;
+    point_head_at(&repo, &local_branch)?;
+    swap_link(&worktree, &snapshot)?;
+    if let Some(previous) = current {
+        let previous = if previous.is_absolute() {
+            previous
+        } else {
+            worktree
+                .parent()
+                .map(|p| p.join(&previous))
+                .unwrap_or(previous)
+        };
+        if previous != snapshot {
+            remove_if_exists(&previous)?;
+        }
+    }
+    Ok(SyncOutcome {
+        commit: commit.to_string(),
+        previous_commit,
+        repaired,
+    })
+}
+
+fn check_interrupt(interrupt: &AtomicBool) -> Result<(), MirrorError> {
+    if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(MirrorError::Interrupted);
+    }
+    Ok(())
+}
+
+fn unique_suffix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{nanos:x}")
+}
+
+/// Opens the mirror's repository, or creates it; a repository that will not open is
+/// deleted and created again (`repaired`).
+fn open_or_init(git_dir: &Path) -> Result<(gix::Repository, bool), MirrorError> {
+    let mut repaired = false;
+    if git_dir.exists() {
+        match gix::open_opts(git_dir, gix::open::Options::isolated()) {
+            Ok(repo) => return Ok((repo, false)),
+            Err(_) => {
+                std::fs::remove_dir_all(git_dir)?;
+                repaired = true;
+            }
+        }
+    }
+    if let Some(parent) = git_dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    gix::init_bare(git_dir).map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
+    // not bare, so `git` run in a snapshot (whose .git points here) treats the snapshot
+    // as the work tree; there is no worktree of its own
+    let config = git_dir.join("config");
+    let text = std::fs::read_to_string(&config)?;
+    std::fs::write(
+        &config,
+        text.replace("bare = true", "bare = false") + "\tsymlinks = false\n",
+    )?;
+    let repo = gix::open_opts(git_dir, gix::open::Options::isolated())
+        .map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
+    Ok((repo, repaired))
+}
+
+fn fetch(
+    repo: &gix::Repository,
+    spec: &SyncSpec<'_>,
+    progress: &Root,
+    interrupt: &AtomicBool,
+) -> Result<gix::ObjectId, MirrorError> {
+    let tracking = format!("refs/remotes/origin/{}", spec.branch);
+    let refspec = format!("+refs/heads/{}:{tracking}", spec.branch);
+    // an anonymous remote: the URL (and any credential in it) is never written to disk
+    let remote = repo
+        .remote_at(spec.url)
+        .map_err(|err| MirrorError::RepoNotFound(Box::new(err)))?
+        .with_refspecs([refspec.as_str()], gix::remote::Direction::Fetch)
+        .map_err(|err| MirrorError::Git(Box::new(err)))?;
+    let mut fetch_progress = progress.add_child("fetch");
+    let connection = remote
+        .connect(gix::remote::Direction::Fetch)
+        .map_err(|err| classify_connect(Box::new(err)))?;
+    let prepared = connection
+        .prepare_fetch(&mut fetch_progress, Default::default())
+        .map_err(|err| classify_connect(Box::new(err)))?;
+    let outcome = prepared
+        .receive(&mut fetch_progress, interrupt)
+        .map_err(|err| {
+            if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+                MirrorError::Interrupted
+            } else {
+                classify_connect(Box::new(err))
+            }
+        })?;
+    let branch_ref = format!("refs/heads/{}", spec.branch);
+    let advertised = outcome.ref_map.remote_refs.iter().any(|remote_ref| {
+        let (name, _, _) = remote_ref.unpack();
+        name == branch_ref.as_bytes()
+    });
+    if !advertised {
+        return Err(MirrorError::BranchNotFound(spec.branch.to_owned()));
+    }
+    let id = repo
+        .find_reference(tracking.as_str())
+        .map_err(|_| MirrorError::BranchNotFound(spec.branch.to_owned()))?
+        .peel_to_id()
+        .map_err(|err| MirrorError::Corrupt(Box::new(err)))?
+        .detach();
+    Ok(id)
+}
+
+/// Sorts a failed connection or transfer by its cause: a missing repository, refused
+/// credentials, or the network.
+fn classify_connect(err: Box<dyn std::error::Error + Send + Sync>) -> MirrorError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
+    while let Some(current) = source {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::NotFound => return MirrorError::RepoNotFound(err),
+                std::io::ErrorKind::PermissionDenied => return MirrorError::AuthFailed(err),
+                _ => {}
+            }
+        }
+        source = current.source();
+    }
+    let text = format!("{err:#}").to_ascii_lowercase();
+    if text.contains("not found")
+        || text.contains("does not exist")
+        || text.contains("does not appear to be a git repository")
+    {
+        return MirrorError::RepoNotFound(err);
+    }
+    MirrorError::Network(err)
+}
+
+fn checkout(
+    repo: &gix::Repository,
+    commit: gix::ObjectId,
+    snapshot: &Path,
+    git_dir: &Path,
+    progress: &Root,
+    interrupt: &AtomicBool,
+) -> Result<gix::index::File, MirrorError> {
+    let tree = repo
+        .find_commit(commit)
+        .map_err(|err| MirrorError::Corrupt(Box::new(err)))?
+        .tree_id()
+        .map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
+    let mut index = repo
+        .index_from_tree(&tree)
+        .map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
+    let mut options = repo
+        .checkout_options(gix::worktree::stack::state::attributes::Source::IdMapping)
+        .map_err(|err| MirrorError::Git(Box::new(err)))?;
+    // links are written as small files holding their target, as git does with
+    // core.symlinks=false: a mirror never holds a symlink
+    options.fs.symlink = false;
+    options.destination_is_initially_empty = true;
+    options.overwrite_existing = false;
+    std::fs::create_dir_all(snapshot)?;
+    std::fs::write(
+        snapshot.join(".git"),
+        format!("gitdir: {}\n", git_dir.display()),
+    )?;
+
+    let files: Item = progress.add_child_with_id("checkout", CHECKOUT_FILES);
+    files.init(Some(index.entries().len()), None);
+    let bytes: Item = progress.add_child_with_id("written", CHECKOUT_BYTES);
+    bytes.init(None, None);
+    let objects = repo
+        .objects
+        .clone()
+        .into_arc()
+        .map_err(|err| MirrorError::Git(Box::new(err)))?;
+    let outcome = gix::worktree::state::checkout(
+        &mut index, snapshot, objects, &files, &bytes, interrupt, options,
+    )
+    .map_err(|err| {
+        if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            MirrorError::Interrupted
+        } else {
+            MirrorError::Checkout(Box::new(err))
+        }
+    })?;
+    if let Some(first) = outcome.errors.first() {
+        return Err(MirrorError::Checkout(
+            format!(
+                "{} files failed, first: {}",
+                outcome.errors.len(),
+                first.path
+            )
+            .into(),
+        ));
+    }
+    Ok(index)
+}
+
+fn point_head_at(repo: &gix::Repository, branch: &str) -> Result<(), MirrorError> {
+    use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
+    let target =
+        gix::refs::FullName::try_from(branch).map_err(|err| MirrorError::Git(Box::new(err)))?;
+    repo.edit_reference(RefEdit {
+        change: Change::Update {
+            log: LogChange {
+                mode: RefLog::AndReference,
+                force_create_reflog: false,
+                message: "hivesync: sync".into(),
+            },
+            expected: PreviousValue::Any,
+            new: gix::refs::Target::Symbolic(target),
+        },
+        name: "HEAD"
+            .try_into()
+            .map_err(|err: gix::validate::reference::name::Error| {
+                MirrorError::Git(Box::new(err))
+            })?,
+        deref: false,
+    })
+    .map_err(|err| MirrorError::Git(Box::new(err)))?;
+    Ok(())
+}
+
+/// Points `link` at `target` atomically: a new link under a temporary name, renamed
+/// over the old one.
+fn swap_link(link: &Path, target: &Path) -> Result<(), MirrorError> {
+    let parent = link.parent().expect("a worktree path has a parent");
+    std::fs::create_dir_all(parent)?;
+    if let Ok(meta) = std::fs::symlink_metadata(link)
+        && meta.is_dir()
+    {
+        // a real directory where the link belongs (an old layout or a hand-made copy)
+        std::fs::remove_dir_all(link)?;
+    }
+    let name = link
+        .file_name()
+        .expect("a worktree path has a name")
+        .to_string_lossy();
+    let temporary = parent.join(format!(".{name}.{}", unique_suffix()));
+    std::os::unix::fs::symlink(target, &temporary)?;
+    if let Err(err) = std::fs::rename(&temporary, link) {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(err.into());
+    }
+    Ok(())
+}
+
+fn remove_if_exists(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+/// Reads the counters gix keeps in `root` into the contract's progress shape, with the
+/// percent of the phase the sync is in.
+pub fn sample_progress(root: &Root, phase: Phase) -> Progress {
+    let mut tasks = Vec::new();
+    root.sorted_snapshot(&mut tasks);
+    let mut progress = Progress::default();
+    let mut fraction: Option<f64> = None;
+    for (_, task) in &tasks {
+        let Some(value) = &task.progress else {
+            continue;
+        };
+        let step = value.step.load(std::sync::atomic::Ordering::Relaxed) as u64;
+        match task.id {
+            PACK_BYTES => progress.bytes = progress.bytes.max(step),
+            INDEXED_OBJECTS => {
+                progress.objects = progress.objects.max(step);
+                if phase == Phase::Fetching {
+                    fraction = value
+                        .done_at
+                        .filter(|total| *total > 0)
+                        .map(|total| step as f64 / total as f64);
+                }
+            }
+            CHECKOUT_FILES if phase == Phase::UpdatingFiles => {
+                fraction = value
+                    .done_at
+                    .filter(|total| *total > 0)
+                    .map(|total| step as f64 / total as f64);
+            }
+            _ => {}
+        }
+    }
+    // the share of the whole sync each phase stands for, so one bar moves forward only
+    let (start, span) = match phase {
+        Phase::Fetching => (0.0, 70.0),
+        Phase::UpdatingFiles => (70.0, 25.0),
+        Phase::Cleaning => (95.0, 2.0),
+        Phase::Finalizing => (97.0, 2.0),
+    };
+    let percent = start + span * fraction.unwrap_or(0.0).clamp(0.0, 1.0);
+    progress.percent = percent.floor() as u8;
+    progress
+}

@@ -1,0 +1,347 @@
+//! Wire types of the v1 contract: REST bodies, WebSocket frames, job envelopes and the
+//! events that flow from workers to hubs. Serde only — no IO, no storage types.
+
+use serde::{Deserialize, Serialize};
+
+/// A user-visible event id. Ids increase per user, so a client resumes from the last
+/// one it saw.
+pub type EventId = u64;
+
+/// Stages a sync moves through, in the contract's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncStatus {
+    Queued,
+    Running,
+    UpdatingFiles,
+    Cleaning,
+    Finalizing,
+    Completed,
+    Failed,
+}
+
+impl SyncStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, SyncStatus::Completed | SyncStatus::Failed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncStatus::Queued => "queued",
+            SyncStatus::Running => "running",
+            SyncStatus::UpdatingFiles => "updating_files",
+            SyncStatus::Cleaning => "cleaning",
+            SyncStatus::Finalizing => "finalizing",
+            SyncStatus::Completed => "completed",
+            SyncStatus::Failed => "failed",
+        }
+    }
+
+    /// Position in the forward order; `failed` may follow any non-terminal stage.
+    fn rank(self) -> u8 {
+        match self {
+            SyncStatus::Queued => 0,
+            SyncStatus::Running => 1,
+            SyncStatus::UpdatingFiles => 2,
+            SyncStatus::Cleaning => 3,
+            SyncStatus::Finalizing => 4,
+            SyncStatus::Completed => 5,
+            SyncStatus::Failed => 6,
+        }
+    }
+
+    /// Whether a record may move from `self` to `next`. Stages only move forward;
+    /// a retry goes back to `running` from `running` (same stage, new attempt).
+    pub fn may_become(self, next: SyncStatus) -> bool {
+        if self.is_terminal() {
+            return false;
+        }
+        if next == SyncStatus::Failed {
+            return true;
+        }
+        // a retried attempt starts over at `running`, and a job taken back after a
+        // crash or shutdown goes back to `queued`
+        if matches!(next, SyncStatus::Running | SyncStatus::Queued) {
+            return true;
+        }
+        next.rank() > self.rank()
+    }
+}
+
+/// Machine-readable failure codes of a sync (API.md "Sync failures").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncErrorCode {
+    RepoAuthFailed,
+    RepoNotFound,
+    NetworkError,
+    StorageFull,
+    MirrorCorrupt,
+    Timeout,
+    BackendError,
+}
+
+impl SyncErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncErrorCode::RepoAuthFailed => "repo_auth_failed",
+            SyncErrorCode::RepoNotFound => "repo_not_found",
+            SyncErrorCode::NetworkError => "network_error",
+            SyncErrorCode::StorageFull => "storage_full",
+            SyncErrorCode::MirrorCorrupt => "mirror_corrupt",
+            SyncErrorCode::Timeout => "timeout",
+            SyncErrorCode::BackendError => "backend_error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncError {
+    pub code: SyncErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub percent: u8,
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// `GET /api/v1/repo/sync/{id}` and the stored sync record are the same shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    pub sync_id: String,
+    pub project_id: String,
+    pub status: SyncStatus,
+    pub progress: Option<Progress>,
+    pub commit: Option<String>,
+    pub previous_commit: Option<String>,
+    pub attempt: u32,
+    pub queued_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub duration_ms: Option<u64>,
+    pub error: Option<SyncError>,
+}
+
+/// A registered project as shown to its owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectView {
+    pub project_id: String,
+    pub name: String,
+    /// Always without userinfo.
+    pub repo_url: String,
+    pub branch: String,
+    pub owner: String,
+    pub created_at: String,
+    pub credential: Option<String>,
+    pub last_status: Option<SyncStatus>,
+    pub last_synced_at: Option<String>,
+    pub commit: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProjectRequest {
+    pub name: String,
+    pub repo_url: String,
+    #[serde(default = "default_branch")]
+    pub branch: String,
+    #[serde(default)]
+    pub credential: Option<String>,
+}
+
+fn default_branch() -> String {
+    "main".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SyncRequest {
+    pub project_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncAccepted {
+    pub sync_id: String,
+    pub project_id: String,
+    pub status: SyncStatus,
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub coalesced: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MobileProject {
+    pub project_id: String,
+    pub name: String,
+    pub branch: String,
+    pub last_status: Option<SyncStatus>,
+    pub last_synced_at: Option<String>,
+    pub commit: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotificationKind {
+    RepoSyncSuccess,
+    RepoSyncFailed,
+    RepoMirrorRepaired,
+}
+
+/// What happened, before the event log gives it an id. Published by workers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum EventBody {
+    #[serde(rename = "sync.stage")]
+    SyncStage {
+        sync_id: String,
+        project_id: String,
+        stage: SyncStatus,
+        progress: Option<Progress>,
+        at: String,
+    },
+    #[serde(rename = "notification")]
+    Notification {
+        kind: NotificationKind,
+        sync_id: String,
+        project_id: String,
+        commit: Option<String>,
+        error: Option<SyncError>,
+        at: String,
+    },
+}
+
+impl EventBody {
+    pub fn project_id(&self) -> &str {
+        match self {
+            EventBody::SyncStage { project_id, .. }
+            | EventBody::Notification { project_id, .. } => project_id,
+        }
+    }
+
+    /// Stage events that only move a progress bar may be stored without an fsync;
+    /// stage changes and notifications are stored durably.
+    pub fn is_progress_only(&self) -> bool {
+        matches!(
+            self,
+            EventBody::SyncStage {
+                stage: SyncStatus::Running,
+                progress: Some(_),
+                ..
+            }
+        )
+    }
+}
+
+/// An event in a user's history: the body plus its per-user id. Serialized, this is the
+/// exact frame sent on the socket and returned by `GET /api/v1/notifications`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: EventId,
+    #[serde(skip)]
+    pub user: String,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+impl Event {
+    pub fn project_id(&self) -> &str {
+        self.body.project_id()
+    }
+}
+
+/// Server → client frames other than events.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlFrame {
+    Hello {
+        connection_id: String,
+        last_event_id: EventId,
+    },
+    ResyncRequired,
+    Pong,
+}
+
+/// Client → server frames.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Subscribe { project_ids: Vec<String> },
+    Ping,
+}
+
+/// A job envelope: what a worker needs to find the work. Everything else is read
+/// from the store when the job starts, so a stale envelope can never carry stale state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub sync_id: String,
+    pub project_id: String,
+    pub owner: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_frame_has_contract_fields() {
+        let event = Event {
+            id: 7,
+            user: "alice".into(),
+            body: EventBody::SyncStage {
+                sync_id: "s".into(),
+                project_id: "p".into(),
+                stage: SyncStatus::UpdatingFiles,
+                progress: Some(Progress {
+                    percent: 40,
+                    objects: 3,
+                    bytes: 10,
+                }),
+                at: "2026-01-01T00:00:00Z".into(),
+            },
+        };
+        let value = serde_json::to_value(&event).expect("serializable");
+        assert_eq!(value["type"], "sync.stage");
+        assert_eq!(value["id"], 7);
+        assert_eq!(value["stage"], "updating_files");
+        assert_eq!(value["progress"]["percent"], 40);
+        assert!(
+            value.get("user").is_none(),
+            "the user id is never on the wire"
+        );
+        let back: Event = serde_json::from_value(value).expect("round trip");
+        assert_eq!(back.body, event.body);
+    }
+
+    #[test]
+    fn client_frames_parse() {
+        let sub: ClientFrame =
+            serde_json::from_str(r#"{"type":"subscribe","project_ids":["a"]}"#).expect("valid");
+        assert_eq!(
+            sub,
+            ClientFrame::Subscribe {
+                project_ids: vec!["a".into()]
+            }
+        );
+        let ping: ClientFrame = serde_json::from_str(r#"{"type":"ping"}"#).expect("valid");
+        assert_eq!(ping, ClientFrame::Ping);
+        assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn stages_only_move_forward() {
+        use SyncStatus::*;
+        assert!(Queued.may_become(Running));
+        assert!(Running.may_become(UpdatingFiles));
+        assert!(UpdatingFiles.may_become(Failed));
+        assert!(!Cleaning.may_become(UpdatingFiles));
+        assert!(!Completed.may_become(Running));
+        assert!(!Failed.may_become(Completed));
+    }
+}

@@ -1,0 +1,485 @@
+//! Sync workers: take a job from the queue, run the mirror sync on the blocking pool,
+//! and turn its phases and gix's progress counters into sync records and stage events.
+//! Knows the engine traits and the mirror, never HTTP or sockets.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::domain::{ProjectId, SyncId, millis_between, now_rfc3339};
+use crate::engine::{Engine, EngineError, Lease, Project};
+use crate::mirror::{self, Layout, MirrorError, Phase, SyncOutcome, SyncSpec};
+use crate::protocol::{
+    EventBody, NotificationKind, Progress, SyncError, SyncErrorCode, SyncRecord, SyncStatus,
+};
+
+/// How often gix's counters are sampled into a progress event while a sync runs.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub sync_timeout: Duration,
+    pub retry_base: Duration,
+    pub retry_max: u32,
+}
+
+/// Stops for workers: `stop_taking` ends the loop after the current job; `interrupt`
+/// also interrupts the job, which then goes back to the queue.
+#[derive(Clone)]
+pub struct WorkerStops {
+    pub stop_taking: CancellationToken,
+    pub interrupt: CancellationToken,
+}
+
+#[derive(Clone)]
+struct Worker {
+    engine: Engine,
+    layout: Layout,
+    settings: WorkerSettings,
+    /// projects whose mirror a worker of this process is touching
+    busy_projects: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Starts `count` workers on `tracker`.
+pub fn spawn(
+    count: usize,
+    engine: Engine,
+    layout: Layout,
+    settings: WorkerSettings,
+    stops: WorkerStops,
+    tracker: &TaskTracker,
+) {
+    let worker = Worker {
+        engine,
+        layout,
+        settings,
+        busy_projects: Arc::default(),
+    };
+    for index in 0..count {
+        let worker = worker.clone();
+        let stops = stops.clone();
+        tracker.spawn(async move {
+            tracing::debug!(worker = index, "worker started");
+            worker.run(stops).await;
+            tracing::debug!(worker = index, "worker stopped");
+        });
+    }
+}
+
+/// What became of a job.
+enum JobEnd {
+    Finished,
+    /// interrupted by shutdown: back on the queue
+    Released,
+}
+
+impl Worker {
+    async fn run(&self, stops: WorkerStops) {
+        loop {
+            let lease = match self.engine.queue.take(&stops.stop_taking).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => return,
+                Err(err) => {
+                    tracing::error!(error = %error_chain(&err), "taking a job failed");
+                    tokio::select! {
+                        _ = stops.stop_taking.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            let project = lease.job.project_id.clone();
+            if !self
+                .busy_projects
+                .lock()
+                .expect("lock is never poisoned")
+                .insert(project.clone())
+            {
+                // another worker here has this mirror; the job waits its turn
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Err(err) = self.engine.queue.release(lease).await {
+                    tracing::error!(error = %error_chain(&err), "could not requeue a job");
+                }
+                continue;
+            }
+            let end = self.run_job(&lease, &stops.interrupt).await;
+            self.busy_projects
+                .lock()
+                .expect("lock is never poisoned")
+                .remove(&project);
+            let acked = match end {
+                Ok(JobEnd::Finished) => self.engine.queue.complete(&lease).await,
+                Ok(JobEnd::Released) => self.engine.queue.release(lease).await,
+                Err(err) => {
+                    tracing::error!(error = %error_chain(&err), "job failed in the engine; it stays queued");
+                    self.engine.queue.release(lease).await
+                }
+            };
+            if let Err(err) = acked {
+                tracing::error!(error = %error_chain(&err), "could not settle a job with the queue");
+            }
+        }
+    }
+
+    async fn run_job(
+        &self,
+        lease: &Lease,
+        interrupt: &CancellationToken,
+    ) -> Result<JobEnd, EngineError> {
+        let job = &lease.job;
+        let (Some(sync_id), Some(project_id)) = (
+            SyncId::parse(&job.sync_id),
+            ProjectId::parse(&job.project_id),
+        ) else {
+            tracing::warn!(sync_id = %job.sync_id, "dropping a job with malformed ids");
+            return Ok(JobEnd::Finished);
+        };
+        let Some(mut record) = self.engine.store.sync(&sync_id).await? else {
+            return Ok(JobEnd::Finished);
+        };
+        if record.status.is_terminal() {
+            return Ok(JobEnd::Finished);
+        }
+        let Some(project) = self.engine.store.project(&project_id).await? else {
+            self.fail(
+                &mut record,
+                &job.owner,
+                SyncErrorCode::BackendError,
+                "the project was deleted",
+            )
+            .await?;
+            return Ok(JobEnd::Finished);
+        };
+        record.started_at.get_or_insert_with(now_rfc3339);
+        let span = tracing::info_span!("sync", sync_id = %sync_id, project_id = %project_id);
+        let _entered = span.enter();
+        drop(_entered);
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            record.attempt = attempt;
+            record.error = None;
+            self.stage(
+                &mut record,
+                &job.owner,
+                SyncStatus::Running,
+                Some(Progress::default()),
+            )
+            .await?;
+            let result = self
+                .attempt(&project, &project_id, &mut record, &job.owner, interrupt)
+                .await?;
+            match result {
+                AttemptEnd::Done(outcome) => {
+                    self.complete(&mut record, &job.owner, outcome).await?;
+                    return Ok(JobEnd::Finished);
+                }
+                AttemptEnd::Released => {
+                    record.status = SyncStatus::Queued;
+                    record.progress = None;
+                    self.engine.store.put_sync(&record).await?;
+                    return Ok(JobEnd::Released);
+                }
+                AttemptEnd::Failed(err)
+                    if err.is_retryable() && attempt < self.settings.retry_max =>
+                {
+                    let wait = retry_delay(attempt, self.settings.retry_base, jitter_fraction());
+                    tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %error_chain(&err), "sync attempt failed; retrying");
+                    tokio::select! {
+                        _ = interrupt.cancelled() => {
+                            record.status = SyncStatus::Queued;
+                            self.engine.store.put_sync(&record).await?;
+                            return Ok(JobEnd::Released);
+                        }
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                AttemptEnd::Failed(err) => {
+                    tracing::warn!(attempt, code = err.code().as_str(), error = %error_chain(&err), "sync failed");
+                    self.fail(&mut record, &job.owner, err.code(), &err.to_string())
+                        .await?;
+                    return Ok(JobEnd::Finished);
+                }
+            }
+        }
+    }
+
+    /// One run of the mirror sync, with progress sampling, the timeout and shutdown.
+    async fn attempt(
+        &self,
+        project: &Project,
+        project_id: &ProjectId,
+        record: &mut SyncRecord,
+        owner: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<AttemptEnd, EngineError> {
+        let root = gix::progress::tree::Root::new();
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let (phase_tx, mut phase_rx) = mpsc::unbounded_channel::<Phase>();
+        let handle = {
+            let layout = self.layout.clone();
+            let root = Arc::clone(&root);
+            let interrupt = Arc::clone(&interrupt);
+            let project_id = project_id.clone();
+            let url = project.repo_url.clone();
+            let branch = project.branch.clone();
+            tokio::task::spawn_blocking(move || {
+                let spec = SyncSpec {
+                    project: &project_id,
+                    url: &url,
+                    branch: &branch,
+                };
+                let on_phase = move |phase: Phase| {
+                    let _ = phase_tx.send(phase);
+                };
+                mirror::sync(&layout, &spec, &root, &interrupt, &on_phase)
+            })
+        };
+        tokio::pin!(handle);
+        let deadline = tokio::time::sleep(self.settings.sync_timeout);
+        tokio::pin!(deadline);
+        let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut phase = Phase::Fetching;
+        let mut last_sent = record.progress.unwrap_or_default();
+        let mut released = false;
+        let result = loop {
+            tokio::select! {
+                joined = &mut handle => break joined,
+                Some(next) = phase_rx.recv() => {
+                    phase = next;
+                    let status = status_of(phase);
+                    if status != record.status {
+                        let progress = mirror::sample_progress(&root, phase);
+                        last_sent = progress;
+                        self.stage(record, owner, status, Some(progress)).await?;
+                    }
+                }
+                _ = ticker.tick() => {
+                    let progress = mirror::sample_progress(&root, phase);
+                    if progress != last_sent {
+                        last_sent = progress;
+                        self.stage(record, owner, record.status, Some(progress)).await?;
+                    }
+                }
+                _ = &mut deadline, if !interrupt.load(Ordering::Relaxed) => {
+                    interrupt.store(true, Ordering::Relaxed);
+                }
+                _ = shutdown.cancelled(), if !released => {
+                    released = true;
+                    interrupt.store(true, Ordering::Relaxed);
+                }
+            }
+        };
+        let result = result?;
+        if released {
+            // finished before the interrupt took hold: keep the work
+            return Ok(match result {
+                Ok(outcome) => AttemptEnd::Done(outcome),
+                Err(_) => AttemptEnd::Released,
+            });
+        }
+        Ok(match result {
+            Ok(outcome) => AttemptEnd::Done(outcome),
+            Err(err) => AttemptEnd::Failed(err),
+        })
+    }
+
+    async fn stage(
+        &self,
+        record: &mut SyncRecord,
+        owner: &str,
+        status: SyncStatus,
+        progress: Option<Progress>,
+    ) -> Result<(), EngineError> {
+        record.status = status;
+        record.progress = progress;
+        self.engine.store.put_sync(record).await?;
+        self.engine
+            .events
+            .publish(
+                owner,
+                EventBody::SyncStage {
+                    sync_id: record.sync_id.clone(),
+                    project_id: record.project_id.clone(),
+                    stage: status,
+                    progress,
+                    at: now_rfc3339(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn complete(
+        &self,
+        record: &mut SyncRecord,
+        owner: &str,
+        outcome: SyncOutcome,
+    ) -> Result<(), EngineError> {
+        let finished_at = now_rfc3339();
+        record.duration_ms = record
+            .started_at
+            .as_deref()
+            .and_then(|start| millis_between(start, &finished_at));
+        record.finished_at = Some(finished_at);
+        record.commit = Some(outcome.commit.clone());
+        record.previous_commit = outcome.previous_commit.clone();
+        let mut progress = record.progress.unwrap_or_default();
+        progress.percent = 100;
+        if outcome.repaired {
+            self.notify(owner, record, NotificationKind::RepoMirrorRepaired)
+                .await?;
+        }
+        // the record is final on disk before anyone hears the sync completed
+        self.stage(record, owner, SyncStatus::Completed, Some(progress))
+            .await?;
+        self.notify(owner, record, NotificationKind::RepoSyncSuccess)
+            .await?;
+        tracing::info!(
+            sync_id = %record.sync_id,
+            commit = %outcome.commit,
+            duration_ms = record.duration_ms.unwrap_or_default(),
+            "sync completed"
+        );
+        Ok(())
+    }
+
+    async fn fail(
+        &self,
+        record: &mut SyncRecord,
+        owner: &str,
+        code: SyncErrorCode,
+        message: &str,
+    ) -> Result<(), EngineError> {
+        let finished_at = now_rfc3339();
+        record.duration_ms = record
+            .started_at
+            .as_deref()
+            .and_then(|start| millis_between(start, &finished_at));
+        record.finished_at = Some(finished_at);
+        record.error = Some(SyncError {
+            code,
+            message: message.to_owned(),
+        });
+        let progress = record.progress;
+        self.stage(record, owner, SyncStatus::Failed, progress)
+            .await?;
+        self.notify(owner, record, NotificationKind::RepoSyncFailed)
+            .await
+    }
+
+    async fn notify(
+        &self,
+        owner: &str,
+        record: &SyncRecord,
+        kind: NotificationKind,
+    ) -> Result<(), EngineError> {
+        self.engine
+            .events
+            .publish(
+                owner,
+                EventBody::Notification {
+                    kind,
+                    sync_id: record.sync_id.clone(),
+                    project_id: record.project_id.clone(),
+                    commit: record.commit.clone(),
+                    error: record.error.clone(),
+                    at: now_rfc3339(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+enum AttemptEnd {
+    Done(SyncOutcome),
+    Failed(MirrorError),
+    Released,
+}
+
+fn status_of(phase: Phase) -> SyncStatus {
+    match phase {
+        Phase::Fetching => SyncStatus::Running,
+        Phase::UpdatingFiles => SyncStatus::UpdatingFiles,
+        Phase::Cleaning => SyncStatus::Cleaning,
+        Phase::Finalizing => SyncStatus::Finalizing,
+    }
+}
+
+/// The wait before attempt `failed_attempt + 1`: the first retry is immediate, the
+/// second waits `base`, then the wait doubles; `jitter` in [0, 1) adds up to half again.
+pub fn retry_delay(failed_attempt: u32, base: Duration, jitter: f64) -> Duration {
+    if failed_attempt <= 1 {
+        return Duration::ZERO;
+    }
+    let doubling = 2u32.saturating_pow(failed_attempt.saturating_sub(2).min(16));
+    let nominal = base.saturating_mul(doubling);
+    nominal + nominal.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
+}
+
+fn jitter_fraction() -> f64 {
+    let mut bytes = [0u8; 4];
+    if getrandom::fill(&mut bytes).is_err() {
+        return 0.5;
+    }
+    f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX)
+}
+
+/// An error and its causes on one line, for logs. Never shown to clients.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Elapsed-time helper for tests and logs.
+pub fn elapsed_ms(start: Instant) -> u64 {
+    start.elapsed().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_are_immediate_then_base_then_doubling() {
+        let base = Duration::from_millis(30_000);
+        assert_eq!(retry_delay(1, base, 0.0), Duration::ZERO);
+        assert_eq!(retry_delay(2, base, 0.0), base);
+        assert_eq!(retry_delay(3, base, 0.0), base * 2);
+        assert_eq!(retry_delay(4, base, 0.0), base * 4);
+        assert_eq!(
+            retry_delay(3, base, 1.0),
+            base * 3,
+            "jitter adds at most half"
+        );
+    }
+
+    #[test]
+    fn phases_map_to_contract_stages_in_order() {
+        let stages: Vec<_> = [
+            Phase::Fetching,
+            Phase::UpdatingFiles,
+            Phase::Cleaning,
+            Phase::Finalizing,
+        ]
+        .into_iter()
+        .map(status_of)
+        .collect();
+        for pair in stages.windows(2) {
+            assert!(pair[0].may_become(pair[1]), "{:?} → {:?}", pair[0], pair[1]);
+        }
+    }
+}

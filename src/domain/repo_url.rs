@@ -39,11 +39,7 @@ impl RepoUrl {
         }
         let url = gix::url::parse(input.as_bytes()).map_err(|_| RepoUrlError::Unparseable)?;
         let scheme = url.scheme.as_str().to_owned();
-        if !policy
-            .allowed_schemes
-            .iter()
-            .any(|allowed| *allowed == scheme)
-        {
+        if !policy.allowed_schemes.contains(&scheme) {
             return Err(RepoUrlError::SchemeNotAllowed(
                 scheme,
                 policy.allowed_schemes.join(","),

@@ -276,7 +276,8 @@ fn fetch(
         .remote_at(spec.url)
         .map_err(|err| MirrorError::RepoNotFound(Box::new(err)))?
         .with_refspecs([refspec.as_str()], gix::remote::Direction::Fetch)
-        .map_err(|err| MirrorError::Git(Box::new(err)))?;
+        .map_err(|err| MirrorError::Git(Box::new(err)))?
+        .with_fetch_tags(gix::remote::fetch::Tags::None);
     let mut fetch_progress = progress.add_child("fetch");
     let connection = remote
         .connect(gix::remote::Direction::Fetch)
@@ -284,7 +285,16 @@ fn fetch(
     let prepared = connection
         .prepare_fetch(&mut fetch_progress, Default::default())
         .map_err(|err| classify_connect(Box::new(err)))?;
-    let outcome = prepared
+    // the server lists the refs our refspec asks for; no branch means nothing to fetch
+    let branch_ref = format!("refs/heads/{}", spec.branch);
+    let advertised = prepared.ref_map().remote_refs.iter().any(|remote_ref| {
+        let (name, _, _) = remote_ref.unpack();
+        name == branch_ref.as_bytes()
+    });
+    if !advertised {
+        return Err(MirrorError::BranchNotFound(spec.branch.to_owned()));
+    }
+    prepared
         .receive(&mut fetch_progress, interrupt)
         .map_err(|err| {
             if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
@@ -293,14 +303,6 @@ fn fetch(
                 classify_connect(Box::new(err))
             }
         })?;
-    let branch_ref = format!("refs/heads/{}", spec.branch);
-    let advertised = outcome.ref_map.remote_refs.iter().any(|remote_ref| {
-        let (name, _, _) = remote_ref.unpack();
-        name == branch_ref.as_bytes()
-    });
-    if !advertised {
-        return Err(MirrorError::BranchNotFound(spec.branch.to_owned()));
-    }
     let id = repo
         .find_reference(tracking.as_str())
         .map_err(|_| MirrorError::BranchNotFound(spec.branch.to_owned()))?

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -155,9 +155,6 @@ impl Worker {
             return Ok(JobEnd::Finished);
         };
         record.started_at.get_or_insert_with(now_rfc3339);
-        let span = tracing::info_span!("sync", sync_id = %sync_id, project_id = %project_id);
-        let _entered = span.enter();
-        drop(_entered);
 
         let mut attempt = 0;
         loop {
@@ -250,7 +247,7 @@ impl Worker {
         let mut released = false;
         let result = loop {
             tokio::select! {
-                joined = &mut handle => break joined,
+                biased;
                 Some(next) = phase_rx.recv() => {
                     phase = next;
                     let status = status_of(phase);
@@ -260,6 +257,7 @@ impl Worker {
                         self.stage(record, owner, status, Some(progress)).await?;
                     }
                 }
+                joined = &mut handle => break joined,
                 _ = ticker.tick() => {
                     let progress = mirror::sample_progress(&root, phase);
                     if progress != last_sent {
@@ -276,6 +274,15 @@ impl Worker {
                 }
             }
         };
+        // phases the sync passed through in the last moments before it returned
+        while let Ok(next) = phase_rx.try_recv() {
+            phase = next;
+            let status = status_of(phase);
+            if status != record.status {
+                let progress = mirror::sample_progress(&root, phase);
+                self.stage(record, owner, status, Some(progress)).await?;
+            }
+        }
         let result = result?;
         if released {
             // finished before the interrupt took hold: keep the work
@@ -442,11 +449,6 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-/// Elapsed-time helper for tests and logs.
-pub fn elapsed_ms(start: Instant) -> u64 {
-    start.elapsed().as_millis() as u64
 }
 
 #[cfg(test)]

@@ -1,1 +1,9 @@
+//! One integration-test binary: the real hub over HTTP and WebSocket, with real git
+//! repositories as remotes.
 
+mod errors;
+mod helpers;
+mod lifecycle;
+mod projects;
+mod sync;
+mod websocket;

@@ -1,0 +1,247 @@
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{GitRepo, SECRET, TestApp, WsRead, assert_exact_tree, wait_until};
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer() {
+    let app = TestApp::spawn().await;
+    let health = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(health.status(), 200);
+    let ready = app
+        .http
+        .get(format!("{}/readyz", app.base))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(ready.status(), 200);
+    let body: Value = ready.json().await.expect("json");
+    assert_eq!(body["engine"], true);
+    assert_eq!(body["data_dir_writable"], true);
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(metrics.status(), 200);
+    assert!(
+        metrics
+            .text()
+            .await
+            .expect("text")
+            .contains("hivesync_ws_connections 0")
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn projects_syncs_and_history_survive_a_restart() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let repo = GitRepo::new();
+    repo.write("f", "1");
+    let commit = repo.commit("one");
+
+    let app = TestApp::spawn_on(data.path(), |_| {}).await;
+    let id = app.register(&repo).await;
+    let record = app.sync_to_end(&id).await;
+    let events: Vec<Value> = app
+        .get("/api/v1/notifications", &app.token)
+        .await
+        .json()
+        .await
+        .expect("json");
+    app.stop().await;
+
+    let app = TestApp::spawn_on(data.path(), |_| {}).await;
+    let project: Value = app
+        .get(&format!("/api/v1/projects/{id}"), &app.token)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(project["commit"], commit.as_str());
+    let again: Value = app
+        .get(
+            &format!(
+                "/api/v1/repo/sync/{}",
+                record["sync_id"].as_str().expect("id")
+            ),
+            &app.token,
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(again, record);
+    let events_after: Vec<Value> = app
+        .get("/api/v1/notifications", &app.token)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(events_after, events);
+    assert_exact_tree(&app, &id, &repo, &commit);
+
+    // ids keep increasing across the restart
+    let last = events.last().expect("events")["id"].as_u64().expect("id");
+    let mut socket = app.ws(&app.token, &format!("?last_event_id={last}")).await;
+    assert_eq!(socket.next_json().await["last_event_id"], last);
+    app.request_sync(&id).await;
+    let next = socket.next_json().await;
+    assert_eq!(next["id"], last + 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_sync_queued_at_shutdown_runs_after_the_restart() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let repo = GitRepo::new();
+    repo.write("f", "1");
+    let commit = repo.commit("one");
+    let app = TestApp::spawn_on(data.path(), |config| config.serve_workers = Some(0)).await;
+    let id = app.register(&repo).await;
+    let sync_id = app.request_sync(&id).await["sync_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    app.stop().await;
+
+    let app = TestApp::spawn_on(data.path(), |_| {}).await;
+    let record = app.wait_for_sync(&sync_id).await;
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["commit"], commit.as_str());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_sends_sockets_a_close_frame_and_returns() {
+    let app = TestApp::spawn().await;
+    let mut socket = app.ws(&app.token, "").await;
+    socket.next_json().await;
+    let shutdown = app.shutdown_token();
+    shutdown.cancel();
+    match socket.read(Duration::from_secs(10)).await {
+        Some(WsRead::Closed(code)) => assert_eq!(code, Some(1001)),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    app.stop().await;
+}
+
+fn binary() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hivesync"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info");
+    command
+}
+
+#[tokio::test]
+async fn the_binary_serves_mints_tokens_and_exits_zero_on_sigterm() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let minted = binary()
+        .args([
+            "token", "--sub", "carol", "--client", "plugin", "--ttl", "10m",
+        ])
+        .env("HIVESYNC_JWT_SECRET", SECRET)
+        .env("HIVESYNC_DATA_DIR", data.path())
+        .output()
+        .expect("token runs");
+    assert!(minted.status.success());
+    let token = String::from_utf8(minted.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned();
+    let principal = hivesync::auth::Authenticator::from_secret(SECRET.as_bytes())
+        .verify(&token)
+        .expect("valid token");
+    assert_eq!(principal.user, "carol");
+
+    let worker = binary().arg("worker").output().expect("worker runs");
+    assert!(
+        !worker.status.success(),
+        "worker without Redis must not pretend to run"
+    );
+    assert!(String::from_utf8_lossy(&worker.stderr).contains("HIVESYNC_REDIS_URL"));
+
+    let mut server = binary()
+        .arg("serve")
+        .env("HIVESYNC_LISTEN", "127.0.0.1:0")
+        .env("HIVESYNC_JWT_SECRET", SECRET)
+        .env("HIVESYNC_DATA_DIR", data.path())
+        .env("HIVESYNC_MIN_FREE_BYTES", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve starts");
+    // the bound address is printed once the listener is up
+    let stdout = server.stdout.take().expect("stdout");
+    let addr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| {
+                line.strip_prefix("hivesync serving on http://")
+                    .map(str::to_owned)
+            })
+    })
+    .await
+    .expect("reader")
+    .expect("serve prints its address");
+    let client = reqwest::Client::new();
+    let up = wait_until(Duration::from_secs(20), || async {
+        let response = client
+            .get(format!("http://{addr}/api/v1/projects"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    assert!(up.is_some(), "the binary serves the API");
+    let created = client
+        .post(format!("http://{addr}/api/v1/projects"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "x", "repo_url": "https://example.com/r.git"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(created.status(), 201);
+
+    let terminated = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(terminated.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = server.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve exits after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let mut logs = String::new();
+    use std::io::Read;
+    server
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut logs)
+        .expect("read logs");
+    assert!(!logs.contains(&token), "the token never appears in logs");
+}

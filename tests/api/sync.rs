@@ -1,0 +1,299 @@
+use hivesync::auth::ClientKind;
+use serde_json::{Value, json};
+
+use crate::helpers::{GitRepo, TestApp, assert_exact_tree, token};
+
+#[tokio::test]
+async fn first_sync_clones_the_branch_head_and_records_it() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.write("README.md", "# demo\n")
+        .write("src/lib.rs", "pub fn f() {}\n");
+    let commit = repo.commit("first");
+    let id = app.register(&repo).await;
+
+    let accepted = app
+        .post("/api/v1/repo/sync", &app.token, json!({"project_id": id}))
+        .await;
+    assert_eq!(accepted.status(), 202);
+    let accepted: Value = accepted.json().await.expect("json");
+    assert_eq!(accepted["status"], "queued");
+    assert_eq!(accepted["project_id"], id.as_str());
+    let record = app
+        .wait_for_sync(accepted["sync_id"].as_str().expect("id"))
+        .await;
+
+    assert_eq!(record["status"], "completed", "{record}");
+    assert_eq!(record["commit"], commit.as_str());
+    assert_eq!(record["previous_commit"], Value::Null);
+    assert_eq!(record["attempt"], 1);
+    assert_eq!(record["error"], Value::Null);
+    assert_eq!(record["progress"]["percent"], 100);
+    for field in ["queued_at", "started_at", "finished_at"] {
+        assert!(record[field].is_string(), "{field} set");
+    }
+    assert!(record["duration_ms"].is_u64());
+    assert_exact_tree(&app, &id, &repo, &commit);
+
+    let project: Value = app
+        .get(&format!("/api/v1/projects/{id}"), &app.token)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(project["commit"], commit.as_str());
+    assert_eq!(project["last_status"], "completed");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sync_of_force_pushed_branch_leaves_exact_tree() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.write("keep.txt", "keep\n")
+        .write("old/name.txt", "moving\n")
+        .write("gone.txt", "delete me\n");
+    repo.write(".gitignore", "*.log\nbuild/\n");
+    let first = repo.commit("first");
+    let id = app.register(&repo).await;
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    assert_exact_tree(&app, &id, &repo, &first);
+
+    // junk a build or a person might leave: untracked, ignored, and an edited file
+    let worktree = app.worktree(&id);
+    std::fs::write(worktree.join("untracked.txt"), "junk").expect("plant");
+    std::fs::write(worktree.join("debug.log"), "ignored junk").expect("plant");
+    std::fs::create_dir_all(worktree.join("build/out")).expect("plant");
+    std::fs::write(worktree.join("build/out/a.o"), "obj").expect("plant");
+    std::fs::write(worktree.join("keep.txt"), "edited by hand").expect("plant");
+
+    // delete and rename
+    repo.git(&["rm", "-q", "gone.txt"]);
+    std::fs::create_dir_all(repo.path().join("new")).expect("mkdir");
+    repo.git(&["mv", "old/name.txt", "new/name.txt"]);
+    repo.write("keep.txt", "keep v2\n");
+    let second = repo.commit("second");
+    let record = app.sync_to_end(&id).await;
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["previous_commit"], first.as_str());
+    assert_exact_tree(&app, &id, &repo, &second);
+
+    // force-push: history rewritten to an unrelated commit
+    repo.git(&["checkout", "-q", "--orphan", "rewrite"]);
+    repo.git(&["rm", "-rq", "--cached", "."]);
+    for stale in ["keep.txt", "new/name.txt", ".gitignore"] {
+        let _ = std::fs::remove_file(repo.path().join(stale));
+    }
+    repo.write("fresh.txt", "a new start\n");
+    repo.git(&["add", "fresh.txt"]);
+    repo.git(&["commit", "-q", "-m", "rewritten"]);
+    repo.git(&["branch", "-f", "main", "rewrite"]);
+    let rewritten = repo.git(&["rev-parse", "main"]);
+    let record = app.sync_to_end(&id).await;
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["commit"], rewritten.as_str());
+    assert_eq!(record["previous_commit"], second.as_str());
+    assert_exact_tree(&app, &id, &repo, &rewritten);
+
+    // only the current snapshot is left on disk
+    let snapshots = std::fs::read_dir(app.data_dir.join("trees").join(&id))
+        .expect("trees")
+        .count();
+    assert_eq!(snapshots, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn symlinks_in_the_repository_are_never_materialized() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.write("real.txt", "content\n");
+    repo.symlink("to-passwd", "/etc/passwd")
+        .symlink("to-root", "/")
+        .symlink("to-real", "real.txt");
+    repo.write("dir/inner.txt", "x").symlink("dir-link", "dir");
+    let commit = repo.commit("links");
+    let id = app.register(&repo).await;
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    // assert_exact_tree checks no symlink exists and each link is a file with its target
+    assert_exact_tree(&app, &id, &repo, &commit);
+    let passwd = std::fs::read_to_string(app.worktree(&id).join("to-passwd")).expect("plain file");
+    assert_eq!(passwd, "/etc/passwd");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_while_a_sync_is_queued_coalesces_onto_it() {
+    // no workers: the first sync stays queued, so the second request must coalesce
+    let app = TestApp::spawn_with(|config| config.serve_workers = Some(0)).await;
+    let repo = GitRepo::new();
+    repo.commit("one");
+    let id = app.register(&repo).await;
+    let first = app
+        .post("/api/v1/repo/sync", &app.token, json!({"project_id": id}))
+        .await;
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.expect("json");
+    assert!(first.get("coalesced").is_none_or(|c| c == false));
+    let second = app
+        .post("/api/v1/repo/sync", &app.token, json!({"project_id": id}))
+        .await;
+    assert_eq!(second.status(), 200);
+    let second: Value = second.json().await.expect("json");
+    assert_eq!(second["coalesced"], true);
+    assert_eq!(second["sync_id"], first["sync_id"]);
+    let history: Vec<Value> = app
+        .get(&format!("/api/v1/repo/sync?project_id={id}"), &app.token)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(history.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sync_history_is_newest_first_and_limited() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    let mut commits = Vec::new();
+    let id = {
+        repo.write("n", "0");
+        commits.push(repo.commit("c0"));
+        app.register(&repo).await
+    };
+    let mut sync_ids = Vec::new();
+    for round in 0..3 {
+        if round > 0 {
+            repo.write("n", &round.to_string());
+            commits.push(repo.commit("next"));
+        }
+        let record = app.sync_to_end(&id).await;
+        sync_ids.push(record["sync_id"].as_str().expect("id").to_owned());
+    }
+    let history: Vec<Value> = app
+        .get(&format!("/api/v1/repo/sync?project_id={id}"), &app.token)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let listed: Vec<_> = history
+        .iter()
+        .map(|r| r["sync_id"].as_str().expect("id").to_owned())
+        .collect();
+    let mut newest_first = sync_ids.clone();
+    newest_first.reverse();
+    assert_eq!(listed, newest_first);
+    assert_eq!(history[0]["commit"], commits[2].as_str());
+    let limited: Vec<Value> = app
+        .get(
+            &format!("/api/v1/repo/sync?project_id={id}&limit=2"),
+            &app.token,
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(limited.len(), 2);
+
+    let bob = token("bob", ClientKind::Desktop);
+    assert_eq!(
+        app.get(&format!("/api/v1/repo/sync/{}", sync_ids[0]), &bob)
+            .await
+            .status(),
+        403
+    );
+    assert_eq!(
+        app.get(&format!("/api/v1/repo/sync?project_id={id}"), &bob)
+            .await
+            .status(),
+        403
+    );
+    let unknown = app
+        .get(&format!("/api/v1/repo/sync/{}", uuid_like()), &app.token)
+        .await;
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.expect("json");
+    assert_eq!(body["error"], "sync_not_found");
+    app.stop().await;
+}
+
+fn uuid_like() -> String {
+    "01a2105b-0000-7000-8000-000000000000".to_owned()
+}
+
+#[tokio::test]
+async fn a_missing_repository_or_branch_fails_with_repo_not_found() {
+    let app = TestApp::spawn().await;
+    let missing = tempfile::tempdir().expect("temp dir");
+    let url = format!("file://{}/nothing-here", missing.path().display());
+    let response = app
+        .post(
+            "/api/v1/projects",
+            &app.token,
+            json!({"name": "ghost", "repo_url": url}),
+        )
+        .await;
+    let id = response.json::<Value>().await.expect("json")["project_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let record = app.sync_to_end(&id).await;
+    assert_eq!(record["status"], "failed");
+    assert_eq!(record["error"]["code"], "repo_not_found", "{record}");
+    assert!(
+        record["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+
+    let repo = GitRepo::new();
+    repo.commit("one");
+    let response = app
+        .post(
+            "/api/v1/projects",
+            &app.token,
+            json!({"name": "b", "repo_url": repo.url(), "branch": "no-such-branch"}),
+        )
+        .await;
+    let id = response.json::<Value>().await.expect("json")["project_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let record = app.sync_to_end(&id).await;
+    assert_eq!(record["status"], "failed");
+    assert_eq!(record["error"]["code"], "repo_not_found");
+    assert!(
+        !app.worktree(&id).exists(),
+        "a failed first sync leaves no worktree"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn parallel_syncs_of_many_projects_all_complete() {
+    let app = TestApp::spawn_with(|config| config.serve_workers = Some(3)).await;
+    let mut projects = Vec::new();
+    for index in 0..6 {
+        let repo = GitRepo::new();
+        repo.write("file.txt", &format!("project {index}"));
+        let commit = repo.commit("c");
+        let id = app.register(&repo).await;
+        projects.push((repo, commit, id));
+    }
+    let mut pending = Vec::new();
+    for (_, _, id) in &projects {
+        pending.push(
+            app.request_sync(id).await["sync_id"]
+                .as_str()
+                .expect("id")
+                .to_owned(),
+        );
+    }
+    for (sync_id, (repo, commit, id)) in pending.iter().zip(&projects) {
+        let record = app.wait_for_sync(sync_id).await;
+        assert_eq!(record["status"], "completed");
+        assert_exact_tree(&app, id, repo, commit);
+    }
+    app.stop().await;
+}

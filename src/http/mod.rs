@@ -42,7 +42,6 @@ pub struct AppState {
 /// Counters behind `/metrics`.
 #[derive(Default)]
 pub struct Metrics {
-    pub http_requests: AtomicU64,
     pub sync_requests: AtomicU64,
     pub syncs_coalesced: AtomicU64,
     pub ws_connections_total: AtomicU64,

@@ -128,6 +128,9 @@ pub struct SyncOutcome {
     pub previous_commit: Option<String>,
     /// The repository was unusable and was re-created from scratch.
     pub repaired: bool,
+    /// Objects and pack bytes received (zero when the remote had nothing new).
+    pub objects: u64,
+    pub bytes: u64,
 }
 
 /// Brings the mirror of `spec.project` to exactly the head of `spec.branch`: fetch (a
@@ -152,7 +155,7 @@ pub fn sync(
         .and_then(|mut reference| reference.peel_to_id().ok())
         .map(|id| id.to_string());
 
-    let commit = fetch(&repo, spec, progress, interrupt)?;
+    let (commit, transfer) = fetch(&repo, spec, progress, interrupt)?;
     check_interrupt(interrupt)?;
 
     on_phase(Phase::UpdatingFiles);
@@ -215,6 +218,8 @@ pub fn sync(
         commit: commit.to_string(),
         previous_commit,
         repaired,
+        objects: transfer.objects,
+        bytes: transfer.bytes,
     })
 }
 
@@ -268,7 +273,7 @@ fn fetch(
     spec: &SyncSpec<'_>,
     progress: &Root,
     interrupt: &AtomicBool,
-) -> Result<gix::ObjectId, MirrorError> {
+) -> Result<(gix::ObjectId, Transfer), MirrorError> {
     let tracking = format!("refs/remotes/origin/{}", spec.branch);
     let refspec = format!("+refs/heads/{}:{tracking}", spec.branch);
     // an anonymous remote: the URL (and any credential in it) is never written to disk
@@ -294,7 +299,7 @@ fn fetch(
     if !advertised {
         return Err(MirrorError::BranchNotFound(spec.branch.to_owned()));
     }
-    prepared
+    let outcome = prepared
         .receive(&mut fetch_progress, interrupt)
         .map_err(|err| {
             if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
@@ -309,7 +314,28 @@ fn fetch(
         .peel_to_id()
         .map_err(|err| MirrorError::Corrupt(Box::new(err)))?
         .detach();
-    Ok(id)
+    // gix drops its progress items when the transfer ends, so the totals come from
+    // what was written
+    let transfer = match &outcome.status {
+        gix::remote::fetch::Status::Change {
+            write_pack_bundle, ..
+        } => Transfer {
+            objects: u64::from(write_pack_bundle.index.num_objects),
+            bytes: write_pack_bundle
+                .data_path
+                .as_ref()
+                .and_then(|path| std::fs::metadata(path).ok())
+                .map_or(0, |meta| meta.len()),
+        },
+        gix::remote::fetch::Status::NoPackReceived { .. } => Transfer::default(),
+    };
+    Ok((id, transfer))
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Transfer {
+    objects: u64,
+    bytes: u64,
 }
 
 /// Sorts a failed connection or transfer by its cause: a missing repository, refused

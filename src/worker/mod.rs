@@ -339,6 +339,8 @@ impl Worker {
         record.previous_commit = outcome.previous_commit.clone();
         let mut progress = record.progress.unwrap_or_default();
         progress.percent = 100;
+        progress.objects = progress.objects.max(outcome.objects);
+        progress.bytes = progress.bytes.max(outcome.bytes);
         if outcome.repaired {
             self.notify(owner, record, NotificationKind::RepoMirrorRepaired)
                 .await?;

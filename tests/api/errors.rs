@@ -253,3 +253,85 @@ async fn free_space_under_the_floor_is_507_before_any_work() {
     assert_eq!(ready.status(), 503, "not ready under the floor");
     app.stop().await;
 }
+
+/// Generates a key pair with the openssl CLI: (private PEM, public PEM).
+fn key_pair(algorithm: &[&str]) -> (String, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let private = dir.path().join("private.pem");
+    let public = dir.path().join("public.pem");
+    let generated = std::process::Command::new("openssl")
+        .arg("genpkey")
+        .args(algorithm)
+        .arg("-out")
+        .arg(&private)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    let extracted = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&private)
+        .arg("-out")
+        .arg(&public)
+        .output()
+        .expect("openssl runs");
+    assert!(extracted.status.success());
+    (
+        std::fs::read_to_string(private).expect("private key"),
+        std::fs::read_to_string(public).expect("public key"),
+    )
+}
+
+#[tokio::test]
+async fn tokens_signed_by_an_identity_provider_verify_with_its_public_key() {
+    let cases: [(&[&str], jsonwebtoken::Algorithm); 2] = [
+        (&["-algorithm", "ed25519"], jsonwebtoken::Algorithm::EdDSA),
+        (
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+            jsonwebtoken::Algorithm::RS256,
+        ),
+    ];
+    for (algorithm, jwt_algorithm) in cases {
+        let (private, public) = key_pair(algorithm);
+        let key_file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(key_file.path(), &public).expect("write key");
+        let key_path = key_file.path().display().to_string();
+        let app = TestApp::spawn_with(|config| {
+            config.jwt_secret = None;
+            config.jwt_public_key = Some(key_path);
+        })
+        .await;
+        let encoding = match jwt_algorithm {
+            jsonwebtoken::Algorithm::EdDSA => {
+                jsonwebtoken::EncodingKey::from_ed_pem(private.as_bytes())
+            }
+            _ => jsonwebtoken::EncodingKey::from_rsa_pem(private.as_bytes()),
+        }
+        .expect("private key parses");
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            + 600;
+        let signed = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jwt_algorithm),
+            &Claims {
+                sub: "idp-user".into(),
+                exp,
+                client: Some(ClientKind::Plugin),
+            },
+            &encoding,
+        )
+        .expect("sign");
+        let accepted = app.get("/api/v1/projects", &signed).await;
+        assert_eq!(accepted.status(), 200, "{jwt_algorithm:?}");
+        // an HS256 token made with a guessed secret must not pass for the key's algorithm
+        let forged = token("idp-user", ClientKind::Desktop);
+        let (status, code, _) = error_of(app.get("/api/v1/projects", &forged).await).await;
+        assert_eq!((status, code.as_str()), (401, "invalid_token"));
+        app.stop().await;
+    }
+}

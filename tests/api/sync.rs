@@ -29,6 +29,9 @@ async fn first_sync_clones_the_branch_head_and_records_it() {
     assert_eq!(record["attempt"], 1);
     assert_eq!(record["error"], Value::Null);
     assert_eq!(record["progress"]["percent"], 100);
+    // two files, two trees (root and src) and a commit
+    assert_eq!(record["progress"]["objects"], 5, "{record}");
+    assert!(record["progress"]["bytes"].as_u64().is_some_and(|b| b > 0));
     for field in ["queued_at", "started_at", "finished_at"] {
         assert!(record[field].is_string(), "{field} set");
     }

@@ -1,0 +1,187 @@
+//! Load tool for HiveSync Hub. `connections` starts a release hub, opens N idle
+//! WebSocket clients to it and reports the hub's resident memory per socket, read from
+//! /proc. Prints a summary table and writes a JSON result.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+#[derive(Parser)]
+#[command(name = "loadtest", about = "Measure HiveSync Hub")]
+struct Cli {
+    /// the hub binary to start (build it with `cargo build --release`)
+    #[arg(long, default_value = "target/release/hivesync")]
+    hub: PathBuf,
+    /// where to write the machine-readable result
+    #[arg(long, default_value = "loadtest-result.json")]
+    json: PathBuf,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// N idle sockets: the hub's RSS per connection
+    Connections {
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// sockets opened at once
+        #[arg(long, default_value_t = 200)]
+        batch: usize,
+    },
+}
+
+const SECRET: &str = "loadtest-secret";
+
+struct Hub {
+    child: tokio::process::Child,
+    addr: String,
+    _data: tempfile::TempDir,
+}
+
+async fn start_hub(binary: &PathBuf) -> Result<Hub, String> {
+    let data = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut child = tokio::process::Command::new(binary)
+        .arg("serve")
+        .env("HIVESYNC_LISTEN", "127.0.0.1:0")
+        .env("HIVESYNC_DATA_DIR", data.path())
+        .env("HIVESYNC_JWT_SECRET", SECRET)
+        .env("HIVESYNC_MIN_FREE_BYTES", "0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot start {}: {e} (run `cargo build --release` first)",
+                binary.display()
+            )
+        })?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(addr) = line.strip_prefix("hivesync serving on http://") {
+                return Some(addr.to_owned());
+            }
+        }
+        None
+    })
+    .await
+    .map_err(|_| "hub did not start in 30 s")?
+    .ok_or("hub exited before serving")?;
+    Ok(Hub {
+        child,
+        addr,
+        _data: data,
+    })
+}
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+async fn connections(cli: &Cli, count: usize, batch: usize) -> Result<serde_json::Value, String> {
+    let mut hub = start_hub(&cli.hub).await?;
+    let pid = hub.child.id().ok_or("hub has no pid")?;
+    let token = hivesync::auth::Authenticator::from_secret(SECRET.as_bytes())
+        .mint(
+            "loadtest",
+            hivesync::auth::ClientKind::Desktop,
+            Duration::from_secs(3600),
+        )
+        .map_err(|e| e.to_string())?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = rss_bytes(pid).ok_or("cannot read the hub's RSS")?;
+    let client_config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let started = Instant::now();
+    let mut sockets = Vec::with_capacity(count);
+    while sockets.len() < count {
+        let wave = batch.min(count - sockets.len());
+        let opened = futures_util::future::join_all((0..wave).map(|_| {
+            let url = format!("ws://{}/api/v1/ws?access_token={token}", hub.addr);
+            async move {
+                let request = url.into_client_request().map_err(|e| e.to_string())?;
+                let (mut socket, _) = tokio_tungstenite::connect_async_with_config(
+                    request,
+                    Some(client_config),
+                    true,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                socket
+                    .next()
+                    .await
+                    .ok_or("closed before hello")?
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(socket)
+            }
+        }))
+        .await;
+        for socket in opened {
+            sockets.push(socket?);
+        }
+        eprint!("\r  connections open: {:>6} / {count}", sockets.len());
+    }
+    eprintln!();
+    let open_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let loaded = rss_bytes(pid).ok_or("cannot read the hub's RSS")?;
+    let per_socket = loaded.saturating_sub(baseline) as f64 / count as f64;
+    drop(sockets);
+    let _ = hub.child.kill().await;
+    println!();
+    println!(
+        "| scenario    | sockets | hub RSS before | hub RSS with sockets | per socket | open time |"
+    );
+    println!(
+        "|-------------|---------|----------------|----------------------|------------|-----------|"
+    );
+    println!(
+        "| connections | {count:>7} | {:>10.1} MiB | {:>16.1} MiB | {:>6.2} KiB | {open_secs:>7.1} s |",
+        baseline as f64 / 1048576.0,
+        loaded as f64 / 1048576.0,
+        per_socket / 1024.0
+    );
+    Ok(serde_json::json!({
+        "scenario": "connections",
+        "sockets": count,
+        "hub_rss_baseline_bytes": baseline,
+        "hub_rss_loaded_bytes": loaded,
+        "bytes_per_socket": per_socket,
+        "open_seconds": open_secs,
+    }))
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.scenario {
+        Scenario::Connections { count, batch } => connections(&cli, *count, *batch).await,
+    };
+    match result {
+        Ok(value) => {
+            if let Err(err) = std::fs::write(&cli.json, format!("{value:#}\n")) {
+                eprintln!("cannot write {}: {err}", cli.json.display());
+                return std::process::ExitCode::FAILURE;
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("loadtest failed: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -3,10 +3,12 @@
 
 mod ids;
 mod rate;
+mod repo_path;
 mod repo_url;
 
 pub use ids::{ProjectId, SyncId};
 pub use rate::{RateLimiter, parse_rate};
+pub use repo_path::{RepoPath, RepoPathError};
 pub use repo_url::{RepoUrl, RepoUrlError, UrlPolicy};
 
 /// Current wall-clock time as the contract's RFC 3339 UTC timestamp.

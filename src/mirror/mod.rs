@@ -8,6 +8,8 @@
 //! - `repos/<id>` — a symlink to the current snapshot, replaced by `rename(2)`, so a
 //!   reader sees the old tree or the new one and never a mix.
 
+pub mod read;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1,0 +1,522 @@
+//! Reads of a mirror at one commit, straight from the object database — never from a
+//! worktree a sync may be swapping — so concurrent reads stay consistent. Blocking:
+//! callers run these on the blocking pool.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use base64::Engine as _;
+use grep_matcher::Matcher;
+use grep_regex::RegexMatcherBuilder;
+use grep_searcher::{BinaryDetection, SearcherBuilder, sinks};
+use serde::Serialize;
+
+use super::Layout;
+use crate::domain::{ProjectId, RepoPath};
+
+/// File content returned at most.
+pub const FILE_CAP: usize = 1024 * 1024;
+/// A unified patch per file is cut at this size.
+pub const PATCH_CAP: usize = 256 * 1024;
+/// Changed files a diff lists at most.
+pub const DIFF_FILES_CAP: usize = 2000;
+/// A matched line is shown up to this many bytes.
+const LINE_CAP: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the mirror could not be read")]
+    Git(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+fn git_error(err: impl std::error::Error + Send + Sync + 'static) -> ReadError {
+    ReadError::Git(Box::new(err))
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TreeEntry {
+    pub name: String,
+    pub path: String,
+    pub kind: &'static str,
+    pub size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileContent {
+    pub size: u64,
+    pub encoding: &'static str,
+    pub content: String,
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SearchMatch {
+    pub path: String,
+    pub line: u64,
+    pub column: u64,
+    pub text: String,
+}
+
+pub struct SearchQuery<'a> {
+    pub pattern: &'a str,
+    pub regex: bool,
+    pub path_prefix: &'a RepoPath,
+    pub limit: usize,
+    /// past this, the search stops and reports `truncated`
+    pub deadline: Instant,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileDiff {
+    pub path: String,
+    pub old_path: Option<String>,
+    pub status: &'static str,
+    pub patch: String,
+}
+
+/// Opens each mirror's repository once and shares it between reads.
+pub struct Reader {
+    layout: Layout,
+    repos: Mutex<HashMap<String, gix::ThreadSafeRepository>>,
+}
+
+impl Reader {
+    pub fn new(layout: Layout) -> Self {
+        Self {
+            layout,
+            repos: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn repo(&self, project: &ProjectId) -> Result<gix::Repository, ReadError> {
+        let mut repos = self.repos.lock().expect("reader lock is never poisoned");
+        if let Some(repo) = repos.get(project.as_str()) {
+            return Ok(repo.to_thread_local());
+        }
+        let repo = gix::open_opts(self.layout.git_dir(project), gix::open::Options::isolated())
+            .map_err(|_| ReadError::NotFound("the project has no mirror yet".into()))?;
+        let shared = repo.into_sync();
+        let local = shared.to_thread_local();
+        repos.insert(project.as_str().to_owned(), shared);
+        Ok(local)
+    }
+
+    /// Forgets a cached repository (after a repair re-created it, or a delete).
+    pub fn forget(&self, project: &ProjectId) {
+        self.repos
+            .lock()
+            .expect("reader lock is never poisoned")
+            .remove(project.as_str());
+    }
+
+    fn tree_at<'repo>(
+        repo: &'repo gix::Repository,
+        commit: &str,
+    ) -> Result<gix::Tree<'repo>, ReadError> {
+        let id = parse_commit_id(commit)?;
+        let commit = repo
+            .find_commit(id)
+            .map_err(|_| ReadError::NotFound(format!("commit {commit} is not in the mirror")))?;
+        commit.tree().map_err(git_error)
+    }
+
+    pub fn tree(
+        &self,
+        project: &ProjectId,
+        commit: &str,
+        path: &RepoPath,
+    ) -> Result<Vec<TreeEntry>, ReadError> {
+        let repo = self.repo(project)?;
+        let root = Self::tree_at(&repo, commit)?;
+        let tree = if path.is_root() {
+            root
+        } else {
+            let entry = root
+                .lookup_entry_by_path(path.as_str())
+                .map_err(git_error)?
+                .ok_or_else(|| ReadError::NotFound(format!("no such path: {}", path.as_str())))?;
+            if !entry.mode().is_tree() {
+                return Err(ReadError::Invalid(format!(
+                    "{} is not a directory",
+                    path.as_str()
+                )));
+            }
+            entry.object().map_err(git_error)?.into_tree()
+        };
+        let mut entries = Vec::new();
+        for entry in tree.iter() {
+            let entry = entry.map_err(git_error)?;
+            let name = entry.filename().to_string();
+            let mode = entry.mode();
+            let (kind, size) = if mode.is_tree() {
+                ("dir", None)
+            } else if mode.is_commit() {
+                ("submodule", None)
+            } else {
+                let header = repo.find_header(entry.oid()).map_err(git_error)?;
+                ("file", Some(header.size()))
+            };
+            entries.push(TreeEntry {
+                path: path.join(&name),
+                name,
+                kind,
+                size,
+            });
+        }
+        // directories first, then by name: a stable order for clients to render
+        entries.sort_by(|a, b| {
+            (a.kind != "dir")
+                .cmp(&(b.kind != "dir"))
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        Ok(entries)
+    }
+
+    pub fn file(
+        &self,
+        project: &ProjectId,
+        commit: &str,
+        path: &RepoPath,
+    ) -> Result<FileContent, ReadError> {
+        if path.is_root() {
+            return Err(ReadError::Invalid(
+                "path names the root directory, not a file".into(),
+            ));
+        }
+        let repo = self.repo(project)?;
+        let root = Self::tree_at(&repo, commit)?;
+        let entry = root
+            .lookup_entry_by_path(path.as_str())
+            .map_err(git_error)?
+            .ok_or_else(|| ReadError::NotFound(format!("no such file: {}", path.as_str())))?;
+        if entry.mode().is_tree() || entry.mode().is_commit() {
+            return Err(ReadError::Invalid(format!(
+                "{} is not a file",
+                path.as_str()
+            )));
+        }
+        let blob = repo.find_blob(entry.object_id()).map_err(git_error)?;
+        Ok(encode_content(&blob.data, FILE_CAP))
+    }
+
+    pub fn search(
+        &self,
+        project: &ProjectId,
+        commit: &str,
+        query: &SearchQuery<'_>,
+    ) -> Result<(Vec<SearchMatch>, bool), ReadError> {
+        let matcher = RegexMatcherBuilder::new()
+            .fixed_strings(!query.regex)
+            .build(query.pattern)
+            .map_err(|err| ReadError::Invalid(format!("invalid regex: {err}")))?;
+        let repo = self.repo(project)?;
+        let root = Self::tree_at(&repo, commit)?;
+        let mut recorder = gix::traverse::tree::Recorder::default();
+        root.traverse()
+            .breadthfirst(&mut recorder)
+            .map_err(git_error)?;
+        let mut files: Vec<_> = recorder
+            .records
+            .into_iter()
+            .filter(|entry| entry.mode.is_blob())
+            .map(|entry| (entry.filepath.to_string(), entry.oid))
+            .filter(|(path, _)| under_prefix(path, query.path_prefix))
+            .collect();
+        files.sort();
+
+        let mut searcher = SearcherBuilder::new()
+            .line_number(true)
+            .binary_detection(BinaryDetection::quit(b'\x00'))
+            .build();
+        let mut matches = Vec::new();
+        let mut truncated = false;
+        for (path, oid) in files {
+            if Instant::now() >= query.deadline {
+                truncated = true;
+                break;
+            }
+            let blob = repo.find_blob(oid).map_err(git_error)?;
+            let mut remaining = query.limit.saturating_sub(matches.len());
+            let outcome = searcher.search_slice(
+                &matcher,
+                &blob.data,
+                sinks::Lossy(|line_number, line| {
+                    let line = line.trim_end_matches(['\n', '\r']);
+                    let column = matcher
+                        .find(line.as_bytes())
+                        .ok()
+                        .flatten()
+                        .map_or(1, |m| m.start() as u64 + 1);
+                    matches.push(SearchMatch {
+                        path: path.clone(),
+                        line: line_number,
+                        column,
+                        text: cap_line(line),
+                    });
+                    remaining -= 1;
+                    Ok(remaining > 0)
+                }),
+            );
+            if let Err(err) = outcome {
+                tracing::debug!(%path, error = %err, "skipping a file the searcher could not read");
+            }
+            if matches.len() >= query.limit {
+                truncated = true;
+                break;
+            }
+        }
+        Ok((matches, truncated))
+    }
+
+    pub fn diff(
+        &self,
+        project: &ProjectId,
+        from: &str,
+        to: &str,
+    ) -> Result<(Vec<FileDiff>, bool), ReadError> {
+        let repo = self.repo(project)?;
+        let old_tree = Self::tree_at(&repo, from)?;
+        let new_tree = Self::tree_at(&repo, to)?;
+        let options =
+            gix::diff::Options::default().with_rewrites(Some(gix::diff::Rewrites::default()));
+        let changes = repo
+            .diff_tree_to_tree(&old_tree, &new_tree, options)
+            .map_err(git_error)?;
+        let mut files = Vec::new();
+        let mut truncated = false;
+        for change in changes {
+            use gix::object::tree::diff::ChangeDetached as Change;
+            let (status, path, old_path, old_id, new_id) = match change {
+                Change::Addition {
+                    location,
+                    entry_mode,
+                    id,
+                    ..
+                } if entry_mode.is_blob_or_symlink() => {
+                    ("added", location.to_string(), None, None, Some(id))
+                }
+                Change::Deletion {
+                    location,
+                    entry_mode,
+                    id,
+                    ..
+                } if entry_mode.is_blob_or_symlink() => {
+                    ("deleted", location.to_string(), None, Some(id), None)
+                }
+                Change::Modification {
+                    location,
+                    entry_mode,
+                    previous_id,
+                    id,
+                    ..
+                } if entry_mode.is_blob_or_symlink() => (
+                    "modified",
+                    location.to_string(),
+                    None,
+                    Some(previous_id),
+                    Some(id),
+                ),
+                Change::Rewrite {
+                    source_location,
+                    source_id,
+                    location,
+                    id,
+                    entry_mode,
+                    copy,
+                    ..
+                } if entry_mode.is_blob_or_symlink() => {
+                    // a copy leaves its source in place: to the reader it is a new file
+                    let status = if copy { "added" } else { "renamed" };
+                    (
+                        status,
+                        location.to_string(),
+                        Some(source_location.to_string()),
+                        Some(source_id),
+                        Some(id),
+                    )
+                }
+                _ => continue,
+            };
+            if files.len() >= DIFF_FILES_CAP {
+                truncated = true;
+                break;
+            }
+            let read = |id: Option<gix::ObjectId>| -> Result<Vec<u8>, ReadError> {
+                match id {
+                    Some(id) => Ok(repo.find_blob(id).map_err(git_error)?.data.clone()),
+                    None => Ok(Vec::new()),
+                }
+            };
+            let old = read(old_id)?;
+            let new = read(new_id)?;
+            let old_name = old_path.clone().unwrap_or_else(|| path.clone());
+            let patch = unified_patch(
+                &old_name,
+                &path,
+                &old,
+                &new,
+                old_id.is_none(),
+                new_id.is_none(),
+            );
+            files.push(FileDiff {
+                path,
+                old_path,
+                status,
+                patch,
+            });
+        }
+        Ok((files, truncated))
+    }
+}
+
+fn parse_commit_id(commit: &str) -> Result<gix::ObjectId, ReadError> {
+    if commit.len() != 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ReadError::Invalid(format!(
+            "'{commit}' is not a full commit id (40 hex digits)"
+        )));
+    }
+    gix::ObjectId::from_hex(commit.as_bytes())
+        .map_err(|_| ReadError::Invalid(format!("'{commit}' is not a commit id")))
+}
+
+fn under_prefix(path: &str, prefix: &RepoPath) -> bool {
+    prefix.is_root()
+        || path == prefix.as_str()
+        || (path.starts_with(prefix.as_str())
+            && path.as_bytes().get(prefix.as_str().len()) == Some(&b'/'))
+}
+
+fn cap_line(line: &str) -> String {
+    if line.len() <= LINE_CAP {
+        return line.to_owned();
+    }
+    let mut end = LINE_CAP;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line[..end].to_owned()
+}
+
+/// Text as UTF-8 when it is (and has no NUL), else base64; cut at `cap` bytes.
+pub fn encode_content(data: &[u8], cap: usize) -> FileContent {
+    let truncated = data.len() > cap;
+    let shown = &data[..data.len().min(cap)];
+    let text = match std::str::from_utf8(shown) {
+        Ok(text) => Some(text),
+        // a cut may split the last character: keep the valid part
+        Err(err) if truncated && err.error_len().is_none() => {
+            std::str::from_utf8(&shown[..err.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    };
+    match text.filter(|text| !text.contains('\0')) {
+        Some(text) => FileContent {
+            size: data.len() as u64,
+            encoding: "utf-8",
+            content: text.to_owned(),
+            truncated,
+        },
+        None => FileContent {
+            size: data.len() as u64,
+            encoding: "base64",
+            content: base64::engine::general_purpose::STANDARD.encode(shown),
+            truncated,
+        },
+    }
+}
+
+fn is_binary(data: &[u8]) -> bool {
+    data[..data.len().min(8000)].contains(&0) || std::str::from_utf8(data).is_err()
+}
+
+fn unified_patch(
+    old_path: &str,
+    new_path: &str,
+    old: &[u8],
+    new: &[u8],
+    added: bool,
+    deleted: bool,
+) -> String {
+    let old_header = if added {
+        "/dev/null".to_owned()
+    } else {
+        format!("a/{old_path}")
+    };
+    let new_header = if deleted {
+        "/dev/null".to_owned()
+    } else {
+        format!("b/{new_path}")
+    };
+    if is_binary(old) || is_binary(new) {
+        return format!("Binary files {old_header} and {new_header} differ\n");
+    }
+    let old_text = String::from_utf8_lossy(old);
+    let new_text = String::from_utf8_lossy(new);
+    let diff = similar::TextDiff::from_lines(old_text.as_ref(), new_text.as_ref());
+    let mut patch = diff
+        .unified_diff()
+        .context_radius(3)
+        .header(&old_header, &new_header)
+        .to_string();
+    if patch.len() > PATCH_CAP {
+        let mut end = PATCH_CAP;
+        while !patch.is_char_boundary(end) {
+            end -= 1;
+        }
+        patch.truncate(end);
+        patch.push_str("\n… patch truncated\n");
+    }
+    patch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_stays_text_and_binary_becomes_base64() {
+        let text = encode_content("héllo\n".as_bytes(), 1024);
+        assert_eq!(
+            (text.encoding, text.content.as_str(), text.truncated),
+            ("utf-8", "héllo\n", false)
+        );
+        let binary = encode_content(&[0, 159, 146, 150], 1024);
+        assert_eq!(binary.encoding, "base64");
+        assert_eq!(binary.content, "AJ+Slg==");
+        // a cut inside a multi-byte character keeps the text valid
+        let cut = encode_content("aé".as_bytes(), 2);
+        assert_eq!(
+            (cut.encoding, cut.content.as_str(), cut.truncated, cut.size),
+            ("utf-8", "a", true, 3)
+        );
+    }
+
+    #[test]
+    fn prefixes_match_whole_components() {
+        let prefix = RepoPath::parse("src").expect("valid");
+        assert!(under_prefix("src/lib.rs", &prefix));
+        assert!(!under_prefix("srcs/lib.rs", &prefix));
+        assert!(under_prefix("anything", &RepoPath::default()));
+    }
+
+    #[test]
+    fn patches_have_git_style_headers() {
+        let patch = unified_patch(
+            "a.txt",
+            "a.txt",
+            b"one\ntwo\n",
+            b"one\nthree\n",
+            false,
+            false,
+        );
+        assert!(patch.starts_with("--- a/a.txt\n+++ b/a.txt\n"), "{patch}");
+        assert!(patch.contains("-two\n+three\n"));
+        let added = unified_patch("n.txt", "n.txt", b"", b"new\n", true, false);
+        assert!(added.starts_with("--- /dev/null\n+++ b/n.txt\n"));
+    }
+}

@@ -16,6 +16,7 @@ use crate::engine::{Engine, EngineError};
 use crate::http::{AppState, Metrics};
 use crate::hub::Hub;
 use crate::mirror::Layout;
+use crate::mirror::read::Reader;
 use crate::worker::{self, WorkerSettings, WorkerStops};
 
 #[derive(Debug, thiserror::Error)]
@@ -138,12 +139,14 @@ impl Application {
         let hub = Hub::new(Arc::clone(&engine.events), config.ws_queue);
         let layout = Layout::new(config.data_dir.clone());
         let serve_workers = config.effective_serve_workers();
+        let reader = Arc::new(Reader::new(layout.clone()));
         let state = Arc::new(AppState {
             engine,
             hub,
             auth,
             config: Arc::new(config),
             layout,
+            reader,
             metrics: Metrics::default(),
         });
         Ok(Self {

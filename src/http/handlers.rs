@@ -148,6 +148,7 @@ pub async fn delete_project(state: Arc<AppState>, auth: Option<String>, id: Stri
         let project = owned_project(&state, &principal, &id).await?;
         let project_id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
         state.engine.store.delete_project(&project_id).await?;
+        state.reader.forget(&project_id);
         let layout = state.layout.clone();
         let removed = tokio::task::spawn_blocking(move || layout.remove(&project_id))
             .await

@@ -5,6 +5,7 @@
 
 mod error;
 mod handlers;
+mod read;
 mod server;
 mod ws;
 
@@ -25,6 +26,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::hub::Hub;
 use crate::mirror::Layout;
+use crate::mirror::read::Reader;
 
 /// Bodies over this are refused with 413, before they are read in full.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -36,6 +38,7 @@ pub struct AppState {
     pub auth: Authenticator,
     pub config: Arc<Config>,
     pub layout: Layout,
+    pub reader: Arc<Reader>,
     pub metrics: Metrics,
 }
 
@@ -236,6 +239,27 @@ pub fn routes(
             respond(StatusCode::OK, handlers::mobile_projects(state, auth).await)
         });
 
+    let read_route = |name: &'static str, kind: read::ReadKind| {
+        warp::path("api")
+            .and(warp::path("v1"))
+            .and(warp::path("repo"))
+            .and(warp::path(name))
+            .and(warp::path::end())
+            .and(warp::get())
+            .and(with_state.clone())
+            .and(authorization())
+            .and(raw_query())
+            .and(warp::header::optional::<String>("if-none-match"))
+            .then(move |state, auth, query, etag| read::handle(kind, state, auth, query, etag))
+    };
+    let reads = read_route("tree", read::ReadKind::Tree)
+        .or(read_route("file", read::ReadKind::File))
+        .unify()
+        .or(read_route("search", read::ReadKind::Search))
+        .unify()
+        .or(read_route("diff", read::ReadKind::Diff))
+        .unify();
+
     let dashboard = warp::get()
         .and(warp::fs::dir(static_dir))
         .map(Reply::into_response);
@@ -262,6 +286,8 @@ pub fn routes(
         .or(notifications)
         .unify()
         .or(mobile)
+        .unify()
+        .or(reads)
         .unify()
         .or(dashboard)
         .unify()

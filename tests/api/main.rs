@@ -5,5 +5,6 @@ mod errors;
 mod helpers;
 mod lifecycle;
 mod projects;
+mod read;
 mod sync;
 mod websocket;

@@ -1,0 +1,215 @@
+//! Read endpoints: tree, file, search and diff of the last completed sync's commit.
+//! Metadata-only (mobile) tokens are refused before any work; responses carry an ETag
+//! derived from the commit and the request, and `If-None-Match` gets a 304.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use serde_json::json;
+use warp::Reply;
+
+use super::{ApiError, AppState, Response};
+use crate::domain::{ProjectId, RepoPath};
+use crate::mirror::read::{ReadError, SearchQuery};
+
+/// One search may run this long before it returns what it found as `truncated`.
+const SEARCH_BUDGET: Duration = Duration::from_secs(5);
+const DEFAULT_SEARCH_LIMIT: usize = 100;
+const MAX_SEARCH_LIMIT: usize = 1000;
+
+#[derive(Debug, Clone, Copy)]
+pub enum ReadKind {
+    Tree,
+    File,
+    Search,
+    Diff,
+}
+
+impl From<ReadError> for ApiError {
+    fn from(err: ReadError) -> Self {
+        match err {
+            ReadError::NotFound(message) => ApiError::NotFound(message),
+            ReadError::Invalid(message) => ApiError::InvalidRequest(message),
+            ReadError::Git(cause) => ApiError::Backend(cause),
+        }
+    }
+}
+
+/// FNV-1a: a stable hash for ETags, the same on every node and every build.
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.bytes().chain(std::iter::once(0xff)) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+pub async fn handle(
+    kind: ReadKind,
+    state: Arc<AppState>,
+    auth: Option<String>,
+    query: String,
+    if_none_match: Option<String>,
+) -> Response {
+    match read(kind, &state, auth, &query, if_none_match.as_deref()).await {
+        Ok(response) => response,
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn read(
+    kind: ReadKind,
+    state: &Arc<AppState>,
+    auth: Option<String>,
+    query: &str,
+    if_none_match: Option<&str>,
+) -> Result<Response, ApiError> {
+    let principal = state.principal(auth.as_deref())?;
+    if !principal.may_read_contents() {
+        return Err(ApiError::MobileMetadataOnly);
+    }
+    let params: HashMap<String, String> = serde_urlencoded::from_str(query)
+        .map_err(|err| ApiError::InvalidRequest(format!("invalid query string: {err}")))?;
+    let param = |name: &str| params.get(name).map(String::as_str);
+    let project_id = param("project_id")
+        .ok_or_else(|| ApiError::InvalidRequest("project_id is required".into()))?;
+    let path = RepoPath::parse(param("path").unwrap_or_default())
+        .map_err(|err| ApiError::PathInvalid(err.to_string()))?;
+    let project_id = ProjectId::parse(project_id).ok_or(ApiError::ProjectNotFound)?;
+    let project = state
+        .engine
+        .store
+        .project(&project_id)
+        .await?
+        .ok_or(ApiError::ProjectNotFound)?;
+    if project.owner != principal.user {
+        return Err(ApiError::Forbidden);
+    }
+    let commit = match kind {
+        ReadKind::Diff => String::new(),
+        _ => project
+            .commit
+            .clone()
+            .ok_or_else(|| ApiError::NotFound("the project has no completed sync yet".into()))?,
+    };
+
+    let etag = format!(
+        "\"{}-{:016x}\"",
+        if commit.is_empty() {
+            "diff"
+        } else {
+            &commit[..commit.len().min(12)]
+        },
+        fnv1a(&[
+            &commit,
+            &format!("{kind:?}"),
+            path.as_str(),
+            param("q").unwrap_or_default(),
+            param("regex").unwrap_or_default(),
+            param("path_prefix").unwrap_or_default(),
+            param("limit").unwrap_or_default(),
+            param("from").unwrap_or_default(),
+            param("to").unwrap_or_default(),
+        ])
+    );
+    if if_none_match.is_some_and(|tags| {
+        tags.split(',')
+            .any(|tag| tag.trim() == etag || tag.trim() == "*")
+    }) {
+        let reply = warp::reply::with_header(StatusCode::NOT_MODIFIED, "etag", etag);
+        return Ok(reply.into_response());
+    }
+
+    let reader = Arc::clone(&state.reader);
+    let body = match kind {
+        ReadKind::Tree => {
+            let (id, at) = (project_id.clone(), commit.clone());
+            let path_for_read = path.clone();
+            let entries = blocking(move || reader.tree(&id, &at, &path_for_read)).await?;
+            json!({"commit": commit, "path": path.as_str(), "entries": entries})
+        }
+        ReadKind::File => {
+            if path.is_root() {
+                return Err(ApiError::InvalidRequest("path is required".into()));
+            }
+            let (id, at) = (project_id.clone(), commit.clone());
+            let path_for_read = path.clone();
+            let file = blocking(move || reader.file(&id, &at, &path_for_read)).await?;
+            json!({
+                "commit": commit, "path": path.as_str(), "size": file.size,
+                "encoding": file.encoding, "content": file.content, "truncated": file.truncated,
+            })
+        }
+        ReadKind::Search => {
+            let pattern = param("q")
+                .filter(|q| !q.is_empty())
+                .ok_or_else(|| ApiError::InvalidRequest("q is required".into()))?;
+            let regex = match param("regex") {
+                None | Some("false") | Some("0") => false,
+                Some("true") | Some("1") => true,
+                Some(_) => {
+                    return Err(ApiError::InvalidRequest(
+                        "regex must be true or false".into(),
+                    ));
+                }
+            };
+            let prefix = RepoPath::parse(param("path_prefix").unwrap_or_default())
+                .map_err(|err| ApiError::PathInvalid(err.to_string()))?;
+            let limit = match param("limit") {
+                None => DEFAULT_SEARCH_LIMIT,
+                Some(raw) => raw
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=MAX_SEARCH_LIMIT).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::InvalidRequest(format!(
+                            "limit must be a number from 1 to {MAX_SEARCH_LIMIT}"
+                        ))
+                    })?,
+            };
+            let (id, at, pattern) = (project_id.clone(), commit.clone(), pattern.to_owned());
+            let (matches, truncated) = blocking(move || {
+                let query = SearchQuery {
+                    pattern: &pattern,
+                    regex,
+                    path_prefix: &prefix,
+                    limit,
+                    deadline: Instant::now() + SEARCH_BUDGET,
+                };
+                reader.search(&id, &at, &query)
+            })
+            .await?;
+            json!({"commit": commit, "matches": matches, "truncated": truncated})
+        }
+        ReadKind::Diff => {
+            let from = param("from")
+                .ok_or_else(|| ApiError::InvalidRequest("from is required".into()))?
+                .to_owned();
+            let to = param("to")
+                .ok_or_else(|| ApiError::InvalidRequest("to is required".into()))?
+                .to_owned();
+            let id = project_id.clone();
+            let (from_read, to_read) = (from.clone(), to.clone());
+            let (files, truncated) =
+                blocking(move || reader.diff(&id, &from_read, &to_read)).await?;
+            json!({"from": from, "to": to, "files": files, "truncated": truncated})
+        }
+    };
+    let reply = warp::reply::with_header(warp::reply::json(&body), "etag", etag);
+    Ok(reply.into_response())
+}
+
+async fn blocking<T, F>(work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ReadError> + Send + 'static,
+{
+    Ok(tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| ApiError::Backend(Box::new(err)))??)
+}

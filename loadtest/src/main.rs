@@ -27,6 +27,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// Sync and read a real source tree: first sync vs `git clone`, search vs
+    /// `git grep` on the same commit, tree/file latency under concurrent load
+    Reads {
+        /// directory whose files become the repository (default: cargo's registry sources)
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// concurrent readers for the latency run
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// seconds of the latency run
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// N idle sockets: the hub's RSS per connection
     Connections {
         #[arg(long, default_value_t = 10_000)]
@@ -37,15 +50,17 @@ enum Scenario {
     },
 }
 
+mod reads;
+
 const SECRET: &str = "loadtest-secret";
 
-struct Hub {
-    child: tokio::process::Child,
-    addr: String,
+pub(crate) struct Hub {
+    pub(crate) child: tokio::process::Child,
+    pub(crate) addr: String,
     _data: tempfile::TempDir,
 }
 
-async fn start_hub(binary: &PathBuf) -> Result<Hub, String> {
+pub(crate) async fn start_hub(binary: &PathBuf) -> Result<Hub, String> {
     let data = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut child = tokio::process::Command::new(binary)
         .arg("serve")
@@ -53,6 +68,8 @@ async fn start_hub(binary: &PathBuf) -> Result<Hub, String> {
         .env("HIVESYNC_DATA_DIR", data.path())
         .env("HIVESYNC_JWT_SECRET", SECRET)
         .env("HIVESYNC_MIN_FREE_BYTES", "0")
+        .env("HIVESYNC_ALLOWED_SCHEMES", "file")
+        .env("HIVESYNC_SYNC_RATE", "1000/s")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -170,6 +187,11 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.scenario {
         Scenario::Connections { count, batch } => connections(&cli, *count, *batch).await,
+        Scenario::Reads {
+            source,
+            concurrency,
+            seconds,
+        } => reads::run(&cli.hub, source.clone(), *concurrency, *seconds).await,
     };
     match result {
         Ok(value) => {

@@ -1,6 +1,7 @@
 //! One integration-test binary: the real hub over HTTP and WebSocket, with real git
 //! repositories as remotes.
 
+mod browser;
 mod errors;
 mod helpers;
 mod lifecycle;

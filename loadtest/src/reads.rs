@@ -1,0 +1,323 @@
+//! The `reads` scenario: a real source tree as a repository, synced by the hub and read
+//! back, each figure next to git doing the same work on the same machine in the same run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::{SECRET, start_hub};
+
+fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
+    let output = Command::new("git")
+        .args([
+            "-c",
+            "user.name=loadtest",
+            "-c",
+            "user.email=loadtest@example.com",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .map_err(|e| format!("git: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+fn default_source() -> Result<PathBuf, String> {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map_err(|_| "set --source")?;
+    let registry = home.join("registry").join("src");
+    std::fs::read_dir(&registry)
+        .map_err(|e| format!("{}: {e}; pass --source", registry.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| path.is_dir())
+        .ok_or_else(|| "no registry sources; pass --source".to_owned())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+pub async fn run(
+    hub_binary: &PathBuf,
+    source: Option<PathBuf>,
+    concurrency: usize,
+    seconds: u64,
+) -> Result<Value, String> {
+    let source = match source {
+        Some(source) => source,
+        None => default_source()?,
+    };
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let origin = work.path().join("origin.git");
+    eprintln!("building a repository from {}", source.display());
+    git(
+        work.path(),
+        &["init", "-q", "--bare", "-b", "main", "origin.git"],
+    )?;
+    let worktree = source.to_string_lossy().into_owned();
+    let git_dir = origin.to_string_lossy().into_owned();
+    git(
+        work.path(),
+        &[
+            "--git-dir",
+            &git_dir,
+            "--work-tree",
+            &worktree,
+            "add",
+            "-A",
+            "-f",
+            ".",
+        ],
+    )?;
+    git(
+        work.path(),
+        &[
+            "--git-dir",
+            &git_dir,
+            "--work-tree",
+            &worktree,
+            "commit",
+            "-q",
+            "-m",
+            "snapshot",
+        ],
+    )?;
+    let commit = git(work.path(), &["--git-dir", &git_dir, "rev-parse", "HEAD"])?;
+    let files: usize = git(
+        work.path(),
+        &[
+            "--git-dir",
+            &git_dir,
+            "ls-tree",
+            "-r",
+            "--name-only",
+            "HEAD",
+        ],
+    )?
+    .lines()
+    .count();
+    let url = format!("file://{}", origin.display());
+
+    // peer: git clone of the same repository (objects and checkout)
+    let started = Instant::now();
+    git(work.path(), &["clone", "-q", &url, "peer-clone"])?;
+    let git_clone_s = started.elapsed().as_secs_f64();
+
+    let mut hub = start_hub(hub_binary).await?;
+    let base = format!("http://{}", hub.addr);
+    let token = hivesync::auth::Authenticator::from_secret(SECRET.as_bytes())
+        .mint(
+            "loadtest",
+            hivesync::auth::ClientKind::Desktop,
+            Duration::from_secs(3600),
+        )
+        .map_err(|e| e.to_string())?;
+    let http = reqwest::Client::new();
+    let created: Value = http
+        .post(format!("{base}/api/v1/projects"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "bench", "repo_url": url}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let project = created["project_id"]
+        .as_str()
+        .ok_or(format!("register failed: {created}"))?
+        .to_owned();
+
+    let started = Instant::now();
+    let accepted: Value = http
+        .post(format!("{base}/api/v1/repo/sync"))
+        .bearer_auth(&token)
+        .json(&json!({"project_id": project}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let sync_id = accepted["sync_id"]
+        .as_str()
+        .ok_or("sync not accepted")?
+        .to_owned();
+    loop {
+        let record: Value = http
+            .get(format!("{base}/api/v1/repo/sync/{sync_id}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        match record["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") => return Err(format!("sync failed: {record}")),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let hub_sync_s = started.elapsed().as_secs_f64();
+    eprintln!("synced {files} files: hub {hub_sync_s:.2} s, git clone {git_clone_s:.2} s");
+
+    // search vs git grep over the same commit's objects
+    let peer = work.path().join("peer-clone");
+    let patterns = [
+        "unsafe impl Send",
+        "fn main()",
+        "#[deprecated",
+        "SAFETY:",
+        "todo!(",
+    ];
+    let mut search_rows = Vec::new();
+    for pattern in patterns {
+        let mut hub_times = Vec::new();
+        let mut git_times = Vec::new();
+        let mut hub_hits = 0;
+        let mut git_hits = 0;
+        for _ in 0..5 {
+            let started = Instant::now();
+            let found: Value = http
+                .get(format!("{base}/api/v1/repo/search"))
+                .query(&[
+                    ("project_id", project.as_str()),
+                    ("q", pattern),
+                    ("limit", "1000"),
+                ])
+                .bearer_auth(&token)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            hub_times.push(started.elapsed().as_secs_f64());
+            hub_hits = found["matches"].as_array().map_or(0, Vec::len);
+            let started = Instant::now();
+            let output = Command::new("git")
+                .args(["grep", "-n", "-I", "-F", "-e", pattern, &commit])
+                .current_dir(&peer)
+                .output()
+                .map_err(|e| e.to_string())?;
+            git_times.push(started.elapsed().as_secs_f64());
+            git_hits = output
+                .stdout
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count();
+        }
+        let (hub_median, git_median) = (median(hub_times), median(git_times));
+        search_rows.push(json!({
+            "pattern": pattern, "hub_ms": hub_median * 1000.0, "git_grep_ms": git_median * 1000.0,
+            "ratio": hub_median / git_median, "hub_matches": hub_hits, "git_matches": git_hits,
+        }));
+    }
+
+    // tree and file latency under concurrent readers
+    let some_file = git(&peer, &["ls-files"])?
+        .lines()
+        .nth(files / 2)
+        .unwrap_or_default()
+        .to_owned();
+    let some_dir = Path::new(&some_file)
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let readers = (0..concurrency).map(|index| {
+        let (http, base, token, project) =
+            (http.clone(), base.clone(), token.clone(), project.clone());
+        let (file, dir) = (some_file.clone(), some_dir.clone());
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut round = index;
+            while Instant::now() < deadline {
+                let (endpoint, path) = if round % 2 == 0 {
+                    ("tree", dir.as_str())
+                } else {
+                    ("file", file.as_str())
+                };
+                round += 1;
+                let started = Instant::now();
+                let response = http
+                    .get(format!("{base}/api/v1/repo/{endpoint}"))
+                    .query(&[("project_id", project.as_str()), ("path", path)])
+                    .bearer_auth(&token)
+                    .send()
+                    .await;
+                if let Ok(response) = response
+                    && response.status().is_success()
+                    && response.bytes().await.is_ok()
+                {
+                    latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            latencies
+        })
+    });
+    let mut latencies = Vec::new();
+    for reader in futures_util::future::join_all(readers).await {
+        latencies.extend(reader.map_err(|e| e.to_string())?);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let _ = hub.child.kill().await;
+    if latencies.is_empty() {
+        return Err("no successful tree/file reads".into());
+    }
+    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    let rps = latencies.len() as f64 / seconds as f64;
+
+    println!();
+    println!(
+        "repository: {files} files from {} (commit {})",
+        source.display(),
+        &commit[..12]
+    );
+    println!("| measure | hub | git peer | hub / git |");
+    println!("|---|---|---|---|");
+    println!(
+        "| first sync vs `git clone` | {hub_sync_s:.2} s | {git_clone_s:.2} s | {:.2} |",
+        hub_sync_s / git_clone_s
+    );
+    for row in &search_rows {
+        println!(
+            "| search `{}` ({} matches) vs `git grep` ({}) | {:.1} ms | {:.1} ms | {:.2} |",
+            row["pattern"].as_str().unwrap_or_default(),
+            row["hub_matches"],
+            row["git_matches"],
+            row["hub_ms"].as_f64().unwrap_or_default(),
+            row["git_grep_ms"].as_f64().unwrap_or_default(),
+            row["ratio"].as_f64().unwrap_or_default()
+        );
+    }
+    println!(
+        "| tree/file, {concurrency} concurrent readers, {seconds} s | p50 {p50:.2} ms, p99 {p99:.2} ms, {rps:.0} req/s | | |"
+    );
+    Ok(json!({
+        "scenario": "reads", "files": files, "commit": commit,
+        "first_sync_s": hub_sync_s, "git_clone_s": git_clone_s,
+        "search": search_rows,
+        "tree_file": {"concurrency": concurrency, "requests": latencies.len(), "p50_ms": p50, "p99_ms": p99, "rps": rps},
+    }))
+}

@@ -1,0 +1,342 @@
+// The dashboard: projects, live sync progress, notifications, and reads of the mirror.
+// Talks only to the public v1 API and to the socket through hivesync-client.js.
+
+import { HiveSyncClient } from "./hivesync-client.js";
+
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "hivesync.token";
+
+const state = {
+  token: null,
+  projects: new Map(),
+  selected: null,
+  treePath: "",
+  client: null,
+};
+
+function takeTokenFromUrl() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const token = params.get("token");
+  if (token) {
+    localStorage.setItem(TOKEN_KEY, token);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return localStorage.getItem(TOKEN_KEY);
+}
+
+function showBanner(message) {
+  const banner = $("banner");
+  banner.textContent = message;
+  banner.hidden = !message;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, {
+    ...options,
+    headers: { Authorization: `Bearer ${state.token}`, "Content-Type": "application/json", ...(options.headers ?? {}) },
+  });
+  if (response.status === 204) return null;
+  const body = await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = new Error(body?.message ?? `request failed (${response.status})`);
+    error.code = body?.error ?? "backend_error";
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+function reportError(error) {
+  if (error.status === 401) {
+    signOut(`Signed out: ${error.message}`);
+    return;
+  }
+  showBanner(`${error.code ?? "error"}: ${error.message}`);
+}
+
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (key === "onclick") node.addEventListener("click", value);
+    else if (value !== undefined && value !== null) node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return node;
+}
+
+const shortCommit = (commit) => (commit ? commit.slice(0, 10) : "—");
+const when = (at) => (at ? new Date(at).toLocaleString() : "never");
+
+// ---- projects -------------------------------------------------------------
+
+async function loadProjects() {
+  const projects = await api("/api/v1/projects");
+  state.projects = new Map(projects.map((project) => [project.project_id, { ...project, live: state.projects.get(project.project_id)?.live }]));
+  renderProjects();
+  if (state.selected && state.projects.has(state.selected)) renderProjectHeader();
+}
+
+function renderProjects() {
+  const list = $("projects");
+  list.replaceChildren();
+  if (state.projects.size === 0) list.append(el("li", {}, el("span", { class: "hint" }, "No projects yet.")));
+  for (const project of state.projects.values()) {
+    const status = project.live?.stage ?? project.last_status ?? "never synced";
+    list.append(
+      el(
+        "li",
+        { "aria-current": project.project_id === state.selected ? "true" : "false", "data-project": project.project_id },
+        el("div", { class: "row" },
+          el("button", { class: "link", type: "button", onclick: () => selectProject(project.project_id) }, project.name),
+          el("button", { type: "button", "aria-label": `Sync ${project.name}`, onclick: () => requestSync(project.project_id) }, "Sync")),
+        el("div", { class: "row" },
+          el("span", { class: "status", "data-status": status }, status),
+          el("span", { class: "meta" }, shortCommit(project.commit))),
+        el("span", { class: "meta" }, `${project.branch} · synced ${when(project.last_synced_at)}`),
+      ),
+    );
+  }
+}
+
+async function registerProject(event) {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  try {
+    const project = await api("/api/v1/projects", {
+      method: "POST",
+      body: JSON.stringify({ name: form.get("name"), repo_url: form.get("repo_url"), branch: form.get("branch") }),
+    });
+    showBanner("");
+    event.target.reset();
+    $("project-branch").value = "main";
+    await loadProjects();
+    selectProject(project.project_id);
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+async function requestSync(projectId) {
+  try {
+    const accepted = await api("/api/v1/repo/sync", { method: "POST", body: JSON.stringify({ project_id: projectId }) });
+    showBanner("");
+    const project = state.projects.get(projectId);
+    if (project && !project.live) project.live = { stage: accepted.status, percent: 0, sync_id: accepted.sync_id };
+    renderProjects();
+    if (projectId === state.selected) renderProgress();
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+// ---- the selected project ---------------------------------------------------
+
+function selectProject(projectId) {
+  state.selected = projectId;
+  state.treePath = "";
+  $("project-view").hidden = false;
+  $("empty-hint").hidden = true;
+  $("file-view").textContent = "";
+  $("file-title").textContent = "File";
+  $("search-results").replaceChildren();
+  renderProjects();
+  renderProjectHeader();
+  refreshSelected();
+}
+
+function renderProjectHeader() {
+  const project = state.projects.get(state.selected);
+  if (!project) return;
+  $("project-title").textContent = project.name;
+  $("project-meta").textContent = `${project.repo_url} · ${project.branch} · commit ${shortCommit(project.commit)} · synced ${when(project.last_synced_at)}`;
+  renderProgress();
+}
+
+function renderProgress() {
+  const project = state.projects.get(state.selected);
+  if (!project) return;
+  const live = project.live;
+  const stage = live?.stage ?? project.last_status ?? "idle";
+  const percent = live?.percent ?? (project.last_status === "completed" ? 100 : 0);
+  $("stage-text").textContent = stage.replaceAll("_", " ");
+  $("progress").setAttribute("aria-valuenow", String(percent));
+  $("progress").dataset.status = stage;
+  $("progress-fill").style.width = `${percent}%`;
+  $("progress-detail").textContent = live?.objects !== undefined ? `${live.objects} objects · ${live.bytes} bytes` : "";
+  $("sync-button").disabled = Boolean(live && !["completed", "failed"].includes(live.stage));
+}
+
+async function refreshSelected() {
+  if (!state.selected) return;
+  await Promise.all([loadHistory(), loadTree(state.treePath)]);
+}
+
+async function loadHistory() {
+  const projectId = state.selected;
+  try {
+    const syncs = await api(`/api/v1/repo/sync?project_id=${projectId}&limit=20`);
+    if (projectId !== state.selected) return;
+    $("history").replaceChildren(
+      ...syncs.map((sync) =>
+        el("tr", {},
+          el("td", {}, when(sync.queued_at)),
+          el("td", {}, el("span", { class: "status", "data-status": sync.status }, sync.status)),
+          el("td", {}, el("code", {}, shortCommit(sync.commit))),
+          el("td", {}, sync.duration_ms !== null ? `${sync.duration_ms} ms` : "—"),
+          el("td", {}, sync.error ? `${sync.error.code}: ${sync.error.message}` : "")),
+      ),
+    );
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+async function loadTree(path) {
+  const projectId = state.selected;
+  const project = state.projects.get(projectId);
+  if (!project?.commit) {
+    $("tree").replaceChildren(el("li", { class: "hint" }, "Not synced yet."));
+    return;
+  }
+  try {
+    const tree = await api(`/api/v1/repo/tree?project_id=${projectId}&path=${encodeURIComponent(path)}`);
+    if (projectId !== state.selected) return;
+    state.treePath = tree.path;
+    $("tree-path").textContent = tree.path ? `/${tree.path}` : "/";
+    const items = [];
+    if (tree.path) {
+      const parent = tree.path.split("/").slice(0, -1).join("/");
+      items.push(el("li", {}, el("button", { class: "link", type: "button", onclick: () => loadTree(parent) }, "..")));
+    }
+    for (const entry of tree.entries) {
+      const label = entry.kind === "dir" ? `${entry.name}/` : entry.name;
+      const open = entry.kind === "dir" ? () => loadTree(entry.path) : entry.kind === "file" ? () => openFile(entry.path) : null;
+      items.push(el("li", {}, open ? el("button", { class: "link", type: "button", onclick: open, "data-path": entry.path }, label) : el("span", { class: "meta" }, `${label} (submodule)`)));
+    }
+    $("tree").replaceChildren(...items);
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+async function openFile(path, line = null) {
+  try {
+    const file = await api(`/api/v1/repo/file?project_id=${state.selected}&path=${encodeURIComponent(path)}`);
+    $("file-title").textContent = `${file.path}${file.truncated ? " (first 1 MiB)" : ""}`;
+    const view = $("file-view");
+    if (file.encoding !== "utf-8") {
+      view.textContent = `Binary file, ${file.size} bytes.`;
+      return;
+    }
+    view.replaceChildren(
+      ...file.content.split("\n").map((text, index) =>
+        el("span", { class: index + 1 === line ? "hl" : null, "data-line": index + 1 }, `${text}\n`)),
+    );
+    if (line) view.querySelector(`[data-line="${line}"]`)?.scrollIntoView({ block: "center" });
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+async function search(event) {
+  event.preventDefault();
+  const q = $("search-input").value;
+  const regex = $("search-regex").checked;
+  try {
+    const found = await api(`/api/v1/repo/search?project_id=${state.selected}&q=${encodeURIComponent(q)}&regex=${regex}&limit=200`);
+    const items = found.matches.map((match) =>
+      el("li", {},
+        el("button", { class: "link", type: "button", onclick: () => openFile(match.path, match.line) }, `${match.path}:${match.line}`),
+        " ",
+        el("code", {}, match.text.trim())));
+    if (found.truncated) items.push(el("li", { class: "hint" }, "More matches not shown."));
+    if (!items.length) items.push(el("li", { class: "hint" }, "No matches."));
+    $("search-results").replaceChildren(...items);
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+// ---- live events ------------------------------------------------------------
+
+function onEvent(frame) {
+  const project = state.projects.get(frame.project_id);
+  if (frame.type === "sync.stage") {
+    if (!project) return;
+    project.live = {
+      stage: frame.stage,
+      sync_id: frame.sync_id,
+      percent: frame.progress?.percent ?? (frame.stage === "queued" ? 0 : project.live?.percent ?? 0),
+      objects: frame.progress?.objects,
+      bytes: frame.progress?.bytes,
+    };
+    renderProjects();
+    if (frame.project_id === state.selected) renderProgress();
+    if (frame.stage === "completed" || frame.stage === "failed") {
+      loadProjects().then(() => frame.project_id === state.selected && refreshSelected()).catch(reportError);
+    }
+  } else if (frame.type === "notification") {
+    const name = project?.name ?? frame.project_id;
+    const text =
+      frame.kind === "repo_sync_success" ? `${name}: synced to ${shortCommit(frame.commit)}`
+      : frame.kind === "repo_sync_failed" ? `${name}: sync failed — ${frame.error?.code}: ${frame.error?.message}`
+      : `${name}: mirror repaired`;
+    $("notifications").prepend(
+      el("li", { "data-kind": frame.kind }, el("strong", {}, frame.kind.replaceAll("_", " ")), el("br"), text, el("br"), el("span", { class: "meta" }, when(frame.at))),
+    );
+  }
+}
+
+function startLive() {
+  state.client?.stop();
+  const client = new HiveSyncClient({ token: state.token });
+  client.addEventListener("event", (event) => onEvent(event.detail));
+  client.addEventListener("state", (event) => {
+    $("connection").dataset.state = event.detail;
+    $("connection-text").textContent = event.detail;
+  });
+  client.addEventListener("resync", () => loadProjects().then(refreshSelected).catch(reportError));
+  client.start();
+  state.client = client;
+}
+
+// ---- sign-in ----------------------------------------------------------------
+
+function signOut(message = "") {
+  localStorage.removeItem(TOKEN_KEY);
+  state.token = null;
+  state.client?.stop();
+  $("app").hidden = true;
+  $("sign-out").hidden = true;
+  $("sign-in").hidden = false;
+  showBanner(message);
+}
+
+async function signIn(token) {
+  state.token = token;
+  try {
+    await loadProjects();
+  } catch (error) {
+    signOut(`Could not sign in: ${error.message}`);
+    return;
+  }
+  $("sign-in").hidden = true;
+  $("app").hidden = false;
+  $("sign-out").hidden = false;
+  startLive();
+}
+
+$("sign-in-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const token = $("token-input").value.trim();
+  localStorage.setItem(TOKEN_KEY, token);
+  signIn(token);
+});
+$("sign-out").addEventListener("click", () => signOut());
+$("register-form").addEventListener("submit", registerProject);
+$("sync-button").addEventListener("click", () => state.selected && requestSync(state.selected));
+$("search-form").addEventListener("submit", search);
+
+const token = takeTokenFromUrl();
+if (token) signIn(token);
+else signOut();

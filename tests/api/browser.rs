@@ -1,0 +1,81 @@
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::helpers::{GitRepo, SECRET, token};
+
+/// Node, Debian's Chromium and playwright-core: `.ci/run` installs them; on a developer
+/// machine without them the test says so loudly and passes, in CI it fails.
+fn browser_tooling(browser_dir: &Path) -> Result<(), String> {
+    let node = Command::new("node")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !node {
+        return Err("node is not on PATH".into());
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        return Err(format!("{chromium} is missing (apt-get install chromium)"));
+    }
+    if !browser_dir.join("node_modules/playwright-core").exists() {
+        return Err("playwright-core is not installed (npm ci --prefix tests/browser)".into());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn dashboard_drives_a_sync_in_a_real_browser() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let browser_dir = root.join("tests/browser");
+    if let Err(missing) = browser_tooling(&browser_dir) {
+        if std::env::var_os("CI").is_some() {
+            panic!("the browser test cannot run in CI: {missing}");
+        }
+        eprintln!("\n*** SKIPPED dashboard browser test: {missing} ***\n");
+        return;
+    }
+    let repo = GitRepo::new();
+    repo.write("README.md", "hello from the browser test\n")
+        .write("src/lib.rs", "pub fn f() {}\nlet needle = 42;\n");
+    repo.commit("first");
+    let data = tempfile::tempdir().expect("temp dir");
+    let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let run = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(browser_dir.join("dashboard.mjs"))
+            .current_dir(&browser_dir)
+            .env("HUB_BINARY", env!("CARGO_BIN_EXE_hivesync"))
+            .env("DATA_DIR", data.path())
+            .env("SECRET", SECRET)
+            .env(
+                "TOKEN",
+                token("browser-user", hivesync::auth::ClientKind::Desktop),
+            )
+            .env("REPO_URL", repo.url())
+            .env("REPO_DIR", repo.path())
+            .env("STATIC_DIR", root.join("static"))
+            .env("OUT_DIR", &out_dir)
+            .output()
+            .map(|output| (output, out_dir))
+    })
+    .await
+    .expect("runner")
+    .expect("node runs");
+    let (output, out_dir) = run;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "browser test failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let shots = std::fs::read_dir(&out_dir)
+        .expect("screenshots written")
+        .count();
+    assert!(
+        shots >= 7,
+        "expected a screenshot per step in {}",
+        out_dir.display()
+    );
+}

@@ -139,6 +139,10 @@ pub struct SyncOutcome {
 /// clone when there is no repository yet), check the commit out into a new snapshot,
 /// then swap it in. `on_phase` is called as each phase starts; byte and object counts
 /// go to `progress`, which the caller samples with [`sample_progress`].
+///
+/// A repository that will not open, or whose objects turn out damaged or missing, is
+/// deleted and cloned again once (`repaired`); the current tree stays in place until
+/// the new one is ready.
 pub fn sync(
     layout: &Layout,
     spec: &SyncSpec<'_>,
@@ -146,9 +150,38 @@ pub fn sync(
     interrupt: &AtomicBool,
     on_phase: &(dyn Fn(Phase) + Sync),
 ) -> Result<SyncOutcome, MirrorError> {
+    match sync_once(layout, spec, progress, interrupt, on_phase, false) {
+        Err(MirrorError::Corrupt(cause)) => {
+            tracing::warn!(project_id = %spec.project, error = %cause, "mirror is damaged; cloning it again");
+            remove_if_exists(&layout.git_dir(spec.project))?;
+            sync_once(layout, spec, progress, interrupt, on_phase, true).map_err(|err| match err {
+                MirrorError::Corrupt(cause) => MirrorError::Corrupt(cause),
+                other => other,
+            })
+        }
+        other => other,
+    }
+}
+
+fn sync_once(
+    layout: &Layout,
+    spec: &SyncSpec<'_>,
+    progress: &Root,
+    interrupt: &AtomicBool,
+    on_phase: &(dyn Fn(Phase) + Sync),
+    recloned: bool,
+) -> Result<SyncOutcome, MirrorError> {
     on_phase(Phase::Fetching);
     let git_dir = layout.git_dir(spec.project);
-    let (repo, repaired) = open_or_init(&git_dir)?;
+    let (mut repo, mut reopened) = open_or_init(&git_dir)?;
+    if let Err(problem) = health_check(&repo, spec.branch) {
+        tracing::warn!(project_id = %spec.project, %problem, "mirror failed its health check; cloning it again");
+        drop(repo);
+        remove_if_exists(&git_dir)?;
+        (repo, _) = open_or_init(&git_dir)?;
+        reopened = true;
+    }
+    let repaired = recloned || reopened;
     let local_branch = format!("refs/heads/{}", spec.branch);
     let previous_commit = repo
         .try_find_reference(local_branch.as_str())
@@ -238,6 +271,35 @@ fn unique_suffix() -> String {
         .unwrap_or_default()
         .as_nanos();
     format!("{nanos:x}")
+}
+
+/// Checks what a fetch relies on: HEAD reads, and the commits our refs name (with
+/// their trees) are present. A repository failing this is cloned again.
+pub fn health_check(repo: &gix::Repository, branch: &str) -> Result<(), String> {
+    repo.head()
+        .map_err(|err| format!("HEAD is unreadable: {err}"))?;
+    for name in [
+        format!("refs/heads/{branch}"),
+        format!("refs/remotes/origin/{branch}"),
+    ] {
+        let Ok(Some(mut reference)) = repo.try_find_reference(name.as_str()) else {
+            continue;
+        };
+        let id = reference
+            .peel_to_id()
+            .map_err(|err| format!("{name} does not resolve: {err}"))?
+            .detach();
+        let commit = repo
+            .find_commit(id)
+            .map_err(|err| format!("{name} names a missing commit {id}: {err}"))?;
+        let tree = commit
+            .tree_id()
+            .map_err(|err| format!("commit {id} is unreadable: {err}"))?;
+        if !repo.has_object(tree) {
+            return Err(format!("the tree of {name} is missing"));
+        }
+    }
+    Ok(())
 }
 
 /// Opens the mirror's repository, or creates it; a repository that will not open is
@@ -380,6 +442,17 @@ fn checkout(
     let mut index = repo
         .index_from_tree(&tree)
         .map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
+    // every blob must be in the object database before anything is written: a gap
+    // means a damaged mirror, which is re-cloned rather than checked out half
+    if let Some(missing) = index
+        .entries()
+        .iter()
+        .find(|entry| entry.mode != gix::index::entry::Mode::COMMIT && !repo.has_object(entry.id))
+    {
+        return Err(MirrorError::Corrupt(
+            format!("object {} is missing from the mirror", missing.id).into(),
+        ));
+    }
     let mut options = repo
         .checkout_options(gix::worktree::stack::state::attributes::Source::IdMapping)
         .map_err(|err| MirrorError::Git(Box::new(err)))?;

@@ -18,6 +18,16 @@ use crate::protocol::{
     EventBody, NotificationKind, Progress, SyncError, SyncErrorCode, SyncRecord, SyncStatus,
 };
 
+/// How long an interrupted sync may take to notice before it is left behind.
+const ABANDON_AFTER_INTERRUPT: Duration = Duration::from_secs(5);
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// How often gix's counters are sampled into a progress event while a sync runs.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -245,6 +255,8 @@ impl Worker {
         let mut phase = Phase::Fetching;
         let mut last_sent = record.progress.unwrap_or_default();
         let mut released = false;
+        let mut timed_out = false;
+        let mut abandon_at: Option<tokio::time::Instant> = None;
         let result = loop {
             tokio::select! {
                 biased;
@@ -267,10 +279,20 @@ impl Worker {
                 }
                 _ = &mut deadline, if !interrupt.load(Ordering::Relaxed) => {
                     interrupt.store(true, Ordering::Relaxed);
+                    timed_out = true;
+                    // gix stops at its next check of the flag; a transfer stuck in a
+                    // read may never get there, so it gets a grace period, then the
+                    // sync fails without it (the flag keeps it from ever swapping)
+                    abandon_at = Some(tokio::time::Instant::now() + ABANDON_AFTER_INTERRUPT);
+                }
+                _ = sleep_until_opt(abandon_at) => {
+                    tracing::warn!("the sync did not stop after its interrupt; abandoning it");
+                    return Ok(if released { AttemptEnd::Released } else { AttemptEnd::Failed(MirrorError::Interrupted) });
                 }
                 _ = shutdown.cancelled(), if !released => {
                     released = true;
                     interrupt.store(true, Ordering::Relaxed);
+                    abandon_at = Some(tokio::time::Instant::now() + ABANDON_AFTER_INTERRUPT);
                 }
             }
         };
@@ -293,6 +315,7 @@ impl Worker {
         }
         Ok(match result {
             Ok(outcome) => AttemptEnd::Done(outcome),
+            Err(_) if timed_out => AttemptEnd::Failed(MirrorError::Interrupted),
             Err(err) => AttemptEnd::Failed(err),
         })
     }

@@ -3,6 +3,7 @@
 
 mod browser;
 mod errors;
+mod failures;
 mod helpers;
 mod lifecycle;
 mod projects;

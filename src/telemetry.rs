@@ -1,4 +1,5 @@
-//! Log setup: lowercase messages with data in fields, filtered by `RUST_LOG`.
+//! Log setup: lowercase messages with data in fields, filtered by `RUST_LOG`, on
+//! stderr (stdout carries only the start-up banner).
 
 pub fn init() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -6,5 +7,6 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
         .try_init();
 }

@@ -82,6 +82,22 @@ impl RepoUrl {
     pub fn redacted(&self) -> &str {
         &self.redacted
     }
+
+    /// `text` with every trace of this URL's credentials removed: the full URL becomes
+    /// the redacted one, and the password and user alone become `***`. For messages of
+    /// libraries that may quote the URL they were given.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut scrubbed = text.replace(&self.full, &self.redacted);
+        if let Ok(url) = gix::url::parse(self.full.as_bytes()) {
+            for secret in [url.password(), url.user()].into_iter().flatten() {
+                // short user names like "git" are not secrets and would mangle text
+                if secret.len() >= 4 {
+                    scrubbed = scrubbed.replace(secret, "***");
+                }
+            }
+        }
+        scrubbed
+    }
 }
 
 impl std::fmt::Debug for RepoUrl {
@@ -154,6 +170,19 @@ mod tests {
         assert_eq!(url.redacted(), "https://example.com/org/repo.git");
         assert!(!format!("{url:?} {url}").contains("s3cret"));
         assert!(url.expose_secret().contains("s3cret"));
+    }
+
+    #[test]
+    fn scrub_removes_credentials_from_quoted_text() {
+        let url = RepoUrl::parse(
+            "https://deploy:tok3n-s3cret@example.com/r.git",
+            &policy(&["https"], false),
+        )
+        .expect("valid");
+        let message = "could not connect to https://deploy:tok3n-s3cret@example.com/r.git (auth tok3n-s3cret)";
+        let scrubbed = url.scrub(message);
+        assert!(!scrubbed.contains("tok3n-s3cret"), "{scrubbed}");
+        assert!(scrubbed.contains("https://example.com/r.git"));
     }
 
     #[test]

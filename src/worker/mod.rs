@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::domain::{ProjectId, SyncId, millis_between, now_rfc3339};
+use crate::domain::{ProjectId, RepoUrl, SyncId, millis_between, now_rfc3339};
 use crate::engine::{Engine, EngineError, Lease, Project};
 use crate::mirror::{self, Layout, MirrorError, Phase, SyncOutcome, SyncSpec};
 use crate::protocol::{
@@ -196,7 +196,7 @@ impl Worker {
                     if err.is_retryable() && attempt < self.settings.retry_max =>
                 {
                     let wait = retry_delay(attempt, self.settings.retry_base, jitter_fraction());
-                    tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %error_chain(&err), "sync attempt failed; retrying");
+                    tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %scrub(&project, &error_chain(&err)), "sync attempt failed; retrying");
                     tokio::select! {
                         _ = interrupt.cancelled() => {
                             record.status = SyncStatus::Queued;
@@ -207,7 +207,7 @@ impl Worker {
                     }
                 }
                 AttemptEnd::Failed(err) => {
-                    tracing::warn!(attempt, code = err.code().as_str(), error = %error_chain(&err), "sync failed");
+                    tracing::warn!(attempt, code = err.code().as_str(), error = %scrub(&project, &error_chain(&err)), "sync failed");
                     self.fail(&mut record, &job.owner, err.code(), &err.to_string())
                         .await?;
                     return Ok(JobEnd::Finished);
@@ -462,6 +462,15 @@ fn jitter_fraction() -> f64 {
         return 0.5;
     }
     f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX)
+}
+
+/// A log line about `project` with its URL's credentials removed: errors of the git
+/// layer may quote the URL they were given.
+fn scrub(project: &Project, text: &str) -> String {
+    match RepoUrl::from_stored(project.repo_url.clone()) {
+        Ok(url) => url.scrub(text),
+        Err(_) => "<error text withheld: the repo URL could not be parsed to scrub it>".to_owned(),
+    }
 }
 
 /// An error and its causes on one line, for logs. Never shown to clients.

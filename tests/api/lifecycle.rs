@@ -135,6 +135,41 @@ async fn shutdown_sends_sockets_a_close_frame_and_returns() {
     app.stop().await;
 }
 
+/// Starts `hivesync serve` on 127.0.0.1:0 and returns it with the address it printed.
+async fn serve_binary(
+    data_dir: &std::path::Path,
+    extra_env: &[(&str, &str)],
+) -> (std::process::Child, String) {
+    let mut command = binary();
+    command
+        .arg("serve")
+        .env("HIVESYNC_LISTEN", "127.0.0.1:0")
+        .env("HIVESYNC_JWT_SECRET", SECRET)
+        .env("HIVESYNC_DATA_DIR", data_dir)
+        .env("HIVESYNC_MIN_FREE_BYTES", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, value) in extra_env {
+        command.env(name, value);
+    }
+    let mut server = command.spawn().expect("serve starts");
+    let stdout = server.stdout.take().expect("stdout");
+    let addr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| {
+                line.strip_prefix("hivesync serving on http://")
+                    .map(str::to_owned)
+            })
+    })
+    .await
+    .expect("reader")
+    .expect("serve prints its address");
+    (server, addr)
+}
+
 fn binary() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_hivesync"));
     command
@@ -172,31 +207,7 @@ async fn the_binary_serves_mints_tokens_and_exits_zero_on_sigterm() {
     );
     assert!(String::from_utf8_lossy(&worker.stderr).contains("HIVESYNC_REDIS_URL"));
 
-    let mut server = binary()
-        .arg("serve")
-        .env("HIVESYNC_LISTEN", "127.0.0.1:0")
-        .env("HIVESYNC_JWT_SECRET", SECRET)
-        .env("HIVESYNC_DATA_DIR", data.path())
-        .env("HIVESYNC_MIN_FREE_BYTES", "0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("serve starts");
-    // the bound address is printed once the listener is up
-    let stdout = server.stdout.take().expect("stdout");
-    let addr = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|line| {
-                line.strip_prefix("hivesync serving on http://")
-                    .map(str::to_owned)
-            })
-    })
-    .await
-    .expect("reader")
-    .expect("serve prints its address");
+    let (mut server, addr) = serve_binary(data.path(), &[]).await;
     let client = reqwest::Client::new();
     let up = wait_until(Duration::from_secs(20), || async {
         let response = client
@@ -244,4 +255,127 @@ async fn the_binary_serves_mints_tokens_and_exits_zero_on_sigterm() {
         .read_to_string(&mut logs)
         .expect("read logs");
     assert!(!logs.contains(&token), "the token never appears in logs");
+}
+
+#[tokio::test]
+async fn credentials_in_a_repo_url_never_reach_logs_responses_or_events() {
+    const SECRET_TOKEN: &str = "ghp-S3CRET-do-not-leak-7731";
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let data = tempfile::tempdir().expect("temp dir");
+    let (mut server, addr) = serve_binary(
+        data.path(),
+        &[
+            ("HIVESYNC_ALLOW_PRIVATE_HOSTS", "1"),
+            ("HIVESYNC_RETRY_MAX", "2"),
+            ("HIVESYNC_RETRY_BASE_MS", "10"),
+            ("RUST_LOG", "debug"),
+        ],
+    )
+    .await;
+    let token = crate::helpers::token("alice", hivesync::auth::ClientKind::Desktop);
+    let client = reqwest::Client::new();
+    let base = format!("http://{addr}");
+    let mut seen = String::new();
+    let created = client
+        .post(format!("{base}/api/v1/projects"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "private", "repo_url": format!("https://deploy:{SECRET_TOKEN}@127.0.0.1:{port}/org/repo.git")}))
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("body");
+    seen.push_str(&created);
+    let project: Value = serde_json::from_str(&created).expect("json");
+    let id = project["project_id"].as_str().expect("id").to_owned();
+    let accepted: Value = client
+        .post(format!("{base}/api/v1/repo/sync"))
+        .bearer_auth(&token)
+        .json(&json!({"project_id": id}))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    let sync_path = format!(
+        "{base}/api/v1/repo/sync/{}",
+        accepted["sync_id"].as_str().expect("id")
+    );
+    let record = wait_until(Duration::from_secs(30), || async {
+        let text = client
+            .get(&sync_path)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("\"failed\"").then_some(text)
+    })
+    .await
+    .expect("the sync fails: nothing listens there");
+    seen.push_str(&record);
+    for path in [
+        "/api/v1/projects",
+        "/api/v1/notifications?after=0",
+        "/api/v1/mobile/projects",
+    ] {
+        seen.push_str(
+            &client
+                .get(format!("{base}{path}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("sent")
+                .text()
+                .await
+                .expect("body"),
+        );
+    }
+    seen.push_str(
+        &client
+            .get(format!("{base}/api/v1/repo/sync?project_id={id}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("sent")
+            .text()
+            .await
+            .expect("body"),
+    );
+    assert!(
+        seen.contains("network_error") || seen.contains("repo_not_found"),
+        "{seen}"
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill");
+    let _ = server.wait();
+    let mut logs = String::new();
+    use std::io::Read;
+    server
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut logs)
+        .expect("logs");
+    assert!(
+        logs.contains("sync failed"),
+        "the failure is logged: {logs}"
+    );
+    assert!(
+        !seen.contains(SECRET_TOKEN),
+        "a response carried the secret: {seen}"
+    );
+    assert!(
+        !logs.contains(SECRET_TOKEN),
+        "the log carried the secret: {logs}"
+    );
 }

@@ -34,7 +34,7 @@ enum Scenario {
         #[arg(long)]
         source: Option<PathBuf>,
         /// concurrent readers for the latency run
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 8)]
         concurrency: usize,
         /// seconds of the latency run
         #[arg(long, default_value_t = 5)]

@@ -229,46 +229,44 @@ impl Reader {
             .collect();
         files.sort();
 
-        let mut searcher = SearcherBuilder::new()
-            .line_number(true)
-            .binary_detection(BinaryDetection::quit(b'\x00'))
-            .build();
+        // files are split across threads like `git grep` does; each keeps at most
+        // `limit` matches, and the merge keeps the first `limit` in path order
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, 8);
+        let chunk = files.len().div_ceil(threads).max(1);
+        let shared = repo.clone().into_sync();
+        let results: Vec<Result<(Vec<SearchMatch>, bool), ReadError>> =
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = files
+                    .chunks(chunk)
+                    .map(|part| {
+                        let (shared, matcher) = (&shared, &matcher);
+                        scope.spawn(move || {
+                            search_files(&shared.to_thread_local(), matcher, part, query)
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|worker| {
+                        worker.join().unwrap_or_else(|_| {
+                            Err(ReadError::Git("search thread panicked".into()))
+                        })
+                    })
+                    .collect()
+            });
         let mut matches = Vec::new();
         let mut truncated = false;
-        for (path, oid) in files {
-            if Instant::now() >= query.deadline {
-                truncated = true;
-                break;
-            }
-            let blob = repo.find_blob(oid).map_err(git_error)?;
-            let mut remaining = query.limit.saturating_sub(matches.len());
-            let outcome = searcher.search_slice(
-                &matcher,
-                &blob.data,
-                sinks::Lossy(|line_number, line| {
-                    let line = line.trim_end_matches(['\n', '\r']);
-                    let column = matcher
-                        .find(line.as_bytes())
-                        .ok()
-                        .flatten()
-                        .map_or(1, |m| m.start() as u64 + 1);
-                    matches.push(SearchMatch {
-                        path: path.clone(),
-                        line: line_number,
-                        column,
-                        text: cap_line(line),
-                    });
-                    remaining -= 1;
-                    Ok(remaining > 0)
-                }),
-            );
-            if let Err(err) = outcome {
-                tracing::debug!(%path, error = %err, "skipping a file the searcher could not read");
-            }
-            if matches.len() >= query.limit {
-                truncated = true;
-                break;
-            }
+        for result in results {
+            let (found, cut) = result?;
+            matches.extend(found);
+            truncated |= cut;
+        }
+        // chunks are in path order, so this keeps the first matches a sequential scan finds
+        if matches.len() > query.limit {
+            matches.truncate(query.limit);
+            truncated = true;
         }
         Ok((matches, truncated))
     }
@@ -372,6 +370,54 @@ impl Reader {
         }
         Ok((files, truncated))
     }
+}
+
+/// Searches `files` in order; stops at `query.limit` matches or the deadline.
+fn search_files(
+    repo: &gix::Repository,
+    matcher: &grep_regex::RegexMatcher,
+    files: &[(String, gix::ObjectId)],
+    query: &SearchQuery<'_>,
+) -> Result<(Vec<SearchMatch>, bool), ReadError> {
+    let mut searcher = SearcherBuilder::new()
+        .line_number(true)
+        .binary_detection(BinaryDetection::quit(b'\x00'))
+        .build();
+    let mut matches = Vec::new();
+    for (path, oid) in files {
+        if Instant::now() >= query.deadline {
+            return Ok((matches, true));
+        }
+        let blob = repo.find_blob(*oid).map_err(git_error)?;
+        let mut remaining = query.limit.saturating_sub(matches.len());
+        let outcome = searcher.search_slice(
+            matcher,
+            &blob.data,
+            sinks::Lossy(|line_number, line| {
+                let line = line.trim_end_matches(['\n', '\r']);
+                let column = matcher
+                    .find(line.as_bytes())
+                    .ok()
+                    .flatten()
+                    .map_or(1, |m| m.start() as u64 + 1);
+                matches.push(SearchMatch {
+                    path: path.clone(),
+                    line: line_number,
+                    column,
+                    text: cap_line(line),
+                });
+                remaining -= 1;
+                Ok(remaining > 0)
+            }),
+        );
+        if let Err(err) = outcome {
+            tracing::debug!(%path, error = %err, "skipping a file the searcher could not read");
+        }
+        if matches.len() >= query.limit {
+            return Ok((matches, true));
+        }
+    }
+    Ok((matches, false))
 }
 
 fn parse_commit_id(commit: &str) -> Result<gix::ObjectId, ReadError> {

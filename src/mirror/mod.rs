@@ -42,6 +42,10 @@ pub enum MirrorError {
     Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the sync was interrupted")]
     Interrupted,
+    #[error(
+        "the branch has paths that cannot be checked out safely (such as '.git' or '..'); nothing was written"
+    )]
+    UnsafeTree(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the working tree could not be written")]
     Checkout(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("git operation failed")]
@@ -59,9 +63,10 @@ impl MirrorError {
             MirrorError::Corrupt(_) => SyncErrorCode::MirrorCorrupt,
             MirrorError::Interrupted => SyncErrorCode::Timeout,
             MirrorError::Io(err) if is_out_of_space(err) => SyncErrorCode::StorageFull,
-            MirrorError::Io(_) | MirrorError::Checkout(_) | MirrorError::Git(_) => {
-                SyncErrorCode::BackendError
-            }
+            MirrorError::Io(_)
+            | MirrorError::Checkout(_)
+            | MirrorError::Git(_)
+            | MirrorError::UnsafeTree(_) => SyncErrorCode::BackendError,
         }
     }
 
@@ -439,9 +444,24 @@ fn checkout(
         .map_err(|err| MirrorError::Corrupt(Box::new(err)))?
         .tree_id()
         .map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
-    let mut index = repo
-        .index_from_tree(&tree)
-        .map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
+    let mut index = match repo.index_from_tree(&tree) {
+        Ok(index) => index,
+        Err(err) => {
+            // a tree that reads fine but cannot become an index has names git refuses
+            // to check out ('.git', '..' and the like): the content is hostile, the
+            // mirror is not damaged, and cloning again would not help
+            let mut recorder = gix::traverse::tree::Recorder::default();
+            let readable = repo
+                .find_tree(tree)
+                .ok()
+                .is_some_and(|root| root.traverse().breadthfirst(&mut recorder).is_ok());
+            return Err(if readable {
+                MirrorError::UnsafeTree(Box::new(err))
+            } else {
+                MirrorError::Corrupt(Box::new(err))
+            });
+        }
+    };
     // every blob must be in the object database before anything is written: a gap
     // means a damaged mirror, which is re-cloned rather than checked out half
     if let Some(missing) = index

@@ -140,3 +140,156 @@ async fn a_mirror_that_lost_its_objects_is_recloned() {
     })
     .await;
 }
+
+/// Commits a hand-made tree (entries as `mode type id\tname` lines, nested with
+/// `{dir}` placeholders resolved by the caller) as the branch head.
+fn commit_tree(repo: &GitRepo, listing: &str) -> String {
+    let tree = mktree(repo, listing);
+    let commit = repo.git(&["commit-tree", &tree, "-m", "hostile"]);
+    repo.git(&["update-ref", "refs/heads/main", &commit]);
+    commit
+}
+
+fn mktree(repo: &GitRepo, listing: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("git")
+        .arg("mktree")
+        .current_dir(repo.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("git mktree");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(listing.as_bytes())
+        .expect("write");
+    let output = child.wait_with_output().expect("mktree output");
+    assert!(output.status.success());
+    String::from_utf8(output.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned()
+}
+
+fn blob(repo: &GitRepo, contents: &str) -> String {
+    let path = repo.path().join(".blob-input");
+    std::fs::write(&path, contents).expect("write");
+    let id = repo.git(&["hash-object", "-w", ".blob-input"]);
+    std::fs::remove_file(path).expect("remove");
+    id
+}
+
+/// Every path under `root`, relative.
+fn all_paths(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            out.push(
+                path.strip_prefix(root)
+                    .expect("under root")
+                    .display()
+                    .to_string(),
+            );
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                pending.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn hostile_trees_never_escape_the_mirror_or_plant_hooks() {
+    let app = TestApp::spawn().await;
+    let marker = tempfile::tempdir().expect("temp dir");
+    let marker_file = marker.path().join("hook-ran");
+    let hook = format!("#!/bin/sh\ntouch {}\n", marker_file.display());
+
+    // (name, tree listing builder): each is the whole branch head
+    let repo = GitRepo::new();
+    let hook_blob = blob(&repo, &hook);
+    let plain = blob(&repo, "plain\n");
+    let hooks_dir = mktree(&repo, &format!("100755 blob {hook_blob}\tpost-checkout\n"));
+    let dot_git = mktree(&repo, &format!("040000 tree {hooks_dir}\thooks\n"));
+    let cases = [
+        (
+            "a .git directory with a hook",
+            format!("040000 tree {dot_git}\t.git\n100644 blob {plain}\tok.txt\n"),
+        ),
+        (
+            "a case-folded .GIT",
+            format!("040000 tree {dot_git}\t.GIT\n100644 blob {plain}\tok.txt\n"),
+        ),
+        (
+            "a '..' entry",
+            format!("100644 blob {plain}\t..\n100644 blob {plain}\tok.txt\n"),
+        ),
+        (
+            "names that collide when case-folded",
+            format!("100644 blob {plain}\tREADME\n100644 blob {hook_blob}\treadme\n"),
+        ),
+    ];
+    for (what, listing) in cases {
+        commit_tree(&repo, &listing);
+        let id = app.register(&repo).await;
+        let before_outside = all_paths(&app.data_dir.join("repos"));
+        let record = app.sync_to_end(&id).await;
+        let worktree = app.worktree(&id);
+        let inside = all_paths(&worktree);
+        assert!(
+            !inside.iter().any(|p| p.contains("hooks")
+                || p.starts_with(".git/")
+                || p.to_lowercase().starts_with(".git/")),
+            "{what}: hostile paths were written: {inside:?} ({record})"
+        );
+        if worktree.exists() {
+            let (_, saw_symlink) = crate::helpers::files_on_disk(&worktree);
+            assert!(!saw_symlink, "{what}: a symlink was materialized");
+        }
+        let after_outside: Vec<_> = all_paths(&app.data_dir.join("repos"))
+            .into_iter()
+            .filter(|p| !p.starts_with(id.as_str()))
+            .collect();
+        let before_outside: Vec<_> = before_outside
+            .into_iter()
+            .filter(|p| !p.starts_with(id.as_str()))
+            .collect();
+        assert_eq!(
+            after_outside, before_outside,
+            "{what}: something was written beside the mirror"
+        );
+        if what == "names that collide when case-folded" {
+            // a case-sensitive filesystem holds both: the exact tree
+            assert_eq!(record["status"], "completed", "{record}");
+            assert_eq!(
+                inside
+                    .iter()
+                    .filter(|p| p.eq_ignore_ascii_case("readme"))
+                    .count(),
+                2
+            );
+        } else {
+            assert_eq!(record["status"], "failed", "{what}: {record}");
+            assert_eq!(
+                record["error"]["code"], "backend_error",
+                "{what}: not a damaged mirror"
+            );
+            assert!(
+                record["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("cannot be checked out safely"))
+            );
+            assert_eq!(record["attempt"], 1, "{what}: not retried");
+        }
+        assert!(!marker_file.exists(), "{what}: a hook ran");
+    }
+    app.stop().await;
+}

@@ -226,6 +226,7 @@ async fn request_sync_inner(
                     stage: SyncStatus::Queued,
                     progress: None,
                     at: record.queued_at.clone(),
+                    retry: None,
                 },
             )
             .await?;

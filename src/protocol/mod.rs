@@ -101,6 +101,13 @@ pub struct SyncError {
     pub message: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryWait {
+    pub attempt: u32,
+    pub retry_at: String,
+    pub error: SyncError,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
     pub percent: u8,
@@ -205,6 +212,10 @@ pub enum EventBody {
         stage: SyncStatus,
         progress: Option<Progress>,
         at: String,
+        /// Set while a failed attempt waits for its retry: which attempt failed,
+        /// why, and when the next one starts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry: Option<RetryWait>,
     },
     #[serde(rename = "notification")]
     Notification {
@@ -304,6 +315,7 @@ mod tests {
                     bytes: 10,
                 }),
                 at: "2026-01-01T00:00:00Z".into(),
+                retry: None,
             },
         };
         let value = serde_json::to_value(&event).expect("serializable");

@@ -11,11 +11,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::domain::{ProjectId, RepoUrl, SyncId, millis_between, now_rfc3339};
+use crate::domain::{ProjectId, RepoUrl, SyncId, format_rfc3339, millis_between, now_rfc3339};
 use crate::engine::{Engine, EngineError, Lease, Project};
 use crate::mirror::{self, Layout, MirrorError, Phase, SyncOutcome, SyncSpec};
 use crate::protocol::{
-    EventBody, NotificationKind, Progress, SyncError, SyncErrorCode, SyncRecord, SyncStatus,
+    EventBody, NotificationKind, Progress, RetryWait, SyncError, SyncErrorCode, SyncRecord,
+    SyncStatus,
 };
 
 /// How long an interrupted sync may take to notice before it is left behind.
@@ -196,6 +197,8 @@ impl Worker {
                     if err.is_retryable() && attempt < self.settings.retry_max =>
                 {
                     let wait = retry_delay(attempt, self.settings.retry_base, jitter_fraction());
+                    self.announce_retry(&mut record, &job.owner, attempt, wait, &err)
+                        .await?;
                     tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %scrub(&project, &error_chain(&err)), "sync attempt failed; retrying");
                     tokio::select! {
                         _ = interrupt.cancelled() => {
@@ -340,6 +343,47 @@ impl Worker {
                     stage: status,
                     progress,
                     at: now_rfc3339(),
+                    retry: None,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Tells clients an attempt failed and when the next one starts, so a waiting
+    /// progress bar explains itself.
+    async fn announce_retry(
+        &self,
+        record: &mut SyncRecord,
+        owner: &str,
+        attempt: u32,
+        wait: Duration,
+        err: &MirrorError,
+    ) -> Result<(), EngineError> {
+        let retry_at = time::OffsetDateTime::now_utc() + wait;
+        let error = SyncError {
+            code: err.code(),
+            message: err.to_string(),
+        };
+        record.status = SyncStatus::Running;
+        record.progress = None;
+        record.error = Some(error.clone());
+        self.engine.store.put_sync(record).await?;
+        self.engine
+            .events
+            .publish(
+                owner,
+                EventBody::SyncStage {
+                    sync_id: record.sync_id.clone(),
+                    project_id: record.project_id.clone(),
+                    stage: SyncStatus::Running,
+                    progress: None,
+                    at: now_rfc3339(),
+                    retry: Some(RetryWait {
+                        attempt,
+                        retry_at: format_rfc3339(retry_at),
+                        error,
+                    }),
                 },
             )
             .await?;

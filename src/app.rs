@@ -184,6 +184,8 @@ impl Application {
             state.layout.clone(),
             WorkerSettings {
                 sync_timeout: state.config.sync_timeout,
+                secrets_dir: state.config.secrets_dir.clone(),
+                ssh_known_hosts: state.config.ssh_known_hosts.clone(),
                 retry_base: state.config.retry_base,
                 retry_max: state.config.retry_max,
             },

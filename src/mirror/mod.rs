@@ -36,6 +36,10 @@ pub enum MirrorError {
     BranchNotFound(String),
     #[error("the remote refused the credentials")]
     AuthFailed(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("{0}")]
+    CredentialMissing(String),
+    #[error("the remote's SSH host key does not match HIVESYNC_SSH_KNOWN_HOSTS")]
+    HostKeyRejected,
     #[error("could not reach the remote")]
     Network(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the mirror repository is damaged and could not be repaired")]
@@ -58,7 +62,9 @@ impl MirrorError {
             MirrorError::RepoNotFound(_) | MirrorError::BranchNotFound(_) => {
                 SyncErrorCode::RepoNotFound
             }
-            MirrorError::AuthFailed(_) => SyncErrorCode::RepoAuthFailed,
+            MirrorError::AuthFailed(_)
+            | MirrorError::CredentialMissing(_)
+            | MirrorError::HostKeyRejected => SyncErrorCode::RepoAuthFailed,
             MirrorError::Network(_) => SyncErrorCode::NetworkError,
             MirrorError::Corrupt(_) => SyncErrorCode::MirrorCorrupt,
             MirrorError::Interrupted => SyncErrorCode::Timeout,
@@ -127,6 +133,8 @@ pub struct SyncSpec<'a> {
     /// The URL to fetch from, credentials included: never logged.
     pub url: &'a str,
     pub branch: &'a str,
+    /// `core.sshCommand` for this sync: the key and host-key policy (ssh URLs only)
+    pub ssh_command: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,12 +186,17 @@ fn sync_once(
 ) -> Result<SyncOutcome, MirrorError> {
     on_phase(Phase::Fetching);
     let git_dir = layout.git_dir(spec.project);
-    let (mut repo, mut reopened) = open_or_init(&git_dir)?;
+    let overrides: Vec<String> = spec
+        .ssh_command
+        .iter()
+        .map(|command| format!("core.sshCommand={command}"))
+        .collect();
+    let (mut repo, mut reopened) = open_or_init(&git_dir, &overrides)?;
     if let Err(problem) = health_check(&repo, spec.branch) {
         tracing::warn!(project_id = %spec.project, %problem, "mirror failed its health check; cloning it again");
         drop(repo);
         remove_if_exists(&git_dir)?;
-        (repo, _) = open_or_init(&git_dir)?;
+        (repo, _) = open_or_init(&git_dir, &overrides)?;
         reopened = true;
     }
     let repaired = recloned || reopened;
@@ -309,10 +322,15 @@ pub fn health_check(repo: &gix::Repository, branch: &str) -> Result<(), String> 
 
 /// Opens the mirror's repository, or creates it; a repository that will not open is
 /// deleted and created again (`repaired`).
-fn open_or_init(git_dir: &Path) -> Result<(gix::Repository, bool), MirrorError> {
+fn open_or_init(
+    git_dir: &Path,
+    overrides: &[String],
+) -> Result<(gix::Repository, bool), MirrorError> {
+    let options =
+        || gix::open::Options::isolated().config_overrides(overrides.iter().map(String::as_str));
     let mut repaired = false;
     if git_dir.exists() {
-        match gix::open_opts(git_dir, gix::open::Options::isolated()) {
+        match gix::open_opts(git_dir, options()) {
             Ok(repo) => return Ok((repo, false)),
             Err(_) => {
                 std::fs::remove_dir_all(git_dir)?;
@@ -332,8 +350,8 @@ fn open_or_init(git_dir: &Path) -> Result<(gix::Repository, bool), MirrorError> 
         &config,
         text.replace("bare = true", "bare = false") + "\tsymlinks = false\n",
     )?;
-    let repo = gix::open_opts(git_dir, gix::open::Options::isolated())
-        .map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
+    let repo =
+        gix::open_opts(git_dir, options()).map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
     Ok((repo, repaired))
 }
 
@@ -407,28 +425,46 @@ struct Transfer {
     bytes: u64,
 }
 
-/// Sorts a failed connection or transfer by its cause: a missing repository, refused
-/// credentials, or the network.
+/// Sorts a failed connection or transfer by its cause — refused credentials, a missing
+/// repository, or the network — from gix's own classification of its error tree
+/// (gix turns ssh's diagnostics and I/O kinds into classes too), never from its text.
 fn classify_connect(err: Box<dyn std::error::Error + Send + Sync>) -> MirrorError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
-    while let Some(current) = source {
-        if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            match io.kind() {
-                std::io::ErrorKind::NotFound => return MirrorError::RepoNotFound(err),
-                std::io::ErrorKind::PermissionDenied => return MirrorError::AuthFailed(err),
-                _ => {}
-            }
-        }
-        source = current.source();
-    }
-    let text = format!("{err:#}").to_ascii_lowercase();
-    if text.contains("not found")
-        || text.contains("does not exist")
-        || text.contains("does not appear to be a git repository")
+    use gix::error::Class;
+    let classes: Vec<Class> = gix::error::classify(err.as_ref())
+        .map(|found| found.class())
+        .collect();
+    let io_kinds = io_error_kinds(err.as_ref());
+    if classes
+        .iter()
+        .any(|class| matches!(class, Class::Unauthenticated | Class::PermissionDenied))
+        || io_kinds.contains(&std::io::ErrorKind::PermissionDenied)
     {
+        return MirrorError::AuthFailed(err);
+    }
+    if classes.contains(&Class::NotFound) || io_kinds.contains(&std::io::ErrorKind::NotFound) {
         return MirrorError::RepoNotFound(err);
     }
     MirrorError::Network(err)
+}
+
+/// The `io::ErrorKind`s anywhere in an error's causes, through gix's error trees.
+fn io_error_kinds(err: &(dyn std::error::Error + 'static)) -> Vec<std::io::ErrorKind> {
+    let mut kinds = Vec::new();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(current) = source {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            kinds.push(io.kind());
+        }
+        if let Some(tree) = current.downcast_ref::<gix::Error>() {
+            kinds.extend(
+                tree.iter_errors()
+                    .filter_map(|e| e.downcast_ref::<std::io::Error>())
+                    .map(std::io::Error::kind),
+            );
+        }
+        source = current.source();
+    }
+    kinds
 }
 
 fn checkout(

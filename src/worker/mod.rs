@@ -13,6 +13,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::domain::{ProjectId, RepoUrl, SyncId, format_rfc3339, millis_between, now_rfc3339};
 use crate::engine::{Engine, EngineError, Lease, Project};
+
+pub mod credentials;
 use crate::mirror::{self, Layout, MirrorError, Phase, SyncOutcome, SyncSpec};
 use crate::protocol::{
     EventBody, NotificationKind, Progress, RetryWait, SyncError, SyncErrorCode, SyncRecord,
@@ -35,6 +37,8 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     pub sync_timeout: Duration,
+    pub secrets_dir: Option<std::path::PathBuf>,
+    pub ssh_known_hosts: Option<std::path::PathBuf>,
     pub retry_base: Duration,
     pub retry_max: u32,
 }
@@ -228,6 +232,11 @@ impl Worker {
         owner: &str,
         shutdown: &CancellationToken,
     ) -> Result<AttemptEnd, EngineError> {
+        // the key file lives until this attempt ends, then is deleted
+        let (ssh_command, ssh_files) = match ssh_setup(project, &self.settings) {
+            Ok(setup) => setup,
+            Err(err) => return Ok(AttemptEnd::Failed(err)),
+        };
         let root = gix::progress::tree::Root::new();
         let interrupt = Arc::new(AtomicBool::new(false));
         let (phase_tx, mut phase_rx) = mpsc::unbounded_channel::<Phase>();
@@ -243,6 +252,7 @@ impl Worker {
                     project: &project_id,
                     url: &url,
                     branch: &branch,
+                    ssh_command,
                 };
                 let on_phase = move |phase: Phase| {
                     let _ = phase_tx.send(phase);
@@ -319,6 +329,15 @@ impl Worker {
         Ok(match result {
             Ok(outcome) => AttemptEnd::Done(outcome),
             Err(_) if timed_out => AttemptEnd::Failed(MirrorError::Interrupted),
+            // ssh writes its diagnostics to our log instead of stderr, so gix cannot
+            // classify them; the log does
+            Err(MirrorError::Network(cause)) => match ssh_files.as_ref().map(SshFiles::refusal) {
+                Some(Some(SshRefusal::HostKey)) => AttemptEnd::Failed(MirrorError::HostKeyRejected),
+                Some(Some(SshRefusal::Credentials)) => {
+                    AttemptEnd::Failed(MirrorError::AuthFailed(cause))
+                }
+                _ => AttemptEnd::Failed(MirrorError::Network(cause)),
+            },
             Err(err) => AttemptEnd::Failed(err),
         })
     }
@@ -472,6 +491,88 @@ impl Worker {
             .await?;
         Ok(())
     }
+}
+
+/// Private files of one ssh attempt, deleted when it ends: the credential's key, and
+/// ssh's own log, the only place that tells a host-key rejection from a dropped line.
+struct SshFiles {
+    _key: Option<tempfile::NamedTempFile>,
+    log: tempfile::NamedTempFile,
+}
+
+enum SshRefusal {
+    HostKey,
+    Credentials,
+}
+
+impl SshFiles {
+    fn refusal(&self) -> Option<SshRefusal> {
+        let log = std::fs::read_to_string(self.log.path()).ok()?;
+        if log.contains("Host key verification failed")
+            || log.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        {
+            return Some(SshRefusal::HostKey);
+        }
+        log.contains("Permission denied")
+            .then_some(SshRefusal::Credentials)
+    }
+}
+
+/// For an ssh URL: the ssh command with the host-key policy and, when the project
+/// names a credential, its key in a private temporary file.
+fn ssh_setup(
+    project: &Project,
+    settings: &WorkerSettings,
+) -> Result<(Option<String>, Option<SshFiles>), MirrorError> {
+    let is_ssh = gix::url::parse(project.repo_url.as_bytes())
+        .is_ok_and(|url| url.scheme == gix::url::Scheme::Ssh);
+    if !is_ssh {
+        return Ok((None, None));
+    }
+    let log = tempfile::Builder::new()
+        .prefix("hivesync-ssh-")
+        .tempfile()
+        .map_err(MirrorError::Io)?;
+    let mut command = format!(
+        "ssh -o BatchMode=yes -o ConnectTimeout=20 -E '{}'",
+        log.path().display()
+    );
+    match &settings.ssh_known_hosts {
+        Some(known_hosts) => command.push_str(&format!(
+            " -o StrictHostKeyChecking=yes -o UserKnownHostsFile='{}'",
+            known_hosts.display()
+        )),
+        None => command.push_str(" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"),
+    }
+    let Some(name) = &project.credential else {
+        return Ok((Some(command), Some(SshFiles { _key: None, log })));
+    };
+    let secret = credentials::resolve(name, settings.secrets_dir.as_deref())
+        .map_err(|err| MirrorError::CredentialMissing(err.to_string()))?;
+    let mut key = tempfile::Builder::new()
+        .prefix("hivesync-key-")
+        .tempfile()
+        .map_err(MirrorError::Io)?;
+    {
+        use std::io::Write;
+        let mut text = secret.expose().to_owned();
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        key.write_all(text.as_bytes()).map_err(MirrorError::Io)?;
+        key.flush().map_err(MirrorError::Io)?;
+    }
+    command.push_str(&format!(
+        " -o IdentitiesOnly=yes -i '{}'",
+        key.path().display()
+    ));
+    Ok((
+        Some(command),
+        Some(SshFiles {
+            _key: Some(key),
+            log,
+        }),
+    ))
 }
 
 enum AttemptEnd {

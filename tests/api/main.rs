@@ -8,5 +8,6 @@ mod helpers;
 mod lifecycle;
 mod projects;
 mod read;
+mod ssh;
 mod sync;
 mod websocket;

@@ -40,6 +40,8 @@ pub enum MirrorError {
     CredentialMissing(String),
     #[error("the remote's SSH host key does not match HIVESYNC_SSH_KNOWN_HOSTS")]
     HostKeyRejected,
+    #[error("this build cannot fetch from this kind of URL (HTTPS transport is not compiled in)")]
+    Unsupported(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("could not reach the remote")]
     Network(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the mirror repository is damaged and could not be repaired")]
@@ -72,7 +74,8 @@ impl MirrorError {
             MirrorError::Io(_)
             | MirrorError::Checkout(_)
             | MirrorError::Git(_)
-            | MirrorError::UnsafeTree(_) => SyncErrorCode::BackendError,
+            | MirrorError::UnsafeTree(_)
+            | MirrorError::Unsupported(_) => SyncErrorCode::BackendError,
         }
     }
 
@@ -443,6 +446,9 @@ fn classify_connect(err: Box<dyn std::error::Error + Send + Sync>) -> MirrorErro
     }
     if classes.contains(&Class::NotFound) || io_kinds.contains(&std::io::ErrorKind::NotFound) {
         return MirrorError::RepoNotFound(err);
+    }
+    if classes.contains(&Class::Unsupported) {
+        return MirrorError::Unsupported(err);
     }
     MirrorError::Network(err)
 }

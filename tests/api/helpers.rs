@@ -168,10 +168,12 @@ impl TestApp {
         response.json().await.expect("json")
     }
 
-    /// Polls the sync until it ends; returns the final record.
+    /// Polls the sync until it ends and its final notification is in the history (the
+    /// record is stored before the notification is published, so a test that moved on
+    /// at the record could see the notification arrive late); returns the final record.
     pub async fn wait_for_sync(&self, sync_id: &str) -> Value {
         let path = format!("/api/v1/repo/sync/{sync_id}");
-        wait_until(WAIT, || async {
+        let record = wait_until(WAIT, || async {
             let record: Value = self
                 .get(&path, &self.token)
                 .await
@@ -181,7 +183,31 @@ impl TestApp {
             matches!(record["status"].as_str(), Some("completed" | "failed")).then_some(record)
         })
         .await
-        .expect("sync ends in time")
+        .expect("sync ends in time");
+        let notified = wait_until(WAIT, || async {
+            let events: Vec<Value> = self
+                .get("/api/v1/notifications?limit=10000", &self.token)
+                .await
+                .json()
+                .await
+                .ok()?;
+            events
+                .iter()
+                .any(|e| {
+                    e["sync_id"] == sync_id
+                        && matches!(
+                            e["kind"].as_str(),
+                            Some("repo_sync_success" | "repo_sync_failed")
+                        )
+                })
+                .then_some(())
+        })
+        .await;
+        assert!(
+            notified.is_some(),
+            "sync {sync_id} ended without its notification"
+        );
+        record
     }
 
     pub async fn sync_to_end(&self, project_id: &str) -> Value {

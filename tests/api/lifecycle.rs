@@ -349,8 +349,8 @@ async fn credentials_in_a_repo_url_never_reach_logs_responses_or_events() {
             .expect("body"),
     );
     assert!(
-        seen.contains("network_error") || seen.contains("repo_not_found"),
-        "{seen}"
+        seen.contains("repo_sync_failed"),
+        "the failure reached the event history: {seen}"
     );
 
     Command::new("kill")

@@ -101,6 +101,17 @@ pub(crate) async fn start_hub(binary: &PathBuf) -> Result<Hub, String> {
     })
 }
 
+/// A token for the hub `start_hub` runs, signed with its secret.
+pub(crate) fn loadtest_token() -> Result<String, String> {
+    hivesync::auth::Authenticator::from_secret(SECRET.as_bytes())
+        .mint(
+            "loadtest",
+            hivesync::auth::ClientKind::Desktop,
+            Duration::from_secs(3600),
+        )
+        .map_err(|e| e.to_string())
+}
+
 fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
@@ -111,13 +122,7 @@ fn rss_bytes(pid: u32) -> Option<u64> {
 async fn connections(cli: &Cli, count: usize, batch: usize) -> Result<serde_json::Value, String> {
     let mut hub = start_hub(&cli.hub).await?;
     let pid = hub.child.id().ok_or("hub has no pid")?;
-    let token = hivesync::auth::Authenticator::from_secret(SECRET.as_bytes())
-        .mint(
-            "loadtest",
-            hivesync::auth::ClientKind::Desktop,
-            Duration::from_secs(3600),
-        )
-        .map_err(|e| e.to_string())?;
+    let token = loadtest_token()?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let baseline = rss_bytes(pid).ok_or("cannot read the hub's RSS")?;
     let client_config = WebSocketConfig::default()

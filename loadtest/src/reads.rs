@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::{SECRET, start_hub};
+use crate::start_hub;
 
 fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
     let output = Command::new("git")
@@ -126,13 +126,7 @@ pub async fn run(
 
     let mut hub = start_hub(hub_binary).await?;
     let base = format!("http://{}", hub.addr);
-    let token = hivesync::auth::Authenticator::from_secret(SECRET.as_bytes())
-        .mint(
-            "loadtest",
-            hivesync::auth::ClientKind::Desktop,
-            Duration::from_secs(3600),
-        )
-        .map_err(|e| e.to_string())?;
+    let token = crate::loadtest_token()?;
     let http = reqwest::Client::new();
     let created: Value = http
         .post(format!("{base}/api/v1/projects"))

@@ -351,22 +351,7 @@ impl Worker {
     ) -> Result<(), EngineError> {
         record.status = status;
         record.progress = progress;
-        self.engine.store.put_sync(record).await?;
-        self.engine
-            .events
-            .publish(
-                owner,
-                EventBody::SyncStage {
-                    sync_id: record.sync_id.clone(),
-                    project_id: record.project_id.clone(),
-                    stage: status,
-                    progress,
-                    at: now_rfc3339(),
-                    retry: None,
-                },
-            )
-            .await?;
-        Ok(())
+        self.store_and_publish(record, owner, None).await
     }
 
     /// Tells clients an attempt failed and when the next one starts, so a waiting
@@ -379,33 +364,44 @@ impl Worker {
         wait: Duration,
         err: &MirrorError,
     ) -> Result<(), EngineError> {
-        let retry_at = time::OffsetDateTime::now_utc() + wait;
         let error = SyncError {
             code: err.code(),
             message: err.to_string(),
         };
+        let retry_at = format_rfc3339(time::OffsetDateTime::now_utc() + wait);
         record.status = SyncStatus::Running;
         record.progress = None;
         record.error = Some(error.clone());
+        self.store_and_publish(
+            record,
+            owner,
+            Some(RetryWait {
+                attempt,
+                retry_at,
+                error,
+            }),
+        )
+        .await
+    }
+
+    /// Stores the record's state, then tells the owner's clients about it: the record is
+    /// on disk before anyone hears of it.
+    async fn store_and_publish(
+        &self,
+        record: &SyncRecord,
+        owner: &str,
+        retry: Option<RetryWait>,
+    ) -> Result<(), EngineError> {
         self.engine.store.put_sync(record).await?;
-        self.engine
-            .events
-            .publish(
-                owner,
-                EventBody::SyncStage {
-                    sync_id: record.sync_id.clone(),
-                    project_id: record.project_id.clone(),
-                    stage: SyncStatus::Running,
-                    progress: None,
-                    at: now_rfc3339(),
-                    retry: Some(RetryWait {
-                        attempt,
-                        retry_at: format_rfc3339(retry_at),
-                        error,
-                    }),
-                },
-            )
-            .await?;
+        let body = EventBody::SyncStage {
+            sync_id: record.sync_id.clone(),
+            project_id: record.project_id.clone(),
+            stage: record.status,
+            progress: record.progress,
+            at: now_rfc3339(),
+            retry,
+        };
+        self.engine.events.publish(owner, body).await?;
         Ok(())
     }
 

@@ -33,6 +33,12 @@ fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
+/// Sends a request to the hub and reads its JSON answer.
+async fn json_of(request: reqwest::RequestBuilder) -> Result<Value, String> {
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    response.json().await.map_err(|e| e.to_string())
+}
+
 fn default_source() -> Result<PathBuf, String> {
     let home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
@@ -128,46 +134,34 @@ pub async fn run(
     let base = format!("http://{}", hub.addr);
     let token = crate::loadtest_token()?;
     let http = reqwest::Client::new();
-    let created: Value = http
-        .post(format!("{base}/api/v1/projects"))
-        .bearer_auth(&token)
-        .json(&json!({"name": "bench", "repo_url": url}))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
+    let created = json_of(
+        http.post(format!("{base}/api/v1/projects"))
+            .bearer_auth(&token)
+            .json(&json!({"name": "bench", "repo_url": url})),
+    )
+    .await?;
     let project = created["project_id"]
         .as_str()
         .ok_or(format!("register failed: {created}"))?
         .to_owned();
 
     let started = Instant::now();
-    let accepted: Value = http
-        .post(format!("{base}/api/v1/repo/sync"))
-        .bearer_auth(&token)
-        .json(&json!({"project_id": project}))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
+    let accepted = json_of(
+        http.post(format!("{base}/api/v1/repo/sync"))
+            .bearer_auth(&token)
+            .json(&json!({"project_id": project})),
+    )
+    .await?;
     let sync_id = accepted["sync_id"]
         .as_str()
         .ok_or("sync not accepted")?
         .to_owned();
     loop {
-        let record: Value = http
-            .get(format!("{base}/api/v1/repo/sync/{sync_id}"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
+        let record = json_of(
+            http.get(format!("{base}/api/v1/repo/sync/{sync_id}"))
+                .bearer_auth(&token),
+        )
+        .await?;
         match record["status"].as_str() {
             Some("completed") => break,
             Some("failed") => return Err(format!("sync failed: {record}")),
@@ -195,20 +189,16 @@ pub async fn run(
         let mut git_hits = 0;
         for _ in 0..5 {
             let started = Instant::now();
-            let found: Value = http
-                .get(format!("{base}/api/v1/repo/search"))
-                .query(&[
-                    ("project_id", project.as_str()),
-                    ("q", pattern),
-                    ("limit", "1000"),
-                ])
-                .bearer_auth(&token)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?
-                .json()
-                .await
-                .map_err(|e| e.to_string())?;
+            let found = json_of(
+                http.get(format!("{base}/api/v1/repo/search"))
+                    .query(&[
+                        ("project_id", project.as_str()),
+                        ("q", pattern),
+                        ("limit", "1000"),
+                    ])
+                    .bearer_auth(&token),
+            )
+            .await?;
             hub_times.push(started.elapsed().as_secs_f64());
             hub_hits = found["matches"].as_array().map_or(0, Vec::len);
             let started = Instant::now();

@@ -172,8 +172,8 @@ async fn drive(
     idle_timeout: Duration,
     shutdown: &CancellationToken,
 ) -> End {
-    let opening = attachment.opening_frames();
     let Attachment {
+        opening,
         mut queue,
         kicked,
         mut subscription,

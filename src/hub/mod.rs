@@ -149,7 +149,8 @@ impl Hub {
                 queue: sender,
                 kicked: kicked.clone(),
             });
-        let attachment = self.opening(user, resume_from).await;
+        let connection_id = format!("{}-{internal_id}", self.node);
+        let attachment = self.opening(user, &connection_id, resume_from).await;
         let (opening, subscription) = match attachment {
             Ok(parts) => parts,
             Err(err) => {
@@ -158,7 +159,7 @@ impl Hub {
             }
         };
         Ok(Attachment {
-            connection_id: format!("{}-{internal_id}", self.node),
+            connection_id,
             internal_id,
             user: user.to_owned(),
             queue,
@@ -171,6 +172,7 @@ impl Hub {
     async fn opening(
         &self,
         user: &str,
+        connection_id: &str,
         resume_from: Option<EventId>,
     ) -> Result<(Vec<Bytes>, Subscription), EngineError> {
         let latest = self.events.latest(user).await?;
@@ -182,7 +184,7 @@ impl Hub {
                 let complete =
                     !history.gap && history.events.last().is_some_and(|last| last.id >= latest);
                 opening.push(control_json(&ControlFrame::Hello {
-                    connection_id: String::new(),
+                    connection_id: connection_id.to_owned(),
                     last_event_id: if complete { from } else { latest },
                 }));
                 if complete {
@@ -196,7 +198,7 @@ impl Hub {
                 }
             }
             _ => opening.push(control_json(&ControlFrame::Hello {
-                connection_id: String::new(),
+                connection_id: connection_id.to_owned(),
                 last_event_id: latest,
             })),
         }
@@ -243,21 +245,6 @@ impl Attachment {
             user: self.user.clone(),
             internal_id: self.internal_id,
         }
-    }
-
-    /// The hello frame carries the connection id, which is only known here.
-    pub fn opening_frames(&self) -> Vec<Bytes> {
-        let mut frames = self.opening.clone();
-        if let Some(first) = frames.first_mut()
-            && let Ok(ControlFrame::Hello { last_event_id, .. }) =
-                serde_json::from_slice::<ControlFrame>(first)
-        {
-            *first = control_json(&ControlFrame::Hello {
-                connection_id: self.connection_id.clone(),
-                last_event_id,
-            });
-        }
-        frames
     }
 }
 

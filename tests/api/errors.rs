@@ -18,12 +18,7 @@ async fn error_of(response: reqwest::Response) -> (u16, String, String) {
 #[tokio::test]
 async fn missing_bad_and_expired_tokens_are_told_apart() {
     let app = TestApp::spawn().await;
-    let no_token = app
-        .http
-        .get(format!("{}/api/v1/projects", app.base))
-        .send()
-        .await
-        .expect("sent");
+    let no_token = app.get_public("/api/v1/projects").await;
     let (status, code, _) = error_of(no_token).await;
     assert_eq!((status, code.as_str()), (401, "invalid_token"));
 
@@ -244,12 +239,7 @@ async fn free_space_under_the_floor_is_507_before_any_work() {
         .await
         .expect("json");
     assert!(syncs.is_empty(), "no sync was queued");
-    let ready = app
-        .http
-        .get(format!("{}/readyz", app.base))
-        .send()
-        .await
-        .expect("sent");
+    let ready = app.get_public("/readyz").await;
     assert_eq!(ready.status(), 503, "not ready under the floor");
     app.stop().await;
 }

@@ -116,6 +116,22 @@ impl TestApp {
             .expect("request sent")
     }
 
+    /// A GET with the app's own token: status and JSON body.
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self.get(path, &self.token).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("json"))
+    }
+
+    /// A GET without a token (health, readiness, metrics).
+    pub async fn get_public(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("sent")
+    }
+
     pub async fn post(&self, path: &str, token: &str, body: Value) -> reqwest::Response {
         self.http
             .post(format!("{}{path}", self.base))

@@ -8,29 +8,14 @@ use crate::helpers::{GitRepo, SECRET, TestApp, WsRead, assert_exact_tree, wait_u
 #[tokio::test]
 async fn health_readiness_and_metrics_answer() {
     let app = TestApp::spawn().await;
-    let health = app
-        .http
-        .get(format!("{}/healthz", app.base))
-        .send()
-        .await
-        .expect("sent");
+    let health = app.get_public("/healthz").await;
     assert_eq!(health.status(), 200);
-    let ready = app
-        .http
-        .get(format!("{}/readyz", app.base))
-        .send()
-        .await
-        .expect("sent");
+    let ready = app.get_public("/readyz").await;
     assert_eq!(ready.status(), 200);
     let body: Value = ready.json().await.expect("json");
     assert_eq!(body["engine"], true);
     assert_eq!(body["data_dir_writable"], true);
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .expect("sent");
+    let metrics = app.get_public("/metrics").await;
     assert_eq!(metrics.status(), 200);
     assert!(
         metrics

@@ -9,12 +9,6 @@ async fn synced_project(app: &TestApp, repo: &GitRepo) -> String {
     id
 }
 
-async fn get_json(app: &TestApp, path: &str) -> (u16, Value) {
-    let response = app.get(path, &app.token).await;
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("json"))
-}
-
 #[tokio::test]
 async fn tree_lists_directories_first_with_kinds_and_sizes() {
     let app = TestApp::spawn().await;
@@ -36,7 +30,9 @@ async fn tree_lists_directories_first_with_kinds_and_sizes() {
     let commit = repo.head();
     let id = synced_project(&app, &repo).await;
 
-    let (status, root) = get_json(&app, &format!("/api/v1/repo/tree?project_id={id}")).await;
+    let (status, root) = app
+        .get_json(&format!("/api/v1/repo/tree?project_id={id}"))
+        .await;
     assert_eq!(status, 200, "{root}");
     assert_eq!(root["commit"], commit.as_str());
     assert_eq!(root["path"], "");
@@ -61,15 +57,14 @@ async fn tree_lists_directories_first_with_kinds_and_sizes() {
     assert_eq!(entry("b.txt")["size"], 4);
     assert_eq!(entry("vendored")["kind"], "submodule");
 
-    let (status, sub) =
-        get_json(&app, &format!("/api/v1/repo/tree?project_id={id}&path=src")).await;
+    let (status, sub) = app
+        .get_json(&format!("/api/v1/repo/tree?project_id={id}&path=src"))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(sub["entries"][0]["path"], "src/lib.rs");
-    let (status, missing) = get_json(
-        &app,
-        &format!("/api/v1/repo/tree?project_id={id}&path=nope"),
-    )
-    .await;
+    let (status, missing) = app
+        .get_json(&format!("/api/v1/repo/tree?project_id={id}&path=nope"))
+        .await;
     assert_eq!(
         (status, missing["error"].as_str()),
         (404, Some("not_found"))
@@ -88,11 +83,9 @@ async fn file_returns_text_binary_as_base64_and_caps_large_files() {
     repo.commit("files");
     let id = synced_project(&app, &repo).await;
 
-    let (status, text) = get_json(
-        &app,
-        &format!("/api/v1/repo/file?project_id={id}&path=hello.txt"),
-    )
-    .await;
+    let (status, text) = app
+        .get_json(&format!("/api/v1/repo/file?project_id={id}&path=hello.txt"))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(
         (text["encoding"].as_str(), text["content"].as_str()),
@@ -102,28 +95,24 @@ async fn file_returns_text_binary_as_base64_and_caps_large_files() {
         (text["size"].as_u64(), text["truncated"].as_bool()),
         (Some(7), Some(false))
     );
-    let (_, binary) = get_json(
-        &app,
-        &format!("/api/v1/repo/file?project_id={id}&path=blob.bin"),
-    )
-    .await;
+    let (_, binary) = app
+        .get_json(&format!("/api/v1/repo/file?project_id={id}&path=blob.bin"))
+        .await;
     assert_eq!(
         (binary["encoding"].as_str(), binary["content"].as_str()),
         (Some("base64"), Some("AJ+Slg=="))
     );
-    let (_, large) = get_json(
-        &app,
-        &format!("/api/v1/repo/file?project_id={id}&path=big.txt"),
-    )
-    .await;
+    let (_, large) = app
+        .get_json(&format!("/api/v1/repo/file?project_id={id}&path=big.txt"))
+        .await;
     assert_eq!(large["truncated"], true);
     assert_eq!(large["size"].as_u64(), Some(big.len() as u64));
     assert_eq!(large["content"].as_str().map(str::len), Some(1024 * 1024));
-    let (status, missing) = get_json(
-        &app,
-        &format!("/api/v1/repo/file?project_id={id}&path=absent.txt"),
-    )
-    .await;
+    let (status, missing) = app
+        .get_json(&format!(
+            "/api/v1/repo/file?project_id={id}&path=absent.txt"
+        ))
+        .await;
     assert_eq!(
         (status, missing["error"].as_str()),
         (404, Some("not_found"))
@@ -149,11 +138,11 @@ async fn paths_that_could_escape_are_path_invalid() {
         "./a.txt",
     ] {
         for endpoint in ["tree", "file"] {
-            let (status, body) = get_json(
-                &app,
-                &format!("/api/v1/repo/{endpoint}?project_id={id}&path={bad}"),
-            )
-            .await;
+            let (status, body) = app
+                .get_json(&format!(
+                    "/api/v1/repo/{endpoint}?project_id={id}&path={bad}"
+                ))
+                .await;
             assert_eq!(
                 (status, body["error"].as_str()),
                 (400, Some("path_invalid")),
@@ -161,11 +150,11 @@ async fn paths_that_could_escape_are_path_invalid() {
             );
         }
     }
-    let (status, body) = get_json(
-        &app,
-        &format!("/api/v1/repo/search?project_id={id}&q=a&path_prefix=../x"),
-    )
-    .await;
+    let (status, body) = app
+        .get_json(&format!(
+            "/api/v1/repo/search?project_id={id}&q=a&path_prefix=../x"
+        ))
+        .await;
     assert_eq!(
         (status, body["error"].as_str()),
         (400, Some("path_invalid"))
@@ -184,11 +173,9 @@ async fn search_is_literal_by_default_regex_on_request_and_skips_binaries() {
     let commit = repo.commit("search");
     let id = synced_project(&app, &repo).await;
 
-    let (status, found) = get_json(
-        &app,
-        &format!("/api/v1/repo/search?project_id={id}&q=alpha"),
-    )
-    .await;
+    let (status, found) = app
+        .get_json(&format!("/api/v1/repo/search?project_id={id}&q=alpha"))
+        .await;
     assert_eq!(status, 200, "{found}");
     assert_eq!(found["commit"], commit.as_str());
     let hits: Vec<(String, u64, u64)> = found["matches"]
@@ -215,25 +202,25 @@ async fn search_is_literal_by_default_regex_on_request_and_skips_binaries() {
     assert_eq!(found["truncated"], false);
 
     // literal: '.' is a dot, not any character
-    let (_, literal) = get_json(&app, &format!("/api/v1/repo/search?project_id={id}&q=a.b")).await;
+    let (_, literal) = app
+        .get_json(&format!("/api/v1/repo/search?project_id={id}&q=a.b"))
+        .await;
     assert_eq!(literal["matches"].as_array().map(Vec::len), Some(1));
-    let (_, regex) = get_json(
-        &app,
-        &format!("/api/v1/repo/search?project_id={id}&q=fn%20(alpha|beta)&regex=true"),
-    )
-    .await;
+    let (_, regex) = app
+        .get_json(&format!(
+            "/api/v1/repo/search?project_id={id}&q=fn%20(alpha|beta)&regex=true"
+        ))
+        .await;
     assert_eq!(regex["matches"].as_array().map(Vec::len), Some(2));
-    let (_, prefixed) = get_json(
-        &app,
-        &format!("/api/v1/repo/search?project_id={id}&q=alpha&path_prefix=docs"),
-    )
-    .await;
+    let (_, prefixed) = app
+        .get_json(&format!(
+            "/api/v1/repo/search?project_id={id}&q=alpha&path_prefix=docs"
+        ))
+        .await;
     assert_eq!(prefixed["matches"].as_array().map(Vec::len), Some(1));
-    let (_, limited) = get_json(
-        &app,
-        &format!("/api/v1/repo/search?project_id={id}&q=fn&limit=1"),
-    )
-    .await;
+    let (_, limited) = app
+        .get_json(&format!("/api/v1/repo/search?project_id={id}&q=fn&limit=1"))
+        .await;
     assert_eq!(
         (
             limited["matches"].as_array().map(Vec::len),
@@ -241,11 +228,11 @@ async fn search_is_literal_by_default_regex_on_request_and_skips_binaries() {
         ),
         (Some(1), Some(true))
     );
-    let (status, bad) = get_json(
-        &app,
-        &format!("/api/v1/repo/search?project_id={id}&q=(unclosed&regex=true"),
-    )
-    .await;
+    let (status, bad) = app
+        .get_json(&format!(
+            "/api/v1/repo/search?project_id={id}&q=(unclosed&regex=true"
+        ))
+        .await;
     assert_eq!(
         (status, bad["error"].as_str()),
         (400, Some("invalid_request"))
@@ -270,11 +257,11 @@ async fn diff_reports_added_modified_deleted_and_renamed_files_with_patches() {
     let to = repo.commit("to");
     assert_eq!(app.sync_to_end(&id).await["status"], "completed");
 
-    let (status, diff) = get_json(
-        &app,
-        &format!("/api/v1/repo/diff?project_id={id}&from={from}&to={to}"),
-    )
-    .await;
+    let (status, diff) = app
+        .get_json(&format!(
+            "/api/v1/repo/diff?project_id={id}&from={from}&to={to}"
+        ))
+        .await;
     assert_eq!(status, 200, "{diff}");
     let mut files: Vec<(String, String, Option<String>)> = diff["files"]
         .as_array()
@@ -316,20 +303,20 @@ async fn diff_reports_added_modified_deleted_and_renamed_files_with_patches() {
     );
 
     let unknown = "0".repeat(40);
-    let (status, missing) = get_json(
-        &app,
-        &format!("/api/v1/repo/diff?project_id={id}&from={unknown}&to={to}"),
-    )
-    .await;
+    let (status, missing) = app
+        .get_json(&format!(
+            "/api/v1/repo/diff?project_id={id}&from={unknown}&to={to}"
+        ))
+        .await;
     assert_eq!(
         (status, missing["error"].as_str()),
         (404, Some("not_found"))
     );
-    let (status, bad) = get_json(
-        &app,
-        &format!("/api/v1/repo/diff?project_id={id}&from=HEAD&to={to}"),
-    )
-    .await;
+    let (status, bad) = app
+        .get_json(&format!(
+            "/api/v1/repo/diff?project_id={id}&from=HEAD&to={to}"
+        ))
+        .await;
     assert_eq!(
         (status, bad["error"].as_str()),
         (400, Some("invalid_request"))
@@ -472,7 +459,9 @@ async fn a_project_never_synced_has_nothing_to_read() {
     let repo = GitRepo::new();
     repo.commit("one");
     let id = app.register(&repo).await;
-    let (status, body) = get_json(&app, &format!("/api/v1/repo/tree?project_id={id}")).await;
+    let (status, body) = app
+        .get_json(&format!("/api/v1/repo/tree?project_id={id}"))
+        .await;
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
     app.stop().await;
 }

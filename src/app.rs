@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Authenticator, KeyError};
 use crate::config::Config;
 use crate::engine::embedded::EmbeddedEngine;
+use crate::engine::redis_engine::{RedisEngine, RedisSettings};
 use crate::engine::{Engine, EngineError};
 use crate::http::{AppState, Metrics};
 use crate::hub::Hub;
@@ -35,10 +36,65 @@ pub enum StartError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error(
-        "the redis engine (HIVESYNC_REDIS_URL) is not available in this build yet; unset it to run the embedded engine"
-    )]
-    RedisUnsupported,
+    #[error("could not reach redis at {url}")]
+    Redis { url: String, source: EngineError },
+}
+
+/// Opens the configured engine: Redis when `HIVESYNC_REDIS_URL` is set, else the
+/// embedded one under DATA_DIR (whose unfinished syncs are put back on its queue; a
+/// Redis queue keeps them itself, pending in the stream).
+pub async fn open_engine(
+    config: &Config,
+) -> Result<(Engine, Option<Arc<RedisEngine>>), StartError> {
+    let Some(url) = &config.redis_url else {
+        let embedded =
+            EmbeddedEngine::open(&config.data_dir, config.sync_rate, config.event_history)?;
+        let engine = Engine {
+            store: embedded.clone(),
+            queue: embedded.clone(),
+            events: embedded,
+        };
+        let requeued = engine.requeue_unfinished().await?;
+        if requeued > 0 {
+            tracing::info!(
+                requeued,
+                "requeued syncs that were unfinished at the last stop"
+            );
+        }
+        return Ok((engine, None));
+    };
+    let settings = RedisSettings {
+        url: url.clone(),
+        prefix: config.redis_prefix.clone(),
+        reclaim_after: config.reclaim_after,
+        history_len: config.event_history,
+        sync_rate: config.sync_rate,
+        pool_size: 16 + config.workers.max(config.effective_serve_workers()),
+    };
+    let redis = RedisEngine::connect(settings)
+        .await
+        .map_err(|source| StartError::Redis {
+            url: redacted_redis_url(url),
+            source,
+        })?;
+    tracing::info!(redis = %redacted_redis_url(url), prefix = %config.redis_prefix, "using the redis engine");
+    let engine = Engine {
+        store: redis.clone(),
+        queue: redis.clone(),
+        events: redis.clone(),
+    };
+    Ok((engine, Some(redis)))
+}
+
+/// The Redis URL without its password, for logs and errors.
+pub fn redacted_redis_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => "<unparsable redis url>".to_owned(),
+    }
 }
 
 /// A bound, ready-to-run hub.
@@ -110,24 +166,12 @@ pub fn prepare_data_dir(config: &mut Config) -> Result<(), StartError> {
 
 impl Application {
     pub async fn build(mut config: Config) -> Result<Self, StartError> {
-        if config.redis_url.is_some() {
-            return Err(StartError::RedisUnsupported);
-        }
         prepare_data_dir(&mut config)?;
         let (auth, generated_secret) = authenticator(&config)?;
-        let embedded =
-            EmbeddedEngine::open(&config.data_dir, config.sync_rate, config.event_history)?;
-        let engine = Engine {
-            store: embedded.clone(),
-            queue: embedded.clone(),
-            events: embedded,
-        };
-        let requeued = engine.requeue_unfinished().await?;
-        if requeued > 0 {
-            tracing::info!(
-                requeued,
-                "requeued syncs that were unfinished at the last stop"
-            );
+        let (engine, redis) = open_engine(&config).await?;
+        if let Some(redis) = &redis {
+            // a hub node listens to every node's events
+            redis.start_subscriber();
         }
         let listener =
             TcpListener::bind(config.listen)
@@ -182,13 +226,7 @@ impl Application {
             self.serve_workers,
             state.engine.clone(),
             state.layout.clone(),
-            WorkerSettings {
-                sync_timeout: state.config.sync_timeout,
-                secrets_dir: state.config.secrets_dir.clone(),
-                ssh_known_hosts: state.config.ssh_known_hosts.clone(),
-                retry_base: state.config.retry_base,
-                retry_max: state.config.retry_max,
-            },
+            worker_settings(&state.config),
             stops.clone(),
             &workers,
         );
@@ -220,4 +258,52 @@ impl Application {
         let _ = dispatcher.await;
         tracing::info!("stopped");
     }
+}
+
+fn worker_settings(config: &Config) -> WorkerSettings {
+    WorkerSettings {
+        sync_timeout: config.sync_timeout,
+        secrets_dir: config.secrets_dir.clone(),
+        ssh_known_hosts: config.ssh_known_hosts.clone(),
+        retry_base: config.retry_base,
+        retry_max: config.retry_max,
+    }
+}
+
+/// `hivesync worker`: `HIVESYNC_WORKERS` sync workers on the Redis queue and nothing
+/// else, until `shutdown`; then running jobs get the drain timeout to finish and the
+/// rest go back to the queue.
+pub async fn run_workers(
+    mut config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    prepare_data_dir(&mut config)?;
+    let (engine, _) = open_engine(&config).await?;
+    let workers = TaskTracker::new();
+    let stops = WorkerStops {
+        stop_taking: shutdown.child_token(),
+        interrupt: CancellationToken::new(),
+    };
+    worker::spawn(
+        config.workers,
+        engine,
+        Layout::new(config.data_dir.clone()),
+        worker_settings(&config),
+        stops.clone(),
+        &workers,
+    );
+    workers.close();
+    tracing::info!(workers = config.workers, "hivesync worker running");
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: draining running syncs");
+    if tokio::time::timeout(config.drain_timeout, workers.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("syncs still running after the drain timeout; returning them to the queue");
+        stops.interrupt.cancel();
+        workers.wait().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
 }

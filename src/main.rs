@@ -54,7 +54,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args).await,
-            Command::Worker(args) => worker(args),
+            Command::Worker(args) => worker(args).await,
             Command::Token {
                 sub,
                 client,
@@ -106,12 +106,15 @@ async fn serve(args: ConfigArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn worker(args: ConfigArgs) -> Result<(), String> {
+async fn worker(args: ConfigArgs) -> Result<(), String> {
     let config = args.into_config().map_err(|err| err.to_string())?;
     if config.redis_url.is_none() {
         return Err("`hivesync worker` takes jobs from Redis: set HIVESYNC_REDIS_URL (without Redis, `hivesync serve` runs its own workers)".into());
     }
-    Err("the Redis engine is not part of this build yet, so `hivesync worker` cannot run; use `hivesync serve` (embedded engine with in-process workers)".into())
+    println!("hivesync worker running {} sync workers", config.workers);
+    app::run_workers(config, hivesync::shutdown::on_signal())
+        .await
+        .map_err(|err| chain(&err))
 }
 
 fn token(sub: &str, client: ClientKind, ttl: Duration, args: ConfigArgs) -> Result<(), String> {

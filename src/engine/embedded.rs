@@ -3,7 +3,7 @@
 //! in-process queue; live events on a `broadcast` channel. Every redb call runs on the
 //! blocking pool, never on an async worker thread.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,7 +13,9 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
-use super::{EngineError, EventLog, History, JobQueue, Lease, Project, Store};
+use super::{
+    EngineError, EventLog, History, JobQueue, Lease, Live, Project, ProjectLock, Store, next_fence,
+};
 use crate::domain::{ProjectId, RateLimiter, SyncId};
 use crate::protocol::{Event, EventBody, EventId, Job, SyncRecord};
 
@@ -34,10 +36,18 @@ pub struct EmbeddedEngine {
     db: Arc<Database>,
     limiter: Mutex<RateLimiter>,
     epoch: Instant,
-    live: broadcast::Sender<Event>,
+    live: broadcast::Sender<Live>,
     history_len: u64,
     queue: Mutex<VecDeque<Job>>,
     queued: Notify,
+    /// project id → fence of the worker holding its mirror
+    locks: Mutex<Locks>,
+}
+
+#[derive(Default)]
+struct Locks {
+    held: HashMap<String, u64>,
+    last_fence: u64,
 }
 
 impl EmbeddedEngine {
@@ -67,6 +77,7 @@ impl EmbeddedEngine {
             history_len: history_len.max(1),
             queue: Mutex::new(VecDeque::new()),
             queued: Notify::new(),
+            locks: Mutex::default(),
         }))
     }
 
@@ -244,7 +255,16 @@ impl Store for EmbeddedEngine {
         .await
     }
 
-    async fn put_sync(&self, record: &SyncRecord) -> Result<(), EngineError> {
+    async fn put_sync(
+        &self,
+        record: &SyncRecord,
+        lock: Option<&ProjectLock>,
+    ) -> Result<(), EngineError> {
+        if let Some(lock) = lock
+            && !self.holds(lock)
+        {
+            return Err(EngineError::Fenced);
+        }
         let record = record.clone();
         self.blocking(move |db| {
             let mut tx = db.begin_write().map_err(redb::Error::from)?;
@@ -412,6 +432,44 @@ impl JobQueue for EmbeddedEngine {
         self.queued.notify_one();
         Ok(())
     }
+
+    async fn lock_project(&self, lease: &Lease) -> Result<Option<ProjectLock>, EngineError> {
+        let mut locks = self.locks.lock().expect("lock table is never poisoned");
+        if locks.held.contains_key(&lease.job.project_id) {
+            return Ok(None);
+        }
+        let fence = next_fence(locks.last_fence);
+        locks.last_fence = fence;
+        locks.held.insert(lease.job.project_id.clone(), fence);
+        Ok(Some(ProjectLock {
+            project_id: lease.job.project_id.clone(),
+            fence,
+        }))
+    }
+
+    async fn heartbeat(&self, _lease: &Lease, lock: &ProjectLock) -> Result<bool, EngineError> {
+        Ok(self.holds(lock))
+    }
+
+    async fn unlock_project(&self, lock: &ProjectLock) -> Result<(), EngineError> {
+        let mut locks = self.locks.lock().expect("lock table is never poisoned");
+        if locks.held.get(&lock.project_id) == Some(&lock.fence) {
+            locks.held.remove(&lock.project_id);
+        }
+        Ok(())
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        // in one process a lock cannot be lost; the heartbeat only confirms it
+        Duration::from_secs(5)
+    }
+}
+
+impl EmbeddedEngine {
+    fn holds(&self, lock: &ProjectLock) -> bool {
+        let locks = self.locks.lock().expect("lock table is never poisoned");
+        locks.held.get(&lock.project_id) == Some(&lock.fence)
+    }
 }
 
 #[async_trait]
@@ -456,11 +514,11 @@ impl EventLog for EmbeddedEngine {
             })
             .await?;
         // no receiver is fine: nobody is connected
-        let _ = self.live.send(event.clone());
+        let _ = self.live.send(Live::Event(event.clone()));
         Ok(event)
     }
 
-    fn live(&self) -> broadcast::Receiver<Event> {
+    fn live(&self) -> broadcast::Receiver<Live> {
         self.live.subscribe()
     }
 

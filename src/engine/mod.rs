@@ -1,9 +1,11 @@
 //! The engine behind the hub and the workers: a [`Store`] of projects and sync records,
 //! a [`JobQueue`] that carries sync jobs to workers, and an [`EventLog`] that numbers each
 //! user's events, keeps their history and fans them out live. `embedded` implements all
-//! three in process; a Redis implementation slots in beside it without touching callers.
+//! three in process for a single node; `redis_engine` implements them on Redis for any
+//! number of hub and worker processes. Callers see only the traits.
 
 pub mod embedded;
+pub mod redis_engine;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +28,43 @@ pub enum EngineError {
     Join(#[from] tokio::task::JoinError),
     #[error("engine is shutting down")]
     Closed,
+    #[error("redis command failed")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply from redis")]
+    RedisReply(#[from] redis::ParsingError),
+    #[error("no redis connection available: {0}")]
+    Pool(String),
+    /// The project lock this write was made under is no longer held: another worker
+    /// owns the job now, so this one must stop without writing anything.
+    #[error("the project lock was lost to another worker")]
+    Fenced,
+}
+
+/// A worker's exclusive hold on one project's mirror. `fence` grows with every grant,
+/// so a holder that lost the lock (paused, partitioned, presumed dead) is recognized by
+/// its older token wherever it tries to write: the store and the mirror's fence file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectLock {
+    pub project_id: String,
+    pub fence: u64,
+}
+
+/// The fence for a new lock grant: the wall clock in microseconds, and always above the
+/// last grant, so fences keep growing across restarts of the process that grants them.
+pub fn next_fence(last: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_micros() as u64)
+        .unwrap_or(0);
+    now.max(last + 1)
+}
+
+/// What a live subscription delivers: events, and a mark that the feed was broken and
+/// is whole again (events published meanwhile are only in the users' histories).
+#[derive(Debug, Clone)]
+pub enum Live {
+    Event(Event),
+    Reconnected,
 }
 
 /// A registered project as stored. Holds the repo URL as given (it may carry userinfo),
@@ -93,8 +132,13 @@ pub trait Store: Send + Sync + 'static {
     async fn begin_sync(&self, record: SyncRecord) -> Result<(SyncRecord, bool), EngineError>;
     async fn sync(&self, id: &SyncId) -> Result<Option<SyncRecord>, EngineError>;
     /// Stores a new state of a sync; a terminal one also ends the project's active
-    /// sync and updates its last status (and, on success, its commit).
-    async fn put_sync(&self, record: &SyncRecord) -> Result<(), EngineError>;
+    /// sync and updates its last status (and, on success, its commit). With `lock`, the
+    /// write happens only while that lock is still held, else `Err(Fenced)`.
+    async fn put_sync(
+        &self,
+        record: &SyncRecord,
+        lock: Option<&ProjectLock>,
+    ) -> Result<(), EngineError>;
     /// Newest first.
     async fn syncs_of(
         &self,
@@ -117,6 +161,16 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn complete(&self, lease: &Lease) -> Result<(), EngineError>;
     /// Gives a job back unfinished (shutdown), so another worker runs it.
     async fn release(&self, lease: Lease) -> Result<(), EngineError>;
+    /// Takes the project's mirror lock for `lease`, with a fence newer than any before;
+    /// `None` while another worker holds it.
+    async fn lock_project(&self, lease: &Lease) -> Result<Option<ProjectLock>, EngineError>;
+    /// Keeps a running job and its lock alive. `Ok(false)`: the lock is gone (expired
+    /// and possibly granted to another worker); the job must stop.
+    async fn heartbeat(&self, lease: &Lease, lock: &ProjectLock) -> Result<bool, EngineError>;
+    /// Gives the lock up, if still held.
+    async fn unlock_project(&self, lock: &ProjectLock) -> Result<(), EngineError>;
+    /// How often a running job should call [`JobQueue::heartbeat`].
+    fn heartbeat_interval(&self) -> Duration;
 }
 
 #[async_trait]
@@ -124,8 +178,9 @@ pub trait EventLog: Send + Sync + 'static {
     /// Numbers the event in `user`'s sequence, keeps it in their history and fans it
     /// out to every live subscriber.
     async fn publish(&self, user: &str, body: EventBody) -> Result<Event, EngineError>;
-    /// Every event published from now on, for all users.
-    fn live(&self) -> broadcast::Receiver<Event>;
+    /// Every event published from now on, for all users, with a mark after each break
+    /// in the feed.
+    fn live(&self) -> broadcast::Receiver<Live>;
     /// Up to `limit` events of `user` with id greater than `after`, oldest first.
     async fn after(&self, user: &str, after: EventId, limit: usize)
     -> Result<History, EngineError>;
@@ -150,7 +205,7 @@ impl Engine {
         for (mut record, owner) in unfinished {
             record.status = SyncStatus::Queued;
             record.progress = None;
-            self.store.put_sync(&record).await?;
+            self.store.put_sync(&record, None).await?;
             self.queue
                 .enqueue(Job {
                     sync_id: record.sync_id.clone(),

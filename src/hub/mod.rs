@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{EngineError, EventLog};
+use crate::engine::{EngineError, EventLog, Live};
 use crate::protocol::{ControlFrame, Event, EventId};
 
 /// How many missed events a resume replays at most; past that the client resyncs.
@@ -46,9 +46,17 @@ struct Connection {
     kicked: CancellationToken,
 }
 
+/// The connections of one user, and the newest event id the hub knows they have been
+/// offered: where a catch-up after a break in the live feed starts.
+#[derive(Default)]
+struct UserConnections {
+    list: Vec<Connection>,
+    known: AtomicU64,
+}
+
 pub struct Hub {
     events: Arc<dyn EventLog>,
-    connections: RwLock<HashMap<String, Vec<Connection>>>,
+    connections: RwLock<HashMap<String, UserConnections>>,
     next_connection: AtomicU64,
     queue_capacity: usize,
     node: String,
@@ -88,18 +96,61 @@ impl Hub {
                 received = live.recv() => received,
             };
             match received {
-                Ok(event) => self.dispatch(&event),
+                Ok(Live::Event(event)) => self.dispatch(&event),
+                Ok(Live::Reconnected) => self.catch_up().await,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    // some events never reached the sockets: every connection resumes
-                    // from its own last id, which loses nothing
-                    tracing::warn!(
-                        missed,
-                        "hub fell behind the event stream; connections will resume"
-                    );
-                    self.kick_all();
+                    tracing::warn!(missed, "hub fell behind the event stream; catching up");
+                    self.catch_up().await;
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             }
+        }
+    }
+
+    /// After a break in the live feed (the hub lagged, or the engine's subscription
+    /// was re-established), sends every connected user what they missed from their
+    /// history, before any later live event. Subscriptions drop what a connection
+    /// already has; a user whose gap is past the kept history is kicked to resume,
+    /// which ends in `resync_required`. No socket is dropped for a recoverable break.
+    async fn catch_up(&self) {
+        let users: Vec<(String, EventId)> = {
+            let connections = self.connections.read().expect("hub lock is never poisoned");
+            connections
+                .iter()
+                .map(|(user, of_user)| (user.clone(), of_user.known.load(Ordering::Acquire)))
+                .collect()
+        };
+        let mut recovered = 0usize;
+        for (user, known) in users {
+            match self.events.after(&user, known, MAX_REPLAY).await {
+                Ok(history) if !history.gap && history.events.len() < MAX_REPLAY => {
+                    recovered += history.events.len();
+                    for event in &history.events {
+                        self.dispatch(event);
+                    }
+                }
+                Ok(_) => self.kick_user(&user),
+                Err(err) => {
+                    tracing::warn!(error = %crate::worker::error_chain(&err), "catch-up read failed; the user's connections will resume");
+                    self.kick_user(&user);
+                }
+            }
+        }
+        if recovered > 0 {
+            tracing::info!(
+                recovered,
+                "delivered events missed during a break in the live feed"
+            );
+        }
+    }
+
+    fn kick_user(&self, user: &str) {
+        let connections = self.connections.read().expect("hub lock is never poisoned");
+        if let Some(of_user) = connections.get(user) {
+            of_user
+                .list
+                .iter()
+                .for_each(|connection| connection.kicked.cancel());
         }
     }
 
@@ -108,22 +159,15 @@ impl Hub {
         let Some(of_user) = connections.get(&event.user) else {
             return;
         };
+        of_user.known.fetch_max(event.id, Ordering::AcqRel);
         let frame = Frame::from_event(event);
-        for connection in of_user {
+        for connection in &of_user.list {
             match connection.queue.try_send(Arc::clone(&frame)) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => connection.kicked.cancel(),
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
-    }
-
-    fn kick_all(&self) {
-        let connections = self.connections.read().expect("hub lock is never poisoned");
-        connections
-            .values()
-            .flatten()
-            .for_each(|connection| connection.kicked.cancel());
     }
 
     /// Registers a connection of `user` and prepares what it sees first. With
@@ -144,6 +188,7 @@ impl Hub {
             .expect("hub lock is never poisoned")
             .entry(user.to_owned())
             .or_default()
+            .list
             .push(Connection {
                 id: internal_id,
                 queue: sender,
@@ -158,6 +203,16 @@ impl Hub {
                 return Err(err);
             }
         };
+        if let Some(of_user) = self
+            .connections
+            .read()
+            .expect("hub lock is never poisoned")
+            .get(user)
+        {
+            of_user
+                .known
+                .fetch_max(subscription.last_sent, Ordering::AcqRel);
+        }
         Ok(Attachment {
             connection_id,
             internal_id,
@@ -215,8 +270,10 @@ impl Hub {
             .write()
             .expect("hub lock is never poisoned");
         if let Some(of_user) = connections.get_mut(user) {
-            of_user.retain(|connection| connection.id != internal_id);
-            if of_user.is_empty() {
+            of_user
+                .list
+                .retain(|connection| connection.id != internal_id);
+            if of_user.list.is_empty() {
                 connections.remove(user);
             }
         }
@@ -227,7 +284,7 @@ impl Hub {
             .read()
             .expect("hub lock is never poisoned")
             .values()
-            .map(Vec::len)
+            .map(|of_user| of_user.list.len())
             .sum()
     }
 }

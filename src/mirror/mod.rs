@@ -48,6 +48,8 @@ pub enum MirrorError {
     Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the sync was interrupted")]
     Interrupted,
+    #[error("another worker took this mirror over (this worker's project lock expired)")]
+    Fenced,
     #[error(
         "the branch has paths that cannot be checked out safely (such as '.git' or '..'); nothing was written"
     )]
@@ -75,6 +77,7 @@ impl MirrorError {
             | MirrorError::Checkout(_)
             | MirrorError::Git(_)
             | MirrorError::UnsafeTree(_)
+            | MirrorError::Fenced
             | MirrorError::Unsupported(_) => SyncErrorCode::BackendError,
         }
     }
@@ -122,12 +125,50 @@ impl Layout {
         self.data_dir.join("repos").join(project.as_str())
     }
 
+    /// The newest fencing token that claimed this mirror (beside the repository, so a
+    /// re-clone keeps it).
+    pub fn fence_file(&self, project: &ProjectId) -> PathBuf {
+        self.data_dir.join("git").join(format!("{project}.fence"))
+    }
+
     /// Removes everything of a deleted project.
     pub fn remove(&self, project: &ProjectId) -> std::io::Result<()> {
         remove_if_exists(&self.worktree(project))?;
         remove_if_exists(&self.trees_dir(project))?;
-        remove_if_exists(&self.git_dir(project))
+        remove_if_exists(&self.git_dir(project))?;
+        remove_if_exists(&self.fence_file(project))
     }
+}
+
+fn read_fence(path: &Path) -> Result<u64, MirrorError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.trim().parse().unwrap_or(0)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(err) => Err(MirrorError::Io(err)),
+    }
+}
+
+/// Records `fence` as the mirror's owner, unless a newer lock holder already did: then
+/// this worker's lock has expired and the mirror is someone else's.
+fn claim_fence(path: &Path, fence: u64) -> Result<(), MirrorError> {
+    if read_fence(path)? > fence {
+        return Err(MirrorError::Fenced);
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let temporary = path.with_extension(format!("fence.{}", unique_suffix()));
+    std::fs::write(&temporary, fence.to_string())?;
+    std::fs::rename(&temporary, path)?;
+    Ok(())
+}
+
+/// Before anything a reader sees changes: is the mirror still ours?
+fn check_fence(path: &Path, fence: u64) -> Result<(), MirrorError> {
+    if read_fence(path)? != fence {
+        return Err(MirrorError::Fenced);
+    }
+    Ok(())
 }
 
 /// What one sync of a mirror asks for.
@@ -138,6 +179,8 @@ pub struct SyncSpec<'a> {
     pub branch: &'a str,
     /// `core.sshCommand` for this sync: the key and host-key policy (ssh URLs only)
     pub ssh_command: Option<String>,
+    /// The fencing token of the worker's project lock; the mirror refuses older ones.
+    pub fence: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +231,8 @@ fn sync_once(
     recloned: bool,
 ) -> Result<SyncOutcome, MirrorError> {
     on_phase(Phase::Fetching);
+    let fence_file = layout.fence_file(spec.project);
+    claim_fence(&fence_file, spec.fence)?;
     let git_dir = layout.git_dir(spec.project);
     let overrides: Vec<String> = spec
         .ssh_command
@@ -229,6 +274,9 @@ fn sync_once(
         let _ = remove_if_exists(&snapshot);
     })?;
 
+    check_fence(&fence_file, spec.fence).inspect_err(|_| {
+        let _ = remove_if_exists(&snapshot);
+    })?;
     on_phase(Phase::Cleaning);
     let worktree = layout.worktree(spec.project);
     let current = std::fs::read_link(&worktree).ok();
@@ -256,6 +304,9 @@ fn sync_once(
     )
     .map_err(|err| MirrorError::Git(Box::new(err)))?;
     point_head_at(&repo, &local_branch)?;
+    check_fence(&fence_file, spec.fence).inspect_err(|_| {
+        let _ = remove_if_exists(&snapshot);
+    })?;
     swap_link(&worktree, &snapshot)?;
     if let Some(previous) = current {
         let previous = if previous.is_absolute() {

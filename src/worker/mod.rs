@@ -2,9 +2,8 @@
 //! and turn its phases and gix's progress counters into sync records and stage events.
 //! Knows the engine traits and the mirror, never HTTP or sockets.
 
-use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -12,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::domain::{ProjectId, RepoUrl, SyncId, format_rfc3339, millis_between, now_rfc3339};
-use crate::engine::{Engine, EngineError, Lease, Project};
+use crate::engine::{Engine, EngineError, Lease, Project, ProjectLock};
 
 pub mod credentials;
 use crate::mirror::{self, Layout, MirrorError, Phase, SyncOutcome, SyncSpec};
@@ -56,9 +55,17 @@ struct Worker {
     engine: Engine,
     layout: Layout,
     settings: WorkerSettings,
-    /// projects whose mirror a worker of this process is touching
-    busy_projects: Arc<Mutex<HashSet<String>>>,
 }
+
+/// Who a running job reports to, and the lock its writes are fenced with.
+struct JobCtx<'a> {
+    owner: &'a str,
+    lock: &'a ProjectLock,
+}
+
+/// How long a worker keeps retrying a write the engine refused (Redis down), before
+/// it leaves the job to be taken over.
+const ENGINE_WRITE_PATIENCE: Duration = Duration::from_secs(300);
 
 /// Starts `count` workers on `tracker`.
 pub fn spawn(
@@ -73,7 +80,6 @@ pub fn spawn(
         engine,
         layout,
         settings,
-        busy_projects: Arc::default(),
     };
     for index in 0..count {
         let worker = worker.clone();
@@ -107,33 +113,50 @@ impl Worker {
                     }
                 }
             };
-            let project = lease.job.project_id.clone();
-            if !self
-                .busy_projects
-                .lock()
-                .expect("lock is never poisoned")
-                .insert(project.clone())
-            {
-                // another worker here has this mirror; the job waits its turn
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if let Err(err) = self.engine.queue.release(lease).await {
-                    tracing::error!(error = %error_chain(&err), "could not requeue a job");
+            let lock = match self.engine.queue.lock_project(&lease).await {
+                Ok(Some(lock)) => lock,
+                held => {
+                    if let Err(err) = held {
+                        tracing::error!(error = %error_chain(&err), "could not take a project lock");
+                    }
+                    // another worker has this mirror (or the lock of a dead one has
+                    // not expired yet): the job waits its turn on the queue
+                    tokio::select! {
+                        _ = stops.stop_taking.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    if let Err(err) = self.engine.queue.release(lease).await {
+                        tracing::error!(error = %error_chain(&err), "could not requeue a job");
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let end = self.run_job(&lease, &stops.interrupt).await;
-            self.busy_projects
-                .lock()
-                .expect("lock is never poisoned")
-                .remove(&project);
+            };
+            // the job stops when the worker stops, or when its lock is lost
+            let job_stop = stops.interrupt.child_token();
+            let heartbeat = tokio::spawn(keep_alive(
+                self.engine.clone(),
+                lease.clone(),
+                lock.clone(),
+                job_stop.clone(),
+            ));
+            let end = self.run_job(&lease, &lock, &job_stop).await;
+            heartbeat.abort();
             let acked = match end {
                 Ok(JobEnd::Finished) => self.engine.queue.complete(&lease).await,
                 Ok(JobEnd::Released) => self.engine.queue.release(lease).await,
+                Err(EngineError::Fenced) => {
+                    // another worker owns the job now; it acks it
+                    tracing::warn!(sync_id = %lease.job.sync_id, "lost the project lock; leaving the job to the worker that took it over");
+                    continue;
+                }
                 Err(err) => {
                     tracing::error!(error = %error_chain(&err), "job failed in the engine; it stays queued");
                     self.engine.queue.release(lease).await
                 }
             };
+            if let Err(err) = self.engine.queue.unlock_project(&lock).await {
+                tracing::warn!(error = %error_chain(&err), "could not release a project lock; it expires by itself");
+            }
             if let Err(err) = acked {
                 tracing::error!(error = %error_chain(&err), "could not settle a job with the queue");
             }
@@ -143,9 +166,14 @@ impl Worker {
     async fn run_job(
         &self,
         lease: &Lease,
+        lock: &ProjectLock,
         interrupt: &CancellationToken,
     ) -> Result<JobEnd, EngineError> {
         let job = &lease.job;
+        let ctx = JobCtx {
+            owner: &job.owner,
+            lock,
+        };
         let (Some(sync_id), Some(project_id)) = (
             SyncId::parse(&job.sync_id),
             ProjectId::parse(&job.project_id),
@@ -162,7 +190,7 @@ impl Worker {
         let Some(project) = self.engine.store.project(&project_id).await? else {
             self.fail(
                 &mut record,
-                &job.owner,
+                &ctx,
                 SyncErrorCode::BackendError,
                 "the project was deleted",
             )
@@ -178,36 +206,36 @@ impl Worker {
             record.error = None;
             self.stage(
                 &mut record,
-                &job.owner,
+                &ctx,
                 SyncStatus::Running,
                 Some(Progress::default()),
             )
             .await?;
             let result = self
-                .attempt(&project, &project_id, &mut record, &job.owner, interrupt)
+                .attempt(&project, &project_id, &mut record, &ctx, interrupt)
                 .await?;
             match result {
                 AttemptEnd::Done(outcome) => {
-                    self.complete(&mut record, &job.owner, outcome).await?;
+                    self.complete(&mut record, &ctx, outcome).await?;
                     return Ok(JobEnd::Finished);
                 }
                 AttemptEnd::Released => {
                     record.status = SyncStatus::Queued;
                     record.progress = None;
-                    self.engine.store.put_sync(&record).await?;
+                    self.engine.store.put_sync(&record, Some(lock)).await?;
                     return Ok(JobEnd::Released);
                 }
                 AttemptEnd::Failed(err)
                     if err.is_retryable() && attempt < self.settings.retry_max =>
                 {
                     let wait = retry_delay(attempt, self.settings.retry_base, jitter_fraction());
-                    self.announce_retry(&mut record, &job.owner, attempt, wait, &err)
+                    self.announce_retry(&mut record, &ctx, attempt, wait, &err)
                         .await?;
                     tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %scrub(&project, &error_chain(&err)), "sync attempt failed; retrying");
                     tokio::select! {
                         _ = interrupt.cancelled() => {
                             record.status = SyncStatus::Queued;
-                            self.engine.store.put_sync(&record).await?;
+                            self.engine.store.put_sync(&record, Some(lock)).await?;
                             return Ok(JobEnd::Released);
                         }
                         _ = tokio::time::sleep(wait) => {}
@@ -215,7 +243,7 @@ impl Worker {
                 }
                 AttemptEnd::Failed(err) => {
                     tracing::warn!(attempt, code = err.code().as_str(), error = %scrub(&project, &error_chain(&err)), "sync failed");
-                    self.fail(&mut record, &job.owner, err.code(), &err.to_string())
+                    self.fail(&mut record, &ctx, err.code(), &err.to_string())
                         .await?;
                     return Ok(JobEnd::Finished);
                 }
@@ -229,7 +257,7 @@ impl Worker {
         project: &Project,
         project_id: &ProjectId,
         record: &mut SyncRecord,
-        owner: &str,
+        ctx: &JobCtx<'_>,
         shutdown: &CancellationToken,
     ) -> Result<AttemptEnd, EngineError> {
         // the key file lives until this attempt ends, then is deleted
@@ -239,6 +267,7 @@ impl Worker {
         };
         let root = gix::progress::tree::Root::new();
         let interrupt = Arc::new(AtomicBool::new(false));
+        let fence = ctx.lock.fence;
         let (phase_tx, mut phase_rx) = mpsc::unbounded_channel::<Phase>();
         let handle = {
             let layout = self.layout.clone();
@@ -253,6 +282,7 @@ impl Worker {
                     url: &url,
                     branch: &branch,
                     ssh_command,
+                    fence,
                 };
                 let on_phase = move |phase: Phase| {
                     let _ = phase_tx.send(phase);
@@ -279,7 +309,7 @@ impl Worker {
                     if status != record.status {
                         let progress = mirror::sample_progress(&root, phase);
                         last_sent = progress;
-                        self.stage(record, owner, status, Some(progress)).await?;
+                        self.stage(record, ctx, status, Some(progress)).await?;
                     }
                 }
                 joined = &mut handle => break joined,
@@ -287,7 +317,7 @@ impl Worker {
                     let progress = mirror::sample_progress(&root, phase);
                     if progress != last_sent {
                         last_sent = progress;
-                        self.stage(record, owner, record.status, Some(progress)).await?;
+                        self.stage(record, ctx, record.status, Some(progress)).await?;
                     }
                 }
                 _ = &mut deadline, if !interrupt.load(Ordering::Relaxed) => {
@@ -315,7 +345,7 @@ impl Worker {
             let status = status_of(phase);
             if status != record.status {
                 let progress = mirror::sample_progress(&root, phase);
-                self.stage(record, owner, status, Some(progress)).await?;
+                self.stage(record, ctx, status, Some(progress)).await?;
             }
         }
         let result = result?;
@@ -345,13 +375,13 @@ impl Worker {
     async fn stage(
         &self,
         record: &mut SyncRecord,
-        owner: &str,
+        ctx: &JobCtx<'_>,
         status: SyncStatus,
         progress: Option<Progress>,
     ) -> Result<(), EngineError> {
         record.status = status;
         record.progress = progress;
-        self.store_and_publish(record, owner, None).await
+        self.store_and_publish(record, ctx, None).await
     }
 
     /// Tells clients an attempt failed and when the next one starts, so a waiting
@@ -359,7 +389,7 @@ impl Worker {
     async fn announce_retry(
         &self,
         record: &mut SyncRecord,
-        owner: &str,
+        ctx: &JobCtx<'_>,
         attempt: u32,
         wait: Duration,
         err: &MirrorError,
@@ -374,7 +404,7 @@ impl Worker {
         record.error = Some(error.clone());
         self.store_and_publish(
             record,
-            owner,
+            ctx,
             Some(RetryWait {
                 attempt,
                 retry_at,
@@ -389,10 +419,9 @@ impl Worker {
     async fn store_and_publish(
         &self,
         record: &SyncRecord,
-        owner: &str,
+        ctx: &JobCtx<'_>,
         retry: Option<RetryWait>,
     ) -> Result<(), EngineError> {
-        self.engine.store.put_sync(record).await?;
         let body = EventBody::SyncStage {
             sync_id: record.sync_id.clone(),
             project_id: record.project_id.clone(),
@@ -401,14 +430,54 @@ impl Worker {
             at: now_rfc3339(),
             retry,
         };
-        self.engine.events.publish(owner, body).await?;
+        // a lost progress tick is made good by the next one; a stage change is not
+        let essential = !body.is_progress_only();
+        let stored = self
+            .persist(essential, || {
+                self.engine.store.put_sync(record, Some(ctx.lock))
+            })
+            .await?;
+        if stored {
+            self.persist(essential, || {
+                self.engine.events.publish(ctx.owner, body.clone())
+            })
+            .await?;
+        }
         Ok(())
+    }
+
+    /// Runs an engine write. An essential one is retried with backoff while the engine
+    /// is unreachable (a Redis restart must not fail a sync that is otherwise fine);
+    /// a lost lock ends the retries at once. Returns whether the write happened.
+    async fn persist<T, F, Fut>(&self, essential: bool, write: F) -> Result<bool, EngineError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, EngineError>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match write().await {
+                Ok(_) => return Ok(true),
+                Err(EngineError::Fenced) => return Err(EngineError::Fenced),
+                Err(err) if !essential => {
+                    tracing::debug!(error = %error_chain(&err), "skipping a progress update the engine refused");
+                    return Ok(false);
+                }
+                Err(err) if started.elapsed() >= ENGINE_WRITE_PATIENCE => return Err(err),
+                Err(err) => {
+                    tracing::warn!(error = %error_chain(&err), retry_in_ms = backoff.as_millis() as u64, "engine write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(3));
+                }
+            }
+        }
     }
 
     async fn complete(
         &self,
         record: &mut SyncRecord,
-        owner: &str,
+        ctx: &JobCtx<'_>,
         outcome: SyncOutcome,
     ) -> Result<(), EngineError> {
         let finished_at = now_rfc3339();
@@ -424,13 +493,13 @@ impl Worker {
         progress.objects = progress.objects.max(outcome.objects);
         progress.bytes = progress.bytes.max(outcome.bytes);
         if outcome.repaired {
-            self.notify(owner, record, NotificationKind::RepoMirrorRepaired)
+            self.notify(ctx, record, NotificationKind::RepoMirrorRepaired)
                 .await?;
         }
         // the record is final on disk before anyone hears the sync completed
-        self.stage(record, owner, SyncStatus::Completed, Some(progress))
+        self.stage(record, ctx, SyncStatus::Completed, Some(progress))
             .await?;
-        self.notify(owner, record, NotificationKind::RepoSyncSuccess)
+        self.notify(ctx, record, NotificationKind::RepoSyncSuccess)
             .await?;
         tracing::info!(
             sync_id = %record.sync_id,
@@ -444,7 +513,7 @@ impl Worker {
     async fn fail(
         &self,
         record: &mut SyncRecord,
-        owner: &str,
+        ctx: &JobCtx<'_>,
         code: SyncErrorCode,
         message: &str,
     ) -> Result<(), EngineError> {
@@ -459,31 +528,27 @@ impl Worker {
             message: message.to_owned(),
         });
         let progress = record.progress;
-        self.stage(record, owner, SyncStatus::Failed, progress)
+        self.stage(record, ctx, SyncStatus::Failed, progress)
             .await?;
-        self.notify(owner, record, NotificationKind::RepoSyncFailed)
+        self.notify(ctx, record, NotificationKind::RepoSyncFailed)
             .await
     }
 
     async fn notify(
         &self,
-        owner: &str,
+        ctx: &JobCtx<'_>,
         record: &SyncRecord,
         kind: NotificationKind,
     ) -> Result<(), EngineError> {
-        self.engine
-            .events
-            .publish(
-                owner,
-                EventBody::Notification {
-                    kind,
-                    sync_id: record.sync_id.clone(),
-                    project_id: record.project_id.clone(),
-                    commit: record.commit.clone(),
-                    error: record.error.clone(),
-                    at: now_rfc3339(),
-                },
-            )
+        let body = EventBody::Notification {
+            kind,
+            sync_id: record.sync_id.clone(),
+            project_id: record.project_id.clone(),
+            commit: record.commit.clone(),
+            error: record.error.clone(),
+            at: now_rfc3339(),
+        };
+        self.persist(true, || self.engine.events.publish(ctx.owner, body.clone()))
             .await?;
         Ok(())
     }
@@ -569,6 +634,28 @@ fn ssh_setup(
             log,
         }),
     ))
+}
+
+/// Heartbeats a running job until aborted. When the engine says the lock is gone,
+/// stops the job: its writes would be refused anyway, and its mirror work is fenced.
+async fn keep_alive(engine: Engine, lease: Lease, lock: ProjectLock, job_stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(engine.queue.heartbeat_interval());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        match engine.queue.heartbeat(&lease, &lock).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(sync_id = %lease.job.sync_id, "project lock expired under a running job; stopping it");
+                job_stop.cancel();
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %error_chain(&err), "heartbeat failed; retrying");
+            }
+        }
+    }
 }
 
 enum AttemptEnd {

@@ -61,6 +61,9 @@ pub fn next_fence(last: u64) -> u64 {
 
 /// What a live subscription delivers: events, and a mark that the feed was broken and
 /// is whole again (events published meanwhile are only in the users' histories).
+// nearly every item is an event; boxing them all to shrink the rare marker would cost
+// an allocation per event
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Live {
     Event(Event),

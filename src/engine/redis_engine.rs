@@ -5,7 +5,8 @@
 //!   worker died or hung) is taken over with `XAUTOCLAIM`. A per-project lock with a
 //!   fencing token makes sure only one worker ever touches a mirror.
 //! - **Events** get their per-user id from `INCR`, are kept in a capped per-user Stream
-//!   whose entry ids are `0-<event id>` (so resume is one `XRANGE`), and are published on
+//!   (trimmed exactly to the configured history) whose entry ids are `0-<event id>` (so
+//!   resume is one `XRANGE`), and are published on
 //!   one pub/sub channel that every hub node subscribes to. All three happen in one Lua
 //!   script, so ids reach the history and the channel in order.
 //! - **State**: projects are hashes (the registration as JSON plus the fields a sync
@@ -197,7 +198,7 @@ impl Scripts {
                 local id = redis.call('INCR', KEYS[1])
                 local sid = string.format('%d', id)
                 local event = '{"id":' .. sid .. ',' .. string.sub(ARGV[1], 2)
-                redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '0-' .. sid, 'e', event)
+                redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '0-' .. sid, 'e', event)
                 redis.call('PUBLISH', KEYS[3], ARGV[2] .. event)
                 return id
                 "#,
@@ -461,6 +462,9 @@ impl Store for RedisEngine {
     async fn projects_of(&self, owner: &str) -> Result<Vec<Project>, EngineError> {
         let mut conn = self.conn().await?;
         let ids: Vec<String> = conn.zrange(self.keys.owner(owner), 0, -1).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.hgetall(self.keys.project(id));

@@ -406,6 +406,49 @@ impl GitRepo {
         self.git(&["rev-parse", "HEAD"])
     }
 
+    /// Commits `files` files of `size` incompressible bytes each on `main`, through
+    /// `git fast-import` (seconds for tens of megabytes): a repository whose clone
+    /// takes a while. Returns the commit.
+    pub fn commit_random_files(&self, files: usize, size: usize) -> String {
+        use std::io::Write;
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut stream = Vec::with_capacity(files * (size + 64));
+        for mark in 1..=files {
+            let mut blob = vec![0u8; size];
+            for chunk in blob.chunks_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+            }
+            write!(stream, "blob\nmark :{mark}\ndata {size}\n").expect("buffer");
+            stream.extend_from_slice(&blob);
+            stream.push(b'\n');
+        }
+        stream.extend_from_slice(
+            b"commit refs/heads/main\ncommitter Test <test@example.com> 1700000000 +0000\ndata 4\nbig\n",
+        );
+        for mark in 1..=files {
+            writeln!(stream, "M 100644 :{mark} data/{:02}/{mark}.bin", mark % 16).expect("buffer");
+        }
+        let mut import = Command::new("git")
+            .args(["fast-import", "--quiet"])
+            .current_dir(self.dir.path())
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("git fast-import runs");
+        import
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&stream)
+            .expect("stream written");
+        assert!(import.wait().expect("fast-import ends").success());
+        self.git(&["rev-parse", "refs/heads/main"])
+    }
+
     /// `path → contents` of every file in the commit's tree (links as their target).
     pub fn tree_of(&self, commit: &str) -> Vec<(String, Vec<u8>)> {
         let listing = self.git(&["ls-tree", "-r", "-z", "--full-tree", commit]);

@@ -2,12 +2,15 @@
 //! repositories as remotes.
 
 mod browser;
+mod conformance;
 mod errors;
 mod failures;
 mod helpers;
 mod lifecycle;
+mod multinode;
 mod projects;
 mod read;
+mod redis_server;
 mod ssh;
 mod sync;
 mod websocket;

@@ -1,0 +1,564 @@
+//! One suite for the engine traits (`Store`, `JobQueue`, `EventLog`), run against the
+//! embedded engine and the Redis engine alike: whatever a hub or worker relies on
+//! behaves the same on one node and on many.
+
+use std::future::Future;
+use std::time::Duration;
+
+use hivesync::domain::{ProjectId, SyncId, now_rfc3339};
+use hivesync::engine::embedded::EmbeddedEngine;
+use hivesync::engine::redis_engine::{RedisEngine, RedisSettings};
+use hivesync::engine::{Engine, EngineError, Live, Project};
+use hivesync::protocol::{EventBody, Job, SyncRecord, SyncStatus};
+use tokio_util::sync::CancellationToken;
+
+use crate::redis_server::{RedisServer, redis_or_skip, unique_prefix};
+
+/// Engine settings the checks rely on.
+const RATE: (u32, Duration) = (3, Duration::from_secs(60));
+const HISTORY: u64 = 5;
+
+/// Makes a fresh, empty engine for one check.
+trait Factory {
+    fn make(&self) -> impl Future<Output = Engine>;
+    /// Whether the live feed is a network subscription that announces itself ready.
+    fn networked(&self) -> bool;
+}
+
+struct Embedded(tempfile::TempDir);
+
+impl Factory for Embedded {
+    async fn make(&self) -> Engine {
+        let dir = self
+            .0
+            .path()
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        let engine = EmbeddedEngine::open(&dir, RATE, HISTORY).expect("embedded engine opens");
+        Engine {
+            store: engine.clone(),
+            queue: engine.clone(),
+            events: engine,
+        }
+    }
+
+    fn networked(&self) -> bool {
+        false
+    }
+}
+
+struct OnRedis {
+    server: RedisServer,
+}
+
+impl OnRedis {
+    async fn connect(&self, prefix: &str, reclaim_after: Duration) -> std::sync::Arc<RedisEngine> {
+        let engine = RedisEngine::connect(RedisSettings {
+            url: self.server.url(),
+            prefix: prefix.to_owned(),
+            reclaim_after,
+            history_len: HISTORY,
+            sync_rate: RATE,
+            pool_size: 8,
+        })
+        .await
+        .expect("redis engine connects");
+        engine.start_subscriber();
+        engine
+    }
+}
+
+fn engine_of(engine: std::sync::Arc<RedisEngine>) -> Engine {
+    Engine {
+        store: engine.clone(),
+        queue: engine.clone(),
+        events: engine,
+    }
+}
+
+impl Factory for OnRedis {
+    async fn make(&self) -> Engine {
+        engine_of(
+            self.connect(&unique_prefix(), Duration::from_secs(30))
+                .await,
+        )
+    }
+
+    fn networked(&self) -> bool {
+        true
+    }
+}
+
+async fn all_checks(factory: &impl Factory) {
+    projects_syncs_and_coalescing(factory.make().await).await;
+    rate_limit_is_a_burst_then_an_exact_wait(factory.make().await).await;
+    events_are_numbered_per_user_kept_and_live(factory.make().await, factory.networked()).await;
+    jobs_locks_and_fences(factory.make().await).await;
+}
+
+#[tokio::test]
+async fn embedded_engine_conforms() {
+    all_checks(&Embedded(tempfile::tempdir().expect("temp dir"))).await;
+}
+
+#[tokio::test]
+async fn redis_engine_conforms() {
+    let Some(server) = redis_or_skip("redis_engine_conforms") else {
+        return;
+    };
+    all_checks(&OnRedis { server }).await;
+}
+
+fn project(owner: &str) -> Project {
+    Project {
+        project_id: ProjectId::generate().to_string(),
+        name: format!("{owner}'s project"),
+        repo_url: "https://user:secret@example.com/r.git".into(),
+        branch: "main".into(),
+        owner: owner.into(),
+        created_at: now_rfc3339(),
+        credential: None,
+        last_status: None,
+        last_synced_at: None,
+        commit: None,
+        active_sync: None,
+    }
+}
+
+fn record(project: &Project) -> SyncRecord {
+    SyncRecord {
+        sync_id: SyncId::generate().to_string(),
+        project_id: project.project_id.clone(),
+        status: SyncStatus::Queued,
+        progress: None,
+        commit: None,
+        previous_commit: None,
+        attempt: 0,
+        queued_at: now_rfc3339(),
+        started_at: None,
+        finished_at: None,
+        duration_ms: None,
+        error: None,
+    }
+}
+
+fn pid(project: &Project) -> ProjectId {
+    ProjectId::parse(&project.project_id).expect("valid id")
+}
+
+fn sid(record: &SyncRecord) -> SyncId {
+    SyncId::parse(&record.sync_id).expect("valid id")
+}
+
+async fn projects_syncs_and_coalescing(engine: Engine) {
+    let store = &engine.store;
+    let alice = project("alice");
+    let bob = project("bob");
+    store.insert_project(&alice).await.expect("insert");
+    store.insert_project(&bob).await.expect("insert");
+    let found = store
+        .project(&pid(&alice))
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(
+        found.repo_url, alice.repo_url,
+        "the stored URL is the full one"
+    );
+    let of_alice = store.projects_of("alice").await.expect("list");
+    assert_eq!(of_alice.len(), 1);
+    assert_eq!(of_alice[0].project_id, alice.project_id);
+
+    let first = record(&alice);
+    let (stored, created) = store.begin_sync(first.clone()).await.expect("begin");
+    assert!(created);
+    assert_eq!(stored.sync_id, first.sync_id);
+    let (joined, created) = store.begin_sync(record(&alice)).await.expect("begin");
+    assert!(!created, "a second request joins the active sync");
+    assert_eq!(joined.sync_id, first.sync_id);
+    let (_, created) = store.begin_sync(record(&bob)).await.expect("begin");
+    assert!(created, "projects coalesce independently");
+
+    let mut running = first.clone();
+    running.status = SyncStatus::Running;
+    store.put_sync(&running, None).await.expect("put");
+    let read = store
+        .sync(&sid(&first))
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(read.status, SyncStatus::Running);
+    let unfinished = store.unfinished_syncs().await.expect("unfinished");
+    assert!(
+        unfinished
+            .iter()
+            .any(|(record, owner)| record.sync_id == first.sync_id && owner == "alice")
+    );
+
+    let mut done = running.clone();
+    done.status = SyncStatus::Completed;
+    done.commit = Some("a".repeat(40));
+    done.finished_at = Some(now_rfc3339());
+    store.put_sync(&done, None).await.expect("put");
+    let after = store
+        .project(&pid(&alice))
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(after.last_status, Some(SyncStatus::Completed));
+    assert_eq!(after.commit, done.commit);
+    assert_eq!(after.last_synced_at, done.finished_at);
+    assert_eq!(after.active_sync, None);
+    assert!(
+        !store
+            .unfinished_syncs()
+            .await
+            .expect("unfinished")
+            .iter()
+            .any(|(record, _)| record.sync_id == first.sync_id)
+    );
+
+    let second = record(&alice);
+    let (_, created) = store.begin_sync(second.clone()).await.expect("begin");
+    assert!(created, "after the end, a new sync starts");
+    let newest = store.syncs_of(&pid(&alice), 1).await.expect("list");
+    assert_eq!(newest.len(), 1);
+    assert_eq!(newest[0].sync_id, second.sync_id, "newest first");
+    let all = store.syncs_of(&pid(&alice), 10).await.expect("list");
+    let ids: Vec<_> = all.iter().map(|r| r.sync_id.clone()).collect();
+    assert_eq!(ids, vec![second.sync_id.clone(), first.sync_id.clone()]);
+
+    store.delete_project(&pid(&alice)).await.expect("delete");
+    assert!(store.project(&pid(&alice)).await.expect("read").is_none());
+    assert!(store.sync(&sid(&first)).await.expect("read").is_none());
+    assert!(store.projects_of("alice").await.expect("list").is_empty());
+    assert_eq!(store.projects_of("bob").await.expect("list").len(), 1);
+    // a worker still running the deleted project's sync writes into nothing
+    store.put_sync(&done, None).await.expect("put");
+    assert!(store.sync(&sid(&first)).await.expect("read").is_none());
+    assert!(store.project(&pid(&alice)).await.expect("read").is_none());
+    store.ping().await.expect("ping");
+}
+
+async fn rate_limit_is_a_burst_then_an_exact_wait(engine: Engine) {
+    for _ in 0..RATE.0 {
+        assert_eq!(
+            engine
+                .store
+                .admit_sync_request("carol")
+                .await
+                .expect("admit"),
+            Ok(())
+        );
+    }
+    let wait = engine
+        .store
+        .admit_sync_request("carol")
+        .await
+        .expect("admit")
+        .expect_err("over the rate");
+    assert!(
+        wait > Duration::from_secs(19) && wait <= Duration::from_secs(20),
+        "one emission interval (20 s) from the burst's start, got {wait:?}"
+    );
+    assert_eq!(
+        engine
+            .store
+            .admit_sync_request("dave")
+            .await
+            .expect("admit"),
+        Ok(()),
+        "users are independent"
+    );
+}
+
+fn stage(project_id: &str, n: u64) -> EventBody {
+    EventBody::SyncStage {
+        sync_id: format!("sync-{n}"),
+        project_id: project_id.into(),
+        stage: SyncStatus::Running,
+        progress: None,
+        at: now_rfc3339(),
+        retry: None,
+    }
+}
+
+async fn events_are_numbered_per_user_kept_and_live(engine: Engine, networked: bool) {
+    let events = &engine.events;
+    let mut live = events.live();
+    if networked {
+        // the subscription announces itself once it is in place
+        let ready = tokio::time::timeout(Duration::from_secs(5), live.recv()).await;
+        assert!(matches!(ready, Ok(Ok(Live::Reconnected))), "{ready:?}");
+    }
+    assert_eq!(events.latest("erin").await.expect("latest"), 0);
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        ids.push(
+            events
+                .publish("erin", stage("p", n))
+                .await
+                .expect("publish")
+                .id,
+        );
+    }
+    let other = events
+        .publish("frank", stage("q", 1))
+        .await
+        .expect("publish");
+    assert_eq!(ids, vec![1, 2, 3], "per-user ids count up from 1");
+    assert_eq!(other.id, 1, "each user has their own sequence");
+    assert_eq!(events.latest("erin").await.expect("latest"), 3);
+
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        match tokio::time::timeout(Duration::from_secs(5), live.recv()).await {
+            Ok(Ok(Live::Event(event))) => seen.push((event.user.clone(), event.id)),
+            Ok(Ok(Live::Reconnected)) => {}
+            other => panic!("live feed ended early: {other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("erin".to_owned(), 1),
+            ("erin".to_owned(), 2),
+            ("erin".to_owned(), 3),
+            ("frank".to_owned(), 1)
+        ]
+    );
+
+    let history = events.after("erin", 1, 100).await.expect("after");
+    assert!(!history.gap);
+    let got: Vec<_> = history.events.iter().map(|e| e.id).collect();
+    assert_eq!(got, vec![2, 3]);
+    assert_eq!(
+        history.events[0].body,
+        stage("p", 2).with_at_of(&history.events[0].body)
+    );
+    assert!(
+        events
+            .after("erin", 3, 100)
+            .await
+            .expect("after")
+            .events
+            .is_empty()
+    );
+    let limited = events.after("erin", 0, 2).await.expect("after");
+    assert_eq!(
+        limited.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+
+    // past the kept history: a resume from before it is a gap
+    for n in 4..=12 {
+        events
+            .publish("erin", stage("p", n))
+            .await
+            .expect("publish");
+    }
+    let old = events.after("erin", 2, 100).await.expect("after");
+    assert!(old.gap, "ids 3..7 are no longer kept");
+    let recent = events
+        .after("erin", 12 - HISTORY, 100)
+        .await
+        .expect("after");
+    assert!(!recent.gap);
+    assert_eq!(
+        recent.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        (12 - HISTORY + 1..=12).collect::<Vec<_>>()
+    );
+}
+
+/// Stage bodies carry a timestamp; compare the rest.
+trait WithAt {
+    fn with_at_of(self, other: &EventBody) -> EventBody;
+}
+
+impl WithAt for EventBody {
+    fn with_at_of(mut self, other: &EventBody) -> EventBody {
+        if let (EventBody::SyncStage { at, .. }, EventBody::SyncStage { at: theirs, .. }) =
+            (&mut self, other)
+        {
+            at.clone_from(theirs);
+        }
+        self
+    }
+}
+
+fn job(project: &str, n: u32) -> Job {
+    Job {
+        sync_id: format!("job-{n}"),
+        project_id: project.into(),
+        owner: "alice".into(),
+    }
+}
+
+async fn jobs_locks_and_fences(engine: Engine) {
+    let queue = &engine.queue;
+    let shutdown = CancellationToken::new();
+    let alice = project("alice");
+    engine.store.insert_project(&alice).await.expect("insert");
+    let sync = record(&alice);
+    engine.store.begin_sync(sync.clone()).await.expect("begin");
+
+    queue
+        .enqueue(job(&alice.project_id, 1))
+        .await
+        .expect("enqueue");
+    queue
+        .enqueue(job(&alice.project_id, 2))
+        .await
+        .expect("enqueue");
+    let first = queue.take(&shutdown).await.expect("take").expect("a job");
+    assert_eq!(first.job.sync_id, "job-1", "first in, first out");
+    let second = queue.take(&shutdown).await.expect("take").expect("a job");
+    assert_eq!(second.job.sync_id, "job-2");
+
+    let lock = queue
+        .lock_project(&first)
+        .await
+        .expect("lock")
+        .expect("free");
+    assert!(
+        queue.lock_project(&second).await.expect("lock").is_none(),
+        "one mirror, one worker"
+    );
+    assert!(queue.heartbeat(&first, &lock).await.expect("heartbeat"));
+    let mut running = sync.clone();
+    running.status = SyncStatus::Running;
+    engine
+        .store
+        .put_sync(&running, Some(&lock))
+        .await
+        .expect("fenced write while held");
+
+    queue.unlock_project(&lock).await.expect("unlock");
+    assert!(
+        !queue.heartbeat(&first, &lock).await.expect("heartbeat"),
+        "lock is gone"
+    );
+    let newer = queue
+        .lock_project(&second)
+        .await
+        .expect("lock")
+        .expect("free again");
+    assert!(newer.fence > lock.fence, "fences only grow");
+    let stale = engine.store.put_sync(&running, Some(&lock)).await;
+    assert!(
+        matches!(stale, Err(EngineError::Fenced)),
+        "a stale holder cannot write: {stale:?}"
+    );
+    engine
+        .store
+        .put_sync(&running, Some(&newer))
+        .await
+        .expect("current holder writes");
+
+    queue.complete(&first).await.expect("complete");
+    queue.release(second).await.expect("release");
+    let again = queue
+        .take(&shutdown)
+        .await
+        .expect("take")
+        .expect("released job");
+    assert_eq!(again.job.sync_id, "job-2", "a released job is taken again");
+    queue.complete(&again).await.expect("complete");
+    queue.unlock_project(&newer).await.expect("unlock");
+
+    let stopping = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stopping.cancel();
+    });
+    let idle = tokio::time::timeout(Duration::from_secs(5), queue.take(&shutdown))
+        .await
+        .expect("take notices shutdown");
+    assert!(idle.expect("take").is_none());
+}
+
+/// Redis only: a job whose worker stops heartbeating is taken over by another worker
+/// (another process, here another engine with its own consumer name), and the old
+/// worker's lock is then worthless.
+#[tokio::test]
+async fn a_silent_workers_job_is_taken_over_and_its_lock_fenced() {
+    let Some(server) = redis_or_skip("a_silent_workers_job_is_taken_over") else {
+        return;
+    };
+    let redis = OnRedis { server };
+    let prefix = unique_prefix();
+    let reclaim = Duration::from_millis(400);
+    let first_worker = engine_of(redis.connect(&prefix, reclaim).await);
+    let second_worker = engine_of(redis.connect(&prefix, reclaim).await);
+    let shutdown = CancellationToken::new();
+
+    first_worker
+        .queue
+        .enqueue(job("p1", 1))
+        .await
+        .expect("enqueue");
+    let lease = first_worker
+        .queue
+        .take(&shutdown)
+        .await
+        .expect("take")
+        .expect("job");
+    let lock = first_worker
+        .queue
+        .lock_project(&lease)
+        .await
+        .expect("lock")
+        .expect("free");
+    // heartbeats keep the job: the other worker finds nothing for a while
+    let kept = tokio::time::timeout(Duration::from_millis(1200), async {
+        loop {
+            assert!(
+                first_worker
+                    .queue
+                    .heartbeat(&lease, &lock)
+                    .await
+                    .expect("heartbeat")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let stolen = tokio::time::timeout(
+        Duration::from_millis(1200),
+        second_worker.queue.take(&shutdown),
+    );
+    let (_, stolen) = tokio::join!(kept, stolen);
+    assert!(stolen.is_err(), "a heartbeating worker keeps its job");
+
+    // then the first worker goes silent
+    let taken = tokio::time::timeout(Duration::from_secs(5), second_worker.queue.take(&shutdown))
+        .await
+        .expect("taken over in time")
+        .expect("take")
+        .expect("the job");
+    assert_eq!(taken.job.sync_id, "job-1");
+    let new_lock = second_worker
+        .queue
+        .lock_project(&taken)
+        .await
+        .expect("lock")
+        .expect("the silent worker's lock expired");
+    assert!(new_lock.fence > lock.fence);
+    assert!(
+        !first_worker
+            .queue
+            .heartbeat(&lease, &lock)
+            .await
+            .expect("heartbeat"),
+        "the old worker learns it lost the job"
+    );
+    second_worker
+        .queue
+        .complete(&taken)
+        .await
+        .expect("complete");
+    let nothing = tokio::time::timeout(
+        Duration::from_millis(1500),
+        first_worker.queue.take(&shutdown),
+    )
+    .await;
+    assert!(nothing.is_err(), "a completed job is gone for everyone");
+}

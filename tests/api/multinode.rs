@@ -1,0 +1,267 @@
+//! Several processes on one Redis: hubs in this process (each its own `Application`, as
+//! separate nodes would be), `hivesync worker` as real child processes, and a private
+//! `redis-server` that the tests kill and restart.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::{GitRepo, TestApp, WAIT, assert_exact_tree, is_notification, wait_until};
+use crate::redis_server::{RedisServer, redis_or_skip, spawn_worker, unique_prefix};
+
+const RECLAIM_MS: u64 = 1000;
+
+async fn hub(redis: &RedisServer, prefix: &str, data: &std::path::Path, workers: usize) -> TestApp {
+    let url = redis.url();
+    let prefix = prefix.to_owned();
+    TestApp::spawn_on(data, move |config| {
+        config.redis_url = Some(url);
+        config.redis_prefix = prefix;
+        config.serve_workers = Some(workers);
+        config.reclaim_after = Duration::from_millis(RECLAIM_MS);
+    })
+    .await
+}
+
+fn ids_of(frames: &[Value]) -> Vec<u64> {
+    frames.iter().filter_map(|f| f["id"].as_u64()).collect()
+}
+
+fn assert_contiguous(ids: &[u64], after: u64) {
+    let expected: Vec<u64> = (after + 1..=after + ids.len() as u64).collect();
+    assert_eq!(
+        ids, expected,
+        "event ids must continue {after} with no gap or duplicate"
+    );
+}
+
+#[tokio::test]
+async fn a_socket_on_hub_b_follows_a_sync_requested_on_hub_a_and_run_by_a_worker_process() {
+    let Some(redis) = redis_or_skip("multinode fan-out") else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let data = tempfile::tempdir().expect("temp dir");
+    let logs = tempfile::tempdir().expect("temp dir");
+    let hub_a = hub(&redis, &prefix, data.path(), 0).await;
+    let hub_b = hub(&redis, &prefix, data.path(), 0).await;
+    let mut worker = spawn_worker(
+        &redis,
+        &prefix,
+        data.path(),
+        RECLAIM_MS,
+        &logs.path().join("worker.log"),
+    );
+
+    let repo = GitRepo::new();
+    repo.write("README.md", "hello from a worker process\n");
+    let commit = repo.commit("first");
+    let project = hub_a.register(&repo).await;
+    let (status, listed) = hub_b.get_json("/api/v1/projects").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        listed[0]["project_id"],
+        project.as_str(),
+        "hub B sees what hub A registered"
+    );
+
+    let mut on_b = hub_b.ws(&hub_b.token, "").await;
+    let hello = on_b.next_json().await;
+    let start = hello["last_event_id"].as_u64().expect("hello id");
+    let accepted = hub_a.request_sync(&project).await;
+    let sync_id = accepted["sync_id"].as_str().expect("sync_id").to_owned();
+    let frames = on_b
+        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == sync_id.as_str())
+        .await;
+    let stages: Vec<&str> = frames
+        .iter()
+        .filter(|f| f["type"] == "sync.stage")
+        .filter_map(|f| f["stage"].as_str())
+        .collect();
+    for stage in [
+        "running",
+        "updating_files",
+        "cleaning",
+        "finalizing",
+        "completed",
+    ] {
+        assert!(stages.contains(&stage), "hub B relayed {stage}: {stages:?}");
+    }
+    assert_contiguous(&ids_of(&frames), start);
+
+    let record_a = hub_a.wait_for_sync(&sync_id).await;
+    let (_, record_b) = hub_b
+        .get_json(&format!("/api/v1/repo/sync/{sync_id}"))
+        .await;
+    assert_eq!(record_a, record_b, "two hubs polling one sync agree");
+    assert_eq!(record_a["status"], "completed");
+    assert_eq!(record_a["commit"], commit.as_str());
+    assert_exact_tree(&hub_b, &project, &repo, &commit);
+
+    let (_, notifications_a) = hub_a.get_json("/api/v1/notifications?limit=100").await;
+    let (_, notifications_b) = hub_b.get_json("/api/v1/notifications?limit=100").await;
+    assert_eq!(
+        notifications_a, notifications_b,
+        "one history, whichever node is asked"
+    );
+
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_clone_leaves_its_job_to_another_worker() {
+    let Some(redis) = redis_or_skip("multinode takeover") else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let data = tempfile::tempdir().expect("temp dir");
+    let logs = tempfile::tempdir().expect("temp dir");
+    let hub = hub(&redis, &prefix, data.path(), 0).await;
+    let repo = GitRepo::new();
+    // ~60 MB that does not compress: the clone is far from done when the worker dies
+    let commit = repo.commit_random_files(600, 100_000);
+    let project = hub.register(&repo).await;
+    let mut socket = hub.ws(&hub.token, "").await;
+    socket.next_json().await;
+
+    let mut doomed = spawn_worker(
+        &redis,
+        &prefix,
+        data.path(),
+        RECLAIM_MS,
+        &logs.path().join("doomed.log"),
+    );
+    let accepted = hub.request_sync(&project).await;
+    let sync_id = accepted["sync_id"].as_str().expect("sync_id").to_owned();
+    socket
+        .until(|f| f["type"] == "sync.stage" && f["stage"] == "running")
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    doomed.kill().expect("kill -9 the worker");
+    doomed.wait().expect("reaped");
+    let (_, record) = hub.get_json(&format!("/api/v1/repo/sync/{sync_id}")).await;
+    assert!(
+        !matches!(record["status"].as_str(), Some("completed" | "failed")),
+        "the worker died mid-sync: {record}"
+    );
+
+    let successor_log = logs.path().join("successor.log");
+    let mut successor = spawn_worker(&redis, &prefix, data.path(), RECLAIM_MS, &successor_log);
+    let rest = socket
+        .until(|f| {
+            f["sync_id"] == sync_id.as_str()
+                && (is_notification(f, "repo_sync_success")
+                    || is_notification(f, "repo_sync_failed"))
+        })
+        .await;
+    let last = rest.last().expect("a notification");
+    assert!(is_notification(last, "repo_sync_success"), "{last}");
+    let record = hub.wait_for_sync(&sync_id).await;
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["commit"], commit.as_str());
+    assert_exact_tree(&hub, &project, &repo, &commit);
+    let snapshots = std::fs::read_dir(data.path().join("trees").join(&project))
+        .expect("trees dir")
+        .count();
+    assert_eq!(
+        snapshots, 1,
+        "the killed worker's half-written snapshot is gone"
+    );
+    let log = std::fs::read_to_string(&successor_log).expect("log");
+    assert!(
+        log.contains("took over a job"),
+        "the successor reclaimed it:\n{log}"
+    );
+
+    let _ = successor.kill();
+    let _ = successor.wait();
+}
+
+#[tokio::test]
+async fn after_a_redis_restart_hubs_resubscribe_and_clients_lose_and_repeat_nothing() {
+    let Some(mut redis) = redis_or_skip("multinode redis restart") else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let data = tempfile::tempdir().expect("temp dir");
+    let hub = hub(&redis, &prefix, data.path(), 1).await;
+    let repo = GitRepo::new();
+    repo.write("a.txt", "one\n");
+    repo.commit("one");
+    let project = hub.register(&repo).await;
+
+    let mut steady = hub.ws(&hub.token, "").await;
+    let start = steady.next_json().await["last_event_id"]
+        .as_u64()
+        .expect("id");
+    let first = hub.request_sync(&project).await["sync_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let before = steady
+        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == first.as_str())
+        .await;
+    assert_contiguous(&ids_of(&before), start);
+    let seen = *ids_of(&before).last().expect("events");
+
+    redis.kill();
+    let down = wait_until(WAIT, || async {
+        let response = hub.get_public("/readyz").await;
+        (response.status() == 503).then_some(())
+    })
+    .await;
+    assert!(down.is_some(), "readyz reports the lost engine");
+    redis.restart();
+
+    // a sync right after the restart: its first events may well be published before
+    // the hub has resubscribed; the hub must recover them from the history
+    repo.write("b.txt", "two\n");
+    let commit = repo.commit("two");
+    let second = wait_until(WAIT, || async {
+        let response = hub
+            .post(
+                "/api/v1/repo/sync",
+                &hub.token,
+                serde_json::json!({"project_id": project}),
+            )
+            .await;
+        if response.status() != 202 {
+            return None;
+        }
+        let body: Value = response.json().await.ok()?;
+        body["sync_id"].as_str().map(str::to_owned)
+    })
+    .await
+    .expect("the hub accepts syncs again once redis is back");
+    let after = steady
+        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == second.as_str())
+        .await;
+    assert_contiguous(&ids_of(&after), seen);
+    assert!(
+        after
+            .iter()
+            .any(|f| f["stage"] == "running" && f["sync_id"] == second.as_str()),
+        "the early stages of the sync arrived too"
+    );
+    assert_eq!(hub.wait_for_sync(&second).await["commit"], commit.as_str());
+    let ready = hub.get_public("/readyz").await;
+    assert_eq!(ready.status(), 200);
+
+    // a client that was away for all of it resumes from where it stopped
+    let mut returning = hub.ws(&hub.token, &format!("?last_event_id={seen}")).await;
+    let hello = returning.next_json().await;
+    assert_eq!(hello["type"], "hello");
+    let replay = returning
+        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == second.as_str())
+        .await;
+    assert_eq!(
+        ids_of(&replay),
+        ids_of(&after),
+        "resume replays exactly what was missed"
+    );
+    assert!(
+        steady.is_silent_for(Duration::from_millis(300)).await,
+        "no duplicate (and no close frame) arrives late"
+    );
+}

@@ -25,6 +25,9 @@ enum Command {
     Serve(#[command(flatten)] ConfigArgs),
     /// A sync worker only; needs HIVESYNC_REDIS_URL.
     Worker(#[command(flatten)] ConfigArgs),
+    /// Exits 0 when the configured engine answers and DATA_DIR is writable: a health
+    /// check for worker containers, which serve no HTTP.
+    Ready(#[command(flatten)] ConfigArgs),
     /// Mints a token with the configured key, for local use and tests.
     Token {
         #[arg(long)]
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Worker(args) => worker(args).await,
+            Command::Ready(args) => ready(args).await,
             Command::Token {
                 sub,
                 client,
@@ -115,6 +119,21 @@ async fn worker(args: ConfigArgs) -> Result<(), String> {
     app::run_workers(config, hivesync::shutdown::on_signal())
         .await
         .map_err(|err| chain(&err))
+}
+
+async fn ready(args: ConfigArgs) -> Result<(), String> {
+    let mut config = args.into_config().map_err(|err| err.to_string())?;
+    app::prepare_data_dir(&mut config).map_err(|err| chain(&err))?;
+    let probe = config
+        .data_dir
+        .join(format!(".ready-{}", std::process::id()));
+    std::fs::write(&probe, b"ok")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|err| format!("DATA_DIR is not writable: {err}"))?;
+    let (engine, _) = app::open_engine(&config).await.map_err(|err| chain(&err))?;
+    engine.store.ping().await.map_err(|err| chain(&err))?;
+    println!("ready");
+    Ok(())
 }
 
 fn token(sub: &str, client: ClientKind, ttl: Duration, args: ConfigArgs) -> Result<(), String> {

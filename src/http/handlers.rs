@@ -372,6 +372,7 @@ pub async fn readyz(state: Arc<AppState>) -> Response {
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "not_ready" },
         "engine": engine.is_ok(),
+        "engine_kind": if state.config.redis_url.is_some() { "redis" } else { "embedded" },
         "data_dir_writable": writable,
         "free_bytes": free,
         "min_free_bytes": state.config.min_free_bytes,

@@ -265,3 +265,28 @@ async fn after_a_redis_restart_hubs_resubscribe_and_clients_lose_and_repeat_noth
         "no duplicate (and no close frame) arrives late"
     );
 }
+
+/// `hivesync ready`: the health check of worker containers.
+#[tokio::test]
+async fn ready_answers_for_the_engine_a_worker_would_use() {
+    let Some(mut redis) = redis_or_skip("hivesync ready") else {
+        return;
+    };
+    let data = tempfile::tempdir().expect("temp dir");
+    let ready = |redis: &RedisServer| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hivesync"))
+            .arg("ready")
+            .env_clear()
+            .env("HIVESYNC_REDIS_URL", redis.url())
+            .env("HIVESYNC_REDIS_PREFIX", unique_prefix())
+            .env("HIVESYNC_DATA_DIR", data.path())
+            .output()
+            .expect("hivesync ready runs")
+    };
+    assert!(ready(&redis).status.success());
+    redis.kill();
+    let down = ready(&redis);
+    assert!(!down.status.success(), "redis is down");
+    let message = String::from_utf8_lossy(&down.stderr);
+    assert!(message.contains("could not reach redis"), "{message}");
+}

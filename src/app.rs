@@ -265,6 +265,7 @@ fn worker_settings(config: &Config) -> WorkerSettings {
         sync_timeout: config.sync_timeout,
         secrets_dir: config.secrets_dir.clone(),
         ssh_known_hosts: config.ssh_known_hosts.clone(),
+        https_ca_file: config.https_ca_file.clone(),
         retry_base: config.retry_base,
         retry_max: config.retry_max,
     }

@@ -26,6 +26,8 @@ pub struct Config {
     pub sync_timeout: Duration,
     pub secrets_dir: Option<PathBuf>,
     pub ssh_known_hosts: Option<PathBuf>,
+    /// PEM bundle of the CAs trusted for HTTPS remotes, instead of the system's
+    pub https_ca_file: Option<PathBuf>,
     pub min_free_bytes: u64,
     pub sync_rate: (u32, Duration),
     pub retry_base: Duration,
@@ -59,6 +61,7 @@ impl Default for Config {
             sync_timeout: Duration::from_secs(600),
             secrets_dir: None,
             ssh_known_hosts: None,
+            https_ca_file: None,
             min_free_bytes: 1 << 30,
             sync_rate: (30, Duration::from_secs(60)),
             retry_base: Duration::from_millis(30_000),
@@ -133,6 +136,8 @@ pub struct ConfigArgs {
     pub secrets_dir: Option<PathBuf>,
     #[arg(long, env = "HIVESYNC_SSH_KNOWN_HOSTS")]
     pub ssh_known_hosts: Option<PathBuf>,
+    #[arg(long, env = "HIVESYNC_HTTPS_CA_FILE")]
+    pub https_ca_file: Option<PathBuf>,
     #[arg(long, env = "HIVESYNC_MIN_FREE_BYTES")]
     pub min_free_bytes: Option<u64>,
     #[arg(long, env = "HIVESYNC_SYNC_RATE")]
@@ -186,6 +191,7 @@ impl ConfigArgs {
         }
         config.secrets_dir = self.secrets_dir;
         config.ssh_known_hosts = self.ssh_known_hosts;
+        config.https_ca_file = self.https_ca_file;
         if let Some(v) = self.min_free_bytes {
             config.min_free_bytes = v;
         }

@@ -40,7 +40,7 @@ pub enum MirrorError {
     CredentialMissing(String),
     #[error("the remote's SSH host key does not match HIVESYNC_SSH_KNOWN_HOSTS")]
     HostKeyRejected,
-    #[error("this build cannot fetch from this kind of URL (HTTPS transport is not compiled in)")]
+    #[error("this build cannot fetch from this kind of URL")]
     Unsupported(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("could not reach the remote")]
     Network(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -179,8 +179,29 @@ pub struct SyncSpec<'a> {
     pub branch: &'a str,
     /// `core.sshCommand` for this sync: the key and host-key policy (ssh URLs only)
     pub ssh_command: Option<String>,
+    /// The login for an http(s) remote, from the project's named credential; without
+    /// one, userinfo in the URL is used.
+    pub http_identity: Option<HttpIdentity>,
+    /// CAs trusted for HTTPS instead of the system's (`http.sslCAInfo`)
+    pub https_ca_file: Option<PathBuf>,
     /// The fencing token of the worker's project lock; the mirror refuses older ones.
     pub fence: u64,
+}
+
+/// A user name and token for an http(s) remote. Never logged.
+#[derive(Clone)]
+pub struct HttpIdentity {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for HttpIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpIdentity")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,11 +255,14 @@ fn sync_once(
     let fence_file = layout.fence_file(spec.project);
     claim_fence(&fence_file, spec.fence)?;
     let git_dir = layout.git_dir(spec.project);
-    let overrides: Vec<String> = spec
+    let mut overrides: Vec<String> = spec
         .ssh_command
         .iter()
         .map(|command| format!("core.sshCommand={command}"))
         .collect();
+    if let Some(ca_file) = &spec.https_ca_file {
+        overrides.push(format!("http.sslCAInfo={}", ca_file.display()));
+    }
     let (mut repo, mut reopened) = open_or_init(&git_dir, &overrides)?;
     if let Err(problem) = health_check(&repo, spec.branch) {
         tracing::warn!(project_id = %spec.project, %problem, "mirror failed its health check; cloning it again");
@@ -417,9 +441,26 @@ fn fetch(
 ) -> Result<(gix::ObjectId, Transfer), MirrorError> {
     let tracking = format!("refs/remotes/origin/{}", spec.branch);
     let refspec = format!("+refs/heads/{}:{tracking}", spec.branch);
+    let mut url = gix::url::parse(spec.url.as_bytes())
+        .map_err(|err| MirrorError::RepoNotFound(Box::new(err)))?;
+    // over http(s), the login goes through the credentials callback only: from the
+    // project's credential, else from the URL's userinfo, which is taken off the URL
+    let mut identity = spec.http_identity.clone();
+    if matches!(url.scheme, gix::url::Scheme::Http | gix::url::Scheme::Https) {
+        if identity.is_none()
+            && let (Some(user), Some(password)) = (url.user(), url.password())
+        {
+            identity = Some(HttpIdentity {
+                username: user.to_owned(),
+                password: password.to_owned(),
+            });
+        }
+        url.set_user(None);
+        url.set_password(None);
+    }
     // an anonymous remote: the URL (and any credential in it) is never written to disk
     let remote = repo
-        .remote_at(spec.url)
+        .remote_at(url)
         .map_err(|err| MirrorError::RepoNotFound(Box::new(err)))?
         .with_refspecs([refspec.as_str()], gix::remote::Direction::Fetch)
         .map_err(|err| MirrorError::Git(Box::new(err)))?
@@ -427,7 +468,25 @@ fn fetch(
     let mut fetch_progress = progress.add_child("fetch");
     let connection = remote
         .connect(gix::remote::Direction::Fetch)
-        .map_err(|err| classify_connect(Box::new(err)))?;
+        .map_err(|err| classify_connect(Box::new(err)))?
+        // never a prompt or a configured helper: the identity above, or none
+        .with_credentials(move |action| {
+            Ok(match action {
+                gix::credentials::helper::Action::Get(context) => {
+                    identity
+                        .clone()
+                        .map(|identity| gix::credentials::protocol::Outcome {
+                            identity: gix::sec::identity::Account {
+                                username: identity.username,
+                                password: identity.password,
+                                oauth_refresh_token: None,
+                            },
+                            next: context.into(),
+                        })
+                }
+                _ => None,
+            })
+        });
     let prepared = connection
         .prepare_fetch(&mut fetch_progress, Default::default())
         .map_err(|err| classify_connect(Box::new(err)))?;
@@ -495,13 +554,41 @@ fn classify_connect(err: Box<dyn std::error::Error + Send + Sync>) -> MirrorErro
     {
         return MirrorError::AuthFailed(err);
     }
-    if classes.contains(&Class::NotFound) || io_kinds.contains(&std::io::ErrorKind::NotFound) {
+    if classes.contains(&Class::NotFound)
+        || io_kinds.contains(&std::io::ErrorKind::NotFound)
+        || matches!(http_status(err.as_ref()), Some(404 | 410))
+    {
         return MirrorError::RepoNotFound(err);
     }
     if classes.contains(&Class::Unsupported) {
         return MirrorError::Unsupported(err);
     }
     MirrorError::Network(err)
+}
+
+/// The HTTP status an http(s) remote refused with. gix classifies 401 and 403 but not
+/// 404 (its curl backend only says "Received HTTP status 404"), so for that one case
+/// the status is read from the message; nothing else is classified by text.
+fn http_status(err: &(dyn std::error::Error + 'static)) -> Option<u16> {
+    let parse = |message: String| {
+        message
+            .strip_prefix("Received HTTP status ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|code| code.parse().ok())
+    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(current) = source {
+        if let Some(status) = parse(current.to_string()) {
+            return Some(status);
+        }
+        if let Some(tree) = current.downcast_ref::<gix::Error>()
+            && let Some(status) = tree.iter_errors().find_map(|e| parse(e.to_string()))
+        {
+            return Some(status);
+        }
+        source = current.source();
+    }
+    None
 }
 
 /// The `io::ErrorKind`s anywhere in an error's causes, through gix's error trees.

@@ -38,6 +38,7 @@ pub struct WorkerSettings {
     pub sync_timeout: Duration,
     pub secrets_dir: Option<std::path::PathBuf>,
     pub ssh_known_hosts: Option<std::path::PathBuf>,
+    pub https_ca_file: Option<std::path::PathBuf>,
     pub retry_base: Duration,
     pub retry_max: u32,
 }
@@ -265,6 +266,11 @@ impl Worker {
             Ok(setup) => setup,
             Err(err) => return Ok(AttemptEnd::Failed(err)),
         };
+        let http_identity = match http_identity(project, &self.settings) {
+            Ok(identity) => identity,
+            Err(err) => return Ok(AttemptEnd::Failed(err)),
+        };
+        let https_ca_file = self.settings.https_ca_file.clone();
         let root = gix::progress::tree::Root::new();
         let interrupt = Arc::new(AtomicBool::new(false));
         let fence = ctx.lock.fence;
@@ -282,6 +288,8 @@ impl Worker {
                     url: &url,
                     branch: &branch,
                     ssh_command,
+                    http_identity,
+                    https_ca_file,
                     fence,
                 };
                 let on_phase = move |phase: Phase| {
@@ -634,6 +642,37 @@ fn ssh_setup(
             log,
         }),
     ))
+}
+
+/// For an http(s) URL whose project names a credential: the login to present. The
+/// secret is a token (sent with the URL's user name, else `x-access-token`, which
+/// GitHub, Gitea and others accept with a token) or `username:token`.
+fn http_identity(
+    project: &Project,
+    settings: &WorkerSettings,
+) -> Result<Option<mirror::HttpIdentity>, MirrorError> {
+    let Ok(url) = gix::url::parse(project.repo_url.as_bytes()) else {
+        return Ok(None);
+    };
+    if !matches!(url.scheme, gix::url::Scheme::Http | gix::url::Scheme::Https) {
+        return Ok(None);
+    }
+    let Some(name) = &project.credential else {
+        return Ok(None);
+    };
+    let secret = credentials::resolve(name, settings.secrets_dir.as_deref())
+        .map_err(|err| MirrorError::CredentialMissing(err.to_string()))?;
+    let secret = secret.expose().trim();
+    let (username, password) = match secret.split_once(':') {
+        Some((user, token)) if !user.is_empty() && !token.is_empty() => {
+            (user.to_owned(), token.to_owned())
+        }
+        _ => (
+            url.user().unwrap_or("x-access-token").to_owned(),
+            secret.to_owned(),
+        ),
+    };
+    Ok(Some(mirror::HttpIdentity { username, password }))
 }
 
 /// Heartbeats a running job until aborted. When the engine says the lock is gone,

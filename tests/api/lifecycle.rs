@@ -155,7 +155,7 @@ async fn serve_binary(
     (server, addr)
 }
 
-fn binary() -> Command {
+pub(crate) fn binary() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_hivesync"));
     command
         .env_clear()

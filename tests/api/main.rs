@@ -6,6 +6,7 @@ mod conformance;
 mod errors;
 mod failures;
 mod helpers;
+mod https;
 mod lifecycle;
 mod multinode;
 mod projects;

@@ -230,6 +230,16 @@ impl Application {
             stops.clone(),
             &workers,
         );
+        if self.serve_workers > 0
+            && let Some(every) = state.config.health_check_interval
+        {
+            workers.spawn(worker::run_health_checks(
+                state.engine.clone(),
+                state.layout.clone(),
+                every,
+                stops.stop_taking.clone(),
+            ));
+        }
         workers.close();
         let dispatch_stop = CancellationToken::new();
         let dispatcher = tokio::spawn(Arc::clone(&state.hub).run_dispatch(dispatch_stop.clone()));
@@ -285,14 +295,23 @@ pub async fn run_workers(
         stop_taking: shutdown.child_token(),
         interrupt: CancellationToken::new(),
     };
+    let layout = Layout::new(config.data_dir.clone());
     worker::spawn(
         config.workers,
-        engine,
-        Layout::new(config.data_dir.clone()),
+        engine.clone(),
+        layout.clone(),
         worker_settings(&config),
         stops.clone(),
         &workers,
     );
+    if let Some(every) = config.health_check_interval {
+        workers.spawn(worker::run_health_checks(
+            engine,
+            layout,
+            every,
+            stops.stop_taking.clone(),
+        ));
+    }
     workers.close();
     tracing::info!(workers = config.workers, "hivesync worker running");
     shutdown.cancelled().await;

@@ -42,6 +42,8 @@ pub struct Config {
     pub event_history: u64,
     /// how long SIGTERM waits for running syncs before returning them to the queue
     pub drain_timeout: Duration,
+    /// how often workers inspect every mirror for damage; `None` = never
+    pub health_check_interval: Option<Duration>,
 }
 
 impl Default for Config {
@@ -71,6 +73,7 @@ impl Default for Config {
             ws_queue: 1024,
             event_history: 1000,
             drain_timeout: Duration::from_secs(30),
+            health_check_interval: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -136,6 +139,8 @@ pub struct ConfigArgs {
     pub secrets_dir: Option<PathBuf>,
     #[arg(long, env = "HIVESYNC_SSH_KNOWN_HOSTS")]
     pub ssh_known_hosts: Option<PathBuf>,
+    #[arg(long, env = "HIVESYNC_HEALTH_CHECK_INTERVAL_S")]
+    pub health_check_interval_s: Option<u64>,
     #[arg(long, env = "HIVESYNC_HTTPS_CA_FILE")]
     pub https_ca_file: Option<PathBuf>,
     #[arg(long, env = "HIVESYNC_MIN_FREE_BYTES")]
@@ -192,6 +197,9 @@ impl ConfigArgs {
         config.secrets_dir = self.secrets_dir;
         config.ssh_known_hosts = self.ssh_known_hosts;
         config.https_ca_file = self.https_ca_file;
+        if let Some(v) = self.health_check_interval_s {
+            config.health_check_interval = (v > 0).then(|| Duration::from_secs(v));
+        }
         if let Some(v) = self.min_free_bytes {
             config.min_free_bytes = v;
         }

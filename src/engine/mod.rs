@@ -200,6 +200,49 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Starts a sync of `project` (queued, announced, on the queue), or joins the one
+    /// already queued or running: returns the sync and whether it is new.
+    pub async fn start_sync(&self, project: &Project) -> Result<(SyncRecord, bool), EngineError> {
+        let record = SyncRecord {
+            sync_id: SyncId::generate().to_string(),
+            project_id: project.project_id.clone(),
+            status: SyncStatus::Queued,
+            progress: None,
+            commit: None,
+            previous_commit: project.commit.clone(),
+            attempt: 0,
+            queued_at: crate::domain::now_rfc3339(),
+            started_at: None,
+            finished_at: None,
+            duration_ms: None,
+            error: None,
+        };
+        let (record, created) = self.store.begin_sync(record).await?;
+        if created {
+            self.events
+                .publish(
+                    &project.owner,
+                    EventBody::SyncStage {
+                        sync_id: record.sync_id.clone(),
+                        project_id: record.project_id.clone(),
+                        stage: SyncStatus::Queued,
+                        progress: None,
+                        at: record.queued_at.clone(),
+                        retry: None,
+                    },
+                )
+                .await?;
+            self.queue
+                .enqueue(Job {
+                    sync_id: record.sync_id.clone(),
+                    project_id: record.project_id.clone(),
+                    owner: project.owner.clone(),
+                })
+                .await?;
+        }
+        Ok((record, created))
+    }
+
     /// Puts syncs that were queued or running when the engine last stopped back on the
     /// queue, so a restart loses no requested work.
     pub async fn requeue_unfinished(&self) -> Result<usize, EngineError> {

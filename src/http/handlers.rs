@@ -14,8 +14,8 @@ use crate::domain::{ProjectId, RepoUrl, SyncId, now_rfc3339};
 use crate::engine::Project;
 use crate::hub::MAX_REPLAY;
 use crate::protocol::{
-    ControlFrame, CreateProjectRequest, EventBody, Job, MobileProject, ProjectView, SyncAccepted,
-    SyncRecord, SyncRequest, SyncStatus,
+    ControlFrame, CreateProjectRequest, MobileProject, ProjectView, SyncAccepted, SyncRecord,
+    SyncRequest,
 };
 
 const DEFAULT_SYNC_LIST: usize = 20;
@@ -199,47 +199,8 @@ async fn request_sync_inner(
     if free_bytes(&state.config.data_dir).is_some_and(|free| free < state.config.min_free_bytes) {
         return Err(ApiError::StorageFull);
     }
-    let record = SyncRecord {
-        sync_id: SyncId::generate().to_string(),
-        project_id: project.project_id.clone(),
-        status: SyncStatus::Queued,
-        progress: None,
-        commit: None,
-        previous_commit: project.commit.clone(),
-        attempt: 0,
-        queued_at: now_rfc3339(),
-        started_at: None,
-        finished_at: None,
-        duration_ms: None,
-        error: None,
-    };
-    let (record, created) = state.engine.store.begin_sync(record).await?;
-    if created {
-        state
-            .engine
-            .events
-            .publish(
-                &principal.user,
-                EventBody::SyncStage {
-                    sync_id: record.sync_id.clone(),
-                    project_id: record.project_id.clone(),
-                    stage: SyncStatus::Queued,
-                    progress: None,
-                    at: record.queued_at.clone(),
-                    retry: None,
-                },
-            )
-            .await?;
-        state
-            .engine
-            .queue
-            .enqueue(Job {
-                sync_id: record.sync_id.clone(),
-                project_id: record.project_id.clone(),
-                owner: principal.user.clone(),
-            })
-            .await?;
-    } else {
+    let (record, created) = state.engine.start_sync(&project).await?;
+    if !created {
         Metrics::bump(&state.metrics.syncs_coalesced);
     }
     Ok((

@@ -62,6 +62,9 @@ pub enum MirrorError {
 
 impl MirrorError {
     pub fn code(&self) -> SyncErrorCode {
+        if self.is_out_of_space() {
+            return SyncErrorCode::StorageFull;
+        }
         match self {
             MirrorError::RepoNotFound(_) | MirrorError::BranchNotFound(_) => {
                 SyncErrorCode::RepoNotFound
@@ -84,7 +87,18 @@ impl MirrorError {
 
     /// Network failures are worth another attempt; the others fail the same way again.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, MirrorError::Network(_))
+        matches!(self, MirrorError::Network(_)) && !self.is_out_of_space()
+    }
+
+    /// Whether the disk filled up, wherever in gix the write failed (pack, index,
+    /// checkout): an `io::Error` of kind `StorageFull` anywhere among the causes.
+    pub fn is_out_of_space(&self) -> bool {
+        if let MirrorError::Io(err) = self
+            && is_out_of_space(err)
+        {
+            return true;
+        }
+        io_error_kinds(self).contains(&std::io::ErrorKind::StorageFull)
     }
 }
 
@@ -129,6 +143,20 @@ impl Layout {
     /// re-clone keeps it).
     pub fn fence_file(&self, project: &ProjectId) -> PathBuf {
         self.data_dir.join("git").join(format!("{project}.fence"))
+    }
+
+    /// Projects that have a mirror repository on disk.
+    pub fn mirrored_projects(&self) -> Vec<ProjectId> {
+        let Ok(entries) = std::fs::read_dir(self.data_dir.join("git")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name();
+                ProjectId::parse(name.to_str()?.strip_suffix(".git")?)
+            })
+            .collect()
     }
 
     /// Removes everything of a deleted project.
@@ -367,6 +395,28 @@ fn unique_suffix() -> String {
         .unwrap_or_default()
         .as_nanos();
     format!("{nanos:x}")
+}
+
+/// Whether a project's mirror is sound, without changing it: the repository opens and
+/// passes [`health_check`], and the worktree link leads to a tree. A project never
+/// synced is sound.
+pub fn inspect(layout: &Layout, project: &ProjectId, branch: &str) -> Result<(), String> {
+    let git_dir = layout.git_dir(project);
+    if !git_dir.exists() {
+        return Ok(());
+    }
+    let repo = gix::open_opts(&git_dir, gix::open::Options::isolated())
+        .map_err(|err| format!("the repository does not open: {err}"))?;
+    health_check(&repo, branch)?;
+    let worktree = layout.worktree(project);
+    match std::fs::metadata(&worktree) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err("the worktree is not a directory".to_owned()),
+        Err(_) if std::fs::symlink_metadata(&worktree).is_err() => {
+            Err("the mirror has no worktree (an interrupted first clone)".to_owned())
+        }
+        Err(_) => Err("the worktree link leads nowhere".to_owned()),
+    }
 }
 
 /// Checks what a fetch relies on: HEAD reads, and the commits our refs name (with

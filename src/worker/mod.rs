@@ -200,54 +200,35 @@ impl Worker {
         };
         record.started_at.get_or_insert_with(now_rfc3339);
 
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            record.attempt = attempt;
-            record.error = None;
-            self.stage(
-                &mut record,
-                &ctx,
-                SyncStatus::Running,
-                Some(Progress::default()),
-            )
-            .await?;
-            let result = self
-                .attempt(&project, &project_id, &mut record, &ctx, interrupt)
-                .await?;
-            match result {
-                AttemptEnd::Done(outcome) => {
-                    self.complete(&mut record, &ctx, outcome).await?;
-                    return Ok(JobEnd::Finished);
-                }
-                AttemptEnd::Released => {
-                    record.status = SyncStatus::Queued;
-                    record.progress = None;
-                    self.engine.store.put_sync(&record, Some(lock)).await?;
-                    return Ok(JobEnd::Released);
-                }
-                AttemptEnd::Failed(err)
-                    if err.is_retryable() && attempt < self.settings.retry_max =>
-                {
-                    let wait = retry_delay(attempt, self.settings.retry_base, jitter_fraction());
-                    self.announce_retry(&mut record, &ctx, attempt, wait, &err)
-                        .await?;
-                    tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %scrub(&project, &error_chain(&err)), "sync attempt failed; retrying");
-                    tokio::select! {
-                        _ = interrupt.cancelled() => {
-                            record.status = SyncStatus::Queued;
-                            self.engine.store.put_sync(&record, Some(lock)).await?;
-                            return Ok(JobEnd::Released);
-                        }
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-                AttemptEnd::Failed(err) => {
-                    tracing::warn!(attempt, code = err.code().as_str(), error = %scrub(&project, &error_chain(&err)), "sync failed");
-                    self.fail(&mut record, &ctx, err.code(), &err.to_string())
-                        .await?;
-                    return Ok(JobEnd::Finished);
-                }
+        let policy = RetryPolicy {
+            base: self.settings.retry_base,
+            max: self.settings.retry_max,
+        };
+        let mut runs = JobAttempts {
+            worker: self,
+            record: &mut record,
+            ctx: &ctx,
+            project: &project,
+            project_id: &project_id,
+            interrupt,
+        };
+        let (end, attempts) = retry_loop(&mut runs, policy, interrupt).await?;
+        match end {
+            AttemptEnd::Done(outcome) => {
+                self.complete(&mut record, &ctx, outcome).await?;
+                Ok(JobEnd::Finished)
+            }
+            AttemptEnd::Released => {
+                record.status = SyncStatus::Queued;
+                record.progress = None;
+                self.engine.store.put_sync(&record, Some(lock)).await?;
+                Ok(JobEnd::Released)
+            }
+            AttemptEnd::Failed(err) => {
+                tracing::warn!(attempt = attempts, code = err.code().as_str(), error = %scrub(&project, &error_chain(&err)), "sync failed");
+                self.fail(&mut record, &ctx, err.code(), &err.to_string())
+                    .await?;
+                Ok(JobEnd::Finished)
             }
         }
     }
@@ -644,6 +625,51 @@ fn ssh_setup(
     ))
 }
 
+/// Every `every`, until `stop`: inspects each mirror on disk and starts a sync of any
+/// that is damaged (the sync re-clones it and tells the owner `repo_mirror_repaired`),
+/// so a broken mirror is found before a client reads from it, not only before the next
+/// requested sync. Several processes may run this: the syncs they start coalesce.
+pub async fn run_health_checks(
+    engine: Engine,
+    layout: Layout,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        for project_id in layout.mirrored_projects() {
+            let project = match engine.store.project(&project_id).await {
+                Ok(Some(project)) => project,
+                Ok(None) => continue,
+                Err(err) => {
+                    tracing::warn!(error = %error_chain(&err), "health check cannot read projects; next round");
+                    break;
+                }
+            };
+            if project.active_sync.is_some() {
+                // a sync is on it already, and checks it before work
+                continue;
+            }
+            let inspected = {
+                let layout = layout.clone();
+                let id = project_id.clone();
+                let branch = project.branch.clone();
+                tokio::task::spawn_blocking(move || mirror::inspect(&layout, &id, &branch)).await
+            };
+            let Ok(Err(problem)) = inspected else {
+                continue;
+            };
+            tracing::warn!(%project_id, %problem, "health check found a damaged mirror; syncing it");
+            if let Err(err) = engine.start_sync(&project).await {
+                tracing::warn!(error = %error_chain(&err), "could not start a repair sync");
+            }
+        }
+    }
+}
+
 /// For an http(s) URL whose project names a credential: the login to present. The
 /// secret is a token (sent with the URL's user name, else `x-access-token`, which
 /// GitHub, Gitea and others accept with a token) or `username:token`.
@@ -712,6 +738,97 @@ fn status_of(phase: Phase) -> SyncStatus {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+struct RetryPolicy {
+    base: Duration,
+    max: u32,
+}
+
+/// The attempts of one job, as [`retry_loop`] drives them.
+trait Attempts {
+    /// Runs attempt `number` (from 1).
+    async fn attempt(&mut self, number: u32) -> Result<AttemptEnd, EngineError>;
+    /// Attempt `number` failed and the next starts after `wait`.
+    async fn before_wait(
+        &mut self,
+        number: u32,
+        wait: Duration,
+        err: &MirrorError,
+    ) -> Result<(), EngineError>;
+}
+
+struct JobAttempts<'a> {
+    worker: &'a Worker,
+    record: &'a mut SyncRecord,
+    ctx: &'a JobCtx<'a>,
+    project: &'a Project,
+    project_id: &'a ProjectId,
+    interrupt: &'a CancellationToken,
+}
+
+impl Attempts for JobAttempts<'_> {
+    async fn attempt(&mut self, number: u32) -> Result<AttemptEnd, EngineError> {
+        self.record.attempt = number;
+        self.record.error = None;
+        self.worker
+            .stage(
+                self.record,
+                self.ctx,
+                SyncStatus::Running,
+                Some(Progress::default()),
+            )
+            .await?;
+        self.worker
+            .attempt(
+                self.project,
+                self.project_id,
+                self.record,
+                self.ctx,
+                self.interrupt,
+            )
+            .await
+    }
+
+    async fn before_wait(
+        &mut self,
+        number: u32,
+        wait: Duration,
+        err: &MirrorError,
+    ) -> Result<(), EngineError> {
+        self.worker
+            .announce_retry(self.record, self.ctx, number, wait, err)
+            .await?;
+        tracing::warn!(attempt = number, wait_ms = wait.as_millis() as u64, error = %scrub(self.project, &error_chain(err)), "sync attempt failed; retrying");
+        Ok(())
+    }
+}
+
+/// Runs attempts until one ends other than in a retryable failure, or they run out:
+/// network failures are tried again after [`retry_delay`], with the wait announced
+/// first. Interrupted while waiting, the job is released. Returns how it ended and
+/// after how many attempts.
+async fn retry_loop(
+    attempts: &mut impl Attempts,
+    policy: RetryPolicy,
+    interrupt: &CancellationToken,
+) -> Result<(AttemptEnd, u32), EngineError> {
+    let mut number = 0;
+    loop {
+        number += 1;
+        match attempts.attempt(number).await? {
+            AttemptEnd::Failed(err) if err.is_retryable() && number < policy.max => {
+                let wait = retry_delay(number, policy.base, jitter_fraction());
+                attempts.before_wait(number, wait, &err).await?;
+                tokio::select! {
+                    _ = interrupt.cancelled() => return Ok((AttemptEnd::Released, number)),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            end => return Ok((end, number)),
+        }
+    }
+}
+
 /// The wait before attempt `failed_attempt + 1`: the first retry is immediate, the
 /// second waits `base`, then the wait doubles; `jitter` in [0, 1) adds up to half again.
 pub fn retry_delay(failed_attempt: u32, base: Duration, jitter: f64) -> Duration {
@@ -755,6 +872,143 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Attempts that fail with `failure` every time, noting when each started.
+    struct Failing {
+        started: Vec<tokio::time::Instant>,
+        announced: Vec<(u32, Duration)>,
+        failure: fn() -> MirrorError,
+    }
+
+    impl Failing {
+        fn new(failure: fn() -> MirrorError) -> Self {
+            Self {
+                started: Vec::new(),
+                announced: Vec::new(),
+                failure,
+            }
+        }
+
+        fn gaps(&self) -> Vec<Duration> {
+            self.started.windows(2).map(|w| w[1] - w[0]).collect()
+        }
+    }
+
+    impl Attempts for Failing {
+        async fn attempt(&mut self, _number: u32) -> Result<AttemptEnd, EngineError> {
+            self.started.push(tokio::time::Instant::now());
+            Ok(AttemptEnd::Failed((self.failure)()))
+        }
+
+        async fn before_wait(
+            &mut self,
+            number: u32,
+            wait: Duration,
+            _err: &MirrorError,
+        ) -> Result<(), EngineError> {
+            self.announced.push((number, wait));
+            Ok(())
+        }
+    }
+
+    fn network() -> MirrorError {
+        MirrorError::Network(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )))
+    }
+
+    fn refused() -> MirrorError {
+        MirrorError::AuthFailed(Box::new(std::io::Error::from(
+            std::io::ErrorKind::PermissionDenied,
+        )))
+    }
+
+    /// The real loop on paused time: the waits it sleeps are the announced ones and
+    /// follow immediate, base, doubling (+ up to half again of jitter).
+    #[tokio::test(start_paused = true)]
+    async fn network_failures_are_retried_on_schedule_in_paused_time() {
+        let base = Duration::from_secs(30);
+        let mut attempts = Failing::new(network);
+        let (end, count) = retry_loop(
+            &mut attempts,
+            RetryPolicy { base, max: 5 },
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("no engine error");
+        assert!(matches!(end, AttemptEnd::Failed(MirrorError::Network(_))));
+        assert_eq!(count, 5, "HIVESYNC_RETRY_MAX attempts in all");
+        let gaps = attempts.gaps();
+        assert_eq!(gaps.len(), 4);
+        let announced: Vec<Duration> = attempts.announced.iter().map(|(_, wait)| *wait).collect();
+        for (gap, wait) in gaps.iter().zip(&announced) {
+            // tokio's timer has millisecond resolution
+            assert!(
+                *gap >= *wait && *gap - *wait <= Duration::from_millis(1),
+                "slept {gap:?} for an announced {wait:?}"
+            );
+        }
+        assert_eq!(gaps[0], Duration::ZERO, "the first retry is immediate");
+        for (gap, nominal) in gaps[1..].iter().zip([base, base * 2, base * 4]) {
+            assert!(
+                *gap >= nominal && *gap <= nominal + nominal / 2,
+                "{gap:?} not within jitter of {nominal:?}"
+            );
+        }
+        assert_eq!(
+            attempts
+                .announced
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_credentials_are_not_retried() {
+        let mut attempts = Failing::new(refused);
+        let (end, count) = retry_loop(
+            &mut attempts,
+            RetryPolicy {
+                base: Duration::from_secs(30),
+                max: 5,
+            },
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("no engine error");
+        assert!(matches!(
+            end,
+            AttemptEnd::Failed(MirrorError::AuthFailed(_))
+        ));
+        assert_eq!(count, 1);
+        assert!(attempts.announced.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_interrupt_during_a_wait_releases_the_job() {
+        let interrupt = CancellationToken::new();
+        let mut attempts = Failing::new(network);
+        let stopper = interrupt.clone();
+        tokio::spawn(async move {
+            // after the immediate retry, during the 30 s wait before the third attempt
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            stopper.cancel();
+        });
+        let (end, count) = retry_loop(
+            &mut attempts,
+            RetryPolicy {
+                base: Duration::from_secs(30),
+                max: 5,
+            },
+            &interrupt,
+        )
+        .await
+        .expect("no engine error");
+        assert!(matches!(end, AttemptEnd::Released));
+        assert_eq!(count, 2);
+    }
 
     #[test]
     fn retries_are_immediate_then_base_then_doubling() {

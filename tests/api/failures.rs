@@ -293,3 +293,116 @@ async fn hostile_trees_never_escape_the_mirror_or_plant_hooks() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_periodic_health_check_repairs_a_damaged_mirror_unasked() {
+    let app = TestApp::spawn_with(|config| {
+        config.health_check_interval = Some(Duration::from_millis(200));
+    })
+    .await;
+    let repo = GitRepo::new();
+    repo.write("a.txt", "one");
+    let commit = repo.commit("one");
+    let id = app.register(&repo).await;
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    let mut socket = app.ws(&app.token, "").await;
+    socket.next_json().await;
+
+    std::fs::write(
+        app.data_dir
+            .join("git")
+            .join(format!("{id}.git"))
+            .join("HEAD"),
+        "garbage\n",
+    )
+    .expect("damage");
+    // nobody asks for a sync: the health check finds the damage and repairs it
+    let frames = socket
+        .until(|f| is_notification(f, "repo_sync_success"))
+        .await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| is_notification(f, "repo_mirror_repaired")),
+        "{frames:?}"
+    );
+    assert_exact_tree(&app, &id, &repo, &commit);
+    let (_, history) = app
+        .get_json(&format!("/api/v1/repo/sync?project_id={id}"))
+        .await;
+    assert_eq!(history.as_array().map(Vec::len), Some(2), "{history}");
+    // a sound mirror is left alone
+    assert!(
+        socket.is_silent_for(Duration::from_millis(800)).await,
+        "no sync without damage"
+    );
+    app.stop().await;
+}
+
+/// A private tmpfs as DATA_DIR, unmounted on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match mounted {
+            Ok(output) if output.status.success() => Some(Self { dir }),
+            other => {
+                if std::env::var_os("CI").is_some() {
+                    panic!("CI runs as root and must be able to mount a tmpfs: {other:?}");
+                }
+                eprintln!(
+                    "\n!!!! SKIPPING the disk-full test: cannot mount a tmpfs (needs root): {other:?} !!!!\n"
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn running_out_of_space_mid_sync_fails_with_storage_full_and_keeps_the_mirror() {
+    let Some(disk) = SmallDisk::mount(6 << 20) else {
+        return;
+    };
+    let app = TestApp::spawn_on(disk.dir.path(), |config| {
+        // the floor is not what stops this sync: the disk fills while it runs
+        config.min_free_bytes = 0;
+    })
+    .await;
+    let repo = GitRepo::new();
+    repo.write("README.md", "small\n");
+    let small = repo.commit("small");
+    let id = app.register(&repo).await;
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+
+    // 12 MB that does not compress, onto a 6 MB disk
+    repo.commit_random_files(12, 1 << 20);
+    let record = app.sync_to_end(&id).await;
+    assert_eq!(record["status"], "failed", "{record}");
+    assert_eq!(record["error"]["code"], "storage_full", "{record}");
+    assert_eq!(record["attempt"], 1, "a full disk is not retried: {record}");
+    assert_exact_tree(&app, &id, &repo, &small);
+    let (_, project) = app.get_json(&format!("/api/v1/projects/{id}")).await;
+    assert_eq!(
+        project["commit"],
+        small.as_str(),
+        "the project still names the mirrored commit"
+    );
+    app.stop().await;
+}

@@ -432,7 +432,7 @@ impl GitRepo {
             writeln!(stream, "M 100644 :{mark} data/{:02}/{mark}.bin", mark % 16).expect("buffer");
         }
         let mut import = Command::new("git")
-            .args(["fast-import", "--quiet"])
+            .args(["fast-import", "--quiet", "--force"])
             .current_dir(self.dir.path())
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_CONFIG_NOSYSTEM", "1")

@@ -40,6 +40,30 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Events to many sockets at a steady rate, then in a burst: deliveries/s,
+    /// emit-to-receipt latency, lost and duplicated events; against our hub (embedded
+    /// or on Redis) or the Socket.IO peer
+    Fanout {
+        #[arg(long, value_enum, default_value = "embedded")]
+        target: fanout::Target,
+        #[arg(long, default_value_t = 10_000)]
+        sockets: usize,
+        /// sockets are spread evenly over this many users (one event per user per round)
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        /// servers (hub or Socket.IO processes) on one Redis; redis and socketio only
+        #[arg(long, default_value_t = 2)]
+        hubs: usize,
+        /// rounds per second in the steady phase
+        #[arg(long, default_value_t = 50)]
+        rate: u64,
+        /// seconds of the steady phase
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// rounds published back to back after the steady phase
+        #[arg(long, default_value_t = 200)]
+        burst: u64,
+    },
     /// N idle sockets: the hub's RSS per connection
     Connections {
         #[arg(long, default_value_t = 10_000)]
@@ -50,6 +74,7 @@ enum Scenario {
     },
 }
 
+mod fanout;
 mod reads;
 
 const SECRET: &str = "loadtest-secret";
@@ -103,16 +128,21 @@ pub(crate) async fn start_hub(binary: &PathBuf) -> Result<Hub, String> {
 
 /// A token for the hub `start_hub` runs, signed with its secret.
 pub(crate) fn loadtest_token() -> Result<String, String> {
+    token_for("loadtest")
+}
+
+/// A desktop token for `user`, signed with the hubs' secret.
+pub(crate) fn token_for(user: &str) -> Result<String, String> {
     hivesync::auth::Authenticator::from_secret(SECRET.as_bytes())
         .mint(
-            "loadtest",
+            user,
             hivesync::auth::ClientKind::Desktop,
             Duration::from_secs(3600),
         )
         .map_err(|e| e.to_string())
 }
 
-fn rss_bytes(pid: u32) -> Option<u64> {
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -192,6 +222,29 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.scenario {
         Scenario::Connections { count, batch } => connections(&cli, *count, *batch).await,
+        Scenario::Fanout {
+            target,
+            sockets,
+            users,
+            hubs,
+            rate,
+            seconds,
+            burst,
+        } => {
+            fanout::run(
+                &cli.hub,
+                fanout::Load {
+                    target: *target,
+                    sockets: *sockets,
+                    users: (*users).clamp(1, (*sockets).max(1)),
+                    hubs: (*hubs).max(1),
+                    rate: (*rate).max(1),
+                    seconds: *seconds,
+                    burst: *burst,
+                },
+            )
+            .await
+        }
         Scenario::Reads {
             source,
             concurrency,

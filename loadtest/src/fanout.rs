@@ -1,0 +1,759 @@
+//! The `fanout` scenario: many WebSocket clients, events driven at a steady rate or in
+//! a burst, every client checking its sequence (lost, duplicated) and timing each
+//! event from emit to receipt. Three targets, one load:
+//!
+//! - `embedded`: one hub with the embedded engine, in this process (in its own
+//!   runtime), events published through its engine as a worker would;
+//! - `redis`: `--hubs` hub processes on a private redis-server, events published into
+//!   Redis by this process exactly as `hivesync worker` does (the Lua script);
+//! - `socketio`: the peer, Socket.IO 4 servers with `@socket.io/redis-adapter`
+//!   (installed from npm into a temporary directory), events published into Redis as
+//!   `@socket.io/redis-emitter` does, one room per user.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use hivesync::engine::EventLog;
+use hivesync::protocol::{EventBody, Progress, SyncStatus};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    Embedded,
+    Redis,
+    Socketio,
+}
+
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub target: Target,
+    pub sockets: usize,
+    pub users: usize,
+    pub hubs: usize,
+    /// rounds per second in the steady phase; each round is one event per user
+    pub rate: u64,
+    pub seconds: u64,
+    /// rounds published back to back after the steady phase
+    pub burst: u64,
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// What every client adds up.
+struct Tally {
+    received: AtomicU64,
+    lost: AtomicU64,
+    duplicated: AtomicU64,
+    first_receipt: AtomicU64,
+    last_receipt: AtomicU64,
+    /// sharded so clients rarely wait on each other
+    latency: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            received: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            duplicated: AtomicU64::new(0),
+            first_receipt: AtomicU64::new(u64::MAX),
+            last_receipt: AtomicU64::new(0),
+            latency: (0..64)
+                .map(|_| Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds")))
+                .collect(),
+        }
+    }
+}
+
+/// The number after `key` in `text` (e.g. `"id":` → 42).
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let start = text.find(key)? + key.len();
+    let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
+    text[start..start + digits].parse().ok()
+}
+
+/// (sequence number, emit time in ns) of one event frame.
+fn parse_frame(target: Target, text: &str) -> Option<(u64, u64)> {
+    match target {
+        Target::Embedded | Target::Redis => Some((
+            number_after(text, "{\"id\":")?,
+            number_after(text, "\"sync_id\":\"t")?,
+        )),
+        Target::Socketio => {
+            let body = text.strip_prefix("42")?;
+            Some((number_after(body, "\"s\":")?, number_after(body, "\"t\":")?))
+        }
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens one client and returns it with the last sequence number it has seen.
+async fn open_client(target: Target, url: &str) -> Result<(Socket, u64), String> {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0);
+    let request = url.into_client_request().map_err(|e| e.to_string())?;
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+        .await
+        .map_err(|e| format!("connect {url}: {e}"))?;
+    let first = next_text(&mut socket).await?;
+    match target {
+        Target::Embedded | Target::Redis => {
+            let hello: Value = serde_json::from_str(&first).map_err(|e| e.to_string())?;
+            let last = hello["last_event_id"]
+                .as_u64()
+                .ok_or("hello without last_event_id")?;
+            Ok((socket, last))
+        }
+        Target::Socketio => {
+            // Engine.IO open packet, then the Socket.IO connect handshake
+            if !first.starts_with('0') {
+                return Err(format!("unexpected engine.io open: {first}"));
+            }
+            socket
+                .send(Message::Text("40".into()))
+                .await
+                .map_err(|e| e.to_string())?;
+            loop {
+                let reply = next_text(&mut socket).await?;
+                if reply.starts_with("40") {
+                    return Ok((socket, 0));
+                }
+                if reply == "2" {
+                    socket
+                        .send(Message::Text("3".into()))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+}
+
+async fn next_text(socket: &mut Socket) -> Result<String, String> {
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) => return Ok(text.to_string()),
+            Some(Ok(Message::Close(frame))) => return Err(format!("closed: {frame:?}")),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("closed".into()),
+        }
+    }
+}
+
+/// Reads events until `stop`, checking the sequence and timing each one.
+async fn run_client(
+    target: Target,
+    mut socket: Socket,
+    mut last: u64,
+    shard: usize,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) -> u64 {
+    // latencies go to a shared histogram in batches; a histogram per client would
+    // cost more memory than the hub under test
+    let mut local: Vec<u64> = Vec::with_capacity(256);
+    loop {
+        let message = tokio::select! {
+            message = socket.next() => message,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if stop.load(Ordering::Relaxed) { break; }
+                continue;
+            }
+        };
+        let text = match message {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(_)) => continue,
+            _ => break,
+        };
+        if target == Target::Socketio && text.as_str() == "2" {
+            let _ = socket.send(Message::Text("3".into())).await;
+            continue;
+        }
+        let received_at = now_nanos();
+        let Some((seq, emitted)) = parse_frame(target, text.as_str()) else {
+            continue;
+        };
+        if seq <= last {
+            tally.duplicated.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if seq > last + 1 {
+            tally.lost.fetch_add(seq - last - 1, Ordering::Relaxed);
+        }
+        last = seq;
+        tally.received.fetch_add(1, Ordering::Relaxed);
+        tally
+            .first_receipt
+            .fetch_min(received_at, Ordering::Relaxed);
+        tally.last_receipt.fetch_max(received_at, Ordering::Relaxed);
+        local.push((received_at.saturating_sub(emitted) / 1000).max(1));
+        if local.len() >= 256 {
+            flush_latencies(&tally, shard, &mut local).await;
+        }
+    }
+    flush_latencies(&tally, shard, &mut local).await;
+    last
+}
+
+async fn flush_latencies(tally: &Tally, shard: usize, local: &mut Vec<u64>) {
+    let mut histogram = tally.latency[shard % tally.latency.len()].lock().await;
+    for micros in local.drain(..) {
+        histogram.saturating_record(micros);
+    }
+}
+
+/// Publishes one event for `user` with sequence `seq` (the target's own numbering).
+enum Publisher {
+    Engine(Arc<dyn EventLog>),
+    SocketIo {
+        redis: redis::aio::MultiplexedConnection,
+    },
+}
+
+impl Publisher {
+    async fn publish(&self, user: usize, seq: u64) -> Result<(), String> {
+        let emitted = now_nanos();
+        match self {
+            Publisher::Engine(events) => {
+                let body = EventBody::SyncStage {
+                    sync_id: format!("t{emitted}"),
+                    project_id: format!("project-{user}"),
+                    stage: SyncStatus::Running,
+                    progress: Some(Progress {
+                        percent: (seq % 100) as u8,
+                        objects: seq,
+                        bytes: seq * 1024,
+                    }),
+                    at: hivesync::domain::now_rfc3339(),
+                    retry: None,
+                };
+                events
+                    .publish(&user_name(user), body)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+            Publisher::SocketIo { redis } => {
+                let room = format!("user-{user}");
+                let packet = json!([
+                    "emitter",
+                    {"type": 2, "data": ["e", {"s": seq, "t": emitted, "project_id": format!("project-{user}"), "stage": "running", "percent": seq % 100}], "nsp": "/"},
+                    {"rooms": [room], "except": [], "flags": {}}
+                ]);
+                let bytes = rmp_serde::to_vec(&packet).map_err(|e| e.to_string())?;
+                let mut redis = redis.clone();
+                redis::cmd("PUBLISH")
+                    .arg(format!("socket.io#/#{room}#"))
+                    .arg(bytes)
+                    .query_async::<i64>(&mut redis)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+fn user_name(user: usize) -> String {
+    format!("fan-{user}")
+}
+
+/// A private redis-server on a free port, without persistence; killed on drop.
+pub struct PrivateRedis {
+    child: tokio::process::Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Result<Self, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let child = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("redis-server: {e} (apt-get install redis-server)"))?;
+        let url = format!("redis://127.0.0.1:{port}/");
+        let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+        for _ in 0..100 {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return Ok(Self {
+                    child,
+                    port,
+                    _dir: dir,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err("redis-server did not start".into())
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+const SOCKETIO_SERVER: &str = r#"
+const { Server } = require("socket.io");
+const { createAdapter } = require("@socket.io/redis-adapter");
+const { createClient } = require("redis");
+const pub = createClient({ url: process.env.REDIS_URL });
+const sub = pub.duplicate();
+Promise.all([pub.connect(), sub.connect()]).then(() => {
+  const http = require("http").createServer();
+  const io = new Server(http, { adapter: createAdapter(pub, sub), transports: ["websocket"], perMessageDeflate: false, httpCompression: false, serveClient: false });
+  io.on("connection", (socket) => socket.join("user-" + socket.handshake.query.user));
+  http.listen(0, "127.0.0.1", () => console.log("socketio serving on " + http.address().port));
+});
+"#;
+
+/// Installs Socket.IO and its Redis adapter into a temporary directory (once per run).
+async fn install_socketio() -> Result<tempfile::TempDir, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    eprintln!(
+        "installing socket.io 4 and @socket.io/redis-adapter from npm into {}",
+        dir.path().display()
+    );
+    let status = tokio::process::Command::new("npm")
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+            "--prefix",
+        ])
+        .arg(dir.path())
+        .args(["socket.io@4", "@socket.io/redis-adapter@8", "redis@4"])
+        .status()
+        .await
+        .map_err(|e| format!("npm: {e}"))?;
+    if !status.success() {
+        return Err("npm install failed".into());
+    }
+    std::fs::write(dir.path().join("server.js"), SOCKETIO_SERVER).map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+/// Starts a process and waits for it to print `<prefix><port>` on stdout.
+async fn start_printing_port(
+    mut command: tokio::process::Command,
+    prefix: &str,
+) -> Result<(tokio::process::Child, String), String> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return Some(rest.trim().to_owned());
+            }
+        }
+        None
+    })
+    .await
+    .map_err(|_| "server did not start in 60 s")?
+    .ok_or("server exited before serving")?;
+    Ok((child, found))
+}
+
+/// What the clients connect to and how events get in.
+struct Rig {
+    urls: Vec<String>,
+    publisher: Publisher,
+    /// processes (hubs, node servers) and their pids, for CPU and RSS
+    children: Vec<tokio::process::Child>,
+    _redis: Option<PrivateRedis>,
+    _dirs: Vec<tempfile::TempDir>,
+    _embedded: Option<EmbeddedHub>,
+}
+
+/// A hub with the embedded engine on its own runtime (two threads, like the binary).
+struct EmbeddedHub {
+    stop: tokio_util::sync::CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for EmbeddedHub {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn rig(hub_binary: &Path, load: &Load) -> Result<Rig, String> {
+    match load.target {
+        Target::Embedded => {
+            let data = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let config = hivesync::config::Config {
+                listen: "127.0.0.1:0".parse().map_err(|_| "address")?,
+                data_dir: data.path().to_path_buf(),
+                jwt_secret: Some(crate::SECRET.to_owned()),
+                min_free_bytes: 0,
+                serve_workers: Some(0),
+                ws_queue: 4096,
+                ..hivesync::config::Config::default()
+            };
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let stop = tokio_util::sync::CancellationToken::new();
+            let hub_stop = stop.clone();
+            let thread = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("hub runtime");
+                runtime.block_on(async move {
+                    match hivesync::app::Application::build(config).await {
+                        Ok(app) => {
+                            let _ = ready_tx
+                                .send(Ok((app.local_addr(), app.state().engine.events.clone())));
+                            app.run(hub_stop).await;
+                        }
+                        Err(err) => {
+                            let _ = ready_tx.send(Err(err.to_string()));
+                        }
+                    }
+                });
+            });
+            let (addr, events) = ready_rx
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|_| "embedded hub did not start")??;
+            Ok(Rig {
+                urls: vec![format!("ws://{addr}/api/v1/ws")],
+                publisher: Publisher::Engine(events),
+                children: Vec::new(),
+                _redis: None,
+                _dirs: vec![data],
+                _embedded: Some(EmbeddedHub {
+                    stop,
+                    thread: Some(thread),
+                }),
+            })
+        }
+        Target::Redis => {
+            let redis = PrivateRedis::start().await?;
+            let data = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let mut children = Vec::new();
+            let mut urls = Vec::new();
+            for _ in 0..load.hubs {
+                let mut command = tokio::process::Command::new(hub_binary);
+                command
+                    .arg("serve")
+                    .env("HIVESYNC_LISTEN", "127.0.0.1:0")
+                    .env("HIVESYNC_DATA_DIR", data.path())
+                    .env("HIVESYNC_JWT_SECRET", crate::SECRET)
+                    .env("HIVESYNC_REDIS_URL", redis.url())
+                    .env("HIVESYNC_REDIS_PREFIX", "fanout")
+                    .env("HIVESYNC_MIN_FREE_BYTES", "0")
+                    .env("RUST_LOG", "warn");
+                let (child, addr) =
+                    start_printing_port(command, "hivesync serving on http://").await?;
+                children.push(child);
+                urls.push(format!("ws://{addr}/api/v1/ws"));
+            }
+            let engine = hivesync::engine::redis_engine::RedisEngine::connect(
+                hivesync::engine::redis_engine::RedisSettings {
+                    url: redis.url(),
+                    prefix: "fanout".into(),
+                    reclaim_after: Duration::from_secs(60),
+                    history_len: 1000,
+                    sync_rate: (30, Duration::from_secs(60)),
+                    pool_size: 64,
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            Ok(Rig {
+                urls,
+                publisher: Publisher::Engine(engine),
+                children,
+                _redis: Some(redis),
+                _dirs: vec![data],
+                _embedded: None,
+            })
+        }
+        Target::Socketio => {
+            let redis = PrivateRedis::start().await?;
+            let install = install_socketio().await?;
+            let mut children = Vec::new();
+            let mut urls = Vec::new();
+            for _ in 0..load.hubs {
+                let mut command = tokio::process::Command::new("node");
+                command
+                    .arg(install.path().join("server.js"))
+                    .current_dir(install.path())
+                    .env("REDIS_URL", redis.url());
+                let (child, port) = start_printing_port(command, "socketio serving on ").await?;
+                children.push(child);
+                urls.push(format!(
+                    "ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
+                ));
+            }
+            let client = redis::Client::open(redis.url().as_str()).map_err(|e| e.to_string())?;
+            let connection = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Rig {
+                urls,
+                publisher: Publisher::SocketIo { redis: connection },
+                children,
+                _redis: Some(redis),
+                _dirs: vec![install],
+                _embedded: None,
+            })
+        }
+    }
+}
+
+fn rss_of(pid: u32) -> u64 {
+    crate::rss_bytes(pid).unwrap_or(0)
+}
+
+pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
+    let tokens = (0..load.users)
+        .map(|user| crate::token_for(&user_name(user)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let rig = rig(hub_binary, &load).await?;
+    let tally = Arc::new(Tally::new());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // connect: socket i belongs to user i % users and goes to server i % servers
+    eprintln!(
+        "{:?}: opening {} sockets for {} users on {} server(s)",
+        load.target,
+        load.sockets,
+        load.users,
+        rig.urls.len()
+    );
+    let mut clients = Vec::with_capacity(load.sockets);
+    let mut start_seq = vec![u64::MAX; load.users];
+    let mut opened = 0;
+    while opened < load.sockets {
+        let wave = 250.min(load.sockets - opened);
+        let batch = futures_util::future::join_all((opened..opened + wave).map(|i| {
+            let user = i % load.users;
+            let base = &rig.urls[i % rig.urls.len()];
+            let url = match load.target {
+                Target::Socketio => format!("{base}&user={user}"),
+                _ => format!("{base}?access_token={}", tokens[user]),
+            };
+            async move {
+                open_client(load.target, &url)
+                    .await
+                    .map(|opened| (i, user, opened))
+            }
+        }))
+        .await;
+        for result in batch {
+            let (i, user, (socket, last)) = result?;
+            start_seq[user] = start_seq[user].min(last);
+            let tally = Arc::clone(&tally);
+            let stop = Arc::clone(&stop);
+            clients.push(tokio::spawn(run_client(
+                load.target,
+                socket,
+                last,
+                i,
+                tally,
+                stop,
+            )));
+        }
+        opened += wave;
+        eprint!("\r  sockets open: {opened:>6} / {}", load.sockets);
+    }
+    eprintln!();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // publish: steady rounds, then a burst
+    let publisher = Arc::new(rig.publisher);
+    let mut next_seq: Vec<u64> = start_seq
+        .iter()
+        .map(|s| if *s == u64::MAX { 0 } else { *s })
+        .collect();
+    let steady_rounds = load.rate * load.seconds;
+    let total_rounds = steady_rounds + load.burst;
+    let started = Instant::now();
+    let mut published = 0u64;
+    let mut burst_started = None;
+    for round in 0..total_rounds {
+        if round < steady_rounds {
+            let due = started + Duration::from_secs_f64(round as f64 / load.rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        } else if burst_started.is_none() {
+            burst_started = Some(Instant::now());
+        }
+        let sends = (0..load.users).map(|user| {
+            next_seq[user] += 1;
+            let seq = next_seq[user];
+            let publisher = Arc::clone(&publisher);
+            async move { publisher.publish(user, seq).await }
+        });
+        for result in futures_util::future::join_all(sends).await {
+            result?;
+            published += 1;
+        }
+        if round % load.rate.max(1) == 0 {
+            eprint!(
+                "\r  published {published:>9} events, delivered {:>10}",
+                tally.received.load(Ordering::Relaxed)
+            );
+        }
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    let burst_secs = burst_started.map(|at| at.elapsed().as_secs_f64());
+    let expected = published * (load.sockets / load.users) as u64;
+    // drain: until everything arrived or nothing moved for 3 s
+    let mut last_count = 0;
+    let mut quiet_since = Instant::now();
+    loop {
+        let count = tally.received.load(Ordering::Relaxed);
+        if count >= expected {
+            break;
+        }
+        if count != last_count {
+            last_count = count;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "\r  published {published:>9} events, delivered {:>10}",
+        tally.received.load(Ordering::Relaxed)
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut finals = Vec::with_capacity(clients.len());
+    for client in clients {
+        finals.push(client.await.unwrap_or(0));
+    }
+    let mut rss_total = 0;
+    for child in &rig.children {
+        if let Some(pid) = child.id() {
+            rss_total += rss_of(pid);
+        }
+    }
+    if rig.children.is_empty() {
+        rss_total = rss_of(std::process::id());
+    }
+
+    let received = tally.received.load(Ordering::Relaxed);
+    // events that never arrived at all count as lost too (the tail past a client's last)
+    let tail_lost: u64 = finals
+        .iter()
+        .enumerate()
+        .map(|(i, last)| next_seq[i % load.users].saturating_sub(*last))
+        .sum();
+    let lost = tally.lost.load(Ordering::Relaxed) + tail_lost;
+    let duplicated = tally.duplicated.load(Ordering::Relaxed);
+    let first = tally.first_receipt.load(Ordering::Relaxed);
+    let last = tally.last_receipt.load(Ordering::Relaxed);
+    let delivery_secs = (last.saturating_sub(first)) as f64 / 1e9;
+    let per_sec = if delivery_secs > 0.0 {
+        received as f64 / delivery_secs
+    } else {
+        0.0
+    };
+    let mut merged = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
+    for shard in &tally.latency {
+        let _ = merged.add(&*shard.lock().await);
+    }
+    let ms = |q: f64| merged.value_at_quantile(q) as f64 / 1000.0;
+    let result = json!({
+        "scenario": "fanout",
+        "target": format!("{:?}", load.target).to_lowercase(),
+        "servers": rig.urls.len(),
+        "sockets": load.sockets,
+        "users": load.users,
+        "steady_rounds_per_s": load.rate,
+        "steady_seconds": load.seconds,
+        "burst_rounds": load.burst,
+        "events_published": published,
+        "publish_seconds": publish_secs,
+        "burst_seconds": burst_secs,
+        "deliveries_expected": expected,
+        "deliveries": received,
+        "deliveries_per_s": per_sec,
+        "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "max": merged.max() as f64 / 1000.0},
+        "lost": lost,
+        "duplicated": duplicated,
+        "server_rss_bytes": rss_total,
+    });
+    println!();
+    println!(
+        "| target | servers | sockets | users | events | deliveries | deliveries/s | p50 ms | p99 ms | max ms | lost | dup |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
+        result["target"].as_str().unwrap_or_default(),
+        rig.urls.len(),
+        load.sockets,
+        load.users,
+        published,
+        received,
+        per_sec,
+        ms(0.5),
+        ms(0.99),
+        merged.max() as f64 / 1000.0,
+        lost,
+        duplicated
+    );
+    drop(rig.children);
+    Ok(result)
+}

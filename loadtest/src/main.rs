@@ -64,6 +64,25 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         burst: u64,
     },
+    /// Sync cost next to git in the same run: first, no-op and incremental syncs, many
+    /// small projects at once, and sync-status polling throughput
+    Syncs {
+        /// directory whose files become the large repository (default: cargo's registry sources)
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// small projects synced at once
+        #[arg(long, default_value_t = 40)]
+        projects: usize,
+        /// the hub's sync workers
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// concurrent pollers of GET /api/v1/repo/sync/{id}
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// seconds of polling
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// N idle sockets: the hub's RSS per connection
     Connections {
         #[arg(long, default_value_t = 10_000)]
@@ -76,6 +95,7 @@ enum Scenario {
 
 mod fanout;
 mod reads;
+mod syncs;
 
 const SECRET: &str = "loadtest-secret";
 
@@ -86,6 +106,13 @@ pub(crate) struct Hub {
 }
 
 pub(crate) async fn start_hub(binary: &PathBuf) -> Result<Hub, String> {
+    start_hub_with(binary, &[]).await
+}
+
+pub(crate) async fn start_hub_with(
+    binary: &PathBuf,
+    extra_env: &[(&str, String)],
+) -> Result<Hub, String> {
     let data = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut child = tokio::process::Command::new(binary)
         .arg("serve")
@@ -96,6 +123,7 @@ pub(crate) async fn start_hub(binary: &PathBuf) -> Result<Hub, String> {
         .env("HIVESYNC_ALLOWED_SCHEMES", "file")
         .env("HIVESYNC_SYNC_RATE", "1000/s")
         .env("RUST_LOG", "warn")
+        .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -222,6 +250,25 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.scenario {
         Scenario::Connections { count, batch } => connections(&cli, *count, *batch).await,
+        Scenario::Syncs {
+            source,
+            projects,
+            workers,
+            concurrency,
+            seconds,
+        } => {
+            syncs::run(
+                &cli.hub,
+                syncs::Options {
+                    source: source.clone(),
+                    projects: (*projects).max(1),
+                    workers: (*workers).max(1),
+                    concurrency: (*concurrency).max(1),
+                    seconds: (*seconds).max(1),
+                },
+            )
+            .await
+        }
         Scenario::Fanout {
             target,
             sockets,

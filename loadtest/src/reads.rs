@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::start_hub;
 
-fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
     let output = Command::new("git")
         .args([
             "-c",
@@ -34,12 +34,12 @@ fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
 }
 
 /// Sends a request to the hub and reads its JSON answer.
-async fn json_of(request: reqwest::RequestBuilder) -> Result<Value, String> {
+pub(crate) async fn json_of(request: reqwest::RequestBuilder) -> Result<Value, String> {
     let response = request.send().await.map_err(|e| e.to_string())?;
     response.json().await.map_err(|e| e.to_string())
 }
 
-fn default_source() -> Result<PathBuf, String> {
+pub(crate) fn default_source() -> Result<PathBuf, String> {
     let home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo")))
@@ -53,13 +53,67 @@ fn default_source() -> Result<PathBuf, String> {
         .ok_or_else(|| "no registry sources; pass --source".to_owned())
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Commits every file under `source` into a packed bare repository `work/origin.git`
+/// (as a real remote serves it); returns its `file://` URL, the commit and the file count.
+pub(crate) fn build_origin(work: &Path, source: &Path) -> Result<(String, String, usize), String> {
+    let origin = work.join("origin.git");
+    eprintln!("building a repository from {}", source.display());
+    git(work, &["init", "-q", "--bare", "-b", "main", "origin.git"])?;
+    let worktree = source.to_string_lossy().into_owned();
+    let git_dir = origin.to_string_lossy().into_owned();
+    git(
+        work,
+        &[
+            "--git-dir",
+            &git_dir,
+            "--work-tree",
+            &worktree,
+            "add",
+            "-A",
+            "-f",
+            ".",
+        ],
+    )?;
+    git(
+        work,
+        &[
+            "--git-dir",
+            &git_dir,
+            "--work-tree",
+            &worktree,
+            "commit",
+            "-q",
+            "-m",
+            "snapshot",
+        ],
+    )?;
+    // a real remote serves packed objects
+    git(work, &["--git-dir", &git_dir, "repack", "-adq"])?;
+    let commit = git(work, &["--git-dir", &git_dir, "rev-parse", "HEAD"])?;
+    let files: usize = git(
+        work,
+        &[
+            "--git-dir",
+            &git_dir,
+            "ls-tree",
+            "-r",
+            "--name-only",
+            "HEAD",
+        ],
+    )?
+    .lines()
+    .count();
+    let url = format!("file://{}", origin.display());
+    Ok((url, commit, files))
 }
 
 pub async fn run(
@@ -73,58 +127,7 @@ pub async fn run(
         None => default_source()?,
     };
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let origin = work.path().join("origin.git");
-    eprintln!("building a repository from {}", source.display());
-    git(
-        work.path(),
-        &["init", "-q", "--bare", "-b", "main", "origin.git"],
-    )?;
-    let worktree = source.to_string_lossy().into_owned();
-    let git_dir = origin.to_string_lossy().into_owned();
-    git(
-        work.path(),
-        &[
-            "--git-dir",
-            &git_dir,
-            "--work-tree",
-            &worktree,
-            "add",
-            "-A",
-            "-f",
-            ".",
-        ],
-    )?;
-    git(
-        work.path(),
-        &[
-            "--git-dir",
-            &git_dir,
-            "--work-tree",
-            &worktree,
-            "commit",
-            "-q",
-            "-m",
-            "snapshot",
-        ],
-    )?;
-    // a real remote serves packed objects
-    git(work.path(), &["--git-dir", &git_dir, "repack", "-adq"])?;
-    let commit = git(work.path(), &["--git-dir", &git_dir, "rev-parse", "HEAD"])?;
-    let files: usize = git(
-        work.path(),
-        &[
-            "--git-dir",
-            &git_dir,
-            "ls-tree",
-            "-r",
-            "--name-only",
-            "HEAD",
-        ],
-    )?
-    .lines()
-    .count();
-    let url = format!("file://{}", origin.display());
-
+    let (url, commit, files) = build_origin(work.path(), &source)?;
     // peer: git clone of the same repository (objects and checkout)
     let started = Instant::now();
     git(work.path(), &["clone", "-q", &url, "peer-clone"])?;

@@ -123,6 +123,21 @@ pub struct Lease {
     pub token: String,
 }
 
+impl Lease {
+    /// A lease for work on a project outside any queued job (removing a deleted
+    /// project's mirror), so it can take the project lock like a worker does.
+    pub fn maintenance(project_id: &str) -> Self {
+        Self {
+            job: Job {
+                sync_id: String::new(),
+                project_id: project_id.to_owned(),
+                owner: String::new(),
+            },
+            token: String::new(),
+        }
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn insert_project(&self, project: &Project) -> Result<(), EngineError>;

@@ -149,13 +149,17 @@ pub async fn delete_project(state: Arc<AppState>, auth: Option<String>, id: Stri
         let project_id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
         state.engine.store.delete_project(&project_id).await?;
         state.reader.forget(&project_id);
-        let layout = state.layout.clone();
-        let removed = tokio::task::spawn_blocking(move || layout.remove(&project_id))
-            .await
-            .map_err(|err| ApiError::Backend(Box::new(err)))?;
-        if let Err(err) = removed {
-            // the project is gone either way; leftover files are only disk space
-            tracing::warn!(project_id = %project.project_id, error = %err, "could not remove the mirror");
+        // the mirror goes under the project lock; while a worker holds it, that worker
+        // removes the mirror when its job ends and finds the project gone
+        let lease = crate::engine::Lease::maintenance(&project.project_id);
+        if let Some(lock) = state.engine.queue.lock_project(&lease).await? {
+            let layout = state.layout.clone();
+            let removed = tokio::task::spawn_blocking(move || layout.remove(&project_id)).await;
+            if let Ok(Err(err)) = removed {
+                // the project is gone either way; leftover files are only disk space
+                tracing::warn!(project_id = %project.project_id, error = %err, "could not remove the mirror");
+            }
+            state.engine.queue.unlock_project(&lock).await?;
         }
         Ok::<_, ApiError>(())
     }

@@ -142,6 +142,9 @@ impl Worker {
             ));
             let end = self.run_job(&lease, &lock, &job_stop).await;
             heartbeat.abort();
+            if !matches!(end, Err(EngineError::Fenced)) {
+                self.remove_if_deleted(&lease.job.project_id).await;
+            }
             let acked = match end {
                 Ok(JobEnd::Finished) => self.engine.queue.complete(&lease).await,
                 Ok(JobEnd::Released) => self.engine.queue.release(lease).await,
@@ -161,6 +164,18 @@ impl Worker {
             if let Err(err) = acked {
                 tracing::error!(error = %error_chain(&err), "could not settle a job with the queue");
             }
+        }
+    }
+
+    /// Removes the mirror of a project deleted while this worker held its lock (the
+    /// delete left the files to the lock holder).
+    async fn remove_if_deleted(&self, project_id: &str) {
+        let Some(id) = ProjectId::parse(project_id) else {
+            return;
+        };
+        if let Ok(None) = self.engine.store.project(&id).await {
+            let layout = self.layout.clone();
+            let _ = tokio::task::spawn_blocking(move || layout.remove(&id)).await;
         }
     }
 
@@ -643,7 +658,10 @@ pub async fn run_health_checks(
         for project_id in layout.mirrored_projects() {
             let project = match engine.store.project(&project_id).await {
                 Ok(Some(project)) => project,
-                Ok(None) => continue,
+                Ok(None) => {
+                    remove_orphan(&engine, &layout, project_id).await;
+                    continue;
+                }
                 Err(err) => {
                     tracing::warn!(error = %error_chain(&err), "health check cannot read projects; next round");
                     break;
@@ -667,6 +685,18 @@ pub async fn run_health_checks(
                 tracing::warn!(error = %error_chain(&err), "could not start a repair sync");
             }
         }
+    }
+}
+
+/// A mirror whose project is gone (its delete raced a process that died before it
+/// could clean up): removed under the project lock.
+async fn remove_orphan(engine: &Engine, layout: &Layout, project_id: ProjectId) {
+    let lease = Lease::maintenance(project_id.as_str());
+    if let Ok(Some(lock)) = engine.queue.lock_project(&lease).await {
+        tracing::info!(%project_id, "removing the mirror of a deleted project");
+        let layout = layout.clone();
+        let _ = tokio::task::spawn_blocking(move || layout.remove(&project_id)).await;
+        let _ = engine.queue.unlock_project(&lock).await;
     }
 }
 

@@ -406,3 +406,42 @@ async fn running_out_of_space_mid_sync_fails_with_storage_full_and_keeps_the_mir
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn deleting_a_project_mid_sync_leaves_no_mirror_behind() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    // big enough that the delete lands while the clone runs
+    repo.commit_random_files(300, 100_000);
+    let id = app.register(&repo).await;
+    let mut socket = app.ws(&app.token, "").await;
+    socket.next_json().await;
+    let accepted = app.request_sync(&id).await;
+    socket
+        .until(|f| f["type"] == "sync.stage" && f["stage"] == "running")
+        .await;
+    let deleted = app
+        .delete(&format!("/api/v1/projects/{id}"), &app.token)
+        .await;
+    assert_eq!(deleted.status(), 204);
+    let sync_path = format!(
+        "/api/v1/repo/sync/{}",
+        accepted["sync_id"].as_str().expect("id")
+    );
+    let gone = crate::helpers::wait_until(crate::helpers::WAIT, || async {
+        let (status, _) = app.get_json(&sync_path).await;
+        let leftovers = ["repos", "trees", "git"]
+            .iter()
+            .map(|dir| app.data_dir.join(dir))
+            .filter_map(|dir| std::fs::read_dir(dir).ok())
+            .flat_map(|entries| entries.flatten())
+            .any(|entry| entry.file_name().to_string_lossy().starts_with(&id));
+        (status == 404 && !leftovers).then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the deleted project's mirror was left on disk"
+    );
+    app.stop().await;
+}

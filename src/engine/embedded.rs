@@ -42,6 +42,7 @@ pub struct EmbeddedEngine {
     queued: Notify,
     /// project id → fence of the worker holding its mirror
     locks: Mutex<Locks>,
+    publish_order: Arc<Mutex<()>>,
 }
 
 #[derive(Default)]
@@ -78,6 +79,7 @@ impl EmbeddedEngine {
             queue: Mutex::new(VecDeque::new()),
             queued: Notify::new(),
             locks: Mutex::default(),
+            publish_order: Arc::default(),
         }))
     }
 
@@ -477,45 +479,49 @@ impl EventLog for EmbeddedEngine {
     async fn publish(&self, user: &str, body: EventBody) -> Result<Event, EngineError> {
         let user = user.to_owned();
         let keep = self.history_len;
-        let event = self
-            .blocking(move |db| {
-                let mut tx = db.begin_write().map_err(redb::Error::from)?;
-                if body.is_progress_only() {
-                    let _ = tx.set_durability(Durability::None);
-                }
-                let event = {
-                    let mut seq = tx.open_table(EVENT_SEQ).map_err(redb::Error::from)?;
-                    let id = seq
-                        .get(user.as_str())
-                        .map_err(redb::Error::from)?
-                        .map(|v| v.value())
-                        .unwrap_or(0)
-                        + 1;
-                    seq.insert(user.as_str(), id).map_err(redb::Error::from)?;
-                    let event = Event {
-                        id,
-                        user: user.clone(),
-                        body,
-                    };
-                    let raw = serde_json::to_string(&event)?;
-                    let mut events = tx.open_table(EVENTS).map_err(redb::Error::from)?;
-                    events
-                        .insert((user.as_str(), id), raw.as_str())
-                        .map_err(redb::Error::from)?;
-                    if id > keep {
-                        events
-                            .remove((user.as_str(), id - keep))
-                            .map_err(redb::Error::from)?;
-                    }
-                    event
+        let live = self.live.clone();
+        let order = Arc::clone(&self.publish_order);
+        self.blocking(move |db| {
+            // numbering, storing and sending are one step: two publishers of one
+            // user must reach the live feed in id order, or a hub would drop the
+            // lower id as already seen
+            let _in_order = order.lock().expect("publish lock is never poisoned");
+            let mut tx = db.begin_write().map_err(redb::Error::from)?;
+            if body.is_progress_only() {
+                let _ = tx.set_durability(Durability::None);
+            }
+            let event = {
+                let mut seq = tx.open_table(EVENT_SEQ).map_err(redb::Error::from)?;
+                let id = seq
+                    .get(user.as_str())
+                    .map_err(redb::Error::from)?
+                    .map(|v| v.value())
+                    .unwrap_or(0)
+                    + 1;
+                seq.insert(user.as_str(), id).map_err(redb::Error::from)?;
+                let event = Event {
+                    id,
+                    user: user.clone(),
+                    body,
                 };
-                tx.commit().map_err(redb::Error::from)?;
-                Ok(event)
-            })
-            .await?;
-        // no receiver is fine: nobody is connected
-        let _ = self.live.send(Live::Event(event.clone()));
-        Ok(event)
+                let raw = serde_json::to_string(&event)?;
+                let mut events = tx.open_table(EVENTS).map_err(redb::Error::from)?;
+                events
+                    .insert((user.as_str(), id), raw.as_str())
+                    .map_err(redb::Error::from)?;
+                if id > keep {
+                    events
+                        .remove((user.as_str(), id - keep))
+                        .map_err(redb::Error::from)?;
+                }
+                event
+            };
+            tx.commit().map_err(redb::Error::from)?;
+            // no receiver is fine: nobody is connected
+            let _ = live.send(Live::Event(event.clone()));
+            Ok(event)
+        })
+        .await
     }
 
     fn live(&self) -> broadcast::Receiver<Live> {

@@ -95,12 +95,13 @@ async fn all_checks(factory: &impl Factory) {
     jobs_locks_and_fences(factory.make().await).await;
 }
 
-#[tokio::test]
+// several threads, so concurrent publishers really race
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_engine_conforms() {
     all_checks(&Embedded(tempfile::tempdir().expect("temp dir"))).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_engine_conforms() {
     let Some(server) = redis_or_skip("redis_engine_conforms") else {
         return;
@@ -325,6 +326,36 @@ async fn events_are_numbered_per_user_kept_and_live(engine: Engine, networked: b
             ("erin".to_owned(), 3),
             ("frank".to_owned(), 1)
         ]
+    );
+
+    // concurrent publishers of one user (two workers on two of their projects) reach
+    // the live feed in id order
+    let publishers: Vec<_> = (0..200)
+        .map(|n| {
+            let events = std::sync::Arc::clone(events);
+            // progress ticks: the cheapest writes, so publishers overlap the most
+            let mut body = stage("p", n);
+            if let EventBody::SyncStage { progress, .. } = &mut body {
+                *progress = Some(hivesync::protocol::Progress::default());
+            }
+            tokio::spawn(async move { events.publish("gina", body).await })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await.expect("task").expect("publish");
+    }
+    let mut order = Vec::new();
+    while order.len() < 200 {
+        match tokio::time::timeout(Duration::from_secs(5), live.recv()).await {
+            Ok(Ok(Live::Event(event))) if event.user == "gina" => order.push(event.id),
+            Ok(Ok(_)) => {}
+            other => panic!("live feed ended early: {other:?}"),
+        }
+    }
+    assert_eq!(
+        order,
+        (1..=200).collect::<Vec<_>>(),
+        "live order is id order"
     );
 
     let history = events.after("erin", 1, 100).await.expect("after");

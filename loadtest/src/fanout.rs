@@ -55,29 +55,62 @@ fn now_nanos() -> u64 {
         .unwrap_or(0)
 }
 
-/// What every client adds up.
-struct Tally {
+/// Deliveries and latency of one phase (steady or burst).
+struct Phase {
     received: AtomicU64,
-    lost: AtomicU64,
-    duplicated: AtomicU64,
     first_receipt: AtomicU64,
     last_receipt: AtomicU64,
     /// sharded so clients rarely wait on each other
     latency: Vec<Mutex<Histogram<u64>>>,
 }
 
-impl Tally {
+impl Phase {
     fn new() -> Self {
         Self {
             received: AtomicU64::new(0),
-            lost: AtomicU64::new(0),
-            duplicated: AtomicU64::new(0),
             first_receipt: AtomicU64::new(u64::MAX),
             last_receipt: AtomicU64::new(0),
             latency: (0..64)
                 .map(|_| Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds")))
                 .collect(),
         }
+    }
+
+    async fn merged(&self) -> Histogram<u64> {
+        let mut merged = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
+        for shard in &self.latency {
+            let _ = merged.add(&*shard.lock().await);
+        }
+        merged
+    }
+}
+
+/// What every client adds up.
+struct Tally {
+    steady: Phase,
+    burst: Phase,
+    /// emit time of the burst's first event; events emitted before are steady
+    burst_start: AtomicU64,
+    lost: AtomicU64,
+    duplicated: AtomicU64,
+    /// sockets closed by the server (4008 slow consumer) that resumed
+    resumed: AtomicU64,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            steady: Phase::new(),
+            burst: Phase::new(),
+            burst_start: AtomicU64::new(u64::MAX),
+            lost: AtomicU64::new(0),
+            duplicated: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
+        }
+    }
+
+    fn received(&self) -> u64 {
+        self.steady.received.load(Ordering::Relaxed) + self.burst.received.load(Ordering::Relaxed)
     }
 }
 
@@ -160,18 +193,22 @@ async fn next_text(socket: &mut Socket) -> Result<String, String> {
     }
 }
 
-/// Reads events until `stop`, checking the sequence and timing each one.
+/// Reads events until `stop`, checking the sequence and timing each one. A socket
+/// the server closes (4008 when it falls behind) resumes from its last id, as the
+/// protocol says a client should; Socket.IO has no resume, so its losses stand.
 async fn run_client(
     target: Target,
+    url: String,
     mut socket: Socket,
     mut last: u64,
     shard: usize,
     tally: Arc<Tally>,
     stop: Arc<AtomicBool>,
 ) -> u64 {
-    // latencies go to a shared histogram in batches; a histogram per client would
+    // latencies go to the shared histograms in batches; a histogram per client would
     // cost more memory than the hub under test
-    let mut local: Vec<u64> = Vec::with_capacity(256);
+    let mut steady: Vec<u64> = Vec::with_capacity(256);
+    let mut burst: Vec<u64> = Vec::with_capacity(256);
     loop {
         let message = tokio::select! {
             message = socket.next() => message,
@@ -182,8 +219,25 @@ async fn run_client(
         };
         let text = match message {
             Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                if stop.load(Ordering::Relaxed) || target == Target::Socketio {
+                    break;
+                }
+                match open_client(target, &format!("{url}&last_event_id={last}")).await {
+                    Ok((resumed, from)) => {
+                        tally.resumed.fetch_add(1, Ordering::Relaxed);
+                        if from > last {
+                            // resync_required: the gap is gone for good
+                            tally.lost.fetch_add(from - last, Ordering::Relaxed);
+                            last = from;
+                        }
+                        socket = resumed;
+                        continue;
+                    }
+                    Err(_) => break,
+                }
+            }
             Some(Ok(_)) => continue,
-            _ => break,
         };
         if target == Target::Socketio && text.as_str() == "2" {
             let _ = socket.send(Message::Text("3".into())).await;
@@ -201,22 +255,29 @@ async fn run_client(
             tally.lost.fetch_add(seq - last - 1, Ordering::Relaxed);
         }
         last = seq;
-        tally.received.fetch_add(1, Ordering::Relaxed);
-        tally
+        let in_burst = emitted >= tally.burst_start.load(Ordering::Relaxed);
+        let (phase, local) = if in_burst {
+            (&tally.burst, &mut burst)
+        } else {
+            (&tally.steady, &mut steady)
+        };
+        phase.received.fetch_add(1, Ordering::Relaxed);
+        phase
             .first_receipt
             .fetch_min(received_at, Ordering::Relaxed);
-        tally.last_receipt.fetch_max(received_at, Ordering::Relaxed);
+        phase.last_receipt.fetch_max(received_at, Ordering::Relaxed);
         local.push((received_at.saturating_sub(emitted) / 1000).max(1));
         if local.len() >= 256 {
-            flush_latencies(&tally, shard, &mut local).await;
+            flush_latencies(phase, shard, local).await;
         }
     }
-    flush_latencies(&tally, shard, &mut local).await;
+    flush_latencies(&tally.steady, shard, &mut steady).await;
+    flush_latencies(&tally.burst, shard, &mut burst).await;
     last
 }
 
-async fn flush_latencies(tally: &Tally, shard: usize, local: &mut Vec<u64>) {
-    let mut histogram = tally.latency[shard % tally.latency.len()].lock().await;
+async fn flush_latencies(phase: &Phase, shard: usize, local: &mut Vec<u64>) {
+    let mut histogram = phase.latency[shard % phase.latency.len()].lock().await;
     for micros in local.drain(..) {
         histogram.saturating_record(micros);
     }
@@ -225,34 +286,45 @@ async fn flush_latencies(tally: &Tally, shard: usize, local: &mut Vec<u64>) {
 /// Publishes one event for `user` with sequence `seq` (the target's own numbering).
 enum Publisher {
     Engine(Arc<dyn EventLog>),
+    /// the embedded hub runs in a child process and publishes what it reads here
+    Pipe(Mutex<tokio::process::ChildStdin>),
     SocketIo {
         redis: redis::aio::MultiplexedConnection,
     },
 }
 
 impl Publisher {
+    /// One event for every user, `seqs[user]` being its sequence number.
+    async fn publish_round(self: &Arc<Self>, seqs: &[u64]) -> Result<(), String> {
+        if let Publisher::Pipe(stdin) = &**self {
+            use tokio::io::AsyncWriteExt;
+            let emitted = now_nanos();
+            let mut lines = String::with_capacity(seqs.len() * 32);
+            for (user, seq) in seqs.iter().enumerate() {
+                lines.push_str(&format!("{user} {seq} {emitted}\n"));
+            }
+            let mut stdin = stdin.lock().await;
+            return stdin
+                .write_all(lines.as_bytes())
+                .await
+                .map_err(|e| format!("embedded hub: {e}"));
+        }
+        let sends = seqs.iter().enumerate().map(|(user, seq)| {
+            let publisher = Arc::clone(self);
+            let seq = *seq;
+            async move { publisher.publish(user, seq).await }
+        });
+        for result in futures_util::future::join_all(sends).await {
+            result?;
+        }
+        Ok(())
+    }
+
     async fn publish(&self, user: usize, seq: u64) -> Result<(), String> {
         let emitted = now_nanos();
         match self {
-            Publisher::Engine(events) => {
-                let body = EventBody::SyncStage {
-                    sync_id: format!("t{emitted}"),
-                    project_id: format!("project-{user}"),
-                    stage: SyncStatus::Running,
-                    progress: Some(Progress {
-                        percent: (seq % 100) as u8,
-                        objects: seq,
-                        bytes: seq * 1024,
-                    }),
-                    at: hivesync::domain::now_rfc3339(),
-                    retry: None,
-                };
-                events
-                    .publish(&user_name(user), body)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
+            Publisher::Pipe(_) => Err("pipe publishers publish whole rounds".into()),
+            Publisher::Engine(events) => publish_event(events.as_ref(), user, seq, emitted).await,
             Publisher::SocketIo { redis } => {
                 let room = format!("user-{user}");
                 let packet = json!([
@@ -272,6 +344,66 @@ impl Publisher {
             }
         }
     }
+}
+
+/// The event a worker would publish (a progress tick), stamped with its emit time.
+pub async fn publish_event(
+    events: &dyn EventLog,
+    user: usize,
+    seq: u64,
+    emitted: u64,
+) -> Result<(), String> {
+    let body = EventBody::SyncStage {
+        sync_id: format!("t{emitted}"),
+        project_id: format!("project-{user}"),
+        stage: SyncStatus::Running,
+        progress: Some(Progress {
+            percent: (seq % 100) as u8,
+            objects: seq,
+            bytes: seq * 1024,
+        }),
+        at: hivesync::domain::now_rfc3339(),
+        retry: None,
+    };
+    events
+        .publish(&user_name(user), body)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// `loadtest embedded-hub`: a hub with the embedded engine in this process, printing
+/// its address, then publishing each `user seq emitted_ns` line of standard input.
+pub async fn embedded_hub() -> Result<Value, String> {
+    let data = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let config = hivesync::config::Config {
+        listen: "127.0.0.1:0".parse().map_err(|_| "address")?,
+        data_dir: data.path().to_path_buf(),
+        jwt_secret: Some(crate::SECRET.to_owned()),
+        min_free_bytes: 0,
+        serve_workers: Some(0),
+        ..hivesync::config::Config::default()
+    };
+    let app = hivesync::app::Application::build(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let events = app.state().engine.events.clone();
+    println!("hivesync serving on http://{}", app.local_addr());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(app.run(stop.clone()));
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut fields = line.split_whitespace().map(str::parse::<u64>);
+        let (Some(Ok(user)), Some(Ok(seq)), Some(Ok(emitted))) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        publish_event(events.as_ref(), user as usize, seq, emitted).await?;
+    }
+    stop.cancel();
+    let _ = running.await;
+    Ok(json!({"scenario": "embedded-hub"}))
 }
 
 fn user_name(user: usize) -> String {
@@ -416,72 +548,26 @@ struct Rig {
     children: Vec<tokio::process::Child>,
     _redis: Option<PrivateRedis>,
     _dirs: Vec<tempfile::TempDir>,
-    _embedded: Option<EmbeddedHub>,
-}
-
-/// A hub with the embedded engine on its own runtime (two threads, like the binary).
-struct EmbeddedHub {
-    stop: tokio_util::sync::CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for EmbeddedHub {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 async fn rig(hub_binary: &Path, load: &Load) -> Result<Rig, String> {
     match load.target {
         Target::Embedded => {
-            let data = tempfile::tempdir().map_err(|e| e.to_string())?;
-            let config = hivesync::config::Config {
-                listen: "127.0.0.1:0".parse().map_err(|_| "address")?,
-                data_dir: data.path().to_path_buf(),
-                jwt_secret: Some(crate::SECRET.to_owned()),
-                min_free_bytes: 0,
-                serve_workers: Some(0),
-                ws_queue: 4096,
-                ..hivesync::config::Config::default()
-            };
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            let stop = tokio_util::sync::CancellationToken::new();
-            let hub_stop = stop.clone();
-            let thread = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("hub runtime");
-                runtime.block_on(async move {
-                    match hivesync::app::Application::build(config).await {
-                        Ok(app) => {
-                            let _ = ready_tx
-                                .send(Ok((app.local_addr(), app.state().engine.events.clone())));
-                            app.run(hub_stop).await;
-                        }
-                        Err(err) => {
-                            let _ = ready_tx.send(Err(err.to_string()));
-                        }
-                    }
-                });
-            });
-            let (addr, events) = ready_rx
-                .recv_timeout(Duration::from_secs(30))
-                .map_err(|_| "embedded hub did not start")??;
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let mut command = tokio::process::Command::new(exe);
+            command
+                .args(["--json", "/dev/null", "embedded-hub"])
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::piped());
+            let (mut child, addr) =
+                start_printing_port(command, "hivesync serving on http://").await?;
+            let stdin = child.stdin.take().ok_or("no stdin")?;
             Ok(Rig {
                 urls: vec![format!("ws://{addr}/api/v1/ws")],
-                publisher: Publisher::Engine(events),
-                children: Vec::new(),
+                publisher: Publisher::Pipe(Mutex::new(stdin)),
+                children: vec![child],
                 _redis: None,
-                _dirs: vec![data],
-                _embedded: Some(EmbeddedHub {
-                    stop,
-                    thread: Some(thread),
-                }),
+                _dirs: Vec::new(),
             })
         }
         Target::Redis => {
@@ -523,7 +609,6 @@ async fn rig(hub_binary: &Path, load: &Load) -> Result<Rig, String> {
                 children,
                 _redis: Some(redis),
                 _dirs: vec![data],
-                _embedded: None,
             })
         }
         Target::Socketio => {
@@ -554,7 +639,6 @@ async fn rig(hub_binary: &Path, load: &Load) -> Result<Rig, String> {
                 children,
                 _redis: Some(redis),
                 _dirs: vec![install],
-                _embedded: None,
             })
         }
     }
@@ -580,6 +664,16 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         load.users,
         rig.urls.len()
     );
+    let client_urls: Vec<String> = (0..load.sockets)
+        .map(|i| {
+            let user = i % load.users;
+            let base = &rig.urls[i % rig.urls.len()];
+            match load.target {
+                Target::Socketio => format!("{base}&user={user}"),
+                _ => format!("{base}?access_token={}", tokens[user]),
+            }
+        })
+        .collect();
     let mut clients = Vec::with_capacity(load.sockets);
     let mut start_seq = vec![u64::MAX; load.users];
     let mut opened = 0;
@@ -606,6 +700,7 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
             let stop = Arc::clone(&stop);
             clients.push(tokio::spawn(run_client(
                 load.target,
+                client_urls[i].clone(),
                 socket,
                 last,
                 i,
@@ -636,21 +731,17 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
             tokio::time::sleep_until(due.into()).await;
         } else if burst_started.is_none() {
             burst_started = Some(Instant::now());
+            tally.burst_start.store(now_nanos(), Ordering::Relaxed);
         }
-        let sends = (0..load.users).map(|user| {
-            next_seq[user] += 1;
-            let seq = next_seq[user];
-            let publisher = Arc::clone(&publisher);
-            async move { publisher.publish(user, seq).await }
-        });
-        for result in futures_util::future::join_all(sends).await {
-            result?;
-            published += 1;
+        for seq in next_seq.iter_mut() {
+            *seq += 1;
         }
+        publisher.publish_round(&next_seq).await?;
+        published += load.users as u64;
         if round % load.rate.max(1) == 0 {
             eprint!(
                 "\r  published {published:>9} events, delivered {:>10}",
-                tally.received.load(Ordering::Relaxed)
+                tally.received()
             );
         }
     }
@@ -661,7 +752,7 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
     let mut last_count = 0;
     let mut quiet_since = Instant::now();
     loop {
-        let count = tally.received.load(Ordering::Relaxed);
+        let count = tally.received();
         if count >= expected {
             break;
         }
@@ -675,7 +766,7 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
     }
     eprintln!(
         "\r  published {published:>9} events, delivered {:>10}",
-        tally.received.load(Ordering::Relaxed)
+        tally.received()
     );
     stop.store(true, Ordering::Relaxed);
     let mut finals = Vec::with_capacity(clients.len());
@@ -688,11 +779,8 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
             rss_total += rss_of(pid);
         }
     }
-    if rig.children.is_empty() {
-        rss_total = rss_of(std::process::id());
-    }
 
-    let received = tally.received.load(Ordering::Relaxed);
+    let received = tally.received();
     // events that never arrived at all count as lost too (the tail past a client's last)
     let tail_lost: u64 = finals
         .iter()
@@ -701,19 +789,44 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         .sum();
     let lost = tally.lost.load(Ordering::Relaxed) + tail_lost;
     let duplicated = tally.duplicated.load(Ordering::Relaxed);
-    let first = tally.first_receipt.load(Ordering::Relaxed);
-    let last = tally.last_receipt.load(Ordering::Relaxed);
-    let delivery_secs = (last.saturating_sub(first)) as f64 / 1e9;
-    let per_sec = if delivery_secs > 0.0 {
-        received as f64 / delivery_secs
-    } else {
-        0.0
-    };
-    let mut merged = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
-    for shard in &tally.latency {
-        let _ = merged.add(&*shard.lock().await);
+    let resumed = tally.resumed.load(Ordering::Relaxed);
+    let mut phases = serde_json::Map::new();
+    let mut rows = Vec::new();
+    for (name, phase) in [("steady", &tally.steady), ("burst", &tally.burst)] {
+        let count = phase.received.load(Ordering::Relaxed);
+        if count == 0 {
+            continue;
+        }
+        let first = phase.first_receipt.load(Ordering::Relaxed);
+        let last = phase.last_receipt.load(Ordering::Relaxed);
+        // steady: deliveries over the publishing time; burst: from its first emit to
+        // its last receipt
+        let secs = if name == "steady" {
+            load.seconds as f64
+        } else {
+            last.saturating_sub(tally.burst_start.load(Ordering::Relaxed).min(first)) as f64 / 1e9
+        };
+        let per_sec = if secs > 0.0 { count as f64 / secs } else { 0.0 };
+        let merged = phase.merged().await;
+        let ms = |q: f64| merged.value_at_quantile(q) as f64 / 1000.0;
+        let max = merged.max() as f64 / 1000.0;
+        phases.insert(
+            name.to_owned(),
+            json!({
+                "deliveries": count,
+                "deliveries_per_s": per_sec,
+                "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "max": max},
+            }),
+        );
+        rows.push(format!(
+            "| {} | {name} | {} | {} | {count} | {per_sec:.0} | {:.2} | {:.2} | {max:.2} |",
+            format!("{:?}", load.target).to_lowercase(),
+            rig.urls.len(),
+            load.sockets,
+            ms(0.5),
+            ms(0.99)
+        ));
     }
-    let ms = |q: f64| merged.value_at_quantile(q) as f64 / 1000.0;
     let result = json!({
         "scenario": "fanout",
         "target": format!("{:?}", load.target).to_lowercase(),
@@ -725,34 +838,25 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         "burst_rounds": load.burst,
         "events_published": published,
         "publish_seconds": publish_secs,
-        "burst_seconds": burst_secs,
+        "burst_publish_seconds": burst_secs,
         "deliveries_expected": expected,
         "deliveries": received,
-        "deliveries_per_s": per_sec,
-        "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "max": merged.max() as f64 / 1000.0},
+        "phases": phases,
         "lost": lost,
         "duplicated": duplicated,
+        "resumed_after_close": resumed,
         "server_rss_bytes": rss_total,
     });
     println!();
     println!(
-        "| target | servers | sockets | users | events | deliveries | deliveries/s | p50 ms | p99 ms | max ms | lost | dup |"
+        "| target | phase | servers | sockets | deliveries | deliveries/s | p50 ms | p99 ms | max ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        println!("{row}");
+    }
     println!(
-        "| {} | {} | {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
-        result["target"].as_str().unwrap_or_default(),
-        rig.urls.len(),
-        load.sockets,
-        load.users,
-        published,
-        received,
-        per_sec,
-        ms(0.5),
-        ms(0.99),
-        merged.max() as f64 / 1000.0,
-        lost,
-        duplicated
+        "events published: {published}, deliveries: {received} of {expected}, lost: {lost}, duplicated: {duplicated}, sockets resumed after a close: {resumed}"
     );
     drop(rig.children);
     Ok(result)

@@ -83,6 +83,10 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// (used by `fanout --target embedded`) a hub with the embedded engine that publishes
+    /// the events named on standard input
+    #[command(hide = true)]
+    EmbeddedHub,
     /// N idle sockets: the hub's RSS per connection
     Connections {
         #[arg(long, default_value_t = 10_000)]
@@ -250,6 +254,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.scenario {
         Scenario::Connections { count, batch } => connections(&cli, *count, *batch).await,
+        Scenario::EmbeddedHub => fanout::embedded_hub().await,
         Scenario::Syncs {
             source,
             projects,

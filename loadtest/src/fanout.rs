@@ -399,7 +399,13 @@ pub async fn embedded_hub() -> Result<Value, String> {
         else {
             continue;
         };
-        publish_event(events.as_ref(), user as usize, seq, emitted).await?;
+        // as concurrent workers would: the engine commits what is waiting together
+        let events = events.clone();
+        tokio::spawn(async move {
+            if let Err(err) = publish_event(events.as_ref(), user as usize, seq, emitted).await {
+                eprintln!("publish failed: {err}");
+            }
+        });
     }
     stop.cancel();
     let _ = running.await;

@@ -42,7 +42,122 @@ pub struct EmbeddedEngine {
     queued: Notify,
     /// project id → fence of the worker holding its mirror
     locks: Mutex<Locks>,
-    publish_order: Arc<Mutex<()>>,
+    /// to the event writer thread
+    writer: std::sync::mpsc::Sender<PublishRequest>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for EmbeddedEngine {
+    /// Stops the writer and waits for it, so the database file is closed when the
+    /// engine is gone (a restart in the same process opens it again at once).
+    fn drop(&mut self) {
+        let (disconnected, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.writer, disconnected));
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct PublishRequest {
+    user: String,
+    body: EventBody,
+    reply: tokio::sync::oneshot::Sender<Result<Event, EngineError>>,
+}
+
+/// Most events one transaction takes.
+const GROUP_COMMIT_MAX: usize = 1024;
+
+/// The one writer of events: takes every publish waiting, numbers and stores them in
+/// one transaction (group commit: a burst of events costs one commit, not one each),
+/// then sends them to the live feed in id order and answers each publisher. Being the
+/// only writer, it also keeps each user's ids in order on the live feed.
+fn run_event_writer(
+    db: Arc<Database>,
+    requests: std::sync::mpsc::Receiver<PublishRequest>,
+    live: broadcast::Sender<Live>,
+    keep: u64,
+) {
+    while let Ok(first) = requests.recv() {
+        let mut batch = vec![first];
+        while batch.len() < GROUP_COMMIT_MAX {
+            match requests.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        match write_events(&db, &batch, keep) {
+            Ok(events) => {
+                for (request, event) in batch.into_iter().zip(events) {
+                    // no receiver is fine: nobody is connected
+                    let _ = live.send(Live::Event(event.clone()));
+                    let _ = request.reply.send(Ok(event));
+                }
+            }
+            Err(err) => {
+                let message = err.to_string();
+                for request in batch {
+                    let _ = request
+                        .reply
+                        .send(Err(EngineError::Embedded(redb::Error::Io(
+                            std::io::Error::other(message.clone()),
+                        ))));
+                }
+            }
+        }
+    }
+}
+
+fn write_events(
+    db: &Database,
+    batch: &[PublishRequest],
+    keep: u64,
+) -> Result<Vec<Event>, EngineError> {
+    let mut tx = db.begin_write().map_err(redb::Error::from)?;
+    if batch.iter().all(|request| request.body.is_progress_only()) {
+        // progress ticks are re-sent by the next tick if lost in a crash; stage
+        // changes and notifications are on disk before anyone hears of them
+        let _ = tx.set_durability(Durability::None);
+    }
+    let mut out = Vec::with_capacity(batch.len());
+    {
+        let mut seq = tx.open_table(EVENT_SEQ).map_err(redb::Error::from)?;
+        let mut events = tx.open_table(EVENTS).map_err(redb::Error::from)?;
+        let mut latest: HashMap<&str, u64> = HashMap::new();
+        for request in batch {
+            let user = request.user.as_str();
+            let previous = match latest.get(user) {
+                Some(id) => *id,
+                None => seq
+                    .get(user)
+                    .map_err(redb::Error::from)?
+                    .map(|v| v.value())
+                    .unwrap_or(0),
+            };
+            let id = previous + 1;
+            latest.insert(user, id);
+            let event = Event {
+                id,
+                user: request.user.clone(),
+                body: request.body.clone(),
+            };
+            let raw = serde_json::to_string(&event)?;
+            events
+                .insert((user, id), raw.as_str())
+                .map_err(redb::Error::from)?;
+            if id > keep {
+                events
+                    .remove((user, id - keep))
+                    .map_err(redb::Error::from)?;
+            }
+            out.push(event);
+        }
+        for (user, id) in latest {
+            seq.insert(user, id).map_err(redb::Error::from)?;
+        }
+    }
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(out)
 }
 
 #[derive(Default)]
@@ -70,8 +185,19 @@ impl EmbeddedEngine {
         }
         tx.commit().map_err(redb::Error::from)?;
         let (live, _) = broadcast::channel(16 * 1024);
+        let db = Arc::new(db);
+        let (writer, requests) = std::sync::mpsc::channel();
+        let writer_thread = {
+            let db = Arc::clone(&db);
+            let live = live.clone();
+            let keep = history_len.max(1);
+            std::thread::Builder::new()
+                .name("hivesync-events".into())
+                .spawn(move || run_event_writer(db, requests, live, keep))
+                .map_err(|err| EngineError::Embedded(redb::Error::Io(err)))?
+        };
         Ok(Arc::new(Self {
-            db: Arc::new(db),
+            db,
             limiter: Mutex::new(RateLimiter::new(sync_rate.0, sync_rate.1)),
             epoch: Instant::now(),
             live,
@@ -79,7 +205,8 @@ impl EmbeddedEngine {
             queue: Mutex::new(VecDeque::new()),
             queued: Notify::new(),
             locks: Mutex::default(),
-            publish_order: Arc::default(),
+            writer,
+            writer_thread: Some(writer_thread),
         }))
     }
 
@@ -477,51 +604,15 @@ impl EmbeddedEngine {
 #[async_trait]
 impl EventLog for EmbeddedEngine {
     async fn publish(&self, user: &str, body: EventBody) -> Result<Event, EngineError> {
-        let user = user.to_owned();
-        let keep = self.history_len;
-        let live = self.live.clone();
-        let order = Arc::clone(&self.publish_order);
-        self.blocking(move |db| {
-            // numbering, storing and sending are one step: two publishers of one
-            // user must reach the live feed in id order, or a hub would drop the
-            // lower id as already seen
-            let _in_order = order.lock().expect("publish lock is never poisoned");
-            let mut tx = db.begin_write().map_err(redb::Error::from)?;
-            if body.is_progress_only() {
-                let _ = tx.set_durability(Durability::None);
-            }
-            let event = {
-                let mut seq = tx.open_table(EVENT_SEQ).map_err(redb::Error::from)?;
-                let id = seq
-                    .get(user.as_str())
-                    .map_err(redb::Error::from)?
-                    .map(|v| v.value())
-                    .unwrap_or(0)
-                    + 1;
-                seq.insert(user.as_str(), id).map_err(redb::Error::from)?;
-                let event = Event {
-                    id,
-                    user: user.clone(),
-                    body,
-                };
-                let raw = serde_json::to_string(&event)?;
-                let mut events = tx.open_table(EVENTS).map_err(redb::Error::from)?;
-                events
-                    .insert((user.as_str(), id), raw.as_str())
-                    .map_err(redb::Error::from)?;
-                if id > keep {
-                    events
-                        .remove((user.as_str(), id - keep))
-                        .map_err(redb::Error::from)?;
-                }
-                event
-            };
-            tx.commit().map_err(redb::Error::from)?;
-            // no receiver is fine: nobody is connected
-            let _ = live.send(Live::Event(event.clone()));
-            Ok(event)
-        })
-        .await
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(PublishRequest {
+                user: user.to_owned(),
+                body,
+                reply,
+            })
+            .map_err(|_| EngineError::Closed)?;
+        answer.await.map_err(|_| EngineError::Closed)?
     }
 
     fn live(&self) -> broadcast::Receiver<Live> {

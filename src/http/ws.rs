@@ -194,14 +194,19 @@ async fn drive(
     let mut last_heard = Instant::now();
     let mut pinger = tokio::time::interval(idle_timeout / 3);
     pinger.tick().await;
+    // made once: a cancellation future registers with its token when created, and
+    // making them anew on every frame cost more than writing the frame
+    let shutting_down = shutdown.cancelled();
+    let kicked_out = kicked.cancelled();
+    tokio::pin!(shutting_down, kicked_out);
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
+            _ = &mut shutting_down => {
                 let _ = close(&mut socket, CloseCode::Away, "server shutting down").await;
                 return End::Shutdown;
             }
-            _ = kicked.cancelled() => {
+            _ = &mut kicked_out => {
                 let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "client too slow; resume with last_event_id").await;
                 return End::SlowConsumer;
             }

@@ -309,6 +309,13 @@ async fn main() -> std::process::ExitCode {
                 eprintln!("cannot write {}: {err}", cli.json.display());
                 return std::process::ExitCode::FAILURE;
             }
+            let lost = value["lost"].as_u64().unwrap_or(0);
+            let duplicated = value["duplicated"].as_u64().unwrap_or(0);
+            // our hub promises no loss; the peer's losses are a finding, not a failure
+            if lost + duplicated > 0 && value["target"] != "socketio" {
+                eprintln!("loadtest: {lost} events lost and {duplicated} duplicated");
+                return std::process::ExitCode::FAILURE;
+            }
             std::process::ExitCode::SUCCESS
         }
         Err(err) => {

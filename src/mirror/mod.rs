@@ -311,6 +311,32 @@ fn sync_once(
     let (commit, transfer) = fetch(&repo, spec, progress, interrupt)?;
     check_interrupt(interrupt)?;
 
+    // nothing new upstream and the current tree is exactly what the last sync wrote:
+    // nothing to write (a full checkout would rewrite every file for nothing)
+    let commit_hex = commit.to_string();
+    if !repaired
+        && previous_commit.as_deref() == Some(commit_hex.as_str())
+        && let Some(current) = current_snapshot(&layout.worktree(spec.project))
+        && current
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with(&commit_hex[..12]))
+        && snapshot_is_exact(&repo, &current)
+    {
+        on_phase(Phase::UpdatingFiles);
+        on_phase(Phase::Cleaning);
+        check_fence(&fence_file, spec.fence)?;
+        remove_other_snapshots(&layout.trees_dir(spec.project), &current)?;
+        on_phase(Phase::Finalizing);
+        return Ok(SyncOutcome {
+            commit: commit_hex,
+            previous_commit,
+            repaired,
+            objects: transfer.objects,
+            bytes: transfer.bytes,
+        });
+    }
+
     on_phase(Phase::UpdatingFiles);
     let trees_dir = layout.trees_dir(spec.project);
     std::fs::create_dir_all(&trees_dir)?;
@@ -380,6 +406,87 @@ fn sync_once(
         objects: transfer.objects,
         bytes: transfer.bytes,
     })
+}
+
+/// The snapshot the worktree link points at, if it exists.
+fn current_snapshot(worktree: &Path) -> Option<PathBuf> {
+    let target = std::fs::read_link(worktree).ok()?;
+    let target = if target.is_absolute() {
+        target
+    } else {
+        worktree.parent()?.join(target)
+    };
+    target.is_dir().then_some(target)
+}
+
+fn remove_other_snapshots(trees_dir: &Path, keep: &Path) -> Result<(), MirrorError> {
+    for entry in std::fs::read_dir(trees_dir)? {
+        let path = entry?.path();
+        if path != keep {
+            remove_if_exists(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `snapshot` holds exactly the files the last checkout wrote, by git's own
+/// test: every file is in the index with the size and modification time recorded when
+/// it was written, and there is no other file. Anything planted, deleted or edited
+/// since fails it, and the sync writes a fresh snapshot.
+fn snapshot_is_exact(repo: &gix::Repository, snapshot: &Path) -> bool {
+    let Ok(index) = repo.open_index() else {
+        return false;
+    };
+    let mut on_disk = 0usize;
+    let mut pending = vec![snapshot.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return false;
+        };
+        for entry in entries {
+            let Ok(entry) = entry else { return false };
+            let path = entry.path();
+            if dir == snapshot && entry.file_name() == ".git" {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                return false;
+            };
+            if meta.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            if !meta.is_file() {
+                return false;
+            }
+            on_disk += 1;
+            let Some(relative) = path
+                .strip_prefix(snapshot)
+                .ok()
+                .and_then(|relative| relative.to_str())
+            else {
+                return false;
+            };
+            let Some(recorded) = index.entry_by_path(relative.into()) else {
+                return false;
+            };
+            let Ok(fs_meta) = gix::index::fs::Metadata::from_path_no_follow(&path) else {
+                return false;
+            };
+            let Ok(stat) = gix::index::entry::Stat::from_fs(&fs_meta) else {
+                return false;
+            };
+            if stat.size != recorded.stat.size || stat.mtime != recorded.stat.mtime {
+                return false;
+            }
+        }
+    }
+    let expected = index
+        .entries()
+        .iter()
+        .filter(|entry| entry.mode != gix::index::entry::Mode::COMMIT)
+        .count();
+    on_disk == expected
 }
 
 fn check_interrupt(interrupt: &AtomicBool) -> Result<(), MirrorError> {

@@ -300,3 +300,40 @@ async fn parallel_syncs_of_many_projects_all_complete() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_no_op_sync_keeps_an_exact_tree_and_replaces_a_tampered_one() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.write("src/main.rs", "fn main() {}\n")
+        .write("README.md", "hi\n");
+    let commit = repo.commit("first");
+    let id = app.register(&repo).await;
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    let worktree = app.worktree(&id);
+    let snapshot = || std::fs::read_link(&worktree).expect("worktree link");
+    let first = snapshot();
+
+    // nothing changed anywhere: the tree is left as it is, not rewritten
+    let record = app.sync_to_end(&id).await;
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["commit"], commit.as_str());
+    assert_eq!(snapshot(), first, "an exact tree is kept");
+    assert_exact_tree(&app, &id, &repo, &commit);
+
+    // nothing changed upstream, but the tree was tampered with: it is replaced
+    for tamper in [
+        |dir: &std::path::Path| std::fs::write(dir.join("planted.txt"), "junk").expect("plant"),
+        |dir: &std::path::Path| {
+            std::fs::write(dir.join("README.md"), "edited by hand\n").expect("edit")
+        },
+        |dir: &std::path::Path| std::fs::remove_file(dir.join("src/main.rs")).expect("delete"),
+    ] {
+        let before = snapshot();
+        tamper(&worktree);
+        assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+        assert_ne!(snapshot(), before, "a tampered tree is rewritten");
+        assert_exact_tree(&app, &id, &repo, &commit);
+    }
+    app.stop().await;
+}

@@ -320,6 +320,29 @@ impl Publisher {
         Ok(())
     }
 
+    /// One event, published in the background unless it is a line on a pipe; the
+    /// returned task ends with its outcome.
+    async fn publish_one(
+        self: &Arc<Self>,
+        user: usize,
+        seq: u64,
+    ) -> Result<Option<tokio::task::JoinHandle<Result<(), String>>>, String> {
+        if let Publisher::Pipe(stdin) = &**self {
+            use tokio::io::AsyncWriteExt;
+            let line = format!("{user} {seq} {}\n", now_nanos());
+            let mut stdin = stdin.lock().await;
+            stdin
+                .write_all(line.as_bytes())
+                .await
+                .map_err(|e| format!("embedded hub: {e}"))?;
+            return Ok(None);
+        }
+        let publisher = Arc::clone(self);
+        Ok(Some(tokio::spawn(async move {
+            publisher.publish(user, seq).await
+        })))
+    }
+
     async fn publish(&self, user: usize, seq: u64) -> Result<(), String> {
         let emitted = now_nanos();
         match self {
@@ -726,16 +749,35 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         .iter()
         .map(|s| if *s == u64::MAX { 0 } else { *s })
         .collect();
-    let steady_rounds = load.rate * load.seconds;
-    let total_rounds = steady_rounds + load.burst;
+    // steady: the events of a round spread evenly over the round (users' events do not
+    // all happen at the same instant); burst: whole rounds back to back
+    let steady_events = load.rate * load.seconds * load.users as u64;
+    let spacing = 1.0 / (load.rate as f64 * load.users as f64);
     let started = Instant::now();
     let mut published = 0u64;
+    let mut in_flight = Vec::new();
+    for n in 0..steady_events {
+        let due = started + Duration::from_secs_f64(n as f64 * spacing);
+        tokio::time::sleep_until(due.into()).await;
+        let user = (n % load.users as u64) as usize;
+        next_seq[user] += 1;
+        if let Some(task) = publisher.publish_one(user, next_seq[user]).await? {
+            in_flight.push(task);
+        }
+        published += 1;
+        if n % (load.users as u64 * load.rate.max(1)) == 0 {
+            eprint!(
+                "\r  published {published:>9} events, delivered {:>10}",
+                tally.received()
+            );
+        }
+    }
+    for task in in_flight {
+        task.await.map_err(|e| e.to_string())??;
+    }
     let mut burst_started = None;
-    for round in 0..total_rounds {
-        if round < steady_rounds {
-            let due = started + Duration::from_secs_f64(round as f64 / load.rate as f64);
-            tokio::time::sleep_until(due.into()).await;
-        } else if burst_started.is_none() {
+    for _ in 0..load.burst {
+        if burst_started.is_none() {
             burst_started = Some(Instant::now());
             tally.burst_start.store(now_nanos(), Ordering::Relaxed);
         }
@@ -744,12 +786,6 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         }
         publisher.publish_round(&next_seq).await?;
         published += load.users as u64;
-        if round % load.rate.max(1) == 0 {
-            eprint!(
-                "\r  published {published:>9} events, delivered {:>10}",
-                tally.received()
-            );
-        }
     }
     let publish_secs = started.elapsed().as_secs_f64();
     let burst_secs = burst_started.map(|at| at.elapsed().as_secs_f64());

@@ -537,6 +537,7 @@ impl JobQueue for EmbeddedEngine {
             {
                 return Ok(Some(Lease {
                     token: job.sync_id.clone(),
+                    deliveries: 1,
                     job,
                 }));
             }

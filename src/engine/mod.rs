@@ -121,7 +121,14 @@ pub struct History {
 pub struct Lease {
     pub job: Job,
     pub token: String,
+    /// How many times the job has been handed out: above 1, earlier workers died or
+    /// hung running it.
+    pub deliveries: u32,
 }
+
+/// A job handed out this many times without finishing killed every worker that took
+/// it (a crash, an OOM kill); it fails instead of taking down the next one.
+pub const MAX_DELIVERIES: u32 = 5;
 
 impl Lease {
     /// A lease for work on a project outside any queued job (removing a deleted
@@ -134,6 +141,7 @@ impl Lease {
                 owner: String::new(),
             },
             token: String::new(),
+            deliveries: 1,
         }
     }
 }

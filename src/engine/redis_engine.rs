@@ -683,10 +683,12 @@ impl JobQueue for RedisEngine {
             if let Some(entry) = claimed.claimed.into_iter().next() {
                 match job_of(&entry) {
                     Some(job) => {
-                        tracing::warn!(sync_id = %job.sync_id, entry = %entry.id, "took over a job whose worker stopped heartbeating");
+                        let deliveries = self.deliveries(&mut conn, &entry.id).await?;
+                        tracing::warn!(sync_id = %job.sync_id, entry = %entry.id, deliveries, "took over a job whose worker stopped heartbeating");
                         return Ok(Some(Lease {
                             job,
                             token: entry.id,
+                            deliveries,
                         }));
                     }
                     None => {
@@ -732,6 +734,7 @@ impl JobQueue for RedisEngine {
                     return Ok(Some(Lease {
                         job,
                         token: entry.id,
+                        deliveries: 1,
                     }));
                 }
                 None => {
@@ -816,6 +819,25 @@ impl JobQueue for RedisEngine {
 }
 
 impl RedisEngine {
+    /// How many times the group has delivered entry `id` (XPENDING's counter).
+    async fn deliveries(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        id: &str,
+    ) -> Result<u32, EngineError> {
+        let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(self.keys.jobs())
+            .arg(GROUP)
+            .arg(id)
+            .arg(id)
+            .arg(1)
+            .query_async(&mut **conn)
+            .await?;
+        Ok(pending.first().map_or(1, |(_, _, _, count)| {
+            (*count).min(u64::from(u32::MAX)) as u32
+        }))
+    }
+
     async fn drop_entry(
         &self,
         conn: &mut deadpool_redis::Connection,

@@ -203,6 +203,20 @@ impl Worker {
         if record.status.is_terminal() {
             return Ok(JobEnd::Finished);
         }
+        if lease.deliveries > crate::engine::MAX_DELIVERIES {
+            tracing::error!(sync_id = %job.sync_id, deliveries = lease.deliveries, "a job that stopped every worker that ran it; failing it");
+            self.fail(
+                &mut record,
+                &ctx,
+                SyncErrorCode::BackendError,
+                &format!(
+                    "the sync stopped {} workers in a row (crashed or killed) and was not tried again",
+                    lease.deliveries - 1
+                ),
+            )
+            .await?;
+            return Ok(JobEnd::Finished);
+        }
         let Some(project) = self.engine.store.project(&project_id).await? else {
             self.fail(
                 &mut record,

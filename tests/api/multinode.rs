@@ -290,3 +290,77 @@ async fn ready_answers_for_the_engine_a_worker_would_use() {
     let message = String::from_utf8_lossy(&down.stderr);
     assert!(message.contains("could not reach redis"), "{message}");
 }
+
+/// A job that every worker dies on (a crash, an OOM kill) is failed after
+/// MAX_DELIVERIES hand-outs instead of taking down workers forever.
+#[tokio::test]
+async fn a_job_that_kills_every_worker_is_failed_not_retried_forever() {
+    let Some(redis) = redis_or_skip("multinode poison job") else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let data = tempfile::tempdir().expect("temp dir");
+    let logs = tempfile::tempdir().expect("temp dir");
+    let hub = TestApp::spawn_on(data.path(), {
+        let url = redis.url();
+        let prefix = prefix.clone();
+        move |config| {
+            config.redis_url = Some(url);
+            config.redis_prefix = prefix;
+            config.serve_workers = Some(0);
+        }
+    })
+    .await;
+    let repo = GitRepo::new();
+    repo.write("a.txt", "a\n");
+    repo.commit("a");
+    let project = hub.register(&repo).await;
+    let sync_id = hub.request_sync(&project).await["sync_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    // workers that take the job and die without a word, one after another
+    let reclaim = Duration::from_millis(100);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    for expected in 1..=hivesync::engine::MAX_DELIVERIES {
+        let doomed = hivesync::engine::redis_engine::RedisEngine::connect(
+            hivesync::engine::redis_engine::RedisSettings {
+                url: redis.url(),
+                prefix: prefix.clone(),
+                reclaim_after: reclaim,
+                history_len: 100,
+                sync_rate: (100, Duration::from_secs(1)),
+                pool_size: 4,
+            },
+        )
+        .await
+        .expect("connects");
+        let lease =
+            tokio::time::timeout(WAIT, hivesync::engine::JobQueue::take(&*doomed, &shutdown))
+                .await
+                .expect("in time")
+                .expect("take")
+                .expect("the job");
+        assert_eq!(lease.deliveries, expected, "each hand-out is counted");
+    }
+
+    let mut worker = spawn_worker(
+        &redis,
+        &prefix,
+        data.path(),
+        100,
+        &logs.path().join("worker.log"),
+    );
+    let record = hub.wait_for_sync(&sync_id).await;
+    assert_eq!(record["status"], "failed", "{record}");
+    assert_eq!(record["error"]["code"], "backend_error");
+    assert!(
+        record["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stopped 5 workers")),
+        "{record}"
+    );
+    let _ = worker.kill();
+    let _ = worker.wait();
+}

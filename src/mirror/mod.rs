@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use gix::bstr::ByteSlice;
 use gix::progress::tree::{Item, Root};
 
 use crate::domain::ProjectId;
@@ -342,7 +343,20 @@ fn sync_once(
     std::fs::create_dir_all(&trees_dir)?;
     let snapshot_name = format!("{}-{}", &commit.to_string()[..12], unique_suffix());
     let snapshot = trees_dir.join(&snapshot_name);
-    let written = checkout(&repo, commit, &snapshot, &git_dir, progress, interrupt);
+    // the tree being replaced, to take unchanged files from instead of writing them
+    let previous_index = if repaired {
+        None
+    } else {
+        repo.open_index().ok()
+    };
+    let previous_tree = current_snapshot(&layout.worktree(spec.project));
+    let reuse = previous_index
+        .as_ref()
+        .zip(previous_tree.as_deref())
+        .map(|(index, dir)| Reuse { dir, index });
+    let written = checkout(
+        &repo, commit, &snapshot, &git_dir, reuse, progress, interrupt,
+    );
     if let Err(err) = written {
         let _ = remove_if_exists(&snapshot);
         return Err(err);
@@ -768,11 +782,37 @@ fn io_error_kinds(err: &(dyn std::error::Error + 'static)) -> Vec<std::io::Error
     kinds
 }
 
+/// The previous snapshot and the index it was written with.
+struct Reuse<'a> {
+    dir: &'a Path,
+    index: &'a gix::index::File,
+}
+
+impl Reuse<'_> {
+    /// Whether the previous tree holds `entry` unchanged since it was written: same
+    /// blob and mode in the index, and the file still has the size and modification
+    /// time recorded then (git's stat test).
+    fn unchanged(&self, path: &gix::bstr::BStr, entry: &gix::index::Entry) -> Option<PathBuf> {
+        let old = self.index.entry_by_path(path)?;
+        if old.id != entry.id || old.mode != entry.mode {
+            return None;
+        }
+        let file = self.dir.join(path.to_str().ok()?);
+        let meta = gix::index::fs::Metadata::from_path_no_follow(&file).ok()?;
+        if !meta.is_file() {
+            return None;
+        }
+        let stat = gix::index::entry::Stat::from_fs(&meta).ok()?;
+        (stat.size == old.stat.size && stat.mtime == old.stat.mtime).then_some(file)
+    }
+}
+
 fn checkout(
     repo: &gix::Repository,
     commit: gix::ObjectId,
     snapshot: &Path,
     git_dir: &Path,
+    reuse: Option<Reuse<'_>>,
     progress: &Root,
     interrupt: &AtomicBool,
 ) -> Result<gix::index::File, MirrorError> {
@@ -824,6 +864,30 @@ fn checkout(
         format!("gitdir: {}\n", git_dir.display()),
     )?;
 
+    // files unchanged since the previous snapshot are hard-linked from it instead of
+    // written again (an incremental sync then costs what changed, not the whole tree);
+    // gix skips them, and they are linked in after its checkout
+    let mut linked: Vec<(PathBuf, PathBuf)> = Vec::new();
+    if let Some(reuse) = &reuse {
+        for (entry, path) in index.entries_mut_with_paths() {
+            if entry.mode == gix::index::entry::Mode::COMMIT {
+                continue;
+            }
+            let Some(old_file) = reuse.unchanged(path, entry) else {
+                continue;
+            };
+            let Some(old) = reuse.index.entry_by_path(path) else {
+                continue;
+            };
+            let Ok(relative) = path.to_str() else {
+                continue;
+            };
+            entry.stat = old.stat;
+            entry.flags.insert(gix::index::entry::Flags::SKIP_WORKTREE);
+            linked.push((old_file, snapshot.join(relative)));
+        }
+    }
+
     let files: Item = progress.add_child_with_id("checkout", CHECKOUT_FILES);
     files.init(Some(index.entries().len()), None);
     let bytes: Item = progress.add_child_with_id("written", CHECKOUT_BYTES);
@@ -852,6 +916,15 @@ fn checkout(
             )
             .into(),
         ));
+    }
+    for (old_file, new_file) in &linked {
+        if let Some(parent) = new_file.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::hard_link(old_file, new_file)?;
+    }
+    for entry in index.entries_mut() {
+        entry.flags.remove(gix::index::entry::Flags::SKIP_WORKTREE);
     }
     Ok(index)
 }

@@ -337,3 +337,39 @@ async fn a_no_op_sync_keeps_an_exact_tree_and_replaces_a_tampered_one() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_incremental_sync_writes_what_changed_and_restores_what_was_tampered_with() {
+    use std::os::unix::fs::MetadataExt;
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.write("same.txt", "unchanged\n")
+        .write("lib/also_same.rs", "pub fn f() {}\n")
+        .write("tampered.txt", "as committed\n")
+        .write("changes.txt", "v1\n");
+    repo.commit("first");
+    let id = app.register(&repo).await;
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    let worktree = app.worktree(&id);
+    let inode = |path: &str| std::fs::metadata(worktree.join(path)).expect("file").ino();
+    let same = inode("same.txt");
+    let also_same = inode("lib/also_same.rs");
+    std::fs::write(worktree.join("tampered.txt"), "edited on the server\n").expect("tamper");
+
+    repo.write("changes.txt", "v2\n");
+    let second = repo.commit("second");
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    assert_exact_tree(&app, &id, &repo, &second);
+    assert_eq!(
+        inode("same.txt"),
+        same,
+        "an unchanged file is carried over, not rewritten"
+    );
+    assert_eq!(inode("lib/also_same.rs"), also_same);
+
+    // and the carried-over files are still exact for the next no-op sync
+    let before = std::fs::read_link(&worktree).expect("link");
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    assert_eq!(std::fs::read_link(&worktree).expect("link"), before);
+    app.stop().await;
+}

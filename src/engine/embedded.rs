@@ -638,7 +638,9 @@ impl EventLog for EmbeddedEngine {
                 .unwrap_or(0);
             let oldest_kept = latest.saturating_sub(keep) + 1;
             // the client saw `after`; it needs `after + 1` onwards, which must still be kept
-            let gap = after < latest && after + 1 < oldest_kept;
+            // a resume point past the newest event means the history it belonged to
+            // is gone (a wiped store): also a gap
+            let gap = (after < latest && after + 1 < oldest_kept) || after > latest;
             let events_table = tx.open_table(EVENTS).map_err(redb::Error::from)?;
             let start = after.saturating_add(1).max(oldest_kept);
             let mut events = Vec::new();

@@ -109,7 +109,8 @@ impl Project {
 }
 
 /// Events after a resume point. `gap` is set when the point is older than the kept
-/// history, so the client has to resynchronize instead of trusting the list.
+/// history, or newer than the newest event (the history was lost), so the client has
+/// to resynchronize instead of trusting the list.
 #[derive(Debug, Clone, Default)]
 pub struct History {
     pub events: Vec<Event>,

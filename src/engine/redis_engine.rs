@@ -912,7 +912,9 @@ impl EventLog for RedisEngine {
             events.push(event);
         }
         // ids are contiguous per user: a missing `after + 1` was trimmed away
-        let gap = after < latest && events.first().is_none_or(|first| first.id != after + 1);
+        // and one past the newest event means Redis lost the history it belonged to
+        let gap = (after < latest && events.first().is_none_or(|first| first.id != after + 1))
+            || after > latest;
         Ok(History { events, gap })
     }
 

@@ -252,6 +252,15 @@ impl Hub {
                     opening.push(control_json(&ControlFrame::ResyncRequired));
                 }
             }
+            Some(from) if from > latest => {
+                // the client saw ids this history never had: it was lost (Redis
+                // without persistence restarted); numbering starts again below them
+                opening.push(control_json(&ControlFrame::Hello {
+                    connection_id: connection_id.to_owned(),
+                    last_event_id: latest,
+                }));
+                opening.push(control_json(&ControlFrame::ResyncRequired));
+            }
             _ => opening.push(control_json(&ControlFrame::Hello {
                 connection_id: connection_id.to_owned(),
                 last_event_id: latest,

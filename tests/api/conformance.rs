@@ -389,6 +389,12 @@ async fn events_are_numbered_per_user_kept_and_live(engine: Engine, networked: b
     }
     let old = events.after("erin", 2, 100).await.expect("after");
     assert!(old.gap, "ids 3..7 are no longer kept");
+    let future = events.after("erin", 1_000, 100).await.expect("after");
+    assert!(
+        future.gap,
+        "a resume point past the newest id: the history was lost"
+    );
+    assert!(future.events.is_empty());
     let recent = events
         .after("erin", 12 - HISTORY, 100)
         .await

@@ -271,6 +271,21 @@ async fn a_resume_point_older_than_the_history_gets_resync_required() {
         .await
         .expect("json");
     assert_eq!(polled[0]["type"], "resync_required");
+
+    // a resume point the history never reached (it was lost, e.g. Redis restarted
+    // without persistence): resync too, rather than dropping new ids as duplicates
+    let mut socket = app.ws(&app.token, "?last_event_id=100000").await;
+    let hello = socket.next_json().await;
+    assert_eq!(hello["type"], "hello");
+    assert!(hello["last_event_id"].as_u64().expect("id") < 100_000);
+    assert_eq!(socket.next_json().await["type"], "resync_required");
+    let polled: Vec<Value> = app
+        .get("/api/v1/notifications?after=100000", &app.token)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(polled[0]["type"], "resync_required");
     app.stop().await;
 }
 

@@ -523,7 +523,7 @@ async fn a_silent_workers_job_is_taken_over_and_its_lock_fenced() {
     };
     let redis = OnRedis { server };
     let prefix = unique_prefix();
-    let reclaim = Duration::from_millis(400);
+    let reclaim = Duration::from_millis(1000);
     let first_worker = engine_of(redis.connect(&prefix, reclaim).await);
     let second_worker = engine_of(redis.connect(&prefix, reclaim).await);
     let shutdown = CancellationToken::new();
@@ -546,7 +546,7 @@ async fn a_silent_workers_job_is_taken_over_and_its_lock_fenced() {
         .expect("lock")
         .expect("free");
     // heartbeats keep the job: the other worker finds nothing for a while
-    let kept = tokio::time::timeout(Duration::from_millis(1200), async {
+    let kept = tokio::time::timeout(Duration::from_millis(2500), async {
         loop {
             assert!(
                 first_worker
@@ -559,7 +559,7 @@ async fn a_silent_workers_job_is_taken_over_and_its_lock_fenced() {
         }
     });
     let stolen = tokio::time::timeout(
-        Duration::from_millis(1200),
+        Duration::from_millis(2500),
         second_worker.queue.take(&shutdown),
     );
     let (_, stolen) = tokio::join!(kept, stolen);

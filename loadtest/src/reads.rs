@@ -70,48 +70,20 @@ pub(crate) fn build_origin(work: &Path, source: &Path) -> Result<(String, String
     git(work, &["init", "-q", "--bare", "-b", "main", "origin.git"])?;
     let worktree = source.to_string_lossy().into_owned();
     let git_dir = origin.to_string_lossy().into_owned();
-    git(
-        work,
-        &[
-            "--git-dir",
-            &git_dir,
-            "--work-tree",
-            &worktree,
-            "add",
-            "-A",
-            "-f",
-            ".",
-        ],
-    )?;
-    git(
-        work,
-        &[
-            "--git-dir",
-            &git_dir,
-            "--work-tree",
-            &worktree,
-            "commit",
-            "-q",
-            "-m",
-            "snapshot",
-        ],
-    )?;
+    // git on the origin's objects, with `source` as its work tree
+    let in_origin = |args: &[&str]| {
+        let mut full = vec!["--git-dir", &git_dir, "--work-tree", &worktree];
+        full.extend_from_slice(args);
+        git(work, &full)
+    };
+    in_origin(&["add", "-A", "-f", "."])?;
+    in_origin(&["commit", "-q", "-m", "snapshot"])?;
     // a real remote serves packed objects
-    git(work, &["--git-dir", &git_dir, "repack", "-adq"])?;
-    let commit = git(work, &["--git-dir", &git_dir, "rev-parse", "HEAD"])?;
-    let files: usize = git(
-        work,
-        &[
-            "--git-dir",
-            &git_dir,
-            "ls-tree",
-            "-r",
-            "--name-only",
-            "HEAD",
-        ],
-    )?
-    .lines()
-    .count();
+    in_origin(&["repack", "-adq"])?;
+    let commit = in_origin(&["rev-parse", "HEAD"])?;
+    let files = in_origin(&["ls-tree", "-r", "--name-only", "HEAD"])?
+        .lines()
+        .count();
     let url = format!("file://{}", origin.display());
     Ok((url, commit, files))
 }

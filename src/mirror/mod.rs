@@ -314,20 +314,29 @@ fn sync_once(
 
     // nothing new upstream and the current tree is exactly what the last sync wrote:
     // nothing to write (a full checkout would rewrite every file for nothing)
+    // the tree being replaced and the index it was written with: kept as it is when
+    // nothing changed, else the source of the files that did not change
+    let worktree = layout.worktree(spec.project);
+    let trees_dir = layout.trees_dir(spec.project);
+    let previous_tree = current_snapshot(&worktree);
+    let previous_index = if repaired {
+        None
+    } else {
+        repo.open_index().ok()
+    };
     let commit_hex = commit.to_string();
-    if !repaired
-        && previous_commit.as_deref() == Some(commit_hex.as_str())
-        && let Some(current) = current_snapshot(&layout.worktree(spec.project))
+    if previous_commit.as_deref() == Some(commit_hex.as_str())
+        && let (Some(current), Some(index)) = (&previous_tree, &previous_index)
         && current
             .file_name()
             .and_then(|name| name.to_str())
             .is_some_and(|name| name.starts_with(&commit_hex[..12]))
-        && snapshot_is_exact(&repo, &current)
+        && snapshot_is_exact(index, current)
     {
         on_phase(Phase::UpdatingFiles);
         on_phase(Phase::Cleaning);
         check_fence(&fence_file, spec.fence)?;
-        remove_other_snapshots(&layout.trees_dir(spec.project), &current)?;
+        remove_other_snapshots(&trees_dir, &[current])?;
         on_phase(Phase::Finalizing);
         return Ok(SyncOutcome {
             commit: commit_hex,
@@ -339,17 +348,8 @@ fn sync_once(
     }
 
     on_phase(Phase::UpdatingFiles);
-    let trees_dir = layout.trees_dir(spec.project);
     std::fs::create_dir_all(&trees_dir)?;
-    let snapshot_name = format!("{}-{}", &commit.to_string()[..12], unique_suffix());
-    let snapshot = trees_dir.join(&snapshot_name);
-    // the tree being replaced, to take unchanged files from instead of writing them
-    let previous_index = if repaired {
-        None
-    } else {
-        repo.open_index().ok()
-    };
-    let previous_tree = current_snapshot(&layout.worktree(spec.project));
+    let snapshot = trees_dir.join(format!("{}-{}", &commit_hex[..12], unique_suffix()));
     let reuse = previous_index
         .as_ref()
         .zip(previous_tree.as_deref())
@@ -370,19 +370,10 @@ fn sync_once(
         let _ = remove_if_exists(&snapshot);
     })?;
     on_phase(Phase::Cleaning);
-    let worktree = layout.worktree(spec.project);
-    let current = std::fs::read_link(&worktree).ok();
     // snapshots left behind by a crashed or interrupted sync
-    for entry in std::fs::read_dir(&trees_dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        let is_current = current
-            .as_ref()
-            .is_some_and(|current| current.ends_with(entry.file_name()));
-        if path != snapshot && !is_current {
-            remove_if_exists(&path)?;
-        }
-    }
+    let mut keep = vec![snapshot.as_path()];
+    keep.extend(previous_tree.as_deref());
+    remove_other_snapshots(&trees_dir, &keep)?;
 
     on_phase(Phase::Finalizing);
     index
@@ -400,21 +391,11 @@ fn sync_once(
         let _ = remove_if_exists(&snapshot);
     })?;
     swap_link(&worktree, &snapshot)?;
-    if let Some(previous) = current {
-        let previous = if previous.is_absolute() {
-            previous
-        } else {
-            worktree
-                .parent()
-                .map(|p| p.join(&previous))
-                .unwrap_or(previous)
-        };
-        if previous != snapshot {
-            remove_if_exists(&previous)?;
-        }
+    if let Some(previous) = &previous_tree {
+        remove_if_exists(previous)?;
     }
     Ok(SyncOutcome {
-        commit: commit.to_string(),
+        commit: commit_hex,
         previous_commit,
         repaired,
         objects: transfer.objects,
@@ -433,24 +414,31 @@ fn current_snapshot(worktree: &Path) -> Option<PathBuf> {
     target.is_dir().then_some(target)
 }
 
-fn remove_other_snapshots(trees_dir: &Path, keep: &Path) -> Result<(), MirrorError> {
+fn remove_other_snapshots(trees_dir: &Path, keep: &[&Path]) -> Result<(), MirrorError> {
     for entry in std::fs::read_dir(trees_dir)? {
         let path = entry?.path();
-        if path != keep {
+        if !keep.contains(&path.as_path()) {
             remove_if_exists(&path)?;
         }
     }
     Ok(())
 }
 
+/// git's stat test: `file` is a regular file with the size and modification time
+/// `recorded` noted when it was written.
+fn stat_unchanged(file: &Path, recorded: &gix::index::Entry) -> bool {
+    gix::index::fs::Metadata::from_path_no_follow(file)
+        .ok()
+        .filter(|meta| meta.is_file())
+        .and_then(|meta| gix::index::entry::Stat::from_fs(&meta).ok())
+        .is_some_and(|stat| stat.size == recorded.stat.size && stat.mtime == recorded.stat.mtime)
+}
+
 /// Whether `snapshot` holds exactly the files the last checkout wrote, by git's own
 /// test: every file is in the index with the size and modification time recorded when
 /// it was written, and there is no other file. Anything planted, deleted or edited
 /// since fails it, and the sync writes a fresh snapshot.
-fn snapshot_is_exact(repo: &gix::Repository, snapshot: &Path) -> bool {
-    let Ok(index) = repo.open_index() else {
-        return false;
-    };
+fn snapshot_is_exact(index: &gix::index::File, snapshot: &Path) -> bool {
     let mut on_disk = 0usize;
     let mut pending = vec![snapshot.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -470,27 +458,13 @@ fn snapshot_is_exact(repo: &gix::Repository, snapshot: &Path) -> bool {
                 pending.push(path);
                 continue;
             }
-            if !meta.is_file() {
-                return false;
-            }
             on_disk += 1;
-            let Some(relative) = path
+            let recorded = path
                 .strip_prefix(snapshot)
                 .ok()
                 .and_then(|relative| relative.to_str())
-            else {
-                return false;
-            };
-            let Some(recorded) = index.entry_by_path(relative.into()) else {
-                return false;
-            };
-            let Ok(fs_meta) = gix::index::fs::Metadata::from_path_no_follow(&path) else {
-                return false;
-            };
-            let Ok(stat) = gix::index::entry::Stat::from_fs(&fs_meta) else {
-                return false;
-            };
-            if stat.size != recorded.stat.size || stat.mtime != recorded.stat.mtime {
+                .and_then(|relative| index.entry_by_path(relative.into()));
+            if !recorded.is_some_and(|recorded| stat_unchanged(&path, recorded)) {
                 return false;
             }
         }
@@ -792,18 +766,18 @@ impl Reuse<'_> {
     /// Whether the previous tree holds `entry` unchanged since it was written: same
     /// blob and mode in the index, and the file still has the size and modification
     /// time recorded then (git's stat test).
-    fn unchanged(&self, path: &gix::bstr::BStr, entry: &gix::index::Entry) -> Option<PathBuf> {
+    /// Returns the previous file and the stat it was written with.
+    fn unchanged(
+        &self,
+        path: &gix::bstr::BStr,
+        entry: &gix::index::Entry,
+    ) -> Option<(PathBuf, gix::index::entry::Stat)> {
         let old = self.index.entry_by_path(path)?;
         if old.id != entry.id || old.mode != entry.mode {
             return None;
         }
         let file = self.dir.join(path.to_str().ok()?);
-        let meta = gix::index::fs::Metadata::from_path_no_follow(&file).ok()?;
-        if !meta.is_file() {
-            return None;
-        }
-        let stat = gix::index::entry::Stat::from_fs(&meta).ok()?;
-        (stat.size == old.stat.size && stat.mtime == old.stat.mtime).then_some(file)
+        stat_unchanged(&file, old).then_some((file, old.stat))
     }
 }
 
@@ -873,16 +847,13 @@ fn checkout(
             if entry.mode == gix::index::entry::Mode::COMMIT {
                 continue;
             }
-            let Some(old_file) = reuse.unchanged(path, entry) else {
-                continue;
-            };
-            let Some(old) = reuse.index.entry_by_path(path) else {
+            let Some((old_file, stat)) = reuse.unchanged(path, entry) else {
                 continue;
             };
             let Ok(relative) = path.to_str() else {
                 continue;
             };
-            entry.stat = old.stat;
+            entry.stat = stat;
             entry.flags.insert(gix::index::entry::Flags::SKIP_WORKTREE);
             linked.push((old_file, snapshot.join(relative)));
         }

@@ -90,6 +90,19 @@ async fn network_failures_are_retried_up_to_the_limit_and_not_found_is_not() {
     app.stop().await;
 }
 
+/// Reads the socket up to the next sync success, which a repair notice must precede.
+async fn assert_repaired_before_success(socket: &mut crate::helpers::WsClient) {
+    let frames = socket
+        .until(|f| is_notification(f, "repo_sync_success"))
+        .await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| is_notification(f, "repo_mirror_repaired")),
+        "{frames:?}"
+    );
+}
+
 async fn assert_repaired_on_next_sync(damage: impl FnOnce(&std::path::Path)) {
     let app = TestApp::spawn().await;
     let repo = GitRepo::new();
@@ -105,15 +118,7 @@ async fn assert_repaired_on_next_sync(damage: impl FnOnce(&std::path::Path)) {
     socket.next_json().await;
     let record = app.sync_to_end(&id).await;
     assert_eq!(record["status"], "completed", "{record}");
-    let frames = socket
-        .until(|f| is_notification(f, "repo_sync_success"))
-        .await;
-    assert!(
-        frames
-            .iter()
-            .any(|f| is_notification(f, "repo_mirror_repaired")),
-        "{frames:?}"
-    );
+    assert_repaired_before_success(&mut socket).await;
     assert_exact_tree(&app, &id, &repo, &commit);
     app.stop().await;
 }
@@ -317,15 +322,7 @@ async fn the_periodic_health_check_repairs_a_damaged_mirror_unasked() {
     )
     .expect("damage");
     // nobody asks for a sync: the health check finds the damage and repairs it
-    let frames = socket
-        .until(|f| is_notification(f, "repo_sync_success"))
-        .await;
-    assert!(
-        frames
-            .iter()
-            .any(|f| is_notification(f, "repo_mirror_repaired")),
-        "{frames:?}"
-    );
+    assert_repaired_before_success(&mut socket).await;
     assert_exact_tree(&app, &id, &repo, &commit);
     let (_, history) = app
         .get_json(&format!("/api/v1/repo/sync?project_id={id}"))

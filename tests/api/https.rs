@@ -339,6 +339,40 @@ fn publish(repo: &GitRepo, root: &Path, name: &str) {
     assert!(status.success());
 }
 
+/// A repository with files, published as `name` on a fresh HTTPS git server, and an
+/// empty secrets directory for credentials.
+struct Hosted {
+    repo: GitRepo,
+    commit: String,
+    server: GitHttpsServer,
+    secrets: tempfile::TempDir,
+    root: tempfile::TempDir,
+}
+
+impl Hosted {
+    async fn new(name: &str) -> Self {
+        let root = tempfile::tempdir().expect("temp dir");
+        let (repo, commit) = repo_with_files();
+        publish(&repo, root.path(), name);
+        let server = GitHttpsServer::start(root.path()).await;
+        Self {
+            repo,
+            commit,
+            server,
+            secrets: tempfile::tempdir().expect("temp dir"),
+            root,
+        }
+    }
+
+    fn secret(&self, name: &str, value: &str) {
+        std::fs::write(self.secrets.path().join(name), value).expect("secret");
+    }
+
+    async fn app(&self) -> TestApp {
+        app_trusting(&self.server, self.secrets.path()).await
+    }
+}
+
 fn repo_with_files() -> (GitRepo, String) {
     let repo = GitRepo::new();
     repo.write("README.md", "served over https\n")
@@ -370,13 +404,16 @@ async fn register(app: &TestApp, url: &str, credential: Option<&str>) -> (u16, V
 
 #[tokio::test]
 async fn an_https_remote_syncs_with_a_named_token_and_the_token_never_shows() {
-    let root = tempfile::tempdir().expect("temp dir");
-    let (repo, commit) = repo_with_files();
-    publish(&repo, root.path(), "team/app.git");
-    let server = GitHttpsServer::start(root.path()).await;
-    let secrets = tempfile::tempdir().expect("temp dir");
-    std::fs::write(secrets.path().join("hosting-token"), format!("{TOKEN}\n")).expect("secret");
-    let app = app_trusting(&server, secrets.path()).await;
+    let hosted = Hosted::new("team/app.git").await;
+    let Hosted {
+        repo,
+        commit,
+        server,
+        root,
+        ..
+    } = &hosted;
+    hosted.secret("hosting-token", &format!("{TOKEN}\n"));
+    let app = hosted.app().await;
 
     let (status, project) =
         register(&app, &server.url("team/app.git"), Some("hosting-token")).await;
@@ -387,7 +424,7 @@ async fn an_https_remote_syncs_with_a_named_token_and_the_token_never_shows() {
     let record = app.sync_to_end(&project_id).await;
     assert_eq!(record["status"], "completed", "{record}");
     assert_eq!(record["commit"], commit.as_str());
-    assert_exact_tree(&app, &project_id, &repo, &commit);
+    assert_exact_tree(&app, &project_id, repo, commit);
     assert!(
         server.refused.load(Ordering::Relaxed) >= 1,
         "the server did ask for credentials (the first request goes without)"
@@ -407,7 +444,7 @@ async fn an_https_remote_syncs_with_a_named_token_and_the_token_never_shows() {
     assert!(push.success());
     let record = app.sync_to_end(&project_id).await;
     assert_eq!(record["commit"], second.as_str());
-    assert_exact_tree(&app, &project_id, &repo, &second);
+    assert_exact_tree(&app, &project_id, repo, &second);
 
     let frames = socket
         .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == record["sync_id"])
@@ -436,12 +473,14 @@ async fn an_https_remote_syncs_with_a_named_token_and_the_token_never_shows() {
 
 #[tokio::test]
 async fn https_userinfo_works_and_is_never_shown_back() {
-    let root = tempfile::tempdir().expect("temp dir");
-    let (repo, commit) = repo_with_files();
-    publish(&repo, root.path(), "app.git");
-    let server = GitHttpsServer::start(root.path()).await;
-    let secrets = tempfile::tempdir().expect("temp dir");
-    let app = app_trusting(&server, secrets.path()).await;
+    let hosted = Hosted::new("app.git").await;
+    let Hosted {
+        repo,
+        commit,
+        server,
+        ..
+    } = &hosted;
+    let app = hosted.app().await;
 
     let url = format!("https://deploy:{TOKEN}@127.0.0.1:{}/app.git", server.port);
     let (status, project) = register(&app, &url, None).await;
@@ -450,7 +489,7 @@ async fn https_userinfo_works_and_is_never_shown_back() {
     let project_id = project["project_id"].as_str().expect("id").to_owned();
     let record = app.sync_to_end(&project_id).await;
     assert_eq!(record["status"], "completed", "{record}");
-    assert_exact_tree(&app, &project_id, &repo, &commit);
+    assert_exact_tree(&app, &project_id, repo, commit);
     let config = std::fs::read_to_string(
         app.data_dir
             .join("git")
@@ -463,14 +502,11 @@ async fn https_userinfo_works_and_is_never_shown_back() {
 
 #[tokio::test]
 async fn https_failures_are_classified_and_auth_is_not_retried() {
-    let root = tempfile::tempdir().expect("temp dir");
-    let (repo, _) = repo_with_files();
-    publish(&repo, root.path(), "app.git");
-    let server = GitHttpsServer::start(root.path()).await;
-    let secrets = tempfile::tempdir().expect("temp dir");
-    std::fs::write(secrets.path().join("stale"), "ghp_revoked-long-ago").expect("secret");
-    std::fs::write(secrets.path().join("good"), TOKEN).expect("secret");
-    let app = app_trusting(&server, secrets.path()).await;
+    let hosted = Hosted::new("app.git").await;
+    let server = &hosted.server;
+    hosted.secret("stale", "ghp_revoked-long-ago");
+    hosted.secret("good", TOKEN);
+    let app = hosted.app().await;
 
     let cases = [
         (server.url("app.git"), Some("stale"), "repo_auth_failed"),
@@ -503,15 +539,12 @@ async fn https_failures_are_classified_and_auth_is_not_retried() {
 
 #[tokio::test]
 async fn an_https_remote_with_an_untrusted_certificate_is_refused() {
-    let root = tempfile::tempdir().expect("temp dir");
-    let (repo, _) = repo_with_files();
-    publish(&repo, root.path(), "app.git");
-    let server = GitHttpsServer::start(root.path()).await;
-    let secrets = tempfile::tempdir().expect("temp dir");
-    std::fs::write(secrets.path().join("good"), TOKEN).expect("secret");
+    let hosted = Hosted::new("app.git").await;
+    let server = &hosted.server;
+    hosted.secret("good", TOKEN);
     // the system's CAs only: the test CA is not among them
     let app = TestApp::spawn_with(|config| {
-        config.secrets_dir = Some(secrets.path().to_path_buf());
+        config.secrets_dir = Some(hosted.secrets.path().to_path_buf());
         config.retry_max = 1;
         config.retry_base = Duration::from_millis(10);
     })
@@ -534,40 +567,22 @@ async fn an_https_remote_with_an_untrusted_certificate_is_refused() {
 /// log, a response or an event.
 #[tokio::test]
 async fn the_binarys_log_never_holds_the_https_token() {
-    let root = tempfile::tempdir().expect("temp dir");
-    let (repo, commit) = repo_with_files();
-    publish(&repo, root.path(), "app.git");
-    let server = GitHttpsServer::start(root.path()).await;
+    let hosted = Hosted::new("app.git").await;
+    let (server, commit) = (&hosted.server, &hosted.commit);
     let data = tempfile::tempdir().expect("temp dir");
     let log_path = data.path().join("serve.log");
-    let mut child = crate::lifecycle::binary()
-        .arg("serve")
-        .env("HIVESYNC_LISTEN", "127.0.0.1:0")
-        .env("HIVESYNC_JWT_SECRET", crate::helpers::SECRET)
-        .env("HIVESYNC_DATA_DIR", data.path())
-        .env("HIVESYNC_MIN_FREE_BYTES", "0")
-        .env("HIVESYNC_ALLOW_PRIVATE_HOSTS", "1")
-        .env("HIVESYNC_HTTPS_CA_FILE", &server.ca_file)
-        .env("HIVESYNC_SECRET_HOSTING_TOKEN", TOKEN)
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log_path).expect("log file"))
-        .spawn()
-        .expect("serve starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let addr = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|line| {
-                line.strip_prefix("hivesync serving on http://")
-                    .map(str::to_owned)
-            })
-    })
-    .await
-    .expect("reader")
-    .expect("serve prints its address");
+    let ca_file = server.ca_file.display().to_string();
+    let (mut child, addr) = crate::lifecycle::serve_binary_logging_to(
+        data.path(),
+        &[
+            ("HIVESYNC_ALLOW_PRIVATE_HOSTS", "1"),
+            ("HIVESYNC_HTTPS_CA_FILE", &ca_file),
+            ("HIVESYNC_SECRET_HOSTING_TOKEN", TOKEN),
+            ("RUST_LOG", "trace"),
+        ],
+        std::fs::File::create(&log_path).expect("log file").into(),
+    )
+    .await;
     let base = format!("http://{addr}");
     let token = crate::helpers::token("alice", hivesync::auth::ClientKind::Desktop);
     let client = reqwest::Client::new();
@@ -613,7 +628,7 @@ async fn the_binarys_log_never_holds_the_https_token() {
     })
     .await
     .expect("the sync ends");
-    assert!(record.contains(&commit), "{record}");
+    assert!(record.contains(commit.as_str()), "{record}");
     seen.push_str(&record);
     seen.push_str(
         &client

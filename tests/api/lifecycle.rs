@@ -125,6 +125,15 @@ async fn serve_binary(
     data_dir: &std::path::Path,
     extra_env: &[(&str, &str)],
 ) -> (std::process::Child, String) {
+    serve_binary_logging_to(data_dir, extra_env, Stdio::piped()).await
+}
+
+/// [`serve_binary`] with its log (stderr) going to `log`.
+pub(crate) async fn serve_binary_logging_to(
+    data_dir: &std::path::Path,
+    extra_env: &[(&str, &str)],
+    log: Stdio,
+) -> (std::process::Child, String) {
     let mut command = binary();
     command
         .arg("serve")
@@ -133,7 +142,7 @@ async fn serve_binary(
         .env("HIVESYNC_DATA_DIR", data_dir)
         .env("HIVESYNC_MIN_FREE_BYTES", "0")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(log);
     for (name, value) in extra_env {
         command.env(name, value);
     }
@@ -155,7 +164,7 @@ async fn serve_binary(
     (server, addr)
 }
 
-pub(crate) fn binary() -> Command {
+fn binary() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_hivesync"));
     command
         .env_clear()

@@ -583,64 +583,16 @@ async fn the_binarys_log_never_holds_the_https_token() {
         std::fs::File::create(&log_path).expect("log file").into(),
     )
     .await;
-    let base = format!("http://{addr}");
-    let token = crate::helpers::token("alice", hivesync::auth::ClientKind::Desktop);
-    let client = reqwest::Client::new();
-    let mut seen = String::new();
-    let created = client
-        .post(format!("{base}/api/v1/projects"))
-        .bearer_auth(&token)
-        .json(&json!({"name": "https", "repo_url": server.url("app.git"), "credential": "hosting-token"}))
-        .send()
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("body");
-    seen.push_str(&created);
-    let project: Value = serde_json::from_str(&created).expect("json");
-    let id = project["project_id"].as_str().expect("id").to_owned();
-    let accepted: Value = client
-        .post(format!("{base}/api/v1/repo/sync"))
-        .bearer_auth(&token)
-        .json(&json!({"project_id": id}))
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json");
-    let sync_path = format!(
-        "{base}/api/v1/repo/sync/{}",
-        accepted["sync_id"].as_str().expect("id")
-    );
-    let record = crate::helpers::wait_until(crate::helpers::WAIT, || async {
-        let text = client
-            .get(&sync_path)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        (text.contains("\"completed\"") || text.contains("\"failed\"")).then_some(text)
-    })
-    .await
-    .expect("the sync ends");
+    let mut recorded = crate::lifecycle::Recorded::new(&addr);
+    let (_, record) = recorded
+        .sync_new_project(
+            &server.url("app.git"),
+            json!({"credential": "hosting-token"}),
+        )
+        .await;
     assert!(record.contains(commit.as_str()), "{record}");
-    seen.push_str(&record);
-    seen.push_str(
-        &client
-            .get(format!("{base}/api/v1/notifications?limit=1000"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("sent")
-            .text()
-            .await
-            .expect("body"),
-    );
+    recorded.get("/api/v1/notifications?limit=1000").await;
+    let seen = recorded.seen;
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

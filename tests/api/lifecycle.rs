@@ -120,6 +120,96 @@ async fn shutdown_sends_sockets_a_close_frame_and_returns() {
     app.stop().await;
 }
 
+/// A client of a hub binary, acting as alice, that keeps every response body it got so
+/// a test can scan them all for a secret.
+pub(crate) struct Recorded {
+    client: reqwest::Client,
+    base: String,
+    token: String,
+    pub seen: String,
+}
+
+impl Recorded {
+    pub(crate) fn new(addr: &str) -> Self {
+        Self {
+            client: reqwest::Client::new(),
+            base: format!("http://{addr}"),
+            token: crate::helpers::token("alice", hivesync::auth::ClientKind::Desktop),
+            seen: String::new(),
+        }
+    }
+
+    pub(crate) async fn get(&mut self, path: &str) -> String {
+        let text = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("sent")
+            .text()
+            .await
+            .expect("body");
+        self.seen.push_str(&text);
+        text
+    }
+
+    pub(crate) async fn post(&mut self, path: &str, body: Value) -> Value {
+        let text = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("sent")
+            .text()
+            .await
+            .expect("body");
+        self.seen.push_str(&text);
+        serde_json::from_str(&text).expect("json")
+    }
+
+    /// Registers `repo_url` (with `extra` fields), requests a sync and polls it until it
+    /// is `completed` or `failed`; returns the project id and the final record's text.
+    pub(crate) async fn sync_new_project(
+        &mut self,
+        repo_url: &str,
+        extra: Value,
+    ) -> (String, String) {
+        let mut body = json!({"name": "scanned", "repo_url": repo_url});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        let project = self.post("/api/v1/projects", body).await;
+        let id = project["project_id"].as_str().expect("id").to_owned();
+        let accepted = self
+            .post("/api/v1/repo/sync", json!({"project_id": id}))
+            .await;
+        let path = format!(
+            "/api/v1/repo/sync/{}",
+            accepted["sync_id"].as_str().expect("id")
+        );
+        let record = wait_until(crate::helpers::WAIT, || async {
+            let text = self
+                .client
+                .get(format!("{}{path}", self.base))
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            (text.contains("\"completed\"") || text.contains("\"failed\"")).then_some(text)
+        })
+        .await
+        .expect("the sync ends");
+        self.seen.push_str(&record);
+        (id, record)
+    }
+}
+
 /// Starts `hivesync serve` on 127.0.0.1:0 and returns it with the address it printed.
 async fn serve_binary(
     data_dir: &std::path::Path,
@@ -268,80 +358,26 @@ async fn credentials_in_a_repo_url_never_reach_logs_responses_or_events() {
         ],
     )
     .await;
-    let token = crate::helpers::token("alice", hivesync::auth::ClientKind::Desktop);
-    let client = reqwest::Client::new();
-    let base = format!("http://{addr}");
-    let mut seen = String::new();
-    let created = client
-        .post(format!("{base}/api/v1/projects"))
-        .bearer_auth(&token)
-        .json(&json!({"name": "private", "repo_url": format!("https://deploy:{SECRET_TOKEN}@127.0.0.1:{port}/org/repo.git")}))
-        .send()
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("body");
-    seen.push_str(&created);
-    let project: Value = serde_json::from_str(&created).expect("json");
-    let id = project["project_id"].as_str().expect("id").to_owned();
-    let accepted: Value = client
-        .post(format!("{base}/api/v1/repo/sync"))
-        .bearer_auth(&token)
-        .json(&json!({"project_id": id}))
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json");
-    let sync_path = format!(
-        "{base}/api/v1/repo/sync/{}",
-        accepted["sync_id"].as_str().expect("id")
+    let mut recorded = Recorded::new(&addr);
+    let (id, record) = recorded
+        .sync_new_project(
+            &format!("https://deploy:{SECRET_TOKEN}@127.0.0.1:{port}/org/repo.git"),
+            json!({}),
+        )
+        .await;
+    assert!(
+        record.contains("\"failed\""),
+        "nothing listens there: {record}"
     );
-    let record = wait_until(Duration::from_secs(30), || async {
-        let text = client
-            .get(&sync_path)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.contains("\"failed\"").then_some(text)
-    })
-    .await
-    .expect("the sync fails: nothing listens there");
-    seen.push_str(&record);
     for path in [
-        "/api/v1/projects",
-        "/api/v1/notifications?after=0",
-        "/api/v1/mobile/projects",
+        "/api/v1/projects".to_owned(),
+        "/api/v1/notifications?after=0".to_owned(),
+        "/api/v1/mobile/projects".to_owned(),
+        format!("/api/v1/repo/sync?project_id={id}"),
     ] {
-        seen.push_str(
-            &client
-                .get(format!("{base}{path}"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .expect("sent")
-                .text()
-                .await
-                .expect("body"),
-        );
+        recorded.get(&path).await;
     }
-    seen.push_str(
-        &client
-            .get(format!("{base}/api/v1/repo/sync?project_id={id}"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("sent")
-            .text()
-            .await
-            .expect("body"),
-    );
+    let seen = recorded.seen;
     assert!(
         seen.contains("repo_sync_failed"),
         "the failure reached the event history: {seen}"

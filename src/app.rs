@@ -12,10 +12,11 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Authenticator, KeyError};
 use crate::config::Config;
 use crate::engine::embedded::EmbeddedEngine;
-use crate::engine::redis_engine::{RedisEngine, RedisSettings};
+use crate::engine::redis::{RedisEngine, RedisSettings};
 use crate::engine::{Engine, EngineError};
-use crate::http::{AppState, Metrics};
+use crate::http::AppState;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::mirror::Layout;
 use crate::mirror::read::Reader;
 use crate::worker::{self, WorkerSettings, WorkerStops};
@@ -49,12 +50,12 @@ pub async fn open_engine(
     let Some(url) = &config.redis_url else {
         let embedded =
             EmbeddedEngine::open(&config.data_dir, config.sync_rate, config.event_history)?;
+        let requeued = embedded.requeue_unfinished().await?;
         let engine = Engine {
             store: embedded.clone(),
             queue: embedded.clone(),
             events: embedded,
         };
-        let requeued = engine.requeue_unfinished().await?;
         if requeued > 0 {
             tracing::info!(
                 requeued,

@@ -1,23 +1,32 @@
 //! HiveSync Hub: authoritative git mirrors, with every step of a sync pushed live.
 //!
-//! Map of the crate, from the wire inwards:
-//! - [`protocol`] — wire types of the v1 contract (REST bodies, socket frames, jobs).
-//! - [`domain`] — validated ids and repo URLs, the rate limit; pure.
+//! Map of the crate, from the wire inwards (a module imports only from those below it):
+//! - [`http`] — the only warp importer: routes, the caller filter, errors, the
+//!   WebSocket upgrade, the accept loop.
+//! - [`hub`] — connections, subscriptions, fan-out and resume; no warp, no Redis.
+//! - [`worker`] — the job loop, one job's record and events, an attempt's select loop,
+//!   the retry policy, the lease heartbeat, health checks, transport credentials.
+//! - [`engine`] — store, job queue and event log traits; `embedded/` and `redis/`
+//!   implement them side by side (`store.rs`, `queue.rs`, `events.rs` in each).
+//! - [`mirror`] — gitoxide: layout on disk, fetch, checkout into a snapshot, the
+//!   atomic swap, health inspection, progress, reads; its own error type.
 //! - [`auth`] — JWT verification and minting.
-//! - [`http`] — the only warp importer: routes, errors, the WebSocket upgrade.
-//! - [`hub`] — connections, subscriptions, fan-out and resume.
-//! - [`engine`] — store, job queue and event log traits, and the embedded engine.
-//! - [`worker`] — the job loop: stages, progress, retries, timeouts.
-//! - [`mirror`] — gitoxide: fetch, checkout into a snapshot, atomic swap.
+//! - [`protocol`] — wire types of the contract (REST bodies, socket frames, jobs).
+//! - [`domain`] — validated ids, repo URLs and paths, the rate limit; pure.
+//! - Cross-cutting, usable by any module: [`error`] (cause chains for logs),
+//!   [`backoff`] (the one exponential backoff), [`metrics`] (counters).
 //! - [`app`] — wiring; [`config`], [`shutdown`], [`telemetry`].
 
 pub mod app;
 pub mod auth;
+pub mod backoff;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod error;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod mirror;
 pub mod protocol;
 pub mod shutdown;

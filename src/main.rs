@@ -77,7 +77,7 @@ fn main() -> ExitCode {
 }
 
 fn chain(err: &dyn std::error::Error) -> String {
-    hivesync::worker::error_chain(err)
+    hivesync::error::error_chain(err)
 }
 
 async fn serve(args: ConfigArgs) -> Result<(), String> {

@@ -113,8 +113,8 @@ impl std::fmt::Display for RepoUrl {
 }
 
 /// Loopback, private, link-local, unspecified and similar addresses, and names that
-/// always resolve to them. Names that resolve to such addresses are checked by the
-/// worker at connect time, not here.
+/// always resolve to them. Only the spelling is checked here: a name that resolves to
+/// such an address is not caught by this check.
 fn is_private_host(host: &str) -> bool {
     let host = host
         .trim_start_matches('[')

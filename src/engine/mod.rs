@@ -1,11 +1,11 @@
 //! The engine behind the hub and the workers: a [`Store`] of projects and sync records,
 //! a [`JobQueue`] that carries sync jobs to workers, and an [`EventLog`] that numbers each
 //! user's events, keeps their history and fans them out live. `embedded` implements all
-//! three in process for a single node; `redis_engine` implements them on Redis for any
-//! number of hub and worker processes. Callers see only the traits.
+//! three in process for a single node; `redis` implements them on Redis for any number
+//! of hub and worker processes, side by side file for file. Callers see only the traits.
 
 pub mod embedded;
-pub mod redis_engine;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,9 +29,9 @@ pub enum EngineError {
     #[error("engine is shutting down")]
     Closed,
     #[error("redis command failed")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[from] ::redis::RedisError),
     #[error("unexpected reply from redis")]
-    RedisReply(#[from] redis::ParsingError),
+    RedisReply(#[from] ::redis::ParsingError),
     #[error("no redis connection available: {0}")]
     Pool(String),
     /// The project lock this write was made under is no longer held: another worker
@@ -172,8 +172,6 @@ pub trait Store: Send + Sync + 'static {
         project: &ProjectId,
         limit: usize,
     ) -> Result<Vec<SyncRecord>, EngineError>;
-    /// Syncs that were queued or running when the engine last stopped, with their owner.
-    async fn unfinished_syncs(&self) -> Result<Vec<(SyncRecord, String)>, EngineError>;
     /// Accounts one sync request of `user`: `Err(wait)` when over the rate.
     async fn admit_sync_request(&self, user: &str) -> Result<Result<(), Duration>, EngineError>;
     /// Cheap round trip for `/readyz`.
@@ -265,25 +263,5 @@ impl Engine {
                 .await?;
         }
         Ok((record, created))
-    }
-
-    /// Puts syncs that were queued or running when the engine last stopped back on the
-    /// queue, so a restart loses no requested work.
-    pub async fn requeue_unfinished(&self) -> Result<usize, EngineError> {
-        let unfinished = self.store.unfinished_syncs().await?;
-        let count = unfinished.len();
-        for (mut record, owner) in unfinished {
-            record.status = SyncStatus::Queued;
-            record.progress = None;
-            self.store.put_sync(&record, None).await?;
-            self.queue
-                .enqueue(Job {
-                    sync_id: record.sync_id.clone(),
-                    project_id: record.project_id.clone(),
-                    owner,
-                })
-                .await?;
-        }
-        Ok(count)
     }
 }

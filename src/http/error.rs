@@ -8,8 +8,8 @@ use warp::Reply;
 
 use crate::auth::AuthError;
 use crate::engine::EngineError;
+use crate::error::error_chain;
 use crate::protocol::ErrorBody;
-use crate::worker::error_chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -2,17 +2,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::StatusCode;
 use warp::Reply;
 
-use super::{ApiError, AppState, Metrics, Response, parse_json, respond};
+use super::{ApiError, AppState, Caller, Response, parse_json};
 use crate::auth::Principal;
 use crate::domain::{ProjectId, RepoUrl, SyncId, now_rfc3339};
 use crate::engine::Project;
 use crate::hub::MAX_REPLAY;
+use crate::metrics::Metrics;
 use crate::protocol::{
     ControlFrame, CreateProjectRequest, MobileProject, ProjectView, SyncAccepted, SyncRecord,
     SyncRequest,
@@ -62,19 +62,19 @@ async fn owned_project(
 
 pub async fn list_projects(
     state: Arc<AppState>,
-    auth: Option<String>,
+    principal: Caller,
 ) -> Result<Vec<ProjectView>, ApiError> {
-    let principal = state.principal(auth.as_deref())?;
+    let principal = principal?;
     let projects = state.engine.store.projects_of(&principal.user).await?;
     Ok(projects.iter().map(Project::view).collect())
 }
 
 pub async fn create_project(
     state: Arc<AppState>,
-    auth: Option<String>,
+    principal: Caller,
     body: Result<Bytes, ApiError>,
 ) -> Result<ProjectView, ApiError> {
-    let principal = state.principal(auth.as_deref())?;
+    let principal = principal?;
     let request: CreateProjectRequest = parse_json(body)?;
     let name = request.name.trim();
     if name.is_empty() || name.chars().count() > 200 {
@@ -135,62 +135,38 @@ fn is_credential_name(name: &str) -> bool {
 
 pub async fn get_project(
     state: Arc<AppState>,
-    auth: Option<String>,
+    principal: Caller,
     id: String,
 ) -> Result<ProjectView, ApiError> {
-    let principal = state.principal(auth.as_deref())?;
+    let principal = principal?;
     Ok(owned_project(&state, &principal, &id).await?.view())
 }
 
-pub async fn delete_project(state: Arc<AppState>, auth: Option<String>, id: String) -> Response {
-    let result = async {
-        let principal = state.principal(auth.as_deref())?;
-        let project = owned_project(&state, &principal, &id).await?;
-        let project_id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
-        state.engine.store.delete_project(&project_id).await?;
-        state.reader.forget(&project_id);
-        // the mirror goes under the project lock; while a worker holds it, that worker
-        // removes the mirror when its job ends and finds the project gone
-        let lease = crate::engine::Lease::maintenance(&project.project_id);
-        if let Some(lock) = state.engine.queue.lock_project(&lease).await? {
-            let layout = state.layout.clone();
-            let removed = tokio::task::spawn_blocking(move || layout.remove(&project_id)).await;
-            if let Ok(Err(err)) = removed {
-                // the project is gone either way; leftover files are only disk space
-                tracing::warn!(project_id = %project.project_id, error = %err, "could not remove the mirror");
-            }
-            state.engine.queue.unlock_project(&lock).await?;
-        }
-        Ok::<_, ApiError>(())
-    }
-    .await;
-    match result {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(err) => err.into_response(),
-    }
+pub async fn delete_project(
+    state: Arc<AppState>,
+    principal: Caller,
+    id: String,
+) -> Result<(), ApiError> {
+    let principal = principal?;
+    let project = owned_project(&state, &principal, &id).await?;
+    let project_id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
+    state.engine.store.delete_project(&project_id).await?;
+    state.reader.forget(&project_id);
+    // the mirror goes under the project lock; while a worker holds it, that worker
+    // removes the mirror when its job ends and finds the project gone
+    crate::worker::remove_mirror(&state.engine, &state.layout, project_id).await?;
+    Ok(())
 }
 
+/// `202` with a new sync, `200` when the request joined the one already active.
 pub async fn request_sync(
     state: Arc<AppState>,
-    auth: Option<String>,
+    principal: Caller,
     body: Result<Bytes, ApiError>,
-) -> Response {
-    let result = request_sync_inner(&state, auth, body).await;
-    match result {
-        Ok((accepted, true)) => respond(StatusCode::ACCEPTED, Ok(accepted)),
-        Ok((accepted, false)) => respond(StatusCode::OK, Ok(accepted)),
-        Err(err) => respond::<()>(StatusCode::OK, Err(err)),
-    }
-}
-
-async fn request_sync_inner(
-    state: &AppState,
-    auth: Option<String>,
-    body: Result<Bytes, ApiError>,
-) -> Result<(SyncAccepted, bool), ApiError> {
-    let principal = state.principal(auth.as_deref())?;
+) -> Result<(StatusCode, SyncAccepted), ApiError> {
+    let principal = principal?;
     let request: SyncRequest = parse_json(body)?;
-    let project = owned_project(state, &principal, &request.project_id).await?;
+    let project = owned_project(&state, &principal, &request.project_id).await?;
     Metrics::bump(&state.metrics.sync_requests);
     if let Err(retry_after) = state
         .engine
@@ -200,30 +176,37 @@ async fn request_sync_inner(
     {
         return Err(ApiError::RateLimited { retry_after });
     }
-    if free_bytes(&state.config.data_dir).is_some_and(|free| free < state.config.min_free_bytes) {
+    if crate::mirror::layout::free_bytes(&state.config.data_dir)
+        .is_some_and(|free| free < state.config.min_free_bytes)
+    {
         return Err(ApiError::StorageFull);
     }
     let (record, created) = state.engine.start_sync(&project).await?;
     if !created {
         Metrics::bump(&state.metrics.syncs_coalesced);
     }
+    let status = if created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
     Ok((
+        status,
         SyncAccepted {
             sync_id: record.sync_id,
             project_id: record.project_id,
             status: record.status,
             coalesced: !created,
         },
-        created,
     ))
 }
 
 pub async fn get_sync(
     state: Arc<AppState>,
-    auth: Option<String>,
+    principal: Caller,
     id: String,
 ) -> Result<SyncRecord, ApiError> {
-    let principal = state.principal(auth.as_deref())?;
+    let principal = principal?;
     let id = SyncId::parse(&id).ok_or(ApiError::SyncNotFound)?;
     let record = state
         .engine
@@ -246,10 +229,10 @@ pub async fn get_sync(
 
 pub async fn list_syncs(
     state: Arc<AppState>,
-    auth: Option<String>,
+    principal: Caller,
     query: String,
 ) -> Result<Vec<SyncRecord>, ApiError> {
-    let principal = state.principal(auth.as_deref())?;
+    let principal = principal?;
     let query = query_map(&query)?;
     let project_id = query
         .get("project_id")
@@ -264,10 +247,10 @@ pub async fn list_syncs(
 /// older than the kept history comes back as a lone `resync_required` frame first.
 pub async fn notifications(
     state: Arc<AppState>,
-    auth: Option<String>,
+    principal: Caller,
     query: String,
 ) -> Result<Vec<serde_json::Value>, ApiError> {
-    let principal = state.principal(auth.as_deref())?;
+    let principal = principal?;
     let query = query_map(&query)?;
     let after = match query.get("after") {
         None => 0,
@@ -296,9 +279,9 @@ pub async fn notifications(
 
 pub async fn mobile_projects(
     state: Arc<AppState>,
-    auth: Option<String>,
+    principal: Caller,
 ) -> Result<Vec<MobileProject>, ApiError> {
-    let principal = state.principal(auth.as_deref())?;
+    let principal = principal?;
     let projects = state.engine.store.projects_of(&principal.user).await?;
     Ok(projects
         .into_iter()
@@ -313,12 +296,6 @@ pub async fn mobile_projects(
         .collect())
 }
 
-/// Free bytes on the volume holding `path` (`None` when it cannot be told).
-pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
-    let stat = rustix::fs::statvfs(path).ok()?;
-    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
-}
-
 pub async fn readyz(state: Arc<AppState>) -> Response {
     let engine = state.engine.store.ping().await;
     let data_dir = state.config.data_dir.clone();
@@ -328,11 +305,11 @@ pub async fn readyz(state: Arc<AppState>) -> Response {
     })
     .await;
     let writable = matches!(writable, Ok(Ok(())));
-    let free = free_bytes(&state.config.data_dir);
+    let free = crate::mirror::layout::free_bytes(&state.config.data_dir);
     let space_ok = free.is_some_and(|free| free >= state.config.min_free_bytes);
     let ready = engine.is_ok() && writable && space_ok;
     if let Err(err) = &engine {
-        tracing::warn!(error = %crate::worker::error_chain(err), "engine not reachable");
+        tracing::warn!(error = %crate::error::error_chain(err), "engine not reachable");
     }
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "not_ready" },
@@ -351,19 +328,6 @@ pub async fn readyz(state: Arc<AppState>) -> Response {
 }
 
 pub async fn metrics(state: Arc<AppState>) -> Response {
-    let metrics = &state.metrics;
-    let counter = |value: &std::sync::atomic::AtomicU64| value.load(Ordering::Relaxed);
-    let text = format!(
-        "# TYPE hivesync_ws_connections gauge\nhivesync_ws_connections {}\n\
-         # TYPE hivesync_ws_connections_total counter\nhivesync_ws_connections_total {}\n\
-         # TYPE hivesync_ws_slow_consumers_total counter\nhivesync_ws_slow_consumers_total {}\n\
-         # TYPE hivesync_sync_requests_total counter\nhivesync_sync_requests_total {}\n\
-         # TYPE hivesync_syncs_coalesced_total counter\nhivesync_syncs_coalesced_total {}\n",
-        state.hub.connection_count(),
-        counter(&metrics.ws_connections_total),
-        counter(&metrics.ws_slow_consumers),
-        counter(&metrics.sync_requests),
-        counter(&metrics.syncs_coalesced),
-    );
+    let text = state.metrics.render(state.hub.connection_count());
     warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response()
 }

@@ -14,7 +14,6 @@ pub use server::serve;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Buf, Bytes};
 use futures_util::{Stream, StreamExt};
@@ -25,6 +24,7 @@ use crate::auth::{Authenticator, Principal};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::mirror::Layout;
 use crate::mirror::read::Reader;
 
@@ -40,21 +40,6 @@ pub struct AppState {
     pub layout: Layout,
     pub reader: Arc<Reader>,
     pub metrics: Metrics,
-}
-
-/// Counters behind `/metrics`.
-#[derive(Default)]
-pub struct Metrics {
-    pub sync_requests: AtomicU64,
-    pub syncs_coalesced: AtomicU64,
-    pub ws_connections_total: AtomicU64,
-    pub ws_slow_consumers: AtomicU64,
-}
-
-impl Metrics {
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 impl AppState {
@@ -137,8 +122,16 @@ fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
     warp::query::raw().or(warp::any().map(String::new)).unify()
 }
 
-fn authorization() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clone {
+/// Who is calling, from the `Authorization: Bearer` header: checked once here, and
+/// handed to the handler as the principal or the error that refuses the request (so
+/// the handler decides when to refuse: a bad body and a bad token answer alike).
+pub type Caller = Result<Principal, ApiError>;
+
+fn with_principal(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Caller,), Error = Rejection> + Clone {
     warp::header::optional::<String>("authorization")
+        .map(move |header: Option<String>| state.principal(header.as_deref()))
 }
 
 /// All REST routes and the dashboard, with one recovery that renders any rejection as
@@ -147,7 +140,12 @@ pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let static_dir = state.config.static_dir.clone();
-    let with_state = warp::any().map(move || Arc::clone(&state));
+    let with_state = {
+        let state = Arc::clone(&state);
+        warp::any().map(move || Arc::clone(&state))
+    };
+    // the state and the caller, for every route that needs a token
+    let authed = with_state.clone().and(with_principal(Arc::clone(&state)));
 
     let healthz = warp::path!("healthz")
         .and(warp::get())
@@ -162,81 +160,97 @@ pub fn routes(
         .then(handlers::metrics);
 
     let projects = warp::path!("api" / "v1" / "projects");
-    let list_projects = projects
-        .and(warp::get())
-        .and(with_state.clone())
-        .and(authorization())
-        .then(|state, auth| async move {
-            respond(StatusCode::OK, handlers::list_projects(state, auth).await)
-        });
+    let list_projects =
+        projects
+            .and(warp::get())
+            .and(authed.clone())
+            .then(|state, principal| async move {
+                respond(
+                    StatusCode::OK,
+                    handlers::list_projects(state, principal).await,
+                )
+            });
     let create_project = projects
         .and(warp::post())
-        .and(with_state.clone())
-        .and(authorization())
+        .and(authed.clone())
         .and(capped_body())
-        .then(|state, auth, body| async move {
+        .then(|state, principal, body| async move {
             respond(
                 StatusCode::CREATED,
-                handlers::create_project(state, auth, body).await,
+                handlers::create_project(state, principal, body).await,
             )
         });
     let project = warp::path!("api" / "v1" / "projects" / String);
-    let get_project = project
-        .and(warp::get())
-        .and(with_state.clone())
-        .and(authorization())
-        .then(|id, state, auth| async move {
-            respond(StatusCode::OK, handlers::get_project(state, auth, id).await)
-        });
-    let delete_project = project
-        .and(warp::delete())
-        .and(with_state.clone())
-        .and(authorization())
-        .then(|id, state, auth| async move { handlers::delete_project(state, auth, id).await });
+    let get_project =
+        project
+            .and(warp::get())
+            .and(authed.clone())
+            .then(|id, state, principal| async move {
+                respond(
+                    StatusCode::OK,
+                    handlers::get_project(state, principal, id).await,
+                )
+            });
+    let delete_project =
+        project
+            .and(warp::delete())
+            .and(authed.clone())
+            .then(|id, state, principal| async move {
+                match handlers::delete_project(state, principal, id).await {
+                    Ok(()) => StatusCode::NO_CONTENT.into_response(),
+                    Err(err) => err.into_response(),
+                }
+            });
 
     let sync = warp::path!("api" / "v1" / "repo" / "sync");
     let request_sync = sync
         .and(warp::post())
-        .and(with_state.clone())
-        .and(authorization())
+        .and(authed.clone())
         .and(capped_body())
-        .then(|state, auth, body| async move { handlers::request_sync(state, auth, body).await });
+        .then(|state, principal, body| async move {
+            match handlers::request_sync(state, principal, body).await {
+                Ok((status, accepted)) => respond(status, Ok(accepted)),
+                Err(err) => err.into_response(),
+            }
+        });
     let list_syncs = sync
         .and(warp::get())
-        .and(with_state.clone())
-        .and(authorization())
+        .and(authed.clone())
         .and(raw_query())
-        .then(|state, auth, query| async move {
+        .then(|state, principal, query| async move {
             respond(
                 StatusCode::OK,
-                handlers::list_syncs(state, auth, query).await,
+                handlers::list_syncs(state, principal, query).await,
             )
         });
     let get_sync = warp::path!("api" / "v1" / "repo" / "sync" / String)
         .and(warp::get())
-        .and(with_state.clone())
-        .and(authorization())
-        .then(|id, state, auth| async move {
-            respond(StatusCode::OK, handlers::get_sync(state, auth, id).await)
+        .and(authed.clone())
+        .then(|id, state, principal| async move {
+            respond(
+                StatusCode::OK,
+                handlers::get_sync(state, principal, id).await,
+            )
         });
 
     let notifications = warp::path!("api" / "v1" / "notifications")
         .and(warp::get())
-        .and(with_state.clone())
-        .and(authorization())
+        .and(authed.clone())
         .and(raw_query())
-        .then(|state, auth, query| async move {
+        .then(|state, principal, query| async move {
             respond(
                 StatusCode::OK,
-                handlers::notifications(state, auth, query).await,
+                handlers::notifications(state, principal, query).await,
             )
         });
     let mobile = warp::path!("api" / "v1" / "mobile" / "projects")
         .and(warp::get())
-        .and(with_state.clone())
-        .and(authorization())
-        .then(|state, auth| async move {
-            respond(StatusCode::OK, handlers::mobile_projects(state, auth).await)
+        .and(authed.clone())
+        .then(|state, principal| async move {
+            respond(
+                StatusCode::OK,
+                handlers::mobile_projects(state, principal).await,
+            )
         });
 
     let read_route = |name: &'static str, kind: read::ReadKind| {
@@ -246,11 +260,12 @@ pub fn routes(
             .and(warp::path(name))
             .and(warp::path::end())
             .and(warp::get())
-            .and(with_state.clone())
-            .and(authorization())
+            .and(authed.clone())
             .and(raw_query())
             .and(warp::header::optional::<String>("if-none-match"))
-            .then(move |state, auth, query, etag| read::handle(kind, state, auth, query, etag))
+            .then(move |state, principal, query, etag| {
+                read::handle(kind, state, principal, query, etag)
+            })
     };
     let reads = read_route("tree", read::ReadKind::Tree)
         .or(read_route("file", read::ReadKind::File))

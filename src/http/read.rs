@@ -10,7 +10,7 @@ use http::StatusCode;
 use serde_json::json;
 use warp::Reply;
 
-use super::{ApiError, AppState, Response};
+use super::{ApiError, AppState, Caller, Response};
 use crate::domain::{ProjectId, RepoPath};
 use crate::mirror::read::{ReadError, SearchQuery};
 
@@ -52,11 +52,11 @@ fn fnv1a(parts: &[&str]) -> u64 {
 pub async fn handle(
     kind: ReadKind,
     state: Arc<AppState>,
-    auth: Option<String>,
+    principal: Caller,
     query: String,
     if_none_match: Option<String>,
 ) -> Response {
-    match read(kind, &state, auth, &query, if_none_match.as_deref()).await {
+    match read(kind, &state, principal, &query, if_none_match.as_deref()).await {
         Ok(response) => response,
         Err(err) => err.into_response(),
     }
@@ -65,11 +65,11 @@ pub async fn handle(
 async fn read(
     kind: ReadKind,
     state: &Arc<AppState>,
-    auth: Option<String>,
+    principal: Caller,
     query: &str,
     if_none_match: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let principal = state.principal(auth.as_deref())?;
+    let principal = principal?;
     if !principal.may_read_contents() {
         return Err(ApiError::MobileMetadataOnly);
     }

@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::Reply;
 
-use super::{ApiError, AppState, Metrics, Response};
+use super::{ApiError, AppState, Response};
 use crate::hub::Attachment;
+use crate::metrics::Metrics;
 use crate::protocol::{ClientFrame, ControlFrame, EventId};
 
 pub const WS_PATH: &str = "/api/v1/ws";
@@ -96,7 +97,7 @@ pub async fn upgrade(
         let attachment = match hub.attach(&principal.user, resume_from).await {
             Ok(attachment) => attachment,
             Err(err) => {
-                tracing::error!(error = %crate::worker::error_chain(&err), "could not attach a websocket");
+                tracing::error!(error = %crate::error::error_chain(&err), "could not attach a websocket");
                 let mut socket = socket;
                 let _ = close(&mut socket, CloseCode::Error, "backend_error").await;
                 return;

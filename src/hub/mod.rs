@@ -131,7 +131,7 @@ impl Hub {
                 }
                 Ok(_) => self.kick_user(&user),
                 Err(err) => {
-                    tracing::warn!(error = %crate::worker::error_chain(&err), "catch-up read failed; the user's connections will resume");
+                    tracing::warn!(error = %crate::error::error_chain(&err), "catch-up read failed; the user's connections will resume");
                     self.kick_user(&user);
                 }
             }

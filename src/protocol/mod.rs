@@ -36,36 +36,6 @@ impl SyncStatus {
             SyncStatus::Failed => "failed",
         }
     }
-
-    /// Position in the forward order; `failed` may follow any non-terminal stage.
-    fn rank(self) -> u8 {
-        match self {
-            SyncStatus::Queued => 0,
-            SyncStatus::Running => 1,
-            SyncStatus::UpdatingFiles => 2,
-            SyncStatus::Cleaning => 3,
-            SyncStatus::Finalizing => 4,
-            SyncStatus::Completed => 5,
-            SyncStatus::Failed => 6,
-        }
-    }
-
-    /// Whether a record may move from `self` to `next`. Stages only move forward;
-    /// a retry goes back to `running` from `running` (same stage, new attempt).
-    pub fn may_become(self, next: SyncStatus) -> bool {
-        if self.is_terminal() {
-            return false;
-        }
-        if next == SyncStatus::Failed {
-            return true;
-        }
-        // a retried attempt starts over at `running`, and a job taken back after a
-        // crash or shutdown goes back to `queued`
-        if matches!(next, SyncStatus::Running | SyncStatus::Queued) {
-            return true;
-        }
-        next.rank() > self.rank()
-    }
 }
 
 /// Machine-readable failure codes of a sync (API.md "Sync failures").
@@ -344,16 +314,5 @@ mod tests {
         let ping: ClientFrame = serde_json::from_str(r#"{"type":"ping"}"#).expect("valid");
         assert_eq!(ping, ClientFrame::Ping);
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"nope"}"#).is_err());
-    }
-
-    #[test]
-    fn stages_only_move_forward() {
-        use SyncStatus::*;
-        assert!(Queued.may_become(Running));
-        assert!(Running.may_become(UpdatingFiles));
-        assert!(UpdatingFiles.may_become(Failed));
-        assert!(!Cleaning.may_become(UpdatingFiles));
-        assert!(!Completed.may_become(Running));
-        assert!(!Failed.may_become(Completed));
     }
 }

@@ -1,8 +1,14 @@
-//! Credentials by name, read at run time only: file `HIVESYNC_SECRETS_DIR/<name>`, else
-//! the environment variable `HIVESYNC_SECRET_<NAME>`. A secret never reaches a log, an
-//! error or an event; its `Debug` is redacted.
+//! Transport credentials. Secrets by name, read at run time only: file
+//! `HIVESYNC_SECRETS_DIR/<name>`, else the environment variable `HIVESYNC_SECRET_<NAME>`;
+//! and what a project's credential becomes for one attempt: an ssh command with a
+//! private key file, or an https login. A secret never reaches a log, an error or an
+//! event; its `Debug` is redacted.
 
 use std::path::Path;
+
+use super::WorkerSettings;
+use crate::engine::Project;
+use crate::mirror::{self, MirrorError};
 
 pub struct Secret(String);
 
@@ -50,6 +56,119 @@ pub fn resolve(name: &str, secrets_dir: Option<&Path>) -> Result<Secret, Credent
     std::env::var(format!("HIVESYNC_SECRET_{variable}"))
         .map(Secret)
         .map_err(|_| CredentialError::Missing(name.to_owned(), variable))
+}
+
+/// Private files of one ssh attempt, deleted when it ends: the credential's key, and
+/// ssh's own log, the only place that tells a host-key rejection from a dropped line.
+pub(super) struct SshFiles {
+    _key: Option<tempfile::NamedTempFile>,
+    log: tempfile::NamedTempFile,
+}
+
+pub(super) enum SshRefusal {
+    HostKey,
+    Credentials,
+}
+
+impl SshFiles {
+    pub(super) fn refusal(&self) -> Option<SshRefusal> {
+        let log = std::fs::read_to_string(self.log.path()).ok()?;
+        if log.contains("Host key verification failed")
+            || log.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        {
+            return Some(SshRefusal::HostKey);
+        }
+        log.contains("Permission denied")
+            .then_some(SshRefusal::Credentials)
+    }
+}
+
+/// For an ssh URL: the ssh command with the host-key policy and, when the project
+/// names a credential, its key in a private temporary file.
+pub(super) fn ssh_setup(
+    project: &Project,
+    settings: &WorkerSettings,
+) -> Result<(Option<String>, Option<SshFiles>), MirrorError> {
+    let is_ssh = gix::url::parse(project.repo_url.as_bytes())
+        .is_ok_and(|url| url.scheme == gix::url::Scheme::Ssh);
+    if !is_ssh {
+        return Ok((None, None));
+    }
+    let log = tempfile::Builder::new()
+        .prefix("hivesync-ssh-")
+        .tempfile()
+        .map_err(MirrorError::Io)?;
+    let mut command = format!(
+        "ssh -o BatchMode=yes -o ConnectTimeout=20 -E '{}'",
+        log.path().display()
+    );
+    match &settings.ssh_known_hosts {
+        Some(known_hosts) => command.push_str(&format!(
+            " -o StrictHostKeyChecking=yes -o UserKnownHostsFile='{}'",
+            known_hosts.display()
+        )),
+        None => command.push_str(" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"),
+    }
+    let Some(name) = &project.credential else {
+        return Ok((Some(command), Some(SshFiles { _key: None, log })));
+    };
+    let secret = resolve(name, settings.secrets_dir.as_deref())
+        .map_err(|err| MirrorError::CredentialMissing(err.to_string()))?;
+    let mut key = tempfile::Builder::new()
+        .prefix("hivesync-key-")
+        .tempfile()
+        .map_err(MirrorError::Io)?;
+    {
+        use std::io::Write;
+        let mut text = secret.expose().to_owned();
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        key.write_all(text.as_bytes()).map_err(MirrorError::Io)?;
+        key.flush().map_err(MirrorError::Io)?;
+    }
+    command.push_str(&format!(
+        " -o IdentitiesOnly=yes -i '{}'",
+        key.path().display()
+    ));
+    Ok((
+        Some(command),
+        Some(SshFiles {
+            _key: Some(key),
+            log,
+        }),
+    ))
+}
+
+/// For an http(s) URL whose project names a credential: the login to present. The
+/// secret is a token (sent with the URL's user name, else `x-access-token`, which
+/// GitHub, Gitea and others accept with a token) or `username:token`.
+pub(super) fn http_identity(
+    project: &Project,
+    settings: &WorkerSettings,
+) -> Result<Option<mirror::HttpIdentity>, MirrorError> {
+    let Ok(url) = gix::url::parse(project.repo_url.as_bytes()) else {
+        return Ok(None);
+    };
+    if !matches!(url.scheme, gix::url::Scheme::Http | gix::url::Scheme::Https) {
+        return Ok(None);
+    }
+    let Some(name) = &project.credential else {
+        return Ok(None);
+    };
+    let secret = resolve(name, settings.secrets_dir.as_deref())
+        .map_err(|err| MirrorError::CredentialMissing(err.to_string()))?;
+    let secret = secret.expose().trim();
+    let (username, password) = match secret.split_once(':') {
+        Some((user, token)) if !user.is_empty() && !token.is_empty() => {
+            (user.to_owned(), token.to_owned())
+        }
+        _ => (
+            url.user().unwrap_or("x-access-token").to_owned(),
+            secret.to_owned(),
+        ),
+    };
+    Ok(Some(mirror::HttpIdentity { username, password }))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hivesync::domain::{ProjectId, SyncId, now_rfc3339};
 use hivesync::engine::embedded::EmbeddedEngine;
-use hivesync::engine::redis_engine::{RedisEngine, RedisSettings};
+use hivesync::engine::redis::{RedisEngine, RedisSettings};
 use hivesync::engine::{Engine, EngineError, Live, Project};
 use hivesync::protocol::{EventBody, Job, SyncRecord, SyncStatus};
 use tokio_util::sync::CancellationToken;
@@ -188,12 +188,14 @@ async fn projects_syncs_and_coalescing(engine: Engine) {
         .expect("read")
         .expect("exists");
     assert_eq!(read.status, SyncStatus::Running);
-    let unfinished = store.unfinished_syncs().await.expect("unfinished");
-    assert!(
-        unfinished
-            .iter()
-            .any(|(record, owner)| record.sync_id == first.sync_id && owner == "alice")
-    );
+    // what a restart requeues: the project's active sync, while it is unfinished
+    let holder = store
+        .project(&pid(&alice))
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(holder.active_sync.as_deref(), Some(first.sync_id.as_str()));
+    assert_eq!(holder.owner, "alice");
 
     let mut done = running.clone();
     done.status = SyncStatus::Completed;
@@ -208,15 +210,7 @@ async fn projects_syncs_and_coalescing(engine: Engine) {
     assert_eq!(after.last_status, Some(SyncStatus::Completed));
     assert_eq!(after.commit, done.commit);
     assert_eq!(after.last_synced_at, done.finished_at);
-    assert_eq!(after.active_sync, None);
-    assert!(
-        !store
-            .unfinished_syncs()
-            .await
-            .expect("unfinished")
-            .iter()
-            .any(|(record, _)| record.sync_id == first.sync_id)
-    );
+    assert_eq!(after.active_sync, None, "a finished sync is not requeued");
 
     let second = record(&alice);
     let (_, created) = store.begin_sync(second.clone()).await.expect("begin");

@@ -324,18 +324,17 @@ async fn a_job_that_kills_every_worker_is_failed_not_retried_forever() {
     let reclaim = Duration::from_millis(100);
     let shutdown = tokio_util::sync::CancellationToken::new();
     for expected in 1..=hivesync::engine::MAX_DELIVERIES {
-        let doomed = hivesync::engine::redis_engine::RedisEngine::connect(
-            hivesync::engine::redis_engine::RedisSettings {
+        let doomed =
+            hivesync::engine::redis::RedisEngine::connect(hivesync::engine::redis::RedisSettings {
                 url: redis.url(),
                 prefix: prefix.clone(),
                 reclaim_after: reclaim,
                 history_len: 100,
                 sync_rate: (100, Duration::from_secs(1)),
                 pool_size: 4,
-            },
-        )
-        .await
-        .expect("connects");
+            })
+            .await
+            .expect("connects");
         let lease =
             tokio::time::timeout(WAIT, hivesync::engine::JobQueue::take(&*doomed, &shutdown))
                 .await

@@ -1,0 +1,280 @@
+//! The `fanout` scenario: many WebSocket clients, events driven at a steady rate or in
+//! a burst, every client checking its sequence (lost, duplicated) and timing each
+//! event from emit to receipt. Three targets, one load:
+//!
+//! - `embedded`: one hub with the embedded engine in a child process (`loadtest
+//!   embedded-hub`), events written to its standard input and published through its
+//!   engine as a worker would;
+//! - `redis`: `--hubs` hub processes on a private redis-server, events published into
+//!   Redis by this process exactly as `hivesync worker` does (the Lua script);
+//! - `socketio`: the peer, Socket.IO 4 servers with `@socket.io/redis-adapter`
+//!   (installed from npm into a temporary directory), events published into Redis as
+//!   `@socket.io/redis-emitter` does, one room per user.
+//!
+//! [`client`] is one socket, [`publisher`] how events get in, [`rig`] the processes
+//! under test, [`tally`] what the clients add up.
+
+mod client;
+mod publisher;
+mod rig;
+mod tally;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use client::{open_client, run_client};
+pub use publisher::embedded_hub;
+use publisher::user_name;
+use rig::rss_of;
+use tally::{Tally, now_nanos};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    Embedded,
+    Redis,
+    Socketio,
+}
+
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub target: Target,
+    pub sockets: usize,
+    pub users: usize,
+    pub hubs: usize,
+    /// rounds per second in the steady phase; each round is one event per user
+    pub rate: u64,
+    pub seconds: u64,
+    /// rounds published back to back after the steady phase
+    pub burst: u64,
+}
+
+pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
+    let tokens = (0..load.users)
+        .map(|user| crate::token_for(&user_name(user)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let rig = rig::start(hub_binary, &load).await?;
+    let tally = Arc::new(Tally::new());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // connect: socket i belongs to user i % users and goes to server i % servers
+    eprintln!(
+        "{:?}: opening {} sockets for {} users on {} server(s)",
+        load.target,
+        load.sockets,
+        load.users,
+        rig.urls.len()
+    );
+    let client_urls: Vec<String> = (0..load.sockets)
+        .map(|i| {
+            let user = i % load.users;
+            let base = &rig.urls[i % rig.urls.len()];
+            match load.target {
+                Target::Socketio => format!("{base}&user={user}"),
+                _ => format!("{base}?access_token={}", tokens[user]),
+            }
+        })
+        .collect();
+    let mut clients = Vec::with_capacity(load.sockets);
+    let mut start_seq = vec![u64::MAX; load.users];
+    let mut opened = 0;
+    while opened < load.sockets {
+        let wave = 250.min(load.sockets - opened);
+        let batch = futures_util::future::join_all((opened..opened + wave).map(|i| {
+            let user = i % load.users;
+            let base = &rig.urls[i % rig.urls.len()];
+            let url = match load.target {
+                Target::Socketio => format!("{base}&user={user}"),
+                _ => format!("{base}?access_token={}", tokens[user]),
+            };
+            async move {
+                open_client(load.target, &url)
+                    .await
+                    .map(|opened| (i, user, opened))
+            }
+        }))
+        .await;
+        for result in batch {
+            let (i, user, (socket, last)) = result?;
+            start_seq[user] = start_seq[user].min(last);
+            let tally = Arc::clone(&tally);
+            let stop = Arc::clone(&stop);
+            clients.push(tokio::spawn(run_client(
+                load.target,
+                client_urls[i].clone(),
+                socket,
+                last,
+                i,
+                tally,
+                stop,
+            )));
+        }
+        opened += wave;
+        eprint!("\r  sockets open: {opened:>6} / {}", load.sockets);
+    }
+    eprintln!();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // publish: steady rounds, then a burst
+    let publisher = Arc::new(rig.publisher);
+    let mut next_seq: Vec<u64> = start_seq
+        .iter()
+        .map(|s| if *s == u64::MAX { 0 } else { *s })
+        .collect();
+    // steady: the events of a round spread evenly over the round (users' events do not
+    // all happen at the same instant); burst: whole rounds back to back
+    let steady_events = load.rate * load.seconds * load.users as u64;
+    let spacing = 1.0 / (load.rate as f64 * load.users as f64);
+    let started = Instant::now();
+    let mut published = 0u64;
+    let mut in_flight = Vec::new();
+    for n in 0..steady_events {
+        let due = started + Duration::from_secs_f64(n as f64 * spacing);
+        tokio::time::sleep_until(due.into()).await;
+        let user = (n % load.users as u64) as usize;
+        next_seq[user] += 1;
+        if let Some(task) = publisher.publish_one(user, next_seq[user]).await? {
+            in_flight.push(task);
+        }
+        published += 1;
+        if n % (load.users as u64 * load.rate.max(1)) == 0 {
+            eprint!(
+                "\r  published {published:>9} events, delivered {:>10}",
+                tally.received()
+            );
+        }
+    }
+    for task in in_flight {
+        task.await.map_err(|e| e.to_string())??;
+    }
+    let mut burst_started = None;
+    for _ in 0..load.burst {
+        if burst_started.is_none() {
+            burst_started = Some(Instant::now());
+            tally.burst_start.store(now_nanos(), Ordering::Relaxed);
+        }
+        for seq in next_seq.iter_mut() {
+            *seq += 1;
+        }
+        publisher.publish_round(&next_seq).await?;
+        published += load.users as u64;
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    let burst_secs = burst_started.map(|at| at.elapsed().as_secs_f64());
+    let expected = published * (load.sockets / load.users) as u64;
+    // drain: until everything arrived or nothing moved for 3 s
+    let mut last_count = 0;
+    let mut quiet_since = Instant::now();
+    loop {
+        let count = tally.received();
+        if count >= expected {
+            break;
+        }
+        if count != last_count {
+            last_count = count;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "\r  published {published:>9} events, delivered {:>10}",
+        tally.received()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut finals = Vec::with_capacity(clients.len());
+    for client in clients {
+        finals.push(client.await.unwrap_or(0));
+    }
+    let mut rss_total = 0;
+    for child in &rig.children {
+        if let Some(pid) = child.id() {
+            rss_total += rss_of(pid);
+        }
+    }
+
+    let received = tally.received();
+    // events that never arrived at all count as lost too (the tail past a client's last)
+    let tail_lost: u64 = finals
+        .iter()
+        .enumerate()
+        .map(|(i, last)| next_seq[i % load.users].saturating_sub(*last))
+        .sum();
+    let lost = tally.lost.load(Ordering::Relaxed) + tail_lost;
+    let duplicated = tally.duplicated.load(Ordering::Relaxed);
+    let resumed = tally.resumed.load(Ordering::Relaxed);
+    let mut phases = serde_json::Map::new();
+    let mut rows = Vec::new();
+    for (name, phase) in [("steady", &tally.steady), ("burst", &tally.burst)] {
+        let count = phase.received.load(Ordering::Relaxed);
+        if count == 0 {
+            continue;
+        }
+        let first = phase.first_receipt.load(Ordering::Relaxed);
+        let last = phase.last_receipt.load(Ordering::Relaxed);
+        // steady: deliveries over the publishing time; burst: from its first emit to
+        // its last receipt
+        let secs = if name == "steady" {
+            load.seconds as f64
+        } else {
+            last.saturating_sub(tally.burst_start.load(Ordering::Relaxed).min(first)) as f64 / 1e9
+        };
+        let per_sec = if secs > 0.0 { count as f64 / secs } else { 0.0 };
+        let merged = phase.merged().await;
+        let ms = |q: f64| merged.value_at_quantile(q) as f64 / 1000.0;
+        let max = merged.max() as f64 / 1000.0;
+        phases.insert(
+            name.to_owned(),
+            json!({
+                "deliveries": count,
+                "deliveries_per_s": per_sec,
+                "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "max": max},
+            }),
+        );
+        rows.push(format!(
+            "| {} | {name} | {} | {} | {count} | {per_sec:.0} | {:.2} | {:.2} | {max:.2} |",
+            format!("{:?}", load.target).to_lowercase(),
+            rig.urls.len(),
+            load.sockets,
+            ms(0.5),
+            ms(0.99)
+        ));
+    }
+    let result = json!({
+        "scenario": "fanout",
+        "target": format!("{:?}", load.target).to_lowercase(),
+        "servers": rig.urls.len(),
+        "sockets": load.sockets,
+        "users": load.users,
+        "steady_rounds_per_s": load.rate,
+        "steady_seconds": load.seconds,
+        "burst_rounds": load.burst,
+        "events_published": published,
+        "publish_seconds": publish_secs,
+        "burst_publish_seconds": burst_secs,
+        "deliveries_expected": expected,
+        "deliveries": received,
+        "phases": phases,
+        "lost": lost,
+        "duplicated": duplicated,
+        "resumed_after_close": resumed,
+        "server_rss_bytes": rss_total,
+    });
+    println!();
+    println!(
+        "| target | phase | servers | sockets | deliveries | deliveries/s | p50 ms | p99 ms | max ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        println!("{row}");
+    }
+    println!(
+        "events published: {published}, deliveries: {received} of {expected}, lost: {lost}, duplicated: {duplicated}, sockets resumed after a close: {resumed}"
+    );
+    drop(rig.children);
+    Ok(result)
+}

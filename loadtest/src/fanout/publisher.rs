@@ -1,0 +1,169 @@
+//! How events get into a target: through the engine (as a worker publishes), down the
+//! embedded hub child's standard input, or into Redis as Socket.IO's emitter does. Also
+//! `loadtest embedded-hub`, the child process that runs an embedded hub for the fan-out.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::Mutex;
+
+use super::tally::now_nanos;
+use hivesync::engine::EventLog;
+use hivesync::protocol::{EventBody, Progress, SyncStatus};
+
+/// Publishes one event for `user` with sequence `seq` (the target's own numbering).
+pub(super) enum Publisher {
+    Engine(Arc<dyn EventLog>),
+    /// the embedded hub runs in a child process and publishes what it reads here
+    Pipe(Mutex<tokio::process::ChildStdin>),
+    SocketIo {
+        redis: redis::aio::MultiplexedConnection,
+    },
+}
+
+impl Publisher {
+    /// One event for every user, `seqs[user]` being its sequence number.
+    pub(super) async fn publish_round(self: &Arc<Self>, seqs: &[u64]) -> Result<(), String> {
+        if let Publisher::Pipe(stdin) = &**self {
+            use tokio::io::AsyncWriteExt;
+            let emitted = now_nanos();
+            let mut lines = String::with_capacity(seqs.len() * 32);
+            for (user, seq) in seqs.iter().enumerate() {
+                lines.push_str(&format!("{user} {seq} {emitted}\n"));
+            }
+            let mut stdin = stdin.lock().await;
+            return stdin
+                .write_all(lines.as_bytes())
+                .await
+                .map_err(|e| format!("embedded hub: {e}"));
+        }
+        let sends = seqs.iter().enumerate().map(|(user, seq)| {
+            let publisher = Arc::clone(self);
+            let seq = *seq;
+            async move { publisher.publish(user, seq).await }
+        });
+        for result in futures_util::future::join_all(sends).await {
+            result?;
+        }
+        Ok(())
+    }
+
+    /// One event, published in the background unless it is a line on a pipe; the
+    /// returned task ends with its outcome.
+    pub(super) async fn publish_one(
+        self: &Arc<Self>,
+        user: usize,
+        seq: u64,
+    ) -> Result<Option<tokio::task::JoinHandle<Result<(), String>>>, String> {
+        if let Publisher::Pipe(stdin) = &**self {
+            use tokio::io::AsyncWriteExt;
+            let line = format!("{user} {seq} {}\n", now_nanos());
+            let mut stdin = stdin.lock().await;
+            stdin
+                .write_all(line.as_bytes())
+                .await
+                .map_err(|e| format!("embedded hub: {e}"))?;
+            return Ok(None);
+        }
+        let publisher = Arc::clone(self);
+        Ok(Some(tokio::spawn(async move {
+            publisher.publish(user, seq).await
+        })))
+    }
+
+    pub(super) async fn publish(&self, user: usize, seq: u64) -> Result<(), String> {
+        let emitted = now_nanos();
+        match self {
+            Publisher::Pipe(_) => Err("pipe publishers publish whole rounds".into()),
+            Publisher::Engine(events) => publish_event(events.as_ref(), user, seq, emitted).await,
+            Publisher::SocketIo { redis } => {
+                let room = format!("user-{user}");
+                let packet = json!([
+                    "emitter",
+                    {"type": 2, "data": ["e", {"s": seq, "t": emitted, "project_id": format!("project-{user}"), "stage": "running", "percent": seq % 100}], "nsp": "/"},
+                    {"rooms": [room], "except": [], "flags": {}}
+                ]);
+                let bytes = rmp_serde::to_vec(&packet).map_err(|e| e.to_string())?;
+                let mut redis = redis.clone();
+                redis::cmd("PUBLISH")
+                    .arg(format!("socket.io#/#{room}#"))
+                    .arg(bytes)
+                    .query_async::<i64>(&mut redis)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// The event a worker would publish (a progress tick), stamped with its emit time.
+pub(super) async fn publish_event(
+    events: &dyn EventLog,
+    user: usize,
+    seq: u64,
+    emitted: u64,
+) -> Result<(), String> {
+    let body = EventBody::SyncStage {
+        sync_id: format!("t{emitted}"),
+        project_id: format!("project-{user}"),
+        stage: SyncStatus::Running,
+        progress: Some(Progress {
+            percent: (seq % 100) as u8,
+            objects: seq,
+            bytes: seq * 1024,
+        }),
+        at: hivesync::domain::now_rfc3339(),
+        retry: None,
+    };
+    events
+        .publish(&user_name(user), body)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// `loadtest embedded-hub`: a hub with the embedded engine in this process, printing
+/// its address, then publishing each `user seq emitted_ns` line of standard input.
+pub async fn embedded_hub() -> Result<Value, String> {
+    let data = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let config = hivesync::config::Config {
+        listen: "127.0.0.1:0".parse().map_err(|_| "address")?,
+        data_dir: data.path().to_path_buf(),
+        jwt_secret: Some(crate::SECRET.to_owned()),
+        min_free_bytes: 0,
+        serve_workers: Some(0),
+        ..hivesync::config::Config::default()
+    };
+    let app = hivesync::app::Application::build(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let events = app.state().engine.events.clone();
+    println!("hivesync serving on http://{}", app.local_addr());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(app.run(stop.clone()));
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut fields = line.split_whitespace().map(str::parse::<u64>);
+        let (Some(Ok(user)), Some(Ok(seq)), Some(Ok(emitted))) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        // as concurrent workers would: the engine commits what is waiting together
+        let events = events.clone();
+        tokio::spawn(async move {
+            if let Err(err) = publish_event(events.as_ref(), user as usize, seq, emitted).await {
+                eprintln!("publish failed: {err}");
+            }
+        });
+    }
+    stop.cancel();
+    let _ = running.await;
+    Ok(json!({"scenario": "embedded-hub"}))
+}
+
+pub(super) fn user_name(user: usize) -> String {
+    format!("fan-{user}")
+}

@@ -1,0 +1,136 @@
+//! The embedded engine of a single node: projects, sync records and each user's event
+//! history in a `redb` file under DATA_DIR (ACID, survives a restart); jobs in an
+//! in-process queue; live events on a `broadcast` channel. Every redb call runs on the
+//! blocking pool, never on an async worker thread.
+//!
+//! [`store`] holds projects and records, [`queue`] the jobs and project locks,
+//! [`events`] the one event writer and the history.
+
+mod events;
+mod queue;
+mod store;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+use tokio::sync::{Notify, broadcast};
+
+use super::{EngineError, Live, Project};
+use crate::domain::RateLimiter;
+use crate::protocol::Job;
+use events::{PublishRequest, run_event_writer};
+
+/// project id → project JSON
+const PROJECTS: TableDefinition<&str, &str> = TableDefinition::new("projects");
+/// (owner, project id) → ()
+const OWNER_PROJECTS: TableDefinition<(&str, &str), ()> = TableDefinition::new("owner_projects");
+/// sync id → sync record JSON
+const SYNCS: TableDefinition<&str, &str> = TableDefinition::new("syncs");
+/// (project id, sync id) → (); sync ids are UUID v7, so this sorts by request time
+const PROJECT_SYNCS: TableDefinition<(&str, &str), ()> = TableDefinition::new("project_syncs");
+/// (user, event id) → event JSON
+const EVENTS: TableDefinition<(&str, u64), &str> = TableDefinition::new("events");
+/// user → id of the user's newest event
+const EVENT_SEQ: TableDefinition<&str, u64> = TableDefinition::new("event_seq");
+
+pub struct EmbeddedEngine {
+    db: Arc<Database>,
+    limiter: Mutex<RateLimiter>,
+    epoch: Instant,
+    live: broadcast::Sender<Live>,
+    history_len: u64,
+    queue: Mutex<VecDeque<Job>>,
+    queued: Notify,
+    /// project id → fence of the worker holding its mirror
+    locks: Mutex<Locks>,
+    /// to the event writer thread
+    writer: std::sync::mpsc::Sender<PublishRequest>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for EmbeddedEngine {
+    /// Stops the writer and waits for it, so the database file is closed when the
+    /// engine is gone (a restart in the same process opens it again at once).
+    fn drop(&mut self) {
+        let (disconnected, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.writer, disconnected));
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Locks {
+    held: HashMap<String, u64>,
+    last_fence: u64,
+}
+
+impl EmbeddedEngine {
+    pub fn open(
+        dir: &Path,
+        sync_rate: (u32, Duration),
+        history_len: u64,
+    ) -> Result<Arc<Self>, EngineError> {
+        std::fs::create_dir_all(dir).map_err(|err| EngineError::Embedded(redb::Error::Io(err)))?;
+        let db = Database::create(dir.join("hivesync.redb")).map_err(redb::Error::from)?;
+        let tx = db.begin_write().map_err(redb::Error::from)?;
+        {
+            tx.open_table(PROJECTS).map_err(redb::Error::from)?;
+            tx.open_table(OWNER_PROJECTS).map_err(redb::Error::from)?;
+            tx.open_table(SYNCS).map_err(redb::Error::from)?;
+            tx.open_table(PROJECT_SYNCS).map_err(redb::Error::from)?;
+            tx.open_table(EVENTS).map_err(redb::Error::from)?;
+            tx.open_table(EVENT_SEQ).map_err(redb::Error::from)?;
+        }
+        tx.commit().map_err(redb::Error::from)?;
+        let (live, _) = broadcast::channel(16 * 1024);
+        let db = Arc::new(db);
+        let (writer, requests) = std::sync::mpsc::channel();
+        let writer_thread = {
+            let db = Arc::clone(&db);
+            let live = live.clone();
+            let keep = history_len.max(1);
+            std::thread::Builder::new()
+                .name("hivesync-events".into())
+                .spawn(move || run_event_writer(db, requests, live, keep))
+                .map_err(|err| EngineError::Embedded(redb::Error::Io(err)))?
+        };
+        Ok(Arc::new(Self {
+            db,
+            limiter: Mutex::new(RateLimiter::new(sync_rate.0, sync_rate.1)),
+            epoch: Instant::now(),
+            live,
+            history_len: history_len.max(1),
+            queue: Mutex::new(VecDeque::new()),
+            queued: Notify::new(),
+            locks: Mutex::default(),
+            writer,
+            writer_thread: Some(writer_thread),
+        }))
+    }
+
+    /// Runs `work` with the database on the blocking pool.
+    async fn blocking<T, F>(&self, work: F) -> Result<T, EngineError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, EngineError> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || work(&db)).await?
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(raw: &str) -> Result<T, EngineError> {
+    Ok(serde_json::from_str(raw)?)
+}
+
+fn get_project(db: &Database, id: &str) -> Result<Option<Project>, EngineError> {
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let table = tx.open_table(PROJECTS).map_err(redb::Error::from)?;
+    let found = table.get(id).map_err(redb::Error::from)?;
+    found.map(|raw| read_json(raw.value())).transpose()
+}

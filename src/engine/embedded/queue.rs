@@ -1,0 +1,146 @@
+//! The in-process job queue and project locks; and, at start, putting back the syncs
+//! that were unfinished when the process last stopped (the queue itself is not kept).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redb::{ReadableDatabase, ReadableTable};
+use tokio_util::sync::CancellationToken;
+
+use super::{EmbeddedEngine, PROJECTS, SYNCS, read_json};
+use crate::engine::{EngineError, JobQueue, Lease, Project, ProjectLock, Store, next_fence};
+use crate::protocol::{Job, SyncRecord, SyncStatus};
+
+#[async_trait]
+impl JobQueue for EmbeddedEngine {
+    async fn enqueue(&self, job: Job) -> Result<(), EngineError> {
+        self.queue
+            .lock()
+            .expect("queue lock is never poisoned")
+            .push_back(job);
+        self.queued.notify_one();
+        Ok(())
+    }
+
+    async fn take(&self, shutdown: &CancellationToken) -> Result<Option<Lease>, EngineError> {
+        loop {
+            // register interest before looking, so an enqueue in between is not missed
+            let notified = self.queued.notified();
+            if let Some(job) = self
+                .queue
+                .lock()
+                .expect("queue lock is never poisoned")
+                .pop_front()
+            {
+                return Ok(Some(Lease {
+                    token: job.sync_id.clone(),
+                    deliveries: 1,
+                    job,
+                }));
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = notified => {}
+            }
+        }
+    }
+
+    async fn complete(&self, _lease: &Lease) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    async fn release(&self, lease: Lease) -> Result<(), EngineError> {
+        // the record stays unfinished in the store, so the next start requeues it even if
+        // this process exits before another worker takes the job
+        self.queue
+            .lock()
+            .expect("queue lock is never poisoned")
+            .push_front(lease.job);
+        self.queued.notify_one();
+        Ok(())
+    }
+
+    async fn lock_project(&self, lease: &Lease) -> Result<Option<ProjectLock>, EngineError> {
+        let mut locks = self.locks.lock().expect("lock table is never poisoned");
+        if locks.held.contains_key(&lease.job.project_id) {
+            return Ok(None);
+        }
+        let fence = next_fence(locks.last_fence);
+        locks.last_fence = fence;
+        locks.held.insert(lease.job.project_id.clone(), fence);
+        Ok(Some(ProjectLock {
+            project_id: lease.job.project_id.clone(),
+            fence,
+        }))
+    }
+
+    async fn heartbeat(&self, _lease: &Lease, lock: &ProjectLock) -> Result<bool, EngineError> {
+        Ok(self.holds(lock))
+    }
+
+    async fn unlock_project(&self, lock: &ProjectLock) -> Result<(), EngineError> {
+        let mut locks = self.locks.lock().expect("lock table is never poisoned");
+        if locks.held.get(&lock.project_id) == Some(&lock.fence) {
+            locks.held.remove(&lock.project_id);
+        }
+        Ok(())
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        // in one process a lock cannot be lost; the heartbeat only confirms it
+        Duration::from_secs(5)
+    }
+}
+
+impl EmbeddedEngine {
+    pub(super) fn holds(&self, lock: &ProjectLock) -> bool {
+        let locks = self.locks.lock().expect("lock table is never poisoned");
+        locks.held.get(&lock.project_id) == Some(&lock.fence)
+    }
+}
+
+impl EmbeddedEngine {
+    /// Puts syncs that were queued or running when the engine last stopped back on the
+    /// queue, so a restart loses no requested work. Returns how many.
+    pub async fn requeue_unfinished(&self) -> Result<usize, EngineError> {
+        let unfinished = self.unfinished_syncs().await?;
+        let count = unfinished.len();
+        for (mut record, owner) in unfinished {
+            record.status = SyncStatus::Queued;
+            record.progress = None;
+            self.put_sync(&record, None).await?;
+            self.enqueue(Job {
+                sync_id: record.sync_id.clone(),
+                project_id: record.project_id.clone(),
+                owner,
+            })
+            .await?;
+        }
+        Ok(count)
+    }
+
+    /// Syncs that were queued or running when the engine last stopped, with their owner.
+    async fn unfinished_syncs(&self) -> Result<Vec<(SyncRecord, String)>, EngineError> {
+        self.blocking(|db| {
+            let tx = db.begin_read().map_err(redb::Error::from)?;
+            let projects = tx.open_table(PROJECTS).map_err(redb::Error::from)?;
+            let syncs = tx.open_table(SYNCS).map_err(redb::Error::from)?;
+            let mut out = Vec::new();
+            for entry in projects.iter().map_err(redb::Error::from)? {
+                let (_, raw) = entry.map_err(redb::Error::from)?;
+                let project: Project = read_json(raw.value())?;
+                let Some(active) = project.active_sync else {
+                    continue;
+                };
+                if let Some(raw) = syncs.get(active.as_str()).map_err(redb::Error::from)? {
+                    let record: SyncRecord = read_json(raw.value())?;
+                    if !record.status.is_terminal() {
+                        out.push((record, project.owner.clone()));
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

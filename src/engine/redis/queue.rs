@@ -1,0 +1,220 @@
+//! The job queue on a Redis Stream with a consumer group, and the per-project mirror
+//! locks with fencing tokens.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use redis::streams::{StreamAutoClaimReply, StreamReadReply};
+use tokio_util::sync::CancellationToken;
+
+use super::{GROUP, READ_BLOCK, RedisEngine};
+use crate::engine::{EngineError, JobQueue, Lease, ProjectLock};
+use crate::protocol::Job;
+
+#[async_trait]
+impl JobQueue for RedisEngine {
+    async fn enqueue(&self, job: Job) -> Result<(), EngineError> {
+        let json = serde_json::to_string(&job)?;
+        let mut conn = self.conn().await?;
+        conn.xadd::<_, _, _, _, ()>(self.keys.jobs(), "*", &[("job", json)])
+            .await?;
+        Ok(())
+    }
+
+    async fn take(&self, shutdown: &CancellationToken) -> Result<Option<Lease>, EngineError> {
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(None);
+            }
+            let mut conn = self.conn().await?;
+            // first, jobs whose worker stopped heartbeating
+            let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(self.keys.jobs())
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg(self.lock_ttl_ms())
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut *conn)
+                .await?;
+            if let Some(entry) = claimed.claimed.into_iter().next() {
+                match job_of(&entry) {
+                    Some(job) => {
+                        let deliveries = self.deliveries(&mut conn, &entry.id).await?;
+                        tracing::warn!(sync_id = %job.sync_id, entry = %entry.id, deliveries, "took over a job whose worker stopped heartbeating");
+                        return Ok(Some(Lease {
+                            job,
+                            token: entry.id,
+                            deliveries,
+                        }));
+                    }
+                    None => {
+                        self.drop_entry(&mut conn, &entry.id).await?;
+                        continue;
+                    }
+                }
+            }
+            let mut read_cmd = redis::cmd("XREADGROUP");
+            read_cmd
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(1)
+                .arg("BLOCK")
+                .arg(READ_BLOCK.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(self.keys.jobs())
+                .arg(">");
+            let read: Result<Option<StreamReadReply>, redis::RedisError> = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                read = read_cmd.query_async(&mut *conn) => read,
+            };
+            let read = match read {
+                Ok(read) => read,
+                Err(err) if err.code() == Some("NOGROUP") => {
+                    // Redis lost its data (restarted without persistence): start over
+                    drop(conn);
+                    self.ensure_group().await?;
+                    continue;
+                }
+                Err(err) => return Err(err.into()),
+            };
+            let Some(entry) = read
+                .and_then(|reply| reply.keys.into_iter().next())
+                .and_then(|key| key.ids.into_iter().next())
+            else {
+                continue;
+            };
+            match job_of(&entry) {
+                Some(job) => {
+                    return Ok(Some(Lease {
+                        job,
+                        token: entry.id,
+                        deliveries: 1,
+                    }));
+                }
+                None => {
+                    tracing::warn!(entry = %entry.id, "dropping an unreadable job");
+                    self.drop_entry(&mut conn, &entry.id).await?;
+                }
+            }
+        }
+    }
+
+    async fn complete(&self, lease: &Lease) -> Result<(), EngineError> {
+        let mut conn = self.conn().await?;
+        self.drop_entry(&mut conn, &lease.token).await
+    }
+
+    async fn release(&self, lease: Lease) -> Result<(), EngineError> {
+        let json = serde_json::to_string(&lease.job)?;
+        let mut conn = self.conn().await?;
+        redis::pipe()
+            .atomic()
+            .xadd(self.keys.jobs(), "*", &[("job", json)])
+            .ignore()
+            .xack(self.keys.jobs(), GROUP, &[&lease.token])
+            .ignore()
+            .xdel(self.keys.jobs(), &[&lease.token])
+            .ignore()
+            .query_async::<()>(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn lock_project(&self, lease: &Lease) -> Result<Option<ProjectLock>, EngineError> {
+        let project = &lease.job.project_id;
+        let mut conn = self.conn().await?;
+        let fence: Option<String> = self
+            .scripts
+            .lock
+            .key(self.keys.lock(project))
+            .key(self.keys.fence(project))
+            .arg(self.lock_ttl_ms())
+            .invoke_async(&mut *conn)
+            .await?;
+        Ok(fence
+            .and_then(|fence| fence.parse().ok())
+            .map(|fence| ProjectLock {
+                project_id: project.clone(),
+                fence,
+            }))
+    }
+
+    async fn heartbeat(&self, lease: &Lease, lock: &ProjectLock) -> Result<bool, EngineError> {
+        let mut conn = self.conn().await?;
+        let held: i64 = self
+            .scripts
+            .heartbeat
+            .key(self.keys.lock(&lock.project_id))
+            .key(self.keys.jobs())
+            .arg(lock.fence.to_string())
+            .arg(self.lock_ttl_ms())
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(&lease.token)
+            .invoke_async(&mut *conn)
+            .await?;
+        Ok(held == 1)
+    }
+
+    async fn unlock_project(&self, lock: &ProjectLock) -> Result<(), EngineError> {
+        let mut conn = self.conn().await?;
+        self.scripts
+            .unlock
+            .key(self.keys.lock(&lock.project_id))
+            .arg(lock.fence.to_string())
+            .invoke_async::<i64>(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        (self.settings.reclaim_after / 4).max(Duration::from_millis(25))
+    }
+}
+
+impl RedisEngine {
+    /// How many times the group has delivered entry `id` (XPENDING's counter).
+    async fn deliveries(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        id: &str,
+    ) -> Result<u32, EngineError> {
+        let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(self.keys.jobs())
+            .arg(GROUP)
+            .arg(id)
+            .arg(id)
+            .arg(1)
+            .query_async(&mut **conn)
+            .await?;
+        Ok(pending.first().map_or(1, |(_, _, _, count)| {
+            (*count).min(u64::from(u32::MAX)) as u32
+        }))
+    }
+
+    async fn drop_entry(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        id: &str,
+    ) -> Result<(), EngineError> {
+        redis::pipe()
+            .atomic()
+            .xack(self.keys.jobs(), GROUP, &[id])
+            .ignore()
+            .xdel(self.keys.jobs(), &[id])
+            .ignore()
+            .query_async::<()>(&mut **conn)
+            .await?;
+        Ok(())
+    }
+}
+
+fn job_of(entry: &redis::streams::StreamId) -> Option<Job> {
+    let raw: String = entry.get("job")?;
+    serde_json::from_str(&raw).ok()
+}

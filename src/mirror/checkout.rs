@@ -1,0 +1,277 @@
+//! Writing one commit into a fresh snapshot directory: gix's checkout, with files
+//! unchanged since the previous snapshot hard-linked instead of written, and git's stat
+//! test to tell whether a snapshot is still exactly what was written.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use gix::bstr::ByteSlice;
+use gix::progress::tree::{Item, Root};
+
+use super::MirrorError;
+use super::progress::{CHECKOUT_BYTES, CHECKOUT_FILES};
+
+/// The previous snapshot and the index it was written with.
+pub(crate) struct Reuse<'a> {
+    pub dir: &'a Path,
+    pub index: &'a gix::index::File,
+}
+
+impl Reuse<'_> {
+    /// Whether the previous tree holds `entry` unchanged since it was written: same
+    /// blob and mode in the index, and the file still has the size and modification
+    /// time recorded then (git's stat test).
+    /// Returns the previous file and the stat it was written with.
+    fn unchanged(
+        &self,
+        path: &gix::bstr::BStr,
+        entry: &gix::index::Entry,
+    ) -> Option<(PathBuf, gix::index::entry::Stat)> {
+        let old = self.index.entry_by_path(path)?;
+        if old.id != entry.id || old.mode != entry.mode {
+            return None;
+        }
+        let file = self.dir.join(path.to_str().ok()?);
+        stat_unchanged(&file, old).then_some((file, old.stat))
+    }
+}
+
+pub(crate) fn checkout(
+    repo: &gix::Repository,
+    commit: gix::ObjectId,
+    snapshot: &Path,
+    git_dir: &Path,
+    reuse: Option<Reuse<'_>>,
+    progress: &Root,
+    interrupt: &AtomicBool,
+) -> Result<gix::index::File, MirrorError> {
+    let tree = repo
+        .find_commit(commit)
+        .map_err(|err| MirrorError::Corrupt(Box::new(err)))?
+        .tree_id()
+        .map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
+    let mut index = match repo.index_from_tree(&tree) {
+        Ok(index) => index,
+        Err(err) => {
+            // a tree that reads fine but cannot become an index has names git refuses
+            // to check out ('.git', '..' and the like): the content is hostile, the
+            // mirror is not damaged, and cloning again would not help
+            let mut recorder = gix::traverse::tree::Recorder::default();
+            let readable = repo
+                .find_tree(tree)
+                .ok()
+                .is_some_and(|root| root.traverse().breadthfirst(&mut recorder).is_ok());
+            return Err(if readable {
+                MirrorError::UnsafeTree(Box::new(err))
+            } else {
+                MirrorError::Corrupt(Box::new(err))
+            });
+        }
+    };
+    // every blob must be in the object database before anything is written: a gap
+    // means a damaged mirror, which is re-cloned rather than checked out half
+    if let Some(missing) = index
+        .entries()
+        .iter()
+        .find(|entry| entry.mode != gix::index::entry::Mode::COMMIT && !repo.has_object(entry.id))
+    {
+        return Err(MirrorError::Corrupt(
+            format!("object {} is missing from the mirror", missing.id).into(),
+        ));
+    }
+    let mut options = repo
+        .checkout_options(gix::worktree::stack::state::attributes::Source::IdMapping)
+        .map_err(|err| MirrorError::Git(Box::new(err)))?;
+    // links are written as small files holding their target, as git does with
+    // core.symlinks=false: a mirror never holds a symlink
+    options.fs.symlink = false;
+    options.destination_is_initially_empty = true;
+    options.overwrite_existing = false;
+    std::fs::create_dir_all(snapshot)?;
+    std::fs::write(
+        snapshot.join(".git"),
+        format!("gitdir: {}\n", git_dir.display()),
+    )?;
+
+    // files unchanged since the previous snapshot are hard-linked from it instead of
+    // written again (an incremental sync then costs what changed, not the whole tree);
+    // gix skips them, and they are linked in after its checkout
+    let mut linked: Vec<(PathBuf, PathBuf)> = Vec::new();
+    if let Some(reuse) = &reuse {
+        for (entry, path) in index.entries_mut_with_paths() {
+            if entry.mode == gix::index::entry::Mode::COMMIT {
+                continue;
+            }
+            let Some((old_file, stat)) = reuse.unchanged(path, entry) else {
+                continue;
+            };
+            let Ok(relative) = path.to_str() else {
+                continue;
+            };
+            entry.stat = stat;
+            entry.flags.insert(gix::index::entry::Flags::SKIP_WORKTREE);
+            linked.push((old_file, snapshot.join(relative)));
+        }
+    }
+
+    let files: Item = progress.add_child_with_id("checkout", CHECKOUT_FILES);
+    files.init(Some(index.entries().len()), None);
+    let bytes: Item = progress.add_child_with_id("written", CHECKOUT_BYTES);
+    bytes.init(None, None);
+    let objects = repo
+        .objects
+        .clone()
+        .into_arc()
+        .map_err(|err| MirrorError::Git(Box::new(err)))?;
+    let outcome = gix::worktree::state::checkout(
+        &mut index, snapshot, objects, &files, &bytes, interrupt, options,
+    )
+    .map_err(|err| {
+        if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            MirrorError::Interrupted
+        } else {
+            MirrorError::Checkout(Box::new(err))
+        }
+    })?;
+    if let Some(first) = outcome.errors.first() {
+        return Err(MirrorError::Checkout(
+            format!(
+                "{} files failed, first: {}",
+                outcome.errors.len(),
+                first.path
+            )
+            .into(),
+        ));
+    }
+    for (old_file, new_file) in &linked {
+        if let Some(parent) = new_file.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::hard_link(old_file, new_file)?;
+    }
+    for entry in index.entries_mut() {
+        entry.flags.remove(gix::index::entry::Flags::SKIP_WORKTREE);
+    }
+    Ok(index)
+}
+
+/// git's stat test: `file` is a regular file with the size and modification time
+/// `recorded` noted when it was written.
+pub(crate) fn stat_unchanged(file: &Path, recorded: &gix::index::Entry) -> bool {
+    gix::index::fs::Metadata::from_path_no_follow(file)
+        .ok()
+        .filter(|meta| meta.is_file())
+        .and_then(|meta| gix::index::entry::Stat::from_fs(&meta).ok())
+        .is_some_and(|stat| stat.size == recorded.stat.size && stat.mtime == recorded.stat.mtime)
+}
+
+/// Whether `snapshot` holds exactly the files the last checkout wrote, by git's own
+/// test: every file is in the index with the size and modification time recorded when
+/// it was written, and there is no other file. Anything planted, deleted or edited
+/// since fails it, and the sync writes a fresh snapshot.
+pub(crate) fn snapshot_is_exact(index: &gix::index::File, snapshot: &Path) -> bool {
+    let mut on_disk = 0usize;
+    let mut pending = vec![snapshot.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return false;
+        };
+        for entry in entries {
+            let Ok(entry) = entry else { return false };
+            let path = entry.path();
+            if dir == snapshot && entry.file_name() == ".git" {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                return false;
+            };
+            if meta.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            on_disk += 1;
+            let recorded = path
+                .strip_prefix(snapshot)
+                .ok()
+                .and_then(|relative| relative.to_str())
+                .and_then(|relative| index.entry_by_path(relative.into()));
+            if !recorded.is_some_and(|recorded| stat_unchanged(&path, recorded)) {
+                return false;
+            }
+        }
+    }
+    let expected = index
+        .entries()
+        .iter()
+        .filter(|entry| entry.mode != gix::index::entry::Mode::COMMIT)
+        .count();
+    on_disk == expected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let status = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .current_dir(dir)
+            .status()
+            .expect("git runs");
+        assert!(status.success(), "git {args:?}");
+    }
+
+    /// A repository with two files, and a snapshot of its head written by [`checkout`].
+    fn checked_out() -> (tempfile::TempDir, PathBuf, gix::index::File) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let origin = dir.path().join("origin");
+        std::fs::create_dir_all(origin.join("src")).expect("dirs");
+        git(&origin, &["init", "-q"]);
+        std::fs::write(origin.join("README"), "hello\n").expect("write");
+        std::fs::write(origin.join("src/lib.rs"), "fn main() {}\n").expect("write");
+        git(&origin, &["add", "."]);
+        git(&origin, &["commit", "-q", "-m", "first"]);
+        let repo = gix::open(&origin).expect("opens");
+        let commit = repo.head_id().expect("head").detach();
+        let snapshot = dir.path().join("snapshot");
+        let index = checkout(
+            &repo,
+            commit,
+            &snapshot,
+            &origin.join(".git"),
+            None,
+            &Root::new(),
+            &AtomicBool::new(false),
+        )
+        .expect("checked out");
+        (dir, snapshot, index)
+    }
+
+    #[test]
+    fn a_fresh_snapshot_is_exact() {
+        let (_dir, snapshot, index) = checked_out();
+        assert_eq!(
+            std::fs::read_to_string(snapshot.join("src/lib.rs")).expect("written"),
+            "fn main() {}\n"
+        );
+        assert!(snapshot_is_exact(&index, &snapshot));
+    }
+
+    #[test]
+    fn a_planted_file_breaks_exactness() {
+        let (_dir, snapshot, index) = checked_out();
+        std::fs::write(snapshot.join("src/planted"), "x").expect("plant");
+        assert!(!snapshot_is_exact(&index, &snapshot));
+    }
+
+    #[test]
+    fn an_edited_or_deleted_file_breaks_exactness() {
+        let (_dir, snapshot, index) = checked_out();
+        std::fs::write(snapshot.join("README"), "changed by hand\n").expect("edit");
+        assert!(!snapshot_is_exact(&index, &snapshot));
+        let (_dir, snapshot, index) = checked_out();
+        std::fs::remove_file(snapshot.join("src/lib.rs")).expect("delete");
+        assert!(!snapshot_is_exact(&index, &snapshot));
+    }
+}

@@ -1,0 +1,150 @@
+//! Fetching the tracked branch into the mirror's repository: open (or create) it,
+//! connect with the sync's credentials only, receive the pack.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use gix::progress::tree::Root;
+
+use super::error::classify_connect;
+use super::{HttpIdentity, MirrorError, SyncSpec};
+
+/// Opens the mirror's repository, or creates it; a repository that will not open is
+/// deleted and created again (`repaired`).
+pub(crate) fn open_or_init(
+    git_dir: &Path,
+    overrides: &[String],
+) -> Result<(gix::Repository, bool), MirrorError> {
+    let options =
+        || gix::open::Options::isolated().config_overrides(overrides.iter().map(String::as_str));
+    let mut repaired = false;
+    if git_dir.exists() {
+        match gix::open_opts(git_dir, options()) {
+            Ok(repo) => return Ok((repo, false)),
+            Err(_) => {
+                std::fs::remove_dir_all(git_dir)?;
+                repaired = true;
+            }
+        }
+    }
+    if let Some(parent) = git_dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    gix::init_bare(git_dir).map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
+    // not bare, so `git` run in a snapshot (whose .git points here) treats the snapshot
+    // as the work tree; there is no worktree of its own
+    let config = git_dir.join("config");
+    let text = std::fs::read_to_string(&config)?;
+    std::fs::write(
+        &config,
+        text.replace("bare = true", "bare = false") + "\tsymlinks = false\n",
+    )?;
+    let repo =
+        gix::open_opts(git_dir, options()).map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
+    Ok((repo, repaired))
+}
+
+pub(crate) fn fetch(
+    repo: &gix::Repository,
+    spec: &SyncSpec<'_>,
+    progress: &Root,
+    interrupt: &AtomicBool,
+) -> Result<(gix::ObjectId, Transfer), MirrorError> {
+    let tracking = format!("refs/remotes/origin/{}", spec.branch);
+    let refspec = format!("+refs/heads/{}:{tracking}", spec.branch);
+    let mut url = gix::url::parse(spec.url.as_bytes())
+        .map_err(|err| MirrorError::RepoNotFound(Box::new(err)))?;
+    // over http(s), the login goes through the credentials callback only: from the
+    // project's credential, else from the URL's userinfo, which is taken off the URL
+    let mut identity = spec.http_identity.clone();
+    if matches!(url.scheme, gix::url::Scheme::Http | gix::url::Scheme::Https) {
+        if identity.is_none()
+            && let (Some(user), Some(password)) = (url.user(), url.password())
+        {
+            identity = Some(HttpIdentity {
+                username: user.to_owned(),
+                password: password.to_owned(),
+            });
+        }
+        url.set_user(None);
+        url.set_password(None);
+    }
+    // an anonymous remote: the URL (and any credential in it) is never written to disk
+    let remote = repo
+        .remote_at(url)
+        .map_err(|err| MirrorError::RepoNotFound(Box::new(err)))?
+        .with_refspecs([refspec.as_str()], gix::remote::Direction::Fetch)
+        .map_err(|err| MirrorError::Git(Box::new(err)))?
+        .with_fetch_tags(gix::remote::fetch::Tags::None);
+    let mut fetch_progress = progress.add_child("fetch");
+    let connection = remote
+        .connect(gix::remote::Direction::Fetch)
+        .map_err(|err| classify_connect(Box::new(err)))?
+        // never a prompt or a configured helper: the identity above, or none
+        .with_credentials(move |action| {
+            Ok(match action {
+                gix::credentials::helper::Action::Get(context) => {
+                    identity
+                        .clone()
+                        .map(|identity| gix::credentials::protocol::Outcome {
+                            identity: gix::sec::identity::Account {
+                                username: identity.username,
+                                password: identity.password,
+                                oauth_refresh_token: None,
+                            },
+                            next: context.into(),
+                        })
+                }
+                _ => None,
+            })
+        });
+    let prepared = connection
+        .prepare_fetch(&mut fetch_progress, Default::default())
+        .map_err(|err| classify_connect(Box::new(err)))?;
+    // the server lists the refs our refspec asks for; no branch means nothing to fetch
+    let branch_ref = format!("refs/heads/{}", spec.branch);
+    let advertised = prepared.ref_map().remote_refs.iter().any(|remote_ref| {
+        let (name, _, _) = remote_ref.unpack();
+        name == branch_ref.as_bytes()
+    });
+    if !advertised {
+        return Err(MirrorError::BranchNotFound(spec.branch.to_owned()));
+    }
+    let outcome = prepared
+        .receive(&mut fetch_progress, interrupt)
+        .map_err(|err| {
+            if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+                MirrorError::Interrupted
+            } else {
+                classify_connect(Box::new(err))
+            }
+        })?;
+    let id = repo
+        .find_reference(tracking.as_str())
+        .map_err(|_| MirrorError::BranchNotFound(spec.branch.to_owned()))?
+        .peel_to_id()
+        .map_err(|err| MirrorError::Corrupt(Box::new(err)))?
+        .detach();
+    // gix drops its progress items when the transfer ends, so the totals come from
+    // what was written
+    let transfer = match &outcome.status {
+        gix::remote::fetch::Status::Change {
+            write_pack_bundle, ..
+        } => Transfer {
+            objects: u64::from(write_pack_bundle.index.num_objects),
+            bytes: write_pack_bundle
+                .data_path
+                .as_ref()
+                .and_then(|path| std::fs::metadata(path).ok())
+                .map_or(0, |meta| meta.len()),
+        },
+        gix::remote::fetch::Status::NoPackReceived { .. } => Transfer::default(),
+    };
+    Ok((id, transfer))
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Transfer {
+    pub objects: u64,
+    pub bytes: u64,
+}

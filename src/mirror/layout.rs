@@ -1,0 +1,172 @@
+//! Where a project's mirror lives under DATA_DIR, its fence file, and the one function
+//! that removes a project's mirror ([`Layout::remove`]). Also the free-space probe, so
+//! every caller (request admission, the worker before it writes) asks the same way.
+//!
+//! - `git/<id>.git` — the repository: objects and refs, fetched into; never a worktree.
+//! - `git/<id>.fence` — the newest fencing token that claimed the mirror.
+//! - `trees/<id>/<snapshot>/` — one checkout of one commit, written once, never edited;
+//!   its `.git` is a gitfile pointing at `git/<id>.git`.
+//! - `repos/<id>` — a symlink to the current snapshot, replaced by `rename(2)`, so a
+//!   reader sees the old tree or the new one and never a mix.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::MirrorError;
+use crate::domain::ProjectId;
+
+#[derive(Debug, Clone)]
+pub struct Layout {
+    data_dir: PathBuf,
+}
+
+impl Layout {
+    /// `data_dir` should be absolute: gitfiles in snapshots point at it.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self { data_dir }
+    }
+
+    pub fn git_dir(&self, project: &ProjectId) -> PathBuf {
+        self.data_dir.join("git").join(format!("{project}.git"))
+    }
+
+    pub fn trees_dir(&self, project: &ProjectId) -> PathBuf {
+        self.data_dir.join("trees").join(project.as_str())
+    }
+
+    /// The path builds and readers use: `DATA_DIR/repos/<id>`.
+    pub fn worktree(&self, project: &ProjectId) -> PathBuf {
+        self.data_dir.join("repos").join(project.as_str())
+    }
+
+    /// The newest fencing token that claimed this mirror (beside the repository, so a
+    /// re-clone keeps it).
+    pub fn fence_file(&self, project: &ProjectId) -> PathBuf {
+        self.data_dir.join("git").join(format!("{project}.fence"))
+    }
+
+    /// Projects that have a mirror repository on disk.
+    pub fn mirrored_projects(&self) -> Vec<ProjectId> {
+        let Ok(entries) = std::fs::read_dir(self.data_dir.join("git")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name();
+                ProjectId::parse(name.to_str()?.strip_suffix(".git")?)
+            })
+            .collect()
+    }
+
+    /// Removes everything of a deleted project.
+    pub fn remove(&self, project: &ProjectId) -> std::io::Result<()> {
+        remove_if_exists(&self.worktree(project))?;
+        remove_if_exists(&self.trees_dir(project))?;
+        remove_if_exists(&self.git_dir(project))?;
+        remove_if_exists(&self.fence_file(project))
+    }
+}
+
+fn read_fence(path: &Path) -> Result<u64, MirrorError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.trim().parse().unwrap_or(0)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(err) => Err(MirrorError::Io(err)),
+    }
+}
+
+/// Records `fence` as the mirror's owner, unless a newer lock holder already did: then
+/// this worker's lock has expired and the mirror is someone else's.
+pub(crate) fn claim_fence(path: &Path, fence: u64) -> Result<(), MirrorError> {
+    if read_fence(path)? > fence {
+        return Err(MirrorError::Fenced);
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let temporary = path.with_extension(format!("fence.{}", unique_suffix()));
+    std::fs::write(&temporary, fence.to_string())?;
+    std::fs::rename(&temporary, path)?;
+    Ok(())
+}
+
+/// Before anything a reader sees changes: is the mirror still ours?
+pub(crate) fn check_fence(path: &Path, fence: u64) -> Result<(), MirrorError> {
+    if read_fence(path)? != fence {
+        return Err(MirrorError::Fenced);
+    }
+    Ok(())
+}
+
+pub(crate) fn remove_if_exists(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+pub(crate) fn unique_suffix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{nanos:x}")
+}
+
+/// Free bytes on the volume holding `path` (`None` when it cannot be told).
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(path).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fence_older_than_the_recorded_one_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fence = dir.path().join("p.fence");
+        assert!(
+            check_fence(&fence, 5).is_err(),
+            "an unclaimed mirror is no one's"
+        );
+        claim_fence(&fence, 5).expect("first claim");
+        check_fence(&fence, 5).expect("still ours");
+        assert!(matches!(claim_fence(&fence, 4), Err(MirrorError::Fenced)));
+        claim_fence(&fence, 6).expect("a newer lock takes over");
+        assert!(matches!(check_fence(&fence, 5), Err(MirrorError::Fenced)));
+    }
+
+    #[test]
+    fn remove_takes_every_path_of_the_project_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let layout = Layout::new(dir.path().to_path_buf());
+        let doomed = ProjectId::generate();
+        let kept = ProjectId::generate();
+        for id in [&doomed, &kept] {
+            std::fs::create_dir_all(layout.git_dir(id)).expect("git dir");
+            std::fs::create_dir_all(layout.trees_dir(id).join("snap")).expect("trees");
+            std::fs::create_dir_all(dir.path().join("repos")).expect("repos");
+            std::os::unix::fs::symlink(layout.trees_dir(id).join("snap"), layout.worktree(id))
+                .expect("link");
+            std::fs::write(layout.fence_file(id), "1").expect("fence");
+        }
+        assert_eq!(layout.mirrored_projects().len(), 2);
+        layout.remove(&doomed).expect("removed");
+        layout.remove(&doomed).expect("removing twice is fine");
+        for path in [
+            layout.git_dir(&doomed),
+            layout.trees_dir(&doomed),
+            layout.worktree(&doomed),
+            layout.fence_file(&doomed),
+        ] {
+            assert!(std::fs::symlink_metadata(&path).is_err(), "{path:?} left");
+        }
+        assert_eq!(layout.mirrored_projects(), vec![kept.clone()]);
+        assert!(layout.worktree(&kept).is_dir());
+    }
+}

@@ -1,0 +1,214 @@
+//! One attempt of a sync: the mirror sync on the blocking pool, watched by a select
+//! loop that samples progress into stage events, enforces the timeout and hands the
+//! job back on shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Worker;
+use super::credentials::{SshFiles, SshRefusal, http_identity, ssh_setup};
+use super::job::JobCtx;
+use crate::domain::ProjectId;
+use crate::engine::{EngineError, Project};
+use crate::mirror::{self, Counters, MirrorError, Phase, SyncOutcome, SyncSpec};
+use crate::protocol::{Progress, SyncRecord, SyncStatus};
+
+/// How long an interrupted sync may take to notice before it is left behind.
+const ABANDON_AFTER_INTERRUPT: Duration = Duration::from_secs(5);
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How often gix's counters are sampled into a progress event while a sync runs.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+pub(super) enum AttemptEnd {
+    Done(SyncOutcome),
+    Failed(MirrorError),
+    Released,
+}
+
+pub(super) fn status_of(phase: Phase) -> SyncStatus {
+    match phase {
+        Phase::Fetching => SyncStatus::Running,
+        Phase::UpdatingFiles => SyncStatus::UpdatingFiles,
+        Phase::Cleaning => SyncStatus::Cleaning,
+        Phase::Finalizing => SyncStatus::Finalizing,
+    }
+}
+
+impl From<Counters> for Progress {
+    fn from(counters: Counters) -> Self {
+        Progress {
+            percent: counters.percent,
+            objects: counters.objects,
+            bytes: counters.bytes,
+        }
+    }
+}
+
+impl Worker {
+    /// One run of the mirror sync, with progress sampling, the timeout and shutdown.
+    pub(super) async fn attempt(
+        &self,
+        project: &Project,
+        project_id: &ProjectId,
+        record: &mut SyncRecord,
+        ctx: &JobCtx<'_>,
+        shutdown: &CancellationToken,
+    ) -> Result<AttemptEnd, EngineError> {
+        // the key file lives until this attempt ends, then is deleted
+        let (ssh_command, ssh_files) = match ssh_setup(project, &self.settings) {
+            Ok(setup) => setup,
+            Err(err) => return Ok(AttemptEnd::Failed(err)),
+        };
+        let http_identity = match http_identity(project, &self.settings) {
+            Ok(identity) => identity,
+            Err(err) => return Ok(AttemptEnd::Failed(err)),
+        };
+        let https_ca_file = self.settings.https_ca_file.clone();
+        let root = gix::progress::tree::Root::new();
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let fence = ctx.lock.fence;
+        let (phase_tx, mut phase_rx) = mpsc::unbounded_channel::<Phase>();
+        let handle = {
+            let layout = self.layout.clone();
+            let root = Arc::clone(&root);
+            let interrupt = Arc::clone(&interrupt);
+            let project_id = project_id.clone();
+            let url = project.repo_url.clone();
+            let branch = project.branch.clone();
+            tokio::task::spawn_blocking(move || {
+                let spec = SyncSpec {
+                    project: &project_id,
+                    url: &url,
+                    branch: &branch,
+                    ssh_command,
+                    http_identity,
+                    https_ca_file,
+                    fence,
+                };
+                let on_phase = move |phase: Phase| {
+                    let _ = phase_tx.send(phase);
+                };
+                mirror::sync(&layout, &spec, &root, &interrupt, &on_phase)
+            })
+        };
+        tokio::pin!(handle);
+        let deadline = tokio::time::sleep(self.settings.sync_timeout);
+        tokio::pin!(deadline);
+        let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut phase = Phase::Fetching;
+        let mut last_sent = record.progress.unwrap_or_default();
+        let mut released = false;
+        let mut timed_out = false;
+        let mut abandon_at: Option<tokio::time::Instant> = None;
+        let result = loop {
+            tokio::select! {
+                biased;
+                Some(next) = phase_rx.recv() => {
+                    phase = next;
+                    let status = status_of(phase);
+                    if status != record.status {
+                        let progress = Progress::from(mirror::sample_progress(&root, phase));
+                        last_sent = progress;
+                        self.stage(record, ctx, status, Some(progress)).await?;
+                    }
+                }
+                joined = &mut handle => break joined,
+                _ = ticker.tick() => {
+                    let progress = Progress::from(mirror::sample_progress(&root, phase));
+                    if progress != last_sent {
+                        last_sent = progress;
+                        self.stage(record, ctx, record.status, Some(progress)).await?;
+                    }
+                }
+                _ = &mut deadline, if !interrupt.load(Ordering::Relaxed) => {
+                    interrupt.store(true, Ordering::Relaxed);
+                    timed_out = true;
+                    // gix stops at its next check of the flag; a transfer stuck in a
+                    // read may never get there, so it gets a grace period, then the
+                    // sync fails without it (the flag keeps it from ever swapping)
+                    abandon_at = Some(tokio::time::Instant::now() + ABANDON_AFTER_INTERRUPT);
+                }
+                _ = sleep_until_opt(abandon_at) => {
+                    tracing::warn!("the sync did not stop after its interrupt; abandoning it");
+                    return Ok(if released { AttemptEnd::Released } else { AttemptEnd::Failed(MirrorError::Interrupted) });
+                }
+                _ = shutdown.cancelled(), if !released => {
+                    released = true;
+                    interrupt.store(true, Ordering::Relaxed);
+                    abandon_at = Some(tokio::time::Instant::now() + ABANDON_AFTER_INTERRUPT);
+                }
+            }
+        };
+        // phases the sync passed through in the last moments before it returned
+        while let Ok(next) = phase_rx.try_recv() {
+            phase = next;
+            let status = status_of(phase);
+            if status != record.status {
+                let progress = Progress::from(mirror::sample_progress(&root, phase));
+                self.stage(record, ctx, status, Some(progress)).await?;
+            }
+        }
+        let result = result?;
+        if released {
+            // finished before the interrupt took hold: keep the work
+            return Ok(match result {
+                Ok(outcome) => AttemptEnd::Done(outcome),
+                Err(_) => AttemptEnd::Released,
+            });
+        }
+        Ok(match result {
+            Ok(outcome) => AttemptEnd::Done(outcome),
+            Err(_) if timed_out => AttemptEnd::Failed(MirrorError::Interrupted),
+            // ssh writes its diagnostics to our log instead of stderr, so gix cannot
+            // classify them; the log does
+            Err(MirrorError::Network(cause)) => match ssh_files.as_ref().map(SshFiles::refusal) {
+                Some(Some(SshRefusal::HostKey)) => AttemptEnd::Failed(MirrorError::HostKeyRejected),
+                Some(Some(SshRefusal::Credentials)) => {
+                    AttemptEnd::Failed(MirrorError::AuthFailed(cause))
+                }
+                _ => AttemptEnd::Failed(MirrorError::Network(cause)),
+            },
+            Err(err) => AttemptEnd::Failed(err),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_map_to_contract_stages_in_order() {
+        let stages: Vec<_> = [
+            Phase::Fetching,
+            Phase::UpdatingFiles,
+            Phase::Cleaning,
+            Phase::Finalizing,
+        ]
+        .into_iter()
+        .map(status_of)
+        .collect();
+        assert_eq!(
+            stages,
+            vec![
+                SyncStatus::Running,
+                SyncStatus::UpdatingFiles,
+                SyncStatus::Cleaning,
+                SyncStatus::Finalizing
+            ],
+            "the contract's forward order of stages"
+        );
+    }
+}

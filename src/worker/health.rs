@@ -1,0 +1,92 @@
+//! Periodic health checks of every mirror on disk (a damaged one is re-synced unasked),
+//! and removal of a project's mirror under its project lock — the one way the delete
+//! handler, a worker and the health check take a mirror off the disk.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::ProjectId;
+use crate::engine::{Engine, EngineError, Lease};
+use crate::error::error_chain;
+use crate::mirror::{self, Layout};
+
+/// Every `every`, until `stop`: inspects each mirror on disk and starts a sync of any
+/// that is damaged (the sync re-clones it and tells the owner `repo_mirror_repaired`),
+/// so a broken mirror is found before a client reads from it, not only before the next
+/// requested sync. Several processes may run this: the syncs they start coalesce.
+pub async fn run_health_checks(
+    engine: Engine,
+    layout: Layout,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        for project_id in layout.mirrored_projects() {
+            let project = match engine.store.project(&project_id).await {
+                Ok(Some(project)) => project,
+                Ok(None) => {
+                    // its delete raced a process that died before it could clean up
+                    tracing::info!(%project_id, "removing the mirror of a deleted project");
+                    if let Err(err) = remove_mirror(&engine, &layout, project_id).await {
+                        tracing::warn!(error = %error_chain(&err), "could not remove an orphaned mirror");
+                    }
+                    continue;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %error_chain(&err), "health check cannot read projects; next round");
+                    break;
+                }
+            };
+            if project.active_sync.is_some() {
+                // a sync is on it already, and checks it before work
+                continue;
+            }
+            let inspected = {
+                let layout = layout.clone();
+                let id = project_id.clone();
+                let branch = project.branch.clone();
+                tokio::task::spawn_blocking(move || mirror::inspect(&layout, &id, &branch)).await
+            };
+            let Ok(Err(problem)) = inspected else {
+                continue;
+            };
+            tracing::warn!(%project_id, %problem, "health check found a damaged mirror; syncing it");
+            if let Err(err) = engine.start_sync(&project).await {
+                tracing::warn!(error = %error_chain(&err), "could not start a repair sync");
+            }
+        }
+    }
+}
+
+/// Removes the mirror of a deleted project under its project lock. While a worker holds
+/// the lock this does nothing and returns `false`: that worker removes the mirror when
+/// its job ends and finds the project gone.
+pub async fn remove_mirror(
+    engine: &Engine,
+    layout: &Layout,
+    project_id: ProjectId,
+) -> Result<bool, EngineError> {
+    let lease = Lease::maintenance(project_id.as_str());
+    let Some(lock) = engine.queue.lock_project(&lease).await? else {
+        return Ok(false);
+    };
+    remove_files(layout, project_id).await;
+    engine.queue.unlock_project(&lock).await?;
+    Ok(true)
+}
+
+/// Removes a project's files by [`Layout::remove`], on the blocking pool; the caller
+/// holds the project lock. A failure leaves only disk space behind, so it is logged.
+pub(super) async fn remove_files(layout: &Layout, project_id: ProjectId) {
+    let layout = layout.clone();
+    let id = project_id.clone();
+    let removed = tokio::task::spawn_blocking(move || layout.remove(&id)).await;
+    if let Ok(Err(err)) = removed {
+        tracing::warn!(%project_id, error = %err, "could not remove the mirror");
+    }
+}

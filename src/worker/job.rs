@@ -1,0 +1,383 @@
+//! One job from start to end: the sync's record moves through its stages, each stored
+//! before it is announced; the end is `completed` or `failed` plus the owner's
+//! notification. Engine writes that matter are retried while the engine is down.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::attempt::AttemptEnd;
+use super::retry::{JobAttempts, RetryPolicy, retry_loop};
+use super::{JobEnd, Worker};
+use crate::backoff::Backoff;
+use crate::domain::{ProjectId, RepoUrl, SyncId, format_rfc3339, millis_between, now_rfc3339};
+use crate::engine::{EngineError, Lease, Project, ProjectLock};
+use crate::error::error_chain;
+use crate::mirror::{MirrorError, SyncOutcome};
+use crate::protocol::{
+    EventBody, NotificationKind, Progress, RetryWait, SyncError, SyncErrorCode, SyncRecord,
+    SyncStatus,
+};
+
+/// Who a running job reports to, and the lock its writes are fenced with.
+pub(super) struct JobCtx<'a> {
+    pub owner: &'a str,
+    pub lock: &'a ProjectLock,
+}
+
+/// How long a worker keeps retrying a write the engine refused (Redis down), before
+/// it leaves the job to be taken over.
+const ENGINE_WRITE_PATIENCE: Duration = Duration::from_secs(300);
+
+impl Worker {
+    pub(super) async fn run_job(
+        &self,
+        lease: &Lease,
+        lock: &ProjectLock,
+        interrupt: &CancellationToken,
+    ) -> Result<JobEnd, EngineError> {
+        let job = &lease.job;
+        let ctx = JobCtx {
+            owner: &job.owner,
+            lock,
+        };
+        let (Some(sync_id), Some(project_id)) = (
+            SyncId::parse(&job.sync_id),
+            ProjectId::parse(&job.project_id),
+        ) else {
+            tracing::warn!(sync_id = %job.sync_id, "dropping a job with malformed ids");
+            return Ok(JobEnd::Finished);
+        };
+        let Some(mut record) = self.engine.store.sync(&sync_id).await? else {
+            return Ok(JobEnd::Finished);
+        };
+        if record.status.is_terminal() {
+            return Ok(JobEnd::Finished);
+        }
+        if lease.deliveries > crate::engine::MAX_DELIVERIES {
+            tracing::error!(sync_id = %job.sync_id, deliveries = lease.deliveries, "a job that stopped every worker that ran it; failing it");
+            self.fail(
+                &mut record,
+                &ctx,
+                SyncErrorCode::BackendError,
+                &format!(
+                    "the sync stopped {} workers in a row (crashed or killed) and was not tried again",
+                    lease.deliveries - 1
+                ),
+            )
+            .await?;
+            return Ok(JobEnd::Finished);
+        }
+        let Some(project) = self.engine.store.project(&project_id).await? else {
+            self.fail(
+                &mut record,
+                &ctx,
+                SyncErrorCode::BackendError,
+                "the project was deleted",
+            )
+            .await?;
+            return Ok(JobEnd::Finished);
+        };
+        record.started_at.get_or_insert_with(now_rfc3339);
+
+        let policy = RetryPolicy {
+            base: self.settings.retry_base,
+            max: self.settings.retry_max,
+        };
+        let mut runs = JobAttempts {
+            worker: self,
+            record: &mut record,
+            ctx: &ctx,
+            project: &project,
+            project_id: &project_id,
+            interrupt,
+        };
+        let (end, attempts) = retry_loop(&mut runs, policy, interrupt).await?;
+        match end {
+            AttemptEnd::Done(outcome) => {
+                self.complete(&mut record, &ctx, outcome).await?;
+                Ok(JobEnd::Finished)
+            }
+            AttemptEnd::Released => {
+                record.status = SyncStatus::Queued;
+                record.progress = None;
+                self.engine.store.put_sync(&record, Some(lock)).await?;
+                Ok(JobEnd::Released)
+            }
+            AttemptEnd::Failed(err) => {
+                tracing::warn!(attempt = attempts, code = error_code(&err).as_str(), error = %scrub(&project, &error_chain(&err)), "sync failed");
+                self.fail(&mut record, &ctx, error_code(&err), &err.to_string())
+                    .await?;
+                Ok(JobEnd::Finished)
+            }
+        }
+    }
+
+    pub(super) async fn stage(
+        &self,
+        record: &mut SyncRecord,
+        ctx: &JobCtx<'_>,
+        status: SyncStatus,
+        progress: Option<Progress>,
+    ) -> Result<(), EngineError> {
+        record.status = status;
+        record.progress = progress;
+        self.store_and_publish(record, ctx, None).await
+    }
+
+    /// Tells clients an attempt failed and when the next one starts, so a waiting
+    /// progress bar explains itself.
+    pub(super) async fn announce_retry(
+        &self,
+        record: &mut SyncRecord,
+        ctx: &JobCtx<'_>,
+        attempt: u32,
+        wait: Duration,
+        err: &MirrorError,
+    ) -> Result<(), EngineError> {
+        let error = SyncError {
+            code: error_code(err),
+            message: err.to_string(),
+        };
+        let retry_at = format_rfc3339(time::OffsetDateTime::now_utc() + wait);
+        record.status = SyncStatus::Running;
+        record.progress = None;
+        record.error = Some(error.clone());
+        self.store_and_publish(
+            record,
+            ctx,
+            Some(RetryWait {
+                attempt,
+                retry_at,
+                error,
+            }),
+        )
+        .await
+    }
+
+    /// Stores the record's state, then tells the owner's clients about it: the record is
+    /// on disk before anyone hears of it.
+    async fn store_and_publish(
+        &self,
+        record: &SyncRecord,
+        ctx: &JobCtx<'_>,
+        retry: Option<RetryWait>,
+    ) -> Result<(), EngineError> {
+        let body = EventBody::SyncStage {
+            sync_id: record.sync_id.clone(),
+            project_id: record.project_id.clone(),
+            stage: record.status,
+            progress: record.progress,
+            at: now_rfc3339(),
+            retry,
+        };
+        // a lost progress tick is made good by the next one; a stage change is not
+        let essential = !body.is_progress_only();
+        let stored = self
+            .persist(essential, || {
+                self.engine.store.put_sync(record, Some(ctx.lock))
+            })
+            .await?;
+        if stored {
+            self.persist(essential, || {
+                self.engine.events.publish(ctx.owner, body.clone())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs an engine write. An essential one is retried with backoff while the engine
+    /// is unreachable (a Redis restart must not fail a sync that is otherwise fine);
+    /// a lost lock ends the retries at once. Returns whether the write happened.
+    async fn persist<T, F, Fut>(&self, essential: bool, write: F) -> Result<bool, EngineError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, EngineError>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+        loop {
+            match write().await {
+                Ok(_) => return Ok(true),
+                Err(EngineError::Fenced) => return Err(EngineError::Fenced),
+                Err(err) if !essential => {
+                    tracing::debug!(error = %error_chain(&err), "skipping a progress update the engine refused");
+                    return Ok(false);
+                }
+                Err(err) if started.elapsed() >= ENGINE_WRITE_PATIENCE => return Err(err),
+                Err(err) => {
+                    let wait = backoff.next_wait();
+                    tracing::warn!(error = %error_chain(&err), retry_in_ms = wait.as_millis() as u64, "engine write failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        record: &mut SyncRecord,
+        ctx: &JobCtx<'_>,
+        outcome: SyncOutcome,
+    ) -> Result<(), EngineError> {
+        stop_clock(record);
+        record.commit = Some(outcome.commit.clone());
+        record.previous_commit = outcome.previous_commit.clone();
+        let mut progress = record.progress.unwrap_or_default();
+        progress.percent = 100;
+        progress.objects = progress.objects.max(outcome.objects);
+        progress.bytes = progress.bytes.max(outcome.bytes);
+        if outcome.repaired {
+            self.notify(ctx, record, NotificationKind::RepoMirrorRepaired)
+                .await?;
+        }
+        // the record is final on disk before anyone hears the sync completed
+        self.stage(record, ctx, SyncStatus::Completed, Some(progress))
+            .await?;
+        self.notify(ctx, record, NotificationKind::RepoSyncSuccess)
+            .await?;
+        tracing::info!(
+            sync_id = %record.sync_id,
+            commit = %outcome.commit,
+            duration_ms = record.duration_ms.unwrap_or_default(),
+            "sync completed"
+        );
+        Ok(())
+    }
+
+    async fn fail(
+        &self,
+        record: &mut SyncRecord,
+        ctx: &JobCtx<'_>,
+        code: SyncErrorCode,
+        message: &str,
+    ) -> Result<(), EngineError> {
+        stop_clock(record);
+        record.error = Some(SyncError {
+            code,
+            message: message.to_owned(),
+        });
+        let progress = record.progress;
+        self.stage(record, ctx, SyncStatus::Failed, progress)
+            .await?;
+        self.notify(ctx, record, NotificationKind::RepoSyncFailed)
+            .await
+    }
+
+    async fn notify(
+        &self,
+        ctx: &JobCtx<'_>,
+        record: &SyncRecord,
+        kind: NotificationKind,
+    ) -> Result<(), EngineError> {
+        let body = EventBody::Notification {
+            kind,
+            sync_id: record.sync_id.clone(),
+            project_id: record.project_id.clone(),
+            commit: record.commit.clone(),
+            error: record.error.clone(),
+            at: now_rfc3339(),
+        };
+        self.persist(true, || self.engine.events.publish(ctx.owner, body.clone()))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Marks the end of a sync: when, and how long it took since it started.
+fn stop_clock(record: &mut SyncRecord) {
+    let finished_at = now_rfc3339();
+    record.duration_ms = record
+        .started_at
+        .as_deref()
+        .and_then(|start| millis_between(start, &finished_at));
+    record.finished_at = Some(finished_at);
+}
+
+/// The wire's code for a failed sync (API.md "Sync failures").
+pub(super) fn error_code(err: &MirrorError) -> SyncErrorCode {
+    if err.is_out_of_space() {
+        return SyncErrorCode::StorageFull;
+    }
+    match err {
+        MirrorError::RepoNotFound(_) | MirrorError::BranchNotFound(_) => {
+            SyncErrorCode::RepoNotFound
+        }
+        MirrorError::AuthFailed(_)
+        | MirrorError::CredentialMissing(_)
+        | MirrorError::HostKeyRejected => SyncErrorCode::RepoAuthFailed,
+        MirrorError::Network(_) => SyncErrorCode::NetworkError,
+        MirrorError::Corrupt(_) => SyncErrorCode::MirrorCorrupt,
+        MirrorError::Interrupted => SyncErrorCode::Timeout,
+        MirrorError::Io(_)
+        | MirrorError::Checkout(_)
+        | MirrorError::Git(_)
+        | MirrorError::UnsafeTree(_)
+        | MirrorError::Fenced
+        | MirrorError::Unsupported(_) => SyncErrorCode::BackendError,
+    }
+}
+
+/// A log line about `project` with its URL's credentials removed: errors of the git
+/// layer may quote the URL they were given.
+pub(super) fn scrub(project: &Project, text: &str) -> String {
+    match RepoUrl::from_stored(project.repo_url.clone()) {
+        Ok(url) => url.scrub(text),
+        Err(_) => "<error text withheld: the repo URL could not be parsed to scrub it>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_errors_map_to_the_contract_codes() {
+        let io =
+            |kind| Box::new(std::io::Error::from(kind)) as Box<dyn std::error::Error + Send + Sync>;
+        let table = [
+            (
+                MirrorError::RepoNotFound(io(std::io::ErrorKind::NotFound)),
+                SyncErrorCode::RepoNotFound,
+            ),
+            (
+                MirrorError::BranchNotFound("main".into()),
+                SyncErrorCode::RepoNotFound,
+            ),
+            (
+                MirrorError::AuthFailed(io(std::io::ErrorKind::PermissionDenied)),
+                SyncErrorCode::RepoAuthFailed,
+            ),
+            (MirrorError::HostKeyRejected, SyncErrorCode::RepoAuthFailed),
+            (
+                MirrorError::CredentialMissing("x".into()),
+                SyncErrorCode::RepoAuthFailed,
+            ),
+            (
+                MirrorError::Network(io(std::io::ErrorKind::ConnectionReset)),
+                SyncErrorCode::NetworkError,
+            ),
+            (
+                MirrorError::Corrupt("x".into()),
+                SyncErrorCode::MirrorCorrupt,
+            ),
+            (MirrorError::Interrupted, SyncErrorCode::Timeout),
+            (
+                MirrorError::UnsafeTree("x".into()),
+                SyncErrorCode::BackendError,
+            ),
+            (
+                MirrorError::Io(std::io::Error::from_raw_os_error(28)),
+                SyncErrorCode::StorageFull,
+            ),
+            (
+                MirrorError::Checkout(io(std::io::ErrorKind::StorageFull)),
+                SyncErrorCode::StorageFull,
+            ),
+        ];
+        for (err, code) in table {
+            assert_eq!(error_code(&err), code, "{err}");
+        }
+    }
+}

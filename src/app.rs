@@ -275,10 +275,12 @@ fn worker_settings(config: &Config) -> WorkerSettings {
     WorkerSettings {
         sync_timeout: config.sync_timeout,
         secrets_dir: config.secrets_dir.clone(),
+        credential_scopes: config.credential_scopes.clone(),
         ssh_known_hosts: config.ssh_known_hosts.clone(),
         https_ca_file: config.https_ca_file.clone(),
         retry_base: config.retry_base,
         retry_max: config.retry_max,
+        allow_private_hosts: config.allow_private_hosts,
     }
 }
 

@@ -25,6 +25,9 @@ pub struct Config {
     pub allow_private_hosts: bool,
     pub sync_timeout: Duration,
     pub secrets_dir: Option<PathBuf>,
+    /// JSON file: which users may use which credential, towards which hosts; a
+    /// credential it does not name is usable by no one
+    pub credential_scopes: Option<PathBuf>,
     pub ssh_known_hosts: Option<PathBuf>,
     /// PEM bundle of the CAs trusted for HTTPS remotes, instead of the system's
     pub https_ca_file: Option<PathBuf>,
@@ -62,6 +65,7 @@ impl Default for Config {
             allow_private_hosts: false,
             sync_timeout: Duration::from_secs(600),
             secrets_dir: None,
+            credential_scopes: None,
             ssh_known_hosts: None,
             https_ca_file: None,
             min_free_bytes: 1 << 30,
@@ -137,6 +141,8 @@ pub struct ConfigArgs {
     pub sync_timeout_s: Option<u64>,
     #[arg(long, env = "HIVESYNC_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
+    #[arg(long, env = "HIVESYNC_CREDENTIAL_SCOPES")]
+    pub credential_scopes: Option<PathBuf>,
     #[arg(long, env = "HIVESYNC_SSH_KNOWN_HOSTS")]
     pub ssh_known_hosts: Option<PathBuf>,
     #[arg(long, env = "HIVESYNC_HEALTH_CHECK_INTERVAL_S")]
@@ -195,6 +201,7 @@ impl ConfigArgs {
             config.sync_timeout = Duration::from_secs(v.max(1));
         }
         config.secrets_dir = self.secrets_dir;
+        config.credential_scopes = self.credential_scopes;
         config.ssh_known_hosts = self.ssh_known_hosts;
         config.https_ca_file = self.https_ca_file;
         if let Some(v) = self.health_check_interval_s {

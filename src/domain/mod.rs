@@ -1,15 +1,19 @@
 //! Pure domain rules: validated identifiers and repo URLs, the per-user rate limit, and
 //! time formatting. No IO here, so every rule is unit- and property-tested in isolation.
 
+mod host;
 mod ids;
 mod rate;
 mod repo_path;
 mod repo_url;
+mod scope;
 
+pub use host::{Host, HostError, is_public};
 pub use ids::{ProjectId, SyncId};
 pub use rate::{RateLimiter, parse_rate};
 pub use repo_path::{RepoPath, RepoPathError};
 pub use repo_url::{RepoUrl, RepoUrlError, UrlPolicy};
+pub use scope::{CredentialScopes, ScopeError, ScopeRefusal};
 
 /// Current wall-clock time as the contract's RFC 3339 UTC timestamp.
 pub fn now_rfc3339() -> String {

@@ -1,7 +1,7 @@
 //! A repo URL accepted at registration: scheme on the allow-list, host not in a private
 //! range unless allowed (SSRF guard), and a redacted form that never shows userinfo.
 
-use std::net::IpAddr;
+use super::host::Host;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RepoUrlError {
@@ -13,6 +13,12 @@ pub enum RepoUrlError {
     PrivateHost,
     #[error("repo_url has no host")]
     MissingHost,
+    #[error("repo_url's host is not a valid host name or address")]
+    InvalidHost,
+    #[error(
+        "repo_url carries credentials, which this hub does not store; put the token in a credential (HIVESYNC_SECRETS_DIR/<name>) and name it in \"credential\""
+    )]
+    CredentialsInUrl,
 }
 
 /// What registration accepts; built from `HIVESYNC_ALLOWED_SCHEMES` and
@@ -47,9 +53,16 @@ impl RepoUrl {
         }
         if url.scheme != gix::url::Scheme::File {
             let host = url.host().ok_or(RepoUrlError::MissingHost)?;
-            if !policy.allow_private_hosts && is_private_host(host) {
+            let host = Host::parse(host).map_err(|_| RepoUrlError::InvalidHost)?;
+            if !policy.allow_private_hosts && host.is_private() {
                 return Err(RepoUrlError::PrivateHost);
             }
+        }
+        // a secret at rest in plain text is a secret waiting to leak: over http(s) any
+        // userinfo may be a token; ssh's user name (`git@`) is not a secret
+        let is_http = matches!(url.scheme, gix::url::Scheme::Http | gix::url::Scheme::Https);
+        if url.password().is_some() || (is_http && url.user().is_some()) {
+            return Err(RepoUrlError::CredentialsInUrl);
         }
         let mut shown = url.clone();
         shown.set_user(None);
@@ -70,6 +83,17 @@ impl RepoUrl {
         Ok(Self {
             redacted: shown.to_bstring().to_string(),
             full,
+        })
+    }
+
+    /// The host to connect to, as written (lowercase; no brackets, userinfo or port);
+    /// `None` for URLs without one (`file://`).
+    pub fn host(&self) -> Option<String> {
+        let url = gix::url::parse(self.full.as_bytes()).ok()?;
+        url.host().map(|host| {
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase()
         })
     }
 
@@ -112,42 +136,6 @@ impl std::fmt::Display for RepoUrl {
     }
 }
 
-/// Loopback, private, link-local, unspecified and similar addresses, and names that
-/// always resolve to them. Only the spelling is checked here: a name that resolves to
-/// such an address is not caught by this check.
-fn is_private_host(host: &str) -> bool {
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .trim_end_matches('.');
-    let lowered = host.to_ascii_lowercase();
-    if lowered == "localhost" || lowered.ends_with(".localhost") {
-        return true;
-    }
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V4(v4)) => {
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                // 100.64.0.0/10, carrier-grade NAT
-                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
-        }
-        Ok(IpAddr::V6(v6)) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_private_host(&v4.to_string());
-            }
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfe80 // link local
-        }
-        Err(_) => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,12 +149,25 @@ mod tests {
     }
 
     #[test]
-    fn userinfo_is_never_shown() {
-        let url = RepoUrl::parse(
+    fn credentials_in_the_url_are_refused_at_registration_without_being_echoed() {
+        for input in [
             "https://bob:s3cret@example.com/org/repo.git",
-            &policy(&["https"], false),
-        )
-        .expect("valid");
+            "https://ghp_tokenonly@example.com/org/repo.git",
+            "ssh://git:s3cret@example.com/org/repo.git",
+        ] {
+            let refused = RepoUrl::parse(input, &policy(&["https", "ssh"], false));
+            assert_eq!(refused, Err(RepoUrlError::CredentialsInUrl), "{input}");
+            let message = RepoUrlError::CredentialsInUrl.to_string();
+            assert!(!message.contains("s3cret") && !message.contains("ghp_"));
+        }
+        assert!(RepoUrl::parse("git@example.com:org/r.git", &policy(&["ssh"], false)).is_ok());
+    }
+
+    /// Projects registered before URLs with credentials were refused still hold them.
+    #[test]
+    fn userinfo_is_never_shown() {
+        let url = RepoUrl::from_stored("https://bob:s3cret@example.com/org/repo.git".into())
+            .expect("valid");
         assert_eq!(url.redacted(), "https://example.com/org/repo.git");
         assert!(!format!("{url:?} {url}").contains("s3cret"));
         assert!(url.expose_secret().contains("s3cret"));
@@ -174,11 +175,8 @@ mod tests {
 
     #[test]
     fn scrub_removes_credentials_from_quoted_text() {
-        let url = RepoUrl::parse(
-            "https://deploy:tok3n-s3cret@example.com/r.git",
-            &policy(&["https"], false),
-        )
-        .expect("valid");
+        let url = RepoUrl::from_stored("https://deploy:tok3n-s3cret@example.com/r.git".into())
+            .expect("valid");
         let message = "could not connect to https://deploy:tok3n-s3cret@example.com/r.git (auth tok3n-s3cret)";
         let scrubbed = url.scrub(message);
         assert!(!scrubbed.contains("tok3n-s3cret"), "{scrubbed}");
@@ -225,6 +223,15 @@ mod tests {
             "[::1]",
             "[fd00::1]",
             "0.0.0.0",
+            "127.1",
+            "2130706433",
+            "0x7f000001",
+            "0177.0.0.1",
+            "127.000.000.001",
+            "0",
+            "[::127.0.0.1]",
+            "[64:ff9b::7f00:1]",
+            "[::ffff:127.0.0.1]",
         ] {
             let url = format!("https://{host}/repo.git");
             assert_eq!(
@@ -235,13 +242,19 @@ mod tests {
         }
         assert!(RepoUrl::parse("https://127.0.0.1/repo.git", &policy(&["https"], true)).is_ok());
         assert!(RepoUrl::parse("https://8.8.8.8/repo.git", &strict).is_ok());
+        assert!(RepoUrl::parse("git@127.1:org/repo.git", &strict).is_err());
+        assert!(RepoUrl::parse("ssh://git@0x7f000001/org/repo.git", &strict).is_err());
+        assert!(
+            RepoUrl::parse("https://%31%32%37.0.0.1/repo.git", &strict).is_err(),
+            "an encoded host is refused, whatever it decodes to"
+        );
     }
 
     proptest! {
         #[test]
         fn redacted_form_never_carries_the_password(user in "[a-z]{1,8}", password in "[A-Za-z0-9]{12,20}") {
             let input = format!("https://{user}:{password}@example.com/r.git");
-            let url = RepoUrl::parse(&input, &policy(&["https"], false)).expect("valid");
+            let url = RepoUrl::from_stored(input).expect("valid");
             prop_assert!(!url.redacted().contains(&password));
         }
     }

@@ -23,6 +23,9 @@ pub enum ApiError {
     TokenExpired,
     #[error("this project belongs to another user")]
     Forbidden,
+    /// The credential policy refuses the caller this credential (or this host).
+    #[error("{0}")]
+    CredentialForbidden(String),
     #[error("mobile tokens read metadata only")]
     MobileMetadataOnly,
     #[error("no such project")]
@@ -50,7 +53,9 @@ impl ApiError {
             ApiError::PathInvalid(_) => ("path_invalid", StatusCode::BAD_REQUEST),
             ApiError::InvalidToken => ("invalid_token", StatusCode::UNAUTHORIZED),
             ApiError::TokenExpired => ("token_expired", StatusCode::UNAUTHORIZED),
-            ApiError::Forbidden => ("forbidden", StatusCode::FORBIDDEN),
+            ApiError::Forbidden | ApiError::CredentialForbidden(_) => {
+                ("forbidden", StatusCode::FORBIDDEN)
+            }
             ApiError::MobileMetadataOnly => ("mobile_metadata_only", StatusCode::FORBIDDEN),
             ApiError::ProjectNotFound => ("project_not_found", StatusCode::NOT_FOUND),
             ApiError::SyncNotFound => ("sync_not_found", StatusCode::NOT_FOUND),
@@ -115,6 +120,11 @@ mod tests {
             (ApiError::InvalidToken, "invalid_token", 401),
             (ApiError::TokenExpired, "token_expired", 401),
             (ApiError::Forbidden, "forbidden", 403),
+            (
+                ApiError::CredentialForbidden(String::new()),
+                "forbidden",
+                403,
+            ),
             (ApiError::MobileMetadataOnly, "mobile_metadata_only", 403),
             (ApiError::ProjectNotFound, "project_not_found", 404),
             (ApiError::SyncNotFound, "sync_not_found", 404),

@@ -92,6 +92,14 @@ pub async fn create_project(
     }
     let url = RepoUrl::parse(&request.repo_url, &state.config.url_policy())
         .map_err(|err| ApiError::InvalidRequest(err.to_string()))?;
+    if let Some(credential) = &request.credential {
+        let scopes =
+            crate::worker::credentials::load_scopes(state.config.credential_scopes.as_deref())
+                .map_err(|err| ApiError::Backend(err.into()))?;
+        scopes
+            .check(credential, &principal.user, &url.host().unwrap_or_default())
+            .map_err(|refusal| ApiError::CredentialForbidden(refusal.to_string()))?;
+    }
     let project = Project {
         project_id: ProjectId::generate().to_string(),
         name: name.to_owned(),

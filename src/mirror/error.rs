@@ -14,6 +14,9 @@ pub enum MirrorError {
     AuthFailed(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("{0}")]
     CredentialMissing(String),
+    /// The credential policy does not let this project's owner send the secret there.
+    #[error("{0}")]
+    CredentialRefused(String),
     #[error("the remote's SSH host key does not match HIVESYNC_SSH_KNOWN_HOSTS")]
     HostKeyRejected,
     #[error("this build cannot fetch from this kind of URL")]
@@ -22,6 +25,8 @@ pub enum MirrorError {
     Network(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the mirror repository is damaged and could not be repaired")]
     Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("{0}")]
+    PrivateAddress(String),
     #[error("the sync was interrupted")]
     Interrupted,
     #[error("another worker took this mirror over (this worker's project lock expired)")]

@@ -126,6 +126,8 @@ fn sync_once(
         .iter()
         .map(|command| format!("core.sshCommand={command}"))
         .collect();
+    // a redirect could lead from the checked host to any other, private ones included
+    overrides.push("http.followRedirects=false".to_owned());
     if let Some(ca_file) = &spec.https_ca_file {
         overrides.push(format!("http.sslCAInfo={}", ca_file.display()));
     }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Worker;
 use super::credentials::{SshFiles, SshRefusal, http_identity, ssh_setup};
+use super::guard;
 use super::job::JobCtx;
 use crate::domain::ProjectId;
 use crate::engine::{EngineError, Project};
@@ -66,7 +67,14 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<AttemptEnd, EngineError> {
         // the key file lives until this attempt ends, then is deleted
-        let (ssh_command, ssh_files) = match ssh_setup(project, &self.settings) {
+        // the private-host guard on the addresses the name has now; ssh is pinned to
+        // the address that was checked
+        let checked =
+            match guard::check_remote(&project.repo_url, self.settings.allow_private_hosts).await {
+                Ok(checked) => checked,
+                Err(err) => return Ok(AttemptEnd::Failed(err)),
+            };
+        let (ssh_command, ssh_files) = match ssh_setup(project, &self.settings, checked.as_ref()) {
             Ok(setup) => setup,
             Err(err) => return Ok(AttemptEnd::Failed(err)),
         };

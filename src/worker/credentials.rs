@@ -7,6 +7,8 @@
 use std::path::Path;
 
 use super::WorkerSettings;
+use super::guard::Checked;
+use crate::domain::{CredentialScopes, RepoUrl};
 use crate::engine::Project;
 use crate::mirror::{self, MirrorError};
 
@@ -44,6 +46,39 @@ pub fn env_name(name: &str) -> String {
             }
         })
         .collect()
+}
+
+/// The credential policy as the file says now (it is read on every use, so an edit
+/// takes effect without a restart). No file: no credential is usable.
+pub fn load_scopes(path: Option<&Path>) -> Result<CredentialScopes, String> {
+    let Some(path) = path else {
+        return Ok(CredentialScopes::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        format!(
+            "cannot read HIVESYNC_CREDENTIAL_SCOPES ({}): {err}",
+            path.display()
+        )
+    })?;
+    CredentialScopes::parse(&text).map_err(|err| err.to_string())
+}
+
+/// Whether `project`'s owner may send its credential `name` to the project's host;
+/// checked before the secret is even read.
+fn check_scope(
+    project: &Project,
+    name: &str,
+    settings: &WorkerSettings,
+) -> Result<(), MirrorError> {
+    let scopes = load_scopes(settings.credential_scopes.as_deref())
+        .map_err(MirrorError::CredentialRefused)?;
+    let host = RepoUrl::from_stored(project.repo_url.clone())
+        .ok()
+        .and_then(|url| url.host())
+        .unwrap_or_default();
+    scopes
+        .check(name, &project.owner, &host)
+        .map_err(|refusal| MirrorError::CredentialRefused(refusal.to_string()))
 }
 
 pub fn resolve(name: &str, secrets_dir: Option<&Path>) -> Result<Secret, CredentialError> {
@@ -88,6 +123,7 @@ impl SshFiles {
 pub(super) fn ssh_setup(
     project: &Project,
     settings: &WorkerSettings,
+    pinned: Option<&Checked>,
 ) -> Result<(Option<String>, Option<SshFiles>), MirrorError> {
     let is_ssh = gix::url::parse(project.repo_url.as_bytes())
         .is_ok_and(|url| url.scheme == gix::url::Scheme::Ssh);
@@ -109,9 +145,23 @@ pub(super) fn ssh_setup(
         )),
         None => command.push_str(" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"),
     }
+    if let Some(pinned) = pinned {
+        // connect to the address the guard checked, and look its key up under the
+        // name (as known_hosts writes it), so a second lookup cannot be rebound
+        let alias = if pinned.port == 22 {
+            pinned.host.clone()
+        } else {
+            format!("[{}]:{}", pinned.host, pinned.port)
+        };
+        command.push_str(&format!(
+            " -o HostName={} -o HostKeyAlias='{alias}'",
+            pinned.address
+        ));
+    }
     let Some(name) = &project.credential else {
         return Ok((Some(command), Some(SshFiles { _key: None, log })));
     };
+    check_scope(project, name, settings)?;
     let secret = resolve(name, settings.secrets_dir.as_deref())
         .map_err(|err| MirrorError::CredentialMissing(err.to_string()))?;
     let mut key = tempfile::Builder::new()
@@ -156,6 +206,7 @@ pub(super) fn http_identity(
     let Some(name) = &project.credential else {
         return Ok(None);
     };
+    check_scope(project, name, settings)?;
     let secret = resolve(name, settings.secrets_dir.as_deref())
         .map_err(|err| MirrorError::CredentialMissing(err.to_string()))?;
     let secret = secret.expose().trim();
@@ -193,5 +244,61 @@ mod tests {
                 .contains("HIVESYNC_SECRET_ABSENT_CREDENTIAL_NAME")
         );
         assert_eq!(format!("{:?}", Secret("x".into())), "Secret(***)");
+    }
+
+    fn settings() -> WorkerSettings {
+        WorkerSettings {
+            sync_timeout: std::time::Duration::from_secs(60),
+            secrets_dir: None,
+            credential_scopes: None,
+            ssh_known_hosts: None,
+            https_ca_file: None,
+            retry_base: std::time::Duration::from_secs(1),
+            retry_max: 1,
+            allow_private_hosts: false,
+        }
+    }
+
+    fn project(url: &str, credential: Option<&str>) -> Project {
+        Project {
+            project_id: "p".into(),
+            name: "p".into(),
+            repo_url: url.into(),
+            branch: "main".into(),
+            owner: "alice".into(),
+            created_at: String::new(),
+            credential: credential.map(str::to_owned),
+            last_status: None,
+            last_synced_at: None,
+            commit: None,
+            active_sync: None,
+        }
+    }
+
+    #[test]
+    fn ssh_connects_to_the_checked_address_and_keeps_known_hosts_by_name() {
+        let pinned = Checked {
+            host: "git.example.com".into(),
+            port: 2222,
+            address: "203.0.114.7".parse().expect("ip"),
+        };
+        let project = project("ssh://git@git.example.com:2222/r.git", None);
+        let (command, _files) = ssh_setup(&project, &settings(), Some(&pinned)).expect("ssh setup");
+        let command = command.expect("an ssh command");
+        assert!(command.contains("-o HostName=203.0.114.7"), "{command}");
+        assert!(
+            command.contains("-o HostKeyAlias='[git.example.com]:2222'"),
+            "{command}"
+        );
+    }
+
+    #[test]
+    fn a_credential_outside_its_scope_is_refused_before_the_secret_is_read() {
+        let project = project("https://git.example.com/r.git", Some("org-token"));
+        let refused = http_identity(&project, &settings()).expect_err("no policy: refused");
+        assert!(
+            matches!(refused, MirrorError::CredentialRefused(_)),
+            "{refused}"
+        );
     }
 }

@@ -306,6 +306,7 @@ pub(super) fn error_code(err: &MirrorError) -> SyncErrorCode {
         }
         MirrorError::AuthFailed(_)
         | MirrorError::CredentialMissing(_)
+        | MirrorError::CredentialRefused(_)
         | MirrorError::HostKeyRejected => SyncErrorCode::RepoAuthFailed,
         MirrorError::Network(_) => SyncErrorCode::NetworkError,
         MirrorError::Corrupt(_) => SyncErrorCode::MirrorCorrupt,
@@ -314,6 +315,7 @@ pub(super) fn error_code(err: &MirrorError) -> SyncErrorCode {
         | MirrorError::Checkout(_)
         | MirrorError::Git(_)
         | MirrorError::UnsafeTree(_)
+        | MirrorError::PrivateAddress(_)
         | MirrorError::Fenced
         | MirrorError::Unsupported(_) => SyncErrorCode::BackendError,
     }

@@ -12,6 +12,7 @@
 
 mod attempt;
 pub mod credentials;
+mod guard;
 pub mod health;
 mod job;
 mod lease;
@@ -34,10 +35,14 @@ pub use retry::retry_delay;
 pub struct WorkerSettings {
     pub sync_timeout: Duration,
     pub secrets_dir: Option<std::path::PathBuf>,
+    /// `HIVESYNC_CREDENTIAL_SCOPES`: who may use which credential, towards which hosts
+    pub credential_scopes: Option<std::path::PathBuf>,
     pub ssh_known_hosts: Option<std::path::PathBuf>,
     pub https_ca_file: Option<std::path::PathBuf>,
     pub retry_base: Duration,
     pub retry_max: u32,
+    /// `HIVESYNC_ALLOW_PRIVATE_HOSTS`: skip the connect-time address check
+    pub allow_private_hosts: bool,
 }
 
 /// Stops for workers: `stop_taking` ends the loop after the current job; `interrupt`

@@ -541,3 +541,20 @@ pub fn assert_exact_tree(app: &TestApp, project_id: &str, repo: &GitRepo, commit
         .expect("rev-parse");
     assert_eq!(String::from_utf8_lossy(&head.stdout).trim(), commit);
 }
+
+/// Writes a credential policy (`HIVESYNC_CREDENTIAL_SCOPES`) into `dir` letting `owner`
+/// use each of `credentials` towards 127.0.0.1 only; returns its path.
+pub fn scopes_file(dir: &Path, owner: &str, credentials: &[&str]) -> PathBuf {
+    let policy: serde_json::Map<String, Value> = credentials
+        .iter()
+        .map(|name| {
+            (
+                (*name).to_owned(),
+                json!({"owners": [owner], "hosts": ["127.0.0.1"]}),
+            )
+        })
+        .collect();
+    let path = dir.join(".scopes.json");
+    std::fs::write(&path, Value::Object(policy).to_string()).expect("scopes file");
+    path
+}

@@ -21,9 +21,11 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::helpers::{GitRepo, TestApp, assert_exact_tree, is_notification};
+use crate::helpers::{GitRepo, TestApp, assert_exact_tree, is_notification, scopes_file};
 
 const TOKEN: &str = "ghp_https-test-token-7d1c0e";
+/// Every credential name these tests use, all alice's towards 127.0.0.1.
+const CREDENTIALS: &[&str] = &["hosting-token", "stale", "good", "not-configured"];
 
 struct GitHttpsServer {
     pub port: u16,
@@ -384,9 +386,11 @@ fn repo_with_files() -> (GitRepo, String) {
 async fn app_trusting(server: &GitHttpsServer, secrets: &Path) -> TestApp {
     let ca_file = server.ca_file.clone();
     let secrets = secrets.to_path_buf();
+    let scopes = scopes_file(&secrets, "alice", CREDENTIALS);
     TestApp::spawn_with(move |config| {
         config.https_ca_file = Some(ca_file);
         config.secrets_dir = Some(secrets);
+        config.credential_scopes = Some(scopes);
         config.retry_max = 1;
     })
     .await
@@ -472,7 +476,7 @@ async fn an_https_remote_syncs_with_a_named_token_and_the_token_never_shows() {
 }
 
 #[tokio::test]
-async fn https_userinfo_works_and_is_never_shown_back() {
+async fn https_userinfo_of_a_project_stored_before_it_was_refused_still_works_unshown() {
     let hosted = Hosted::new("app.git").await;
     let Hosted {
         repo,
@@ -483,8 +487,36 @@ async fn https_userinfo_works_and_is_never_shown_back() {
     let app = hosted.app().await;
 
     let url = format!("https://deploy:{TOKEN}@127.0.0.1:{}/app.git", server.port);
-    let (status, project) = register(&app, &url, None).await;
-    assert_eq!(status, 201);
+    let (status, refused) = register(&app, &url, None).await;
+    assert_eq!(
+        status, 400,
+        "credentials in a URL are refused now: {refused}"
+    );
+    assert!(!refused.to_string().contains(TOKEN), "{refused}");
+    // a project registered before that rule still holds its URL, and syncs
+    let project_id = hivesync::domain::ProjectId::generate().to_string();
+    app.state
+        .engine
+        .store
+        .insert_project(&hivesync::engine::Project {
+            project_id: project_id.clone(),
+            name: "legacy".into(),
+            repo_url: url.clone(),
+            branch: "main".into(),
+            owner: "alice".into(),
+            created_at: hivesync::domain::now_rfc3339(),
+            credential: None,
+            last_status: None,
+            last_synced_at: None,
+            commit: None,
+            active_sync: None,
+        })
+        .await
+        .expect("stored");
+    let project = app
+        .get_json(&format!("/api/v1/projects/{project_id}"))
+        .await
+        .1;
     assert!(!project.to_string().contains(TOKEN), "{project}");
     let project_id = project["project_id"].as_str().expect("id").to_owned();
     let record = app.sync_to_end(&project_id).await;
@@ -543,8 +575,10 @@ async fn an_https_remote_with_an_untrusted_certificate_is_refused() {
     let server = &hosted.server;
     hosted.secret("good", TOKEN);
     // the system's CAs only: the test CA is not among them
+    let scopes = scopes_file(hosted.secrets.path(), "alice", CREDENTIALS);
     let app = TestApp::spawn_with(|config| {
         config.secrets_dir = Some(hosted.secrets.path().to_path_buf());
+        config.credential_scopes = Some(scopes);
         config.retry_max = 1;
         config.retry_base = Duration::from_millis(10);
     })
@@ -572,10 +606,13 @@ async fn the_binarys_log_never_holds_the_https_token() {
     let data = tempfile::tempdir().expect("temp dir");
     let log_path = data.path().join("serve.log");
     let ca_file = server.ca_file.display().to_string();
+    let scopes = scopes_file(data.path(), "alice", CREDENTIALS);
+    let scopes = scopes.display().to_string();
     let (mut child, addr) = crate::lifecycle::serve_binary_logging_to(
         data.path(),
         &[
             ("HIVESYNC_ALLOW_PRIVATE_HOSTS", "1"),
+            ("HIVESYNC_CREDENTIAL_SCOPES", &scopes),
             ("HIVESYNC_HTTPS_CA_FILE", &ca_file),
             ("HIVESYNC_SECRET_HOSTING_TOKEN", TOKEN),
             ("RUST_LOG", "trace"),

@@ -183,6 +183,13 @@ impl Recorded {
         }
         let project = self.post("/api/v1/projects", body).await;
         let id = project["project_id"].as_str().expect("id").to_owned();
+        let record = self.sync_to_end(&id).await;
+        (id, record)
+    }
+
+    /// Requests a sync of project `id` and polls it until it is `completed` or
+    /// `failed`; returns the final record's text.
+    pub(crate) async fn sync_to_end(&mut self, id: &str) -> String {
         let accepted = self
             .post("/api/v1/repo/sync", json!({"project_id": id}))
             .await;
@@ -206,7 +213,7 @@ impl Recorded {
         .await
         .expect("the sync ends");
         self.seen.push_str(&record);
-        (id, record)
+        record
     }
 }
 
@@ -348,6 +355,37 @@ async fn credentials_in_a_repo_url_never_reach_logs_responses_or_events() {
     let port = closed.local_addr().expect("addr").port();
     drop(closed);
     let data = tempfile::tempdir().expect("temp dir");
+    let url = format!("https://deploy:{SECRET_TOKEN}@127.0.0.1:{port}/org/repo.git");
+    // registered before URLs with credentials were refused: such a project is still in
+    // the store and still synced
+    let id = {
+        let store = hivesync::engine::embedded::EmbeddedEngine::open(
+            data.path(),
+            (100, std::time::Duration::from_secs(60)),
+            1000,
+        )
+        .expect("store");
+        let id = hivesync::domain::ProjectId::generate().to_string();
+        hivesync::engine::Store::insert_project(
+            store.as_ref(),
+            &hivesync::engine::Project {
+                project_id: id.clone(),
+                name: "legacy".into(),
+                repo_url: url.clone(),
+                branch: "main".into(),
+                owner: "alice".into(),
+                created_at: hivesync::domain::now_rfc3339(),
+                credential: None,
+                last_status: None,
+                last_synced_at: None,
+                commit: None,
+                active_sync: None,
+            },
+        )
+        .await
+        .expect("inserted");
+        id
+    };
     let (mut server, addr) = serve_binary(
         data.path(),
         &[
@@ -359,12 +397,14 @@ async fn credentials_in_a_repo_url_never_reach_logs_responses_or_events() {
     )
     .await;
     let mut recorded = Recorded::new(&addr);
-    let (id, record) = recorded
-        .sync_new_project(
-            &format!("https://deploy:{SECRET_TOKEN}@127.0.0.1:{port}/org/repo.git"),
-            json!({}),
-        )
+    let refused = recorded
+        .post("/api/v1/projects", json!({"name": "new", "repo_url": url}))
         .await;
+    assert_eq!(
+        refused["error"], "invalid_request",
+        "a URL with credentials is refused at registration: {refused}"
+    );
+    let record = recorded.sync_to_end(&id).await;
     assert!(
         record.contains("\"failed\""),
         "nothing listens there: {record}"

@@ -12,6 +12,7 @@ mod multinode;
 mod projects;
 mod read;
 mod redis_server;
+mod security;
 mod ssh;
 mod sync;
 mod websocket;

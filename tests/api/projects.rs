@@ -66,7 +66,7 @@ async fn registered_project_is_listed_and_readable_only_by_its_owner() {
 }
 
 #[tokio::test]
-async fn branch_defaults_to_main_and_userinfo_is_never_shown_back() {
+async fn branch_defaults_to_main_and_userinfo_is_refused_without_being_shown_back() {
     let app = TestApp::spawn().await;
     let response = app
         .post(
@@ -75,13 +75,33 @@ async fn branch_defaults_to_main_and_userinfo_is_never_shown_back() {
             json!({"name": "secretive", "repo_url": "https://deploy:hunter2token@example.com/org/repo.git"}),
         )
         .await;
-    assert_eq!(response.status(), 201);
+    assert_eq!(
+        response.status(),
+        400,
+        "a token in the URL would be stored in plain text"
+    );
     let text = response.text().await.expect("body");
     assert!(
         !text.contains("hunter2token") && !text.contains("deploy@"),
         "userinfo leaked: {text}"
     );
-    let created: Value = serde_json::from_str(&text).expect("json");
+    let refused: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(refused["error"], "invalid_request");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("credential")),
+        "the message points to credentials: {refused}"
+    );
+    let response = app
+        .post(
+            "/api/v1/projects",
+            &app.token,
+            json!({"name": "plain", "repo_url": "https://example.com/org/repo.git"}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.expect("json");
     assert_eq!(created["repo_url"], "https://example.com/org/repo.git");
     assert_eq!(created["branch"], "main");
     let listed = app

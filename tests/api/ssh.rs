@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{GitRepo, TestApp, assert_exact_tree, wait_until};
+use crate::helpers::{GitRepo, TestApp, assert_exact_tree, scopes_file, wait_until};
 
 struct Sshd {
     child: Child,
@@ -148,8 +148,14 @@ async fn ssh_with_a_deploy_key_and_enforced_host_keys() {
     std::fs::write(&known_hosts, sshd.known_hosts()).expect("known_hosts");
     let secrets_dir = secrets.path().to_path_buf();
     let known = known_hosts.clone();
+    let scopes = scopes_file(
+        secrets.path(),
+        "alice",
+        &["deploy-key", "wrong-key", "not-configured"],
+    );
     let app = TestApp::spawn_with(|config| {
         config.secrets_dir = Some(secrets_dir);
+        config.credential_scopes = Some(scopes);
         config.ssh_known_hosts = Some(known);
         config.retry_max = 1;
     })

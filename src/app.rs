@@ -193,6 +193,8 @@ impl Application {
             layout,
             reader,
             metrics: Metrics::default(),
+            searches: crate::http::SearchSlots::default(),
+            read_stop: CancellationToken::new(),
         });
         Ok(Self {
             listener,
@@ -252,6 +254,7 @@ impl Application {
             tracker.clone(),
         )
         .await;
+        state.read_stop.cancel();
         tracing::info!("shutting down: closing sockets and draining syncs");
         tracker.close();
         if tokio::time::timeout(state.config.drain_timeout, workers.wait())

@@ -67,6 +67,9 @@ fn main() -> ExitCode {
             } => token(&sub, client, ttl, config),
         }
     });
+    // a blocking read still running (it stops at its next budget check) must not hold
+    // the process past its drain
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

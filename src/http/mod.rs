@@ -10,6 +10,7 @@ mod server;
 mod ws;
 
 pub use error::ApiError;
+pub use read::SearchSlots;
 pub use server::serve;
 
 use std::convert::Infallible;
@@ -40,6 +41,10 @@ pub struct AppState {
     pub layout: Layout,
     pub reader: Arc<Reader>,
     pub metrics: Metrics,
+    /// searches running per user
+    pub searches: SearchSlots,
+    /// cancelled when shutdown begins: reads still scanning stop at their next check
+    pub read_stop: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {

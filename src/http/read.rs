@@ -3,7 +3,8 @@
 //! derived from the commit and the request, and `If-None-Match` gets a 304.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -12,12 +13,91 @@ use warp::Reply;
 
 use super::{ApiError, AppState, Caller, Response};
 use crate::domain::{ProjectId, RepoPath};
-use crate::mirror::read::{ReadError, SearchQuery};
+use crate::mirror::read::ReadError;
+use crate::mirror::search::SearchQuery;
 
 /// One search may run this long before it returns what it found as `truncated`.
 const SEARCH_BUDGET: Duration = Duration::from_secs(5);
 const DEFAULT_SEARCH_LIMIT: usize = 100;
 const MAX_SEARCH_LIMIT: usize = 1000;
+/// Searches one user may have running at once; more get `429`.
+const SEARCHES_PER_USER: usize = 2;
+
+/// Searches running per user, so one user cannot take every core.
+#[derive(Debug, Default)]
+pub struct SearchSlots {
+    running: Mutex<HashMap<String, usize>>,
+}
+
+/// One running search; its slot is given back when dropped.
+#[derive(Debug)]
+struct SearchSlot<'a> {
+    slots: &'a SearchSlots,
+    user: String,
+}
+
+impl SearchSlots {
+    fn take(&self, user: &str) -> Option<SearchSlot<'_>> {
+        let mut running = self
+            .running
+            .lock()
+            .expect("search slots are never poisoned");
+        let count = running.entry(user.to_owned()).or_default();
+        if *count >= SEARCHES_PER_USER {
+            return None;
+        }
+        *count += 1;
+        Some(SearchSlot {
+            slots: self,
+            user: user.to_owned(),
+        })
+    }
+}
+
+impl Drop for SearchSlot<'_> {
+    fn drop(&mut self) {
+        let mut running = self
+            .slots
+            .running
+            .lock()
+            .expect("search slots are never poisoned");
+        if let Some(count) = running.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                running.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// Sets the flag when dropped — when the request's future is, because the client
+/// went away — or when the server starts shutting down, so a scan nobody waits for
+/// stops at its next check.
+struct CancelOnDrop {
+    flag: Arc<AtomicBool>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl CancelOnDrop {
+    fn new(shutdown: tokio_util::sync::CancellationToken) -> Self {
+        let flag = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let flag = Arc::clone(&flag);
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                flag.store(true, Ordering::Relaxed);
+            })
+        };
+        Self { flag, watcher }
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.flag.store(true, Ordering::Relaxed);
+        self.watcher.abort();
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub enum ReadKind {
@@ -172,19 +252,33 @@ async fn read(
                         ))
                     })?,
             };
+            // refused before any work: too long or too expensive to compile
+            crate::mirror::search::matcher(pattern, regex)?;
+            let _slot = state
+                .searches
+                .take(&principal.user)
+                .ok_or(ApiError::RateLimited {
+                    retry_after: Duration::from_secs(1),
+                })?;
+            let cancel = CancelOnDrop::new(state.read_stop.clone());
+            let flag = Arc::clone(&cancel.flag);
             let (id, at, pattern) = (project_id.clone(), commit.clone(), pattern.to_owned());
-            let (matches, truncated) = blocking(move || {
+            let outcome = blocking(move || {
                 let query = SearchQuery {
                     pattern: &pattern,
                     regex,
                     path_prefix: &prefix,
                     limit,
                     deadline: Instant::now() + SEARCH_BUDGET,
+                    cancel: &flag,
                 };
                 reader.search(&id, &at, &query)
             })
             .await?;
-            json!({"commit": commit, "matches": matches, "truncated": truncated})
+            json!({
+                "commit": commit, "matches": outcome.matches,
+                "truncated": outcome.truncated, "timed_out": outcome.timed_out,
+            })
         }
         ReadKind::Diff => {
             let from = param("from")
@@ -200,6 +294,10 @@ async fn read(
             json!({"from": from, "to": to, "files": files, "truncated": truncated})
         }
     };
+    if body["timed_out"] == json!(true) {
+        // a partial answer must not be served again for the same request
+        return Ok(warp::reply::json(&body).into_response());
+    }
     let reply = warp::reply::with_header(warp::reply::json(&body), "etag", etag);
     Ok(reply.into_response())
 }
@@ -212,4 +310,23 @@ where
     Ok(tokio::task::spawn_blocking(work)
         .await
         .map_err(|err| ApiError::Backend(Box::new(err)))??)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_gets_a_few_searches_at_once_and_slots_come_back() {
+        let slots = SearchSlots::default();
+        let first = slots.take("alice").expect("first");
+        let _second = slots.take("alice").expect("second");
+        assert!(slots.take("alice").is_none(), "a third waits");
+        assert!(slots.take("bob").is_some(), "users do not share slots");
+        drop(first);
+        assert!(
+            slots.take("alice").is_some(),
+            "a finished search frees its slot"
+        );
+    }
 }

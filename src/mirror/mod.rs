@@ -9,6 +9,7 @@ pub mod health;
 pub mod layout;
 pub mod progress;
 pub mod read;
+pub mod search;
 mod snapshot;
 
 use std::path::PathBuf;

@@ -4,12 +4,8 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
 
 use base64::Engine as _;
-use grep_matcher::Matcher;
-use grep_regex::RegexMatcherBuilder;
-use grep_searcher::{BinaryDetection, SearcherBuilder, sinks};
 use serde::Serialize;
 
 use super::Layout;
@@ -21,8 +17,6 @@ pub const FILE_CAP: usize = 1024 * 1024;
 pub const PATCH_CAP: usize = 256 * 1024;
 /// Changed files a diff lists at most.
 pub const DIFF_FILES_CAP: usize = 2000;
-/// A matched line is shown up to this many bytes.
-const LINE_CAP: usize = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -34,7 +28,7 @@ pub enum ReadError {
     Git(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-fn git_error(err: impl std::error::Error + Send + Sync + 'static) -> ReadError {
+pub(super) fn git_error(err: impl std::error::Error + Send + Sync + 'static) -> ReadError {
     ReadError::Git(Box::new(err))
 }
 
@@ -52,23 +46,6 @@ pub struct FileContent {
     pub encoding: &'static str,
     pub content: String,
     pub truncated: bool,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct SearchMatch {
-    pub path: String,
-    pub line: u64,
-    pub column: u64,
-    pub text: String,
-}
-
-pub struct SearchQuery<'a> {
-    pub pattern: &'a str,
-    pub regex: bool,
-    pub path_prefix: &'a RepoPath,
-    pub limit: usize,
-    /// past this, the search stops and reports `truncated`
-    pub deadline: Instant,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -93,7 +70,7 @@ impl Reader {
         }
     }
 
-    fn repo(&self, project: &ProjectId) -> Result<gix::Repository, ReadError> {
+    pub(super) fn repo(&self, project: &ProjectId) -> Result<gix::Repository, ReadError> {
         let mut repos = self.repos.lock().expect("reader lock is never poisoned");
         if let Some(repo) = repos.get(project.as_str()) {
             return Ok(repo.to_thread_local());
@@ -114,7 +91,7 @@ impl Reader {
             .remove(project.as_str());
     }
 
-    fn tree_at<'repo>(
+    pub(super) fn tree_at<'repo>(
         repo: &'repo gix::Repository,
         commit: &str,
     ) -> Result<gix::Tree<'repo>, ReadError> {
@@ -202,73 +179,6 @@ impl Reader {
         }
         let blob = repo.find_blob(entry.object_id()).map_err(git_error)?;
         Ok(encode_content(&blob.data, FILE_CAP))
-    }
-
-    pub fn search(
-        &self,
-        project: &ProjectId,
-        commit: &str,
-        query: &SearchQuery<'_>,
-    ) -> Result<(Vec<SearchMatch>, bool), ReadError> {
-        let matcher = RegexMatcherBuilder::new()
-            .fixed_strings(!query.regex)
-            .build(query.pattern)
-            .map_err(|err| ReadError::Invalid(format!("invalid regex: {err}")))?;
-        let repo = self.repo(project)?;
-        let root = Self::tree_at(&repo, commit)?;
-        let mut recorder = gix::traverse::tree::Recorder::default();
-        root.traverse()
-            .breadthfirst(&mut recorder)
-            .map_err(git_error)?;
-        let mut files: Vec<_> = recorder
-            .records
-            .into_iter()
-            .filter(|entry| entry.mode.is_blob())
-            .map(|entry| (entry.filepath.to_string(), entry.oid))
-            .filter(|(path, _)| under_prefix(path, query.path_prefix))
-            .collect();
-        files.sort();
-
-        // files are split across threads like `git grep` does; each keeps at most
-        // `limit` matches, and the merge keeps the first `limit` in path order
-        let threads = std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .clamp(1, 8);
-        let chunk = files.len().div_ceil(threads).max(1);
-        let shared = repo.clone().into_sync();
-        let results: Vec<Result<(Vec<SearchMatch>, bool), ReadError>> =
-            std::thread::scope(|scope| {
-                let workers: Vec<_> = files
-                    .chunks(chunk)
-                    .map(|part| {
-                        let (shared, matcher) = (&shared, &matcher);
-                        scope.spawn(move || {
-                            search_files(&shared.to_thread_local(), matcher, part, query)
-                        })
-                    })
-                    .collect();
-                workers
-                    .into_iter()
-                    .map(|worker| {
-                        worker.join().unwrap_or_else(|_| {
-                            Err(ReadError::Git("search thread panicked".into()))
-                        })
-                    })
-                    .collect()
-            });
-        let mut matches = Vec::new();
-        let mut truncated = false;
-        for result in results {
-            let (found, cut) = result?;
-            matches.extend(found);
-            truncated |= cut;
-        }
-        // chunks are in path order, so this keeps the first matches a sequential scan finds
-        if matches.len() > query.limit {
-            matches.truncate(query.limit);
-            truncated = true;
-        }
-        Ok((matches, truncated))
     }
 
     pub fn diff(
@@ -372,54 +282,6 @@ impl Reader {
     }
 }
 
-/// Searches `files` in order; stops at `query.limit` matches or the deadline.
-fn search_files(
-    repo: &gix::Repository,
-    matcher: &grep_regex::RegexMatcher,
-    files: &[(String, gix::ObjectId)],
-    query: &SearchQuery<'_>,
-) -> Result<(Vec<SearchMatch>, bool), ReadError> {
-    let mut searcher = SearcherBuilder::new()
-        .line_number(true)
-        .binary_detection(BinaryDetection::quit(b'\x00'))
-        .build();
-    let mut matches = Vec::new();
-    for (path, oid) in files {
-        if Instant::now() >= query.deadline {
-            return Ok((matches, true));
-        }
-        let blob = repo.find_blob(*oid).map_err(git_error)?;
-        let mut remaining = query.limit.saturating_sub(matches.len());
-        let outcome = searcher.search_slice(
-            matcher,
-            &blob.data,
-            sinks::Lossy(|line_number, line| {
-                let line = line.trim_end_matches(['\n', '\r']);
-                let column = matcher
-                    .find(line.as_bytes())
-                    .ok()
-                    .flatten()
-                    .map_or(1, |m| m.start() as u64 + 1);
-                matches.push(SearchMatch {
-                    path: path.clone(),
-                    line: line_number,
-                    column,
-                    text: cap_line(line),
-                });
-                remaining -= 1;
-                Ok(remaining > 0)
-            }),
-        );
-        if let Err(err) = outcome {
-            tracing::debug!(%path, error = %err, "skipping a file the searcher could not read");
-        }
-        if matches.len() >= query.limit {
-            return Ok((matches, true));
-        }
-    }
-    Ok((matches, false))
-}
-
 fn parse_commit_id(commit: &str) -> Result<gix::ObjectId, ReadError> {
     if commit.len() != 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ReadError::Invalid(format!(
@@ -430,22 +292,11 @@ fn parse_commit_id(commit: &str) -> Result<gix::ObjectId, ReadError> {
         .map_err(|_| ReadError::Invalid(format!("'{commit}' is not a commit id")))
 }
 
-fn under_prefix(path: &str, prefix: &RepoPath) -> bool {
+pub(super) fn under_prefix(path: &str, prefix: &RepoPath) -> bool {
     prefix.is_root()
         || path == prefix.as_str()
         || (path.starts_with(prefix.as_str())
             && path.as_bytes().get(prefix.as_str().len()) == Some(&b'/'))
-}
-
-fn cap_line(line: &str) -> String {
-    if line.len() <= LINE_CAP {
-        return line.to_owned();
-    }
-    let mut end = LINE_CAP;
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    line[..end].to_owned()
 }
 
 /// Text as UTF-8 when it is (and has no NUL), else base64; cut at `cap` bytes.

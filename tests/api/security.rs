@@ -247,3 +247,57 @@ async fn a_credential_is_usable_only_by_its_owners_and_only_towards_its_hosts() 
     assert!(recorder.received.lock().await.is_empty());
     app.stop().await;
 }
+
+#[tokio::test]
+async fn search_refuses_patterns_that_would_pin_a_core_and_stays_within_its_budget() {
+    let app = TestApp::spawn().await;
+    let repo = crate::helpers::GitRepo::new();
+    // one 4 MB line: what made a{1000}{1000} run for minutes
+    repo.write("long.txt", &format!("{}\n", "a".repeat(4 << 20)))
+        .write("src/lib.rs", "pub fn answer() -> u32 { 42 }\n");
+    repo.commit("long line");
+    let id = app.register(&repo).await;
+    let record = app.sync_to_end(&id).await;
+    assert_eq!(record["status"], "completed", "{record}");
+
+    let search = |query: String| {
+        let app = &app;
+        let id = id.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let response = app
+                .get(
+                    &format!("/api/v1/repo/search?project_id={id}&{query}"),
+                    &app.token,
+                )
+                .await;
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.expect("json");
+            (status, body, started.elapsed())
+        }
+    };
+    let (status, body, took) = search("regex=true&q=a%7B1000%7D%7B1000%7D".into()).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "invalid_request");
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "refused at once, took {took:?}"
+    );
+
+    let (status, body, _) = search(format!("q={}", "x".repeat(60_000))).await;
+    assert_eq!(status, 400, "a 60,000-byte query is refused: {body}");
+
+    // an allowed but heavy pattern over the long line ends inside its budget
+    let (status, body, took) = search("regex=true&q=(a%7Caa)*b".into()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["timed_out"].is_boolean(), "{body}");
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "the 5 s budget holds (with room for a loaded machine): {took:?}"
+    );
+    let (status, body, _) = search("q=answer".into()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["matches"][0]["path"], "src/lib.rs", "{body}");
+    assert_eq!(body["timed_out"], false);
+    app.stop().await;
+}

@@ -110,14 +110,24 @@ pub struct Application {
 /// The JWT key: the configured secret or public key, else a dev secret kept in
 /// DATA_DIR so tokens stay valid across restarts. Returns the dev secret when used.
 pub fn authenticator(config: &Config) -> Result<(Authenticator, Option<String>), StartError> {
+    let (audience, issuer) = (config.jwt_audience.as_deref(), config.jwt_issuer.as_deref());
     if let Some(key) = &config.jwt_public_key {
-        return Ok((Authenticator::from_public_key(key)?, None));
+        return Ok((
+            Authenticator::from_public_key(key)?.expecting(audience, issuer),
+            None,
+        ));
     }
     if let Some(secret) = &config.jwt_secret {
-        return Ok((Authenticator::from_secret(secret.as_bytes()), None));
+        return Ok((
+            Authenticator::from_secret(secret.as_bytes()).expecting(audience, issuer),
+            None,
+        ));
     }
     let secret = dev_secret(&config.data_dir)?;
-    Ok((Authenticator::from_secret(secret.as_bytes()), Some(secret)))
+    Ok((
+        Authenticator::from_secret(secret.as_bytes()).expecting(audience, issuer),
+        Some(secret),
+    ))
 }
 
 fn dev_secret(data_dir: &Path) -> Result<String, StartError> {

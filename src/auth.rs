@@ -22,13 +22,24 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<ClientKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
+
+/// Seconds a token's `iat` may lie in the future (clock skew between issuer and hub).
+const IAT_LEEWAY_S: u64 = 60;
 
 /// Who is calling, once the token checked out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub user: String,
+    /// The token's `client`; a token without one is treated as `mobile`, the least
+    /// privileged class (metadata only), never as a desktop.
     pub client: ClientKind,
+    /// The token's `exp` (seconds since the epoch): an open socket is closed then.
+    pub expires_at: u64,
 }
 
 impl Principal {
@@ -109,6 +120,28 @@ impl Authenticator {
         })
     }
 
+    /// Requires tokens to carry `aud` (one of its values equal to `audience`) and/or
+    /// `iss` equal to `issuer` (`HIVESYNC_JWT_AUDIENCE`, `HIVESYNC_JWT_ISSUER`).
+    pub fn expecting(mut self, audience: Option<&str>, issuer: Option<&str>) -> Self {
+        if let Some(audience) = audience {
+            self.validation.set_audience(&[audience]);
+            self.validation.validate_aud = true;
+            let mut required = vec!["exp", "sub", "aud"];
+            if issuer.is_some() {
+                required.push("iss");
+            }
+            self.validation.set_required_spec_claims(&required);
+        }
+        if let Some(issuer) = issuer {
+            self.validation.set_issuer(&[issuer]);
+            if audience.is_none() {
+                self.validation
+                    .set_required_spec_claims(&["exp", "sub", "iss"]);
+            }
+        }
+        self
+    }
+
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|err| match err.kind() {
@@ -119,9 +152,17 @@ impl Authenticator {
         if claims.sub.trim().is_empty() || claims.sub.len() > 256 {
             return Err(AuthError::Invalid);
         }
+        // issued in the future (beyond clock skew): forged or from a broken clock
+        if claims
+            .iat
+            .is_some_and(|iat| iat > unix_now().saturating_add(IAT_LEEWAY_S))
+        {
+            return Err(AuthError::Invalid);
+        }
         Ok(Principal {
             user: claims.sub,
-            client: claims.client.unwrap_or(ClientKind::Desktop),
+            client: claims.client.unwrap_or(ClientKind::Mobile),
+            expires_at: claims.exp,
         })
     }
 
@@ -134,6 +175,8 @@ impl Authenticator {
             sub: sub.to_owned(),
             exp: (now + ttl).as_secs(),
             client: Some(client),
+            iat: Some(now.as_secs()),
+            nbf: None,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key).map_err(KeyError::Encode)
     }
@@ -143,8 +186,16 @@ fn validation(algorithm: Algorithm) -> Validation {
     let mut validation = Validation::new(algorithm);
     validation.leeway = 5;
     validation.set_required_spec_claims(&["exp", "sub"]);
+    validation.validate_nbf = true;
     validation.validate_aud = false;
     validation
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|since| since.as_secs())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -158,13 +209,9 @@ mod tests {
             .mint("alice", ClientKind::Mobile, Duration::from_secs(60))
             .expect("mint");
         let principal = auth.verify(&token).expect("valid");
-        assert_eq!(
-            principal,
-            Principal {
-                user: "alice".into(),
-                client: ClientKind::Mobile
-            }
-        );
+        assert_eq!(principal.user, "alice");
+        assert_eq!(principal.client, ClientKind::Mobile);
+        assert!(principal.expires_at >= unix_now() + 59);
         assert!(!principal.may_read_contents());
     }
 
@@ -181,6 +228,8 @@ mod tests {
             sub: "alice".into(),
             exp: 1_000,
             client: None,
+            iat: None,
+            nbf: None,
         };
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -189,5 +238,65 @@ mod tests {
         )
         .expect("encode");
         assert_eq!(auth.verify(&expired), Err(AuthError::Expired));
+    }
+
+    fn signed(claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(b"test-secret"),
+        )
+        .expect("encode")
+    }
+
+    #[test]
+    fn tokens_not_yet_valid_or_issued_in_the_future_are_refused() {
+        let auth = Authenticator::from_secret(b"test-secret");
+        let now = unix_now();
+        let later = signed(
+            &serde_json::json!({"sub": "a", "exp": now + 600, "nbf": now + 300, "client": "desktop"}),
+        );
+        assert_eq!(auth.verify(&later), Err(AuthError::Invalid));
+        let future = signed(
+            &serde_json::json!({"sub": "a", "exp": now + 600, "iat": now + 300, "client": "desktop"}),
+        );
+        assert_eq!(auth.verify(&future), Err(AuthError::Invalid));
+        let skewed = signed(
+            &serde_json::json!({"sub": "a", "exp": now + 600, "iat": now + 30, "nbf": now, "client": "desktop"}),
+        );
+        assert!(auth.verify(&skewed).is_ok(), "a little clock skew is fine");
+    }
+
+    #[test]
+    fn a_token_without_a_client_gets_the_least_privilege() {
+        let auth = Authenticator::from_secret(b"test-secret");
+        let bare = signed(&serde_json::json!({"sub": "a", "exp": unix_now() + 600}));
+        let principal = auth.verify(&bare).expect("valid");
+        assert_eq!(principal.client, ClientKind::Mobile);
+        assert!(!principal.may_read_contents());
+    }
+
+    #[test]
+    fn audience_and_issuer_are_checked_when_configured() {
+        let auth = Authenticator::from_secret(b"test-secret")
+            .expecting(Some("hivesync"), Some("https://id.example.com"));
+        let exp = unix_now() + 600;
+        let good = signed(
+            &serde_json::json!({"sub": "a", "exp": exp, "aud": "hivesync", "iss": "https://id.example.com"}),
+        );
+        assert!(auth.verify(&good).is_ok());
+        for bad in [
+            serde_json::json!({"sub": "a", "exp": exp, "aud": "other", "iss": "https://id.example.com"}),
+            serde_json::json!({"sub": "a", "exp": exp, "aud": "hivesync", "iss": "https://evil.example.com"}),
+            serde_json::json!({"sub": "a", "exp": exp, "iss": "https://id.example.com"}),
+            serde_json::json!({"sub": "a", "exp": exp, "aud": "hivesync"}),
+        ] {
+            assert_eq!(auth.verify(&signed(&bad)), Err(AuthError::Invalid), "{bad}");
+        }
+        let open = Authenticator::from_secret(b"test-secret");
+        assert!(
+            open.verify(&good).is_ok(),
+            "unconfigured: aud and iss are not checked"
+        );
     }
 }

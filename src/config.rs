@@ -15,6 +15,10 @@ pub struct Config {
     pub redis_url: Option<String>,
     pub jwt_secret: Option<String>,
     pub jwt_public_key: Option<String>,
+    /// when set, tokens must carry this `aud`
+    pub jwt_audience: Option<String>,
+    /// when set, tokens must carry this `iss`
+    pub jwt_issuer: Option<String>,
     /// sync jobs a `worker` process runs in parallel
     pub workers: usize,
     /// in-process workers of `serve`; `None` = the contract's default for the engine
@@ -57,6 +61,8 @@ impl Default for Config {
             redis_url: None,
             jwt_secret: None,
             jwt_public_key: None,
+            jwt_audience: None,
+            jwt_issuer: None,
             workers: 2,
             serve_workers: None,
             redis_prefix: "hivesync".to_owned(),
@@ -125,6 +131,10 @@ pub struct ConfigArgs {
     pub jwt_secret: Option<String>,
     #[arg(long, env = "HIVESYNC_JWT_PUBLIC_KEY", hide_env_values = true)]
     pub jwt_public_key: Option<String>,
+    #[arg(long, env = "HIVESYNC_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    #[arg(long, env = "HIVESYNC_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
     #[arg(long, env = "HIVESYNC_WORKERS")]
     pub workers: Option<usize>,
     #[arg(long, env = "HIVESYNC_SERVE_WORKERS")]
@@ -177,6 +187,8 @@ impl ConfigArgs {
         config.redis_url = self.redis_url.filter(|url| !url.trim().is_empty());
         config.jwt_secret = self.jwt_secret.filter(|s| !s.is_empty());
         config.jwt_public_key = self.jwt_public_key.filter(|s| !s.is_empty());
+        config.jwt_audience = self.jwt_audience.filter(|s| !s.is_empty());
+        config.jwt_issuer = self.jwt_issuer.filter(|s| !s.is_empty());
         if let Some(v) = self.workers {
             config.workers = v;
         }

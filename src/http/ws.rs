@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::Reply;
@@ -28,6 +28,9 @@ pub const WS_PATH: &str = "/api/v1/ws";
 /// Close code for a client that could not keep up; it should resume (4000–4499:
 /// reconnect allowed).
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code when the token the socket was opened with expires: reconnect with a
+/// fresh token (and `last_event_id`, to miss nothing).
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 /// How long one batch of writes may take before the peer counts as stuck.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Frames written before one flush.
@@ -69,6 +72,8 @@ pub async fn upgrade(
         Ok(principal) => principal,
         Err(err) => return err.into_response(),
     };
+    let token_expires = tokio::time::Instant::now()
+        + Duration::from_secs(principal.expires_at.saturating_sub(unix_now()));
     let resume_from: Option<EventId> = match params.get("last_event_id").map(|raw| raw.parse()) {
         None => None,
         Some(Ok(id)) => Some(id),
@@ -106,7 +111,7 @@ pub async fn upgrade(
         Metrics::bump(&state_for_task.metrics.ws_connections_total);
         let handle = attachment.handle();
         let connection_id = attachment.connection_id.clone();
-        let end = drive(socket, attachment, idle_timeout, &shutdown).await;
+        let end = drive(socket, attachment, idle_timeout, token_expires, &shutdown).await;
         hub.detach(&handle);
         if end == End::SlowConsumer {
             Metrics::bump(&state_for_task.metrics.ws_slow_consumers);
@@ -159,6 +164,8 @@ enum End {
     SlowConsumer,
     Idle,
     Shutdown,
+    TokenExpired,
+    ProtocolError,
     Broken,
 }
 
@@ -167,10 +174,29 @@ fn text(json: Bytes) -> Message {
     Message::Text(Utf8Bytes::try_from(json).unwrap_or_else(|_| Utf8Bytes::from_static("{}")))
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_secs())
+        .unwrap_or_default()
+}
+
+/// The close frame for a frame the client got wrong, by RFC 6455's codes; `None` for
+/// a broken connection, which gets no close frame.
+fn protocol_close(err: &WsError) -> Option<(CloseCode, &'static str)> {
+    match err {
+        WsError::Capacity(_) => Some((CloseCode::Size, "message too big")),
+        WsError::Utf8(_) => Some((CloseCode::Invalid, "text frame is not valid UTF-8")),
+        WsError::Protocol(_) => Some((CloseCode::Protocol, "protocol error")),
+        _ => None,
+    }
+}
+
 async fn drive(
     mut socket: Socket,
     attachment: Attachment,
     idle_timeout: Duration,
+    token_expires: tokio::time::Instant,
     shutdown: &CancellationToken,
 ) -> End {
     let Attachment {
@@ -199,7 +225,8 @@ async fn drive(
     // making them anew on every frame cost more than writing the frame
     let shutting_down = shutdown.cancelled();
     let kicked_out = kicked.cancelled();
-    tokio::pin!(shutting_down, kicked_out);
+    let expired = tokio::time::sleep_until(token_expires);
+    tokio::pin!(shutting_down, kicked_out, expired);
     loop {
         tokio::select! {
             biased;
@@ -211,8 +238,22 @@ async fn drive(
                 let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "client too slow; resume with last_event_id").await;
                 return End::SlowConsumer;
             }
+            _ = &mut expired => {
+                let _ = close(&mut socket, CloseCode::from(CLOSE_TOKEN_EXPIRED), "token expired; reconnect with a fresh token and last_event_id").await;
+                return End::TokenExpired;
+            }
             incoming = socket.next() => {
-                let Some(Ok(message)) = incoming else { return End::Broken };
+                let message = match incoming {
+                    Some(Ok(message)) => message,
+                    Some(Err(err)) => {
+                        if let Some((code, reason)) = protocol_close(&err) {
+                            let _ = close(&mut socket, code, reason).await;
+                            return End::ProtocolError;
+                        }
+                        return End::Broken;
+                    }
+                    None => return End::Broken,
+                };
                 last_heard = Instant::now();
                 match message {
                     Message::Text(raw) => {
@@ -232,7 +273,12 @@ async fn drive(
                             }
                         }
                     }
-                    Message::Close(_) => return End::ClientClosed,
+                    Message::Close(_) => {
+                        // tungstenite queued the reply (an echo, or 1002 for a close code
+                        // the peer may not send): send it before going
+                        let _ = tokio::time::timeout(WRITE_TIMEOUT, socket.flush()).await;
+                        return End::ClientClosed;
+                    }
                     // tungstenite answers pings itself; pongs and binary only prove liveness
                     _ => {}
                 }

@@ -37,6 +37,8 @@ async fn missing_bad_and_expired_tokens_are_told_apart() {
             sub: "alice".into(),
             exp: 1_000_000,
             client: Some(ClientKind::Desktop),
+            iat: None,
+            nbf: None,
         },
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
@@ -312,6 +314,8 @@ async fn tokens_signed_by_an_identity_provider_verify_with_its_public_key() {
                 sub: "idp-user".into(),
                 exp,
                 client: Some(ClientKind::Plugin),
+                iat: None,
+                nbf: None,
             },
             &encoding,
         )

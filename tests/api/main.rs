@@ -15,4 +15,5 @@ mod redis_server;
 mod security;
 mod ssh;
 mod sync;
+mod tokens;
 mod websocket;

@@ -23,8 +23,7 @@ const MAX_SYNC_LIST: usize = 100;
 const DEFAULT_NOTIFICATIONS: usize = 100;
 
 fn query_map(query: &str) -> Result<HashMap<String, String>, ApiError> {
-    serde_urlencoded::from_str(query)
-        .map_err(|err| ApiError::InvalidRequest(format!("invalid query string: {err}")))
+    super::query::parse_query(query)
 }
 
 fn parse_limit(value: Option<&String>, default: usize, max: usize) -> Result<usize, ApiError> {

@@ -5,7 +5,9 @@
 
 mod error;
 mod handlers;
+mod query;
 mod read;
+mod reject;
 mod server;
 mod ws;
 

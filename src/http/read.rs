@@ -153,8 +153,7 @@ async fn read(
     if !principal.may_read_contents() {
         return Err(ApiError::MobileMetadataOnly);
     }
-    let params: HashMap<String, String> = serde_urlencoded::from_str(query)
-        .map_err(|err| ApiError::InvalidRequest(format!("invalid query string: {err}")))?;
+    let params = super::query::parse_query(query)?;
     let param = |name: &str| params.get(name).map(String::as_str);
     let project_id = param("project_id")
         .ok_or_else(|| ApiError::InvalidRequest("project_id is required".into()))?;

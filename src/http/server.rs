@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
+use super::reject::JsonRejects;
 use super::{AppState, routes, ws};
 
 /// Serves on `listener` until `shutdown`: then stops accepting, lets in-flight requests
@@ -63,7 +64,7 @@ pub async fn serve(
             let connection = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(JsonRejects::new(stream)), service)
                 .with_upgrades();
             let mut connection = std::pin::pin!(connection);
             tokio::select! {

@@ -56,8 +56,10 @@ pub async fn upgrade(
     tracker: TaskTracker,
 ) -> Response {
     let query = request.uri().query().unwrap_or_default().to_owned();
-    let params: std::collections::HashMap<String, String> =
-        serde_urlencoded::from_str(&query).unwrap_or_default();
+    let params = match super::query::parse_query(&query) {
+        Ok(params) => params,
+        Err(err) => return err.into_response(),
+    };
     let header_token = request
         .headers()
         .get(header::AUTHORIZATION)

@@ -329,3 +329,76 @@ async fn tokens_signed_by_an_identity_provider_verify_with_its_public_key() {
         app.stop().await;
     }
 }
+
+/// Sends `request` as raw bytes and returns the status and the body of the answer.
+async fn raw_exchange(app: &TestApp, request: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    // the server may answer and close before it has read everything we send
+    let _ = stream.write_all(request).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn requests_refused_before_routing_get_json_bodies_too() {
+    let app = TestApp::spawn().await;
+    let mut many_headers = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    for index in 0..300 {
+        many_headers.push_str(&format!("x-filler-{index}: {}\r\n", "v".repeat(20)));
+    }
+    many_headers.push_str("\r\n");
+    let long_uri = format!(
+        "GET /api/v1/projects?{} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    for (what, request, status) in [
+        ("too many headers", many_headers.into_bytes(), 431),
+        ("a URI too long", long_uri.into_bytes(), 414),
+        (
+            "a malformed request line",
+            b"NOT A REQUEST\r\n\r\n".to_vec(),
+            400,
+        ),
+    ] {
+        let (got, body) = raw_exchange(&app, &request).await;
+        assert_eq!(got, status, "{what}: {body}");
+        let body: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|err| panic!("{what}: body {body:?} is not JSON: {err}"));
+        assert_eq!(body["error"], "invalid_request", "{what}");
+        assert!(body["message"].is_string(), "{what}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn badly_percent_encoded_parameters_are_invalid_not_decoded_lossily() {
+    let app = TestApp::spawn().await;
+    for path in [
+        "/api/v1/repo/tree?project_id=x&path=%ff",
+        "/api/v1/repo/search?project_id=x&q=%zz",
+        "/api/v1/notifications?after=%",
+        "/api/v1/repo/sync?project_id=%C3",
+    ] {
+        let (status, code, message) = error_of(app.get(path, &app.token).await).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (400, "invalid_request"),
+            "{path}: {message}"
+        );
+    }
+    app.stop().await;
+}

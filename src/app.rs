@@ -294,6 +294,7 @@ fn worker_settings(config: &Config) -> WorkerSettings {
         retry_base: config.retry_base,
         retry_max: config.retry_max,
         allow_private_hosts: config.allow_private_hosts,
+        min_free_bytes: config.min_free_bytes,
     }
 }
 

@@ -28,6 +28,9 @@ pub enum EngineError {
     Join(#[from] tokio::task::JoinError),
     #[error("engine is shutting down")]
     Closed,
+    /// The project does not exist (any more): deleted, maybe while this ran.
+    #[error("the project is gone")]
+    ProjectGone,
     #[error("redis command failed")]
     Redis(#[from] ::redis::RedisError),
     #[error("unexpected reply from redis")]
@@ -84,8 +87,13 @@ pub struct Project {
     pub last_status: Option<SyncStatus>,
     pub last_synced_at: Option<String>,
     pub commit: Option<String>,
-    /// The sync that is queued or running, if any; requests coalesce onto it.
+    /// The sync that is queued or running, if any; requests coalesce onto it while it
+    /// is queued.
     pub active_sync: Option<String>,
+    /// The sync requested while the active one was running: queued when that one ends,
+    /// so a push that landed mid-fetch is not left behind. Requests join it meanwhile.
+    #[serde(default)]
+    pub follow_up: Option<String>,
 }
 
 impl Project {
@@ -154,18 +162,27 @@ pub trait Store: Send + Sync + 'static {
     async fn projects_of(&self, owner: &str) -> Result<Vec<Project>, EngineError>;
     /// Removes the project and its sync history.
     async fn delete_project(&self, id: &ProjectId) -> Result<(), EngineError>;
-    /// Atomically: if the project has a queued or running sync, returns it with
-    /// `false`; else stores `record` as the project's active sync and returns `true`.
-    async fn begin_sync(&self, record: SyncRecord) -> Result<(SyncRecord, bool), EngineError>;
+    /// Atomically, in one step: while the project's sync is queued, returns it with
+    /// `false`; while one is running, returns its follow-up with `false`, or stores
+    /// `record` as the follow-up (queued when the running one ends) and returns `true`;
+    /// with nothing active, stores `record` as the active sync, puts `job` on the queue
+    /// and returns `true`. `Err(ProjectGone)` when the project does not exist.
+    async fn begin_sync(
+        &self,
+        record: SyncRecord,
+        job: Job,
+    ) -> Result<(SyncRecord, bool), EngineError>;
     async fn sync(&self, id: &SyncId) -> Result<Option<SyncRecord>, EngineError>;
     /// Stores a new state of a sync; a terminal one also ends the project's active
-    /// sync and updates its last status (and, on success, its commit). With `lock`, the
-    /// write happens only while that lock is still held, else `Err(Fenced)`.
+    /// sync (its follow-up, if any, becomes active and goes on the queue in the same
+    /// step) and updates its last status (and, on success, its commit). With `lock`,
+    /// the write happens only while that lock is still held, else `Err(Fenced)`.
+    /// `Ok(false)`: the record is gone (its project was deleted); nothing was written.
     async fn put_sync(
         &self,
         record: &SyncRecord,
         lock: Option<&ProjectLock>,
-    ) -> Result<(), EngineError>;
+    ) -> Result<bool, EngineError>;
     /// Newest first.
     async fn syncs_of(
         &self,
@@ -222,8 +239,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts a sync of `project` (queued, announced, on the queue), or joins the one
-    /// already queued or running: returns the sync and whether it is new.
+    /// Starts a sync of `project` (stored and queued in one step, then announced), or
+    /// queues a follow-up of a running one, or joins the one already waiting: returns
+    /// the sync and whether it is new.
     pub async fn start_sync(&self, project: &Project) -> Result<(SyncRecord, bool), EngineError> {
         let record = SyncRecord {
             sync_id: SyncId::generate().to_string(),
@@ -239,9 +257,17 @@ impl Engine {
             duration_ms: None,
             error: None,
         };
-        let (record, created) = self.store.begin_sync(record).await?;
+        let job = Job {
+            sync_id: record.sync_id.clone(),
+            project_id: record.project_id.clone(),
+            owner: project.owner.clone(),
+        };
+        let (record, created) = self.store.begin_sync(record, job).await?;
         if created {
-            self.events
+            // the sync is stored and on its way whatever happens to this event: a
+            // client that misses it sees the record by polling
+            let published = self
+                .events
                 .publish(
                     &project.owner,
                     EventBody::SyncStage {
@@ -253,14 +279,10 @@ impl Engine {
                         retry: None,
                     },
                 )
-                .await?;
-            self.queue
-                .enqueue(Job {
-                    sync_id: record.sync_id.clone(),
-                    project_id: record.project_id.clone(),
-                    owner: project.owner.clone(),
-                })
-                .await?;
+                .await;
+            if let Err(err) = published {
+                tracing::warn!(sync_id = %record.sync_id, error = %crate::error::error_chain(&err), "could not announce a queued sync; it runs regardless");
+            }
         }
         Ok((record, created))
     }

@@ -11,6 +11,9 @@ use crate::engine::EngineError;
 use crate::error::error_chain;
 use crate::protocol::ErrorBody;
 
+/// What `Retry-After` tells a client when the engine is unreachable.
+const UNAVAILABLE_RETRY_S: u64 = 2;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
@@ -84,6 +87,10 @@ impl ApiError {
                 warp::reply::with_header(reply, "retry-after", seconds.max(1).to_string())
                     .into_response()
             }
+            ApiError::Unavailable(_) => {
+                warp::reply::with_header(reply, "retry-after", UNAVAILABLE_RETRY_S.to_string())
+                    .into_response()
+            }
             _ => reply.into_response(),
         }
     }
@@ -91,7 +98,23 @@ impl ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> Self {
-        ApiError::Backend(Box::new(err))
+        let unreachable = match &err {
+            EngineError::Pool(_) | EngineError::Closed => true,
+            EngineError::Redis(cause) => {
+                cause.is_io_error()
+                    || cause.is_connection_refusal()
+                    || cause.is_connection_dropped()
+                    || cause.is_timeout()
+            }
+            _ => false,
+        };
+        match err {
+            // a project deleted while the request ran
+            EngineError::ProjectGone => ApiError::ProjectNotFound,
+            // the engine cannot be reached now: try again shortly
+            err if unreachable => ApiError::Unavailable(Box::new(err)),
+            err => ApiError::Backend(Box::new(err)),
+        }
     }
 }
 

@@ -111,6 +111,7 @@ pub async fn create_project(
         last_synced_at: None,
         commit: None,
         active_sync: None,
+        follow_up: None,
     };
     state.engine.store.insert_project(&project).await?;
     tracing::info!(project_id = %project.project_id, repo_url = %url, "project registered");

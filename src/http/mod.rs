@@ -12,6 +12,7 @@ mod server;
 mod ws;
 
 pub use error::ApiError;
+pub use query::parse_query;
 pub use read::SearchSlots;
 pub use server::serve;
 

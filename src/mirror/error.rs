@@ -27,8 +27,14 @@ pub enum MirrorError {
     Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("{0}")]
     PrivateAddress(String),
+    /// Free space on the data volume is under the configured floor.
+    #[error("{0}")]
+    StorageFloor(String),
     #[error("the sync was interrupted")]
     Interrupted,
+    /// The sync's deadline passed (the caller's, not gix's).
+    #[error("{0}")]
+    TimedOut(String),
     #[error("another worker took this mirror over (this worker's project lock expired)")]
     Fenced,
     #[error(
@@ -45,6 +51,9 @@ impl MirrorError {
     /// Whether the disk filled up, wherever in gix the write failed (pack, index,
     /// checkout): an `io::Error` of kind `StorageFull` anywhere among the causes.
     pub fn is_out_of_space(&self) -> bool {
+        if let MirrorError::StorageFloor(_) = self {
+            return true;
+        }
         if let MirrorError::Io(err) = self
             && is_out_of_space(err)
         {

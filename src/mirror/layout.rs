@@ -116,6 +116,19 @@ pub(crate) fn unique_suffix() -> String {
     format!("{nanos:x}")
 }
 
+impl Layout {
+    /// Refuses to go on when the data volume has less than `floor` bytes free (an
+    /// unreadable volume is not refused here; the write that fails says why).
+    pub fn check_floor(&self, floor: u64) -> Result<(), MirrorError> {
+        match free_bytes(&self.data_dir) {
+            Some(free) if free < floor => Err(MirrorError::StorageFloor(format!(
+                "free space on the data volume ({free} bytes) is under HIVESYNC_MIN_FREE_BYTES ({floor} bytes); the mirror was left as it was"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Free bytes on the volume holding `path` (`None` when it cannot be told).
 pub fn free_bytes(path: &Path) -> Option<u64> {
     let stat = rustix::fs::statvfs(path).ok()?;

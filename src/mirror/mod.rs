@@ -53,6 +53,8 @@ pub struct SyncSpec<'a> {
     pub https_ca_file: Option<PathBuf>,
     /// The fencing token of the worker's project lock; the mirror refuses older ones.
     pub fence: u64,
+    /// `HIVESYNC_MIN_FREE_BYTES`: checked before fetching and before checking out
+    pub min_free_bytes: u64,
 }
 
 /// A user name and token for an http(s) remote. Never logged.
@@ -121,6 +123,7 @@ fn sync_once(
     on_phase(Phase::Fetching);
     let fence_file = layout.fence_file(spec.project);
     claim_fence(&fence_file, spec.fence)?;
+    layout.check_floor(spec.min_free_bytes)?;
     let git_dir = layout.git_dir(spec.project);
     let mut overrides: Vec<String> = spec
         .ssh_command
@@ -188,6 +191,7 @@ fn sync_once(
     }
 
     on_phase(Phase::UpdatingFiles);
+    layout.check_floor(spec.min_free_bytes)?;
     std::fs::create_dir_all(&trees_dir)?;
     let snapshot = trees_dir.join(format!("{}-{}", &commit_hex[..12], unique_suffix()));
     let reuse = previous_index

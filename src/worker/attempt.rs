@@ -57,6 +57,14 @@ impl From<Counters> for Progress {
 }
 
 impl Worker {
+    /// The failure of a sync that ran out of its time, retries included.
+    pub(super) fn timed_out(&self) -> MirrorError {
+        MirrorError::TimedOut(format!(
+            "the sync did not finish within HIVESYNC_SYNC_TIMEOUT_S ({} s), retries included",
+            self.settings.sync_timeout.as_secs()
+        ))
+    }
+
     /// One run of the mirror sync, with progress sampling, the timeout and shutdown.
     pub(super) async fn attempt(
         &self,
@@ -64,6 +72,7 @@ impl Worker {
         project_id: &ProjectId,
         record: &mut SyncRecord,
         ctx: &JobCtx<'_>,
+        deadline: tokio::time::Instant,
         shutdown: &CancellationToken,
     ) -> Result<AttemptEnd, EngineError> {
         // the key file lives until this attempt ends, then is deleted
@@ -86,6 +95,7 @@ impl Worker {
         let root = gix::progress::tree::Root::new();
         let interrupt = Arc::new(AtomicBool::new(false));
         let fence = ctx.lock.fence;
+        let min_free_bytes = self.settings.min_free_bytes;
         let (phase_tx, mut phase_rx) = mpsc::unbounded_channel::<Phase>();
         let handle = {
             let layout = self.layout.clone();
@@ -103,6 +113,7 @@ impl Worker {
                     http_identity,
                     https_ca_file,
                     fence,
+                    min_free_bytes,
                 };
                 let on_phase = move |phase: Phase| {
                     let _ = phase_tx.send(phase);
@@ -111,7 +122,7 @@ impl Worker {
             })
         };
         tokio::pin!(handle);
-        let deadline = tokio::time::sleep(self.settings.sync_timeout);
+        let deadline = tokio::time::sleep_until(deadline);
         tokio::pin!(deadline);
         let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -120,24 +131,35 @@ impl Worker {
         let mut released = false;
         let mut timed_out = false;
         let mut abandon_at: Option<tokio::time::Instant> = None;
+        let mut engine_failure: Option<EngineError> = None;
         let result = loop {
             tokio::select! {
                 biased;
                 Some(next) = phase_rx.recv() => {
                     phase = next;
                     let status = status_of(phase);
-                    if status != record.status {
+                    if status != record.status && engine_failure.is_none() {
                         let progress = Progress::from(mirror::sample_progress(&root, phase));
                         last_sent = progress;
-                        self.stage(record, ctx, status, Some(progress)).await?;
+                        if let Err(err) = self.stage(record, ctx, status, Some(progress)).await {
+                            // the lock is lost or the project deleted: stop the sync
+                            // before it writes more, then report
+                            engine_failure = Some(err);
+                            interrupt.store(true, Ordering::Relaxed);
+                            abandon_at.get_or_insert(tokio::time::Instant::now() + ABANDON_AFTER_INTERRUPT);
+                        }
                     }
                 }
                 joined = &mut handle => break joined,
-                _ = ticker.tick() => {
+                _ = ticker.tick(), if engine_failure.is_none() => {
                     let progress = Progress::from(mirror::sample_progress(&root, phase));
                     if progress != last_sent {
                         last_sent = progress;
-                        self.stage(record, ctx, record.status, Some(progress)).await?;
+                        if let Err(err) = self.stage(record, ctx, record.status, Some(progress)).await {
+                            engine_failure = Some(err);
+                            interrupt.store(true, Ordering::Relaxed);
+                            abandon_at.get_or_insert(tokio::time::Instant::now() + ABANDON_AFTER_INTERRUPT);
+                        }
                     }
                 }
                 _ = &mut deadline, if !interrupt.load(Ordering::Relaxed) => {
@@ -150,7 +172,16 @@ impl Worker {
                 }
                 _ = sleep_until_opt(abandon_at) => {
                     tracing::warn!("the sync did not stop after its interrupt; abandoning it");
-                    return Ok(if released { AttemptEnd::Released } else { AttemptEnd::Failed(MirrorError::Interrupted) });
+                    if let Some(err) = engine_failure {
+                        return Err(err);
+                    }
+                    return Ok(if released {
+                        AttemptEnd::Released
+                    } else if timed_out {
+                        AttemptEnd::Failed(self.timed_out())
+                    } else {
+                        AttemptEnd::Failed(MirrorError::Interrupted)
+                    });
                 }
                 _ = shutdown.cancelled(), if !released => {
                     released = true;
@@ -159,6 +190,9 @@ impl Worker {
                 }
             }
         };
+        if let Some(err) = engine_failure {
+            return Err(err);
+        }
         // phases the sync passed through in the last moments before it returned
         while let Ok(next) = phase_rx.try_recv() {
             phase = next;
@@ -178,7 +212,7 @@ impl Worker {
         }
         Ok(match result {
             Ok(outcome) => AttemptEnd::Done(outcome),
-            Err(_) if timed_out => AttemptEnd::Failed(MirrorError::Interrupted),
+            Err(_) if timed_out => AttemptEnd::Failed(self.timed_out()),
             // ssh writes its diagnostics to our log instead of stderr, so gix cannot
             // classify them; the log does
             Err(MirrorError::Network(cause)) => match ssh_files.as_ref().map(SshFiles::refusal) {

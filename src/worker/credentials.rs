@@ -256,6 +256,7 @@ mod tests {
             retry_base: std::time::Duration::from_secs(1),
             retry_max: 1,
             allow_private_hosts: false,
+            min_free_bytes: 0,
         }
     }
 
@@ -272,6 +273,7 @@ mod tests {
             last_synced_at: None,
             commit: None,
             active_sync: None,
+            follow_up: None,
         }
     }
 

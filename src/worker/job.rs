@@ -78,11 +78,19 @@ impl Worker {
             .await?;
             return Ok(JobEnd::Finished);
         };
-        record.started_at.get_or_insert_with(now_rfc3339);
+        let started_at = record.started_at.get_or_insert_with(now_rfc3339).clone();
+        // one deadline for the whole sync, retries included, from its first start (a
+        // job taken over after a crash keeps the time already spent)
+        let spent = millis_between(&started_at, &now_rfc3339())
+            .map(Duration::from_millis)
+            .unwrap_or_default();
+        let deadline =
+            tokio::time::Instant::now() + self.settings.sync_timeout.saturating_sub(spent);
 
         let policy = RetryPolicy {
             base: self.settings.retry_base,
             max: self.settings.retry_max,
+            deadline,
         };
         let mut runs = JobAttempts {
             worker: self,
@@ -90,6 +98,7 @@ impl Worker {
             ctx: &ctx,
             project: &project,
             project_id: &project_id,
+            deadline,
             interrupt,
         };
         let (end, attempts) = retry_loop(&mut runs, policy, interrupt).await?;
@@ -178,19 +187,26 @@ impl Worker {
                 self.engine.store.put_sync(record, Some(ctx.lock))
             })
             .await?;
-        if stored {
-            self.persist(essential, || {
-                self.engine.events.publish(ctx.owner, body.clone())
-            })
-            .await?;
+        match stored {
+            // the project was deleted: no event of it from now on, and the job stops
+            Some(false) => Err(EngineError::ProjectGone),
+            Some(true) => {
+                self.persist(essential, || {
+                    self.engine.events.publish(ctx.owner, body.clone())
+                })
+                .await?;
+                Ok(())
+            }
+            // a progress tick the engine refused: the next one makes up for it
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Runs an engine write. An essential one is retried with backoff while the engine
     /// is unreachable (a Redis restart must not fail a sync that is otherwise fine);
-    /// a lost lock ends the retries at once. Returns whether the write happened.
-    async fn persist<T, F, Fut>(&self, essential: bool, write: F) -> Result<bool, EngineError>
+    /// a lost lock ends the retries at once. Returns what the write returned, or `None`
+    /// when a write that is not essential was skipped.
+    async fn persist<T, F, Fut>(&self, essential: bool, write: F) -> Result<Option<T>, EngineError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, EngineError>>,
@@ -199,11 +215,12 @@ impl Worker {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
         loop {
             match write().await {
-                Ok(_) => return Ok(true),
+                Ok(value) => return Ok(Some(value)),
                 Err(EngineError::Fenced) => return Err(EngineError::Fenced),
+                Err(EngineError::ProjectGone) => return Err(EngineError::ProjectGone),
                 Err(err) if !essential => {
                     tracing::debug!(error = %error_chain(&err), "skipping a progress update the engine refused");
-                    return Ok(false);
+                    return Ok(None);
                 }
                 Err(err) if started.elapsed() >= ENGINE_WRITE_PATIENCE => return Err(err),
                 Err(err) => {
@@ -310,7 +327,8 @@ pub(super) fn error_code(err: &MirrorError) -> SyncErrorCode {
         | MirrorError::HostKeyRejected => SyncErrorCode::RepoAuthFailed,
         MirrorError::Network(_) => SyncErrorCode::NetworkError,
         MirrorError::Corrupt(_) => SyncErrorCode::MirrorCorrupt,
-        MirrorError::Interrupted => SyncErrorCode::Timeout,
+        MirrorError::Interrupted | MirrorError::TimedOut(_) => SyncErrorCode::Timeout,
+        MirrorError::StorageFloor(_) => SyncErrorCode::StorageFull,
         MirrorError::Io(_)
         | MirrorError::Checkout(_)
         | MirrorError::Git(_)
@@ -365,6 +383,11 @@ mod tests {
                 SyncErrorCode::MirrorCorrupt,
             ),
             (MirrorError::Interrupted, SyncErrorCode::Timeout),
+            (MirrorError::TimedOut("x".into()), SyncErrorCode::Timeout),
+            (
+                MirrorError::StorageFloor("x".into()),
+                SyncErrorCode::StorageFull,
+            ),
             (
                 MirrorError::UnsafeTree("x".into()),
                 SyncErrorCode::BackendError,

@@ -43,6 +43,8 @@ pub struct WorkerSettings {
     pub retry_max: u32,
     /// `HIVESYNC_ALLOW_PRIVATE_HOSTS`: skip the connect-time address check
     pub allow_private_hosts: bool,
+    /// `HIVESYNC_MIN_FREE_BYTES`: a sync does not start writing under this
+    pub min_free_bytes: u64,
 }
 
 /// Stops for workers: `stop_taking` ends the loop after the current job; `interrupt`
@@ -140,6 +142,11 @@ impl Worker {
             let acked = match end {
                 Ok(JobEnd::Finished) => self.engine.queue.complete(&lease).await,
                 Ok(JobEnd::Released) => self.engine.queue.release(lease).await,
+                Err(EngineError::ProjectGone) => {
+                    // deleted while it ran: nothing more to say about it
+                    tracing::info!(sync_id = %lease.job.sync_id, "the project was deleted; the sync stopped");
+                    self.engine.queue.complete(&lease).await
+                }
                 Err(EngineError::Fenced) => {
                     // another worker owns the job now; it acks it
                     tracing::warn!(sync_id = %lease.job.sync_id, "lost the project lock; leaving the job to the worker that took it over");

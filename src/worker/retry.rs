@@ -25,6 +25,8 @@ pub(super) fn is_retryable(err: &MirrorError) -> bool {
 pub(super) struct RetryPolicy {
     pub base: Duration,
     pub max: u32,
+    /// the sync's deadline: a wait that would end past it fails the sync at once
+    pub deadline: tokio::time::Instant,
 }
 
 /// The attempts of one job, as [`retry_loop`] drives them.
@@ -46,6 +48,7 @@ pub(super) struct JobAttempts<'a> {
     pub ctx: &'a JobCtx<'a>,
     pub project: &'a Project,
     pub project_id: &'a ProjectId,
+    pub deadline: tokio::time::Instant,
     pub interrupt: &'a CancellationToken,
 }
 
@@ -67,6 +70,7 @@ impl Attempts for JobAttempts<'_> {
                 self.project_id,
                 self.record,
                 self.ctx,
+                self.deadline,
                 self.interrupt,
             )
             .await
@@ -101,6 +105,15 @@ pub(super) async fn retry_loop(
         match attempts.attempt(number).await? {
             AttemptEnd::Failed(err) if is_retryable(&err) && number < policy.max => {
                 let wait = retry_delay(number, policy.base, jitter_fraction());
+                if tokio::time::Instant::now() + wait >= policy.deadline {
+                    // the sync's time would run out during the wait: fail it now
+                    return Ok((
+                        AttemptEnd::Failed(MirrorError::TimedOut(format!(
+                            "the sync would run past HIVESYNC_SYNC_TIMEOUT_S before its next attempt ({err})"
+                        ))),
+                        number,
+                    ));
+                }
                 attempts.before_wait(number, wait, &err).await?;
                 tokio::select! {
                     _ = interrupt.cancelled() => return Ok((AttemptEnd::Released, number)),
@@ -163,6 +176,37 @@ mod tests {
         }
     }
 
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
+    }
+
+    /// One deadline for the whole sync: a wait that would cross it ends the sync with
+    /// a timeout at once instead of sleeping into it.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_wait_that_would_cross_the_deadline_fails_the_sync_at_once() {
+        let started = tokio::time::Instant::now();
+        let mut attempts = Failing::new(network);
+        let (end, count) = retry_loop(
+            &mut attempts,
+            RetryPolicy {
+                base: Duration::from_secs(30),
+                max: 5,
+                deadline: started + Duration::from_secs(60),
+            },
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("no engine error");
+        assert!(matches!(end, AttemptEnd::Failed(MirrorError::TimedOut(_))));
+        // attempt 1, immediate retry 2, a 30–45 s wait, attempt 3; the next wait
+        // (60–90 s) would end past the deadline
+        assert_eq!(count, 3);
+        assert!(
+            tokio::time::Instant::now() - started < Duration::from_secs(60),
+            "it did not sleep into the deadline"
+        );
+    }
+
     fn network() -> MirrorError {
         MirrorError::Network(Box::new(std::io::Error::from(
             std::io::ErrorKind::ConnectionRefused,
@@ -183,7 +227,11 @@ mod tests {
         let mut attempts = Failing::new(network);
         let (end, count) = retry_loop(
             &mut attempts,
-            RetryPolicy { base, max: 5 },
+            RetryPolicy {
+                base,
+                max: 5,
+                deadline: far(),
+            },
             &CancellationToken::new(),
         )
         .await
@@ -225,6 +273,7 @@ mod tests {
             RetryPolicy {
                 base: Duration::from_secs(30),
                 max: 5,
+                deadline: far(),
             },
             &CancellationToken::new(),
         )
@@ -253,6 +302,7 @@ mod tests {
             RetryPolicy {
                 base: Duration::from_secs(30),
                 max: 5,
+                deadline: far(),
             },
             &interrupt,
         )

@@ -3,12 +3,13 @@
 //! behaves the same on one node and on many.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hivesync::domain::{ProjectId, SyncId, now_rfc3339};
 use hivesync::engine::embedded::EmbeddedEngine;
 use hivesync::engine::redis::{RedisEngine, RedisSettings};
-use hivesync::engine::{Engine, EngineError, Live, Project};
+use hivesync::engine::{Engine, EngineError, Lease, Live, Project, Store};
 use hivesync::protocol::{EventBody, Job, SyncRecord, SyncStatus};
 use tokio_util::sync::CancellationToken;
 
@@ -90,6 +91,7 @@ impl Factory for OnRedis {
 
 async fn all_checks(factory: &impl Factory) {
     projects_syncs_and_coalescing(factory.make().await).await;
+    a_request_during_a_running_sync_queues_one_follow_up(factory.make().await).await;
     rate_limit_is_a_burst_then_an_exact_wait(factory.make().await).await;
     events_are_numbered_per_user_kept_and_live(factory.make().await, factory.networked()).await;
     jobs_locks_and_fences(factory.make().await).await;
@@ -122,6 +124,7 @@ fn project(owner: &str) -> Project {
         last_synced_at: None,
         commit: None,
         active_sync: None,
+        follow_up: None,
     }
 }
 
@@ -140,6 +143,24 @@ fn record(project: &Project) -> SyncRecord {
         duration_ms: None,
         error: None,
     }
+}
+
+/// The job a request for `record` puts on the queue.
+fn job_for(record: &SyncRecord, owner: &str) -> Job {
+    Job {
+        sync_id: record.sync_id.clone(),
+        project_id: record.project_id.clone(),
+        owner: owner.into(),
+    }
+}
+
+/// A sync request for `project`, as the hub makes it.
+async fn begin(store: &dyn Store, project: &Project) -> (SyncRecord, bool) {
+    let sync = record(project);
+    store
+        .begin_sync(sync.clone(), job_for(&sync, &project.owner))
+        .await
+        .expect("begin")
 }
 
 fn pid(project: &Project) -> ProjectId {
@@ -170,13 +191,16 @@ async fn projects_syncs_and_coalescing(engine: Engine) {
     assert_eq!(of_alice[0].project_id, alice.project_id);
 
     let first = record(&alice);
-    let (stored, created) = store.begin_sync(first.clone()).await.expect("begin");
+    let (stored, created) = store
+        .begin_sync(first.clone(), job_for(&first, "alice"))
+        .await
+        .expect("begin");
     assert!(created);
     assert_eq!(stored.sync_id, first.sync_id);
-    let (joined, created) = store.begin_sync(record(&alice)).await.expect("begin");
+    let (joined, created) = begin(store.as_ref(), &alice).await;
     assert!(!created, "a second request joins the active sync");
     assert_eq!(joined.sync_id, first.sync_id);
-    let (_, created) = store.begin_sync(record(&bob)).await.expect("begin");
+    let (_, created) = begin(store.as_ref(), &bob).await;
     assert!(created, "projects coalesce independently");
 
     let mut running = first.clone();
@@ -213,7 +237,10 @@ async fn projects_syncs_and_coalescing(engine: Engine) {
     assert_eq!(after.active_sync, None, "a finished sync is not requeued");
 
     let second = record(&alice);
-    let (_, created) = store.begin_sync(second.clone()).await.expect("begin");
+    let (_, created) = store
+        .begin_sync(second.clone(), job_for(&second, "alice"))
+        .await
+        .expect("begin");
     assert!(created, "after the end, a new sync starts");
     let newest = store.syncs_of(&pid(&alice), 1).await.expect("list");
     assert_eq!(newest.len(), 1);
@@ -232,6 +259,112 @@ async fn projects_syncs_and_coalescing(engine: Engine) {
     assert!(store.sync(&sid(&first)).await.expect("read").is_none());
     assert!(store.project(&pid(&alice)).await.expect("read").is_none());
     store.ping().await.expect("ping");
+}
+
+/// The next job on the queue, or `None` when none comes within a short wait.
+async fn next_job(engine: &Engine) -> Option<Lease> {
+    let patience = CancellationToken::new();
+    let stopper = patience.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stopper.cancel();
+    });
+    let lease = engine.queue.take(&patience).await.expect("take");
+    if let Some(lease) = &lease {
+        engine.queue.complete(lease).await.expect("complete");
+    }
+    lease
+}
+
+async fn a_request_during_a_running_sync_queues_one_follow_up(engine: Engine) {
+    let store = &engine.store;
+    let alice = project("alice");
+    store.insert_project(&alice).await.expect("insert");
+    let (first, created) = begin(store.as_ref(), &alice).await;
+    assert!(created);
+    let job = next_job(&engine)
+        .await
+        .expect("begin puts the job on the queue in the same step");
+    assert_eq!(job.job.sync_id, first.sync_id);
+
+    let mut running = first.clone();
+    running.status = SyncStatus::Running;
+    assert!(store.put_sync(&running, None).await.expect("put"));
+    // requests racing each other while the sync runs: exactly one follow-up
+    let racing: Vec<_> = (0..8)
+        .map(|_| {
+            let store = Arc::clone(store);
+            let alice = alice.clone();
+            tokio::spawn(async move { begin(store.as_ref(), &alice).await })
+        })
+        .collect();
+    let mut follow_ups = Vec::new();
+    for task in racing {
+        follow_ups.push(task.await.expect("task"));
+    }
+    let created: Vec<_> = follow_ups.iter().filter(|(_, created)| *created).collect();
+    assert_eq!(
+        created.len(),
+        1,
+        "one follow-up, however many requests race"
+    );
+    let follow_up = created[0].0.clone();
+    assert_ne!(follow_up.sync_id, first.sync_id);
+    assert!(
+        follow_ups
+            .iter()
+            .all(|(sync, _)| sync.sync_id == follow_up.sync_id),
+        "later requests join the follow-up"
+    );
+    assert!(
+        next_job(&engine).await.is_none(),
+        "the follow-up waits for the running sync"
+    );
+
+    let mut done = running.clone();
+    done.status = SyncStatus::Completed;
+    done.finished_at = Some(now_rfc3339());
+    assert!(store.put_sync(&done, None).await.expect("put"));
+    let project = store
+        .project(&pid(&alice))
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(
+        project.active_sync.as_deref(),
+        Some(follow_up.sync_id.as_str())
+    );
+    assert_eq!(project.follow_up, None);
+    let job = next_job(&engine)
+        .await
+        .expect("the follow-up is queued when the first ends");
+    assert_eq!(job.job.sync_id, follow_up.sync_id);
+    let (joined, created) = begin(store.as_ref(), &alice).await;
+    assert!(!created, "a request joins the queued follow-up");
+    assert_eq!(joined.sync_id, follow_up.sync_id);
+
+    let mut finished = follow_up.clone();
+    finished.status = SyncStatus::Failed;
+    finished.finished_at = Some(now_rfc3339());
+    assert!(store.put_sync(&finished, None).await.expect("put"));
+    let project = store
+        .project(&pid(&alice))
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(project.active_sync, None);
+    assert!(next_job(&engine).await.is_none());
+
+    // a record whose project is gone is not written, and says so
+    store.delete_project(&pid(&alice)).await.expect("delete");
+    assert!(!store.put_sync(&finished, None).await.expect("put"));
+    let orphan = record(&alice);
+    assert!(matches!(
+        store
+            .begin_sync(orphan.clone(), job_for(&orphan, "alice"))
+            .await,
+        Err(EngineError::ProjectGone)
+    ));
 }
 
 async fn rate_limit_is_a_burst_then_an_exact_wait(engine: Engine) {
@@ -430,7 +563,17 @@ async fn jobs_locks_and_fences(engine: Engine) {
     let alice = project("alice");
     engine.store.insert_project(&alice).await.expect("insert");
     let sync = record(&alice);
-    engine.store.begin_sync(sync.clone()).await.expect("begin");
+    engine
+        .store
+        .begin_sync(sync.clone(), job_for(&sync, "alice"))
+        .await
+        .expect("begin");
+    let begun = queue.take(&shutdown).await.expect("take").expect("a job");
+    assert_eq!(
+        begun.job.sync_id, sync.sync_id,
+        "begin queued the sync's job"
+    );
+    queue.complete(&begun).await.expect("complete");
 
     queue
         .enqueue(job(&alice.project_id, 1))

@@ -510,6 +510,7 @@ async fn https_userinfo_of_a_project_stored_before_it_was_refused_still_works_un
             last_synced_at: None,
             commit: None,
             active_sync: None,
+            follow_up: None,
         })
         .await
         .expect("stored");

@@ -380,6 +380,7 @@ async fn credentials_in_a_repo_url_never_reach_logs_responses_or_events() {
                 last_synced_at: None,
                 commit: None,
                 active_sync: None,
+                follow_up: None,
             },
         )
         .await

@@ -5,6 +5,7 @@ mod browser;
 mod conformance;
 mod errors;
 mod failures;
+mod faults;
 mod helpers;
 mod https;
 mod lifecycle;

@@ -14,11 +14,7 @@ use crate::protocol::{Job, SyncRecord, SyncStatus};
 #[async_trait]
 impl JobQueue for EmbeddedEngine {
     async fn enqueue(&self, job: Job) -> Result<(), EngineError> {
-        self.queue
-            .lock()
-            .expect("queue lock is never poisoned")
-            .push_back(job);
-        self.queued.notify_one();
+        self.push_job(job);
         Ok(())
     }
 
@@ -100,6 +96,15 @@ impl EmbeddedEngine {
 }
 
 impl EmbeddedEngine {
+    /// Puts a job at the back of the in-process queue and wakes a worker.
+    pub(super) fn push_job(&self, job: Job) {
+        self.queue
+            .lock()
+            .expect("queue lock is never poisoned")
+            .push_back(job);
+        self.queued.notify_one();
+    }
+
     /// Puts syncs that were queued or running when the engine last stopped back on the
     /// queue, so a restart loses no requested work. Returns how many.
     pub async fn requeue_unfinished(&self) -> Result<usize, EngineError> {

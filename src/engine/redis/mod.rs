@@ -163,6 +163,7 @@ fn project_from_fields(
     };
     let mut project: Project = serde_json::from_str(&json)?;
     project.active_sync = fields.remove("active_sync");
+    project.follow_up = fields.remove("follow_up");
     project.last_status = fields
         .remove("last_status")
         .and_then(|status| serde_json::from_value(serde_json::Value::String(status)).ok());

@@ -68,10 +68,12 @@ impl JobQueue for RedisEngine {
                 .arg("STREAMS")
                 .arg(self.keys.jobs())
                 .arg(">");
-            let read: Result<Option<StreamReadReply>, redis::RedisError> = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
-                read = read_cmd.query_async(&mut *conn) => read,
-            };
+            // awaited to the end, never abandoned: Redis hands an entry to a blocked
+            // read even after its caller stopped listening, and an entry handed to a
+            // reply nobody reads sits pending until it is reclaimed (READ_BLOCK bounds
+            // how long shutdown waits for this)
+            let read: Result<Option<StreamReadReply>, redis::RedisError> =
+                read_cmd.query_async(&mut *conn).await;
             let read = match read {
                 Ok(read) => read,
                 Err(err) if err.code() == Some("NOGROUP") => {
@@ -90,11 +92,18 @@ impl JobQueue for RedisEngine {
             };
             match job_of(&entry) {
                 Some(job) => {
-                    return Ok(Some(Lease {
+                    let lease = Lease {
                         job,
                         token: entry.id,
                         deliveries: 1,
-                    }));
+                    };
+                    if shutdown.is_cancelled() {
+                        // taken as the worker stopped: straight back for another
+                        drop(conn);
+                        self.release(lease).await?;
+                        return Ok(None);
+                    }
+                    return Ok(Some(lease));
                 }
                 None => {
                     tracing::warn!(entry = %entry.id, "dropping an unreadable job");

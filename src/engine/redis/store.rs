@@ -8,13 +8,14 @@ use redis::AsyncCommands;
 use super::{RedisEngine, project_from_fields};
 use crate::domain::{ProjectId, SyncId};
 use crate::engine::{EngineError, Project, ProjectLock, Store};
-use crate::protocol::SyncRecord;
+use crate::protocol::{Job, SyncRecord};
 
 #[async_trait]
 impl Store for RedisEngine {
     async fn insert_project(&self, project: &Project) -> Result<(), EngineError> {
         let mut registration = project.clone();
         registration.active_sync = None;
+        registration.follow_up = None;
         registration.last_status = None;
         registration.last_synced_at = None;
         registration.commit = None;
@@ -74,8 +75,13 @@ impl Store for RedisEngine {
         Ok(())
     }
 
-    async fn begin_sync(&self, record: SyncRecord) -> Result<(SyncRecord, bool), EngineError> {
+    async fn begin_sync(
+        &self,
+        record: SyncRecord,
+        job: Job,
+    ) -> Result<(SyncRecord, bool), EngineError> {
         let json = serde_json::to_string(&record)?;
+        let job = serde_json::to_string(&job)?;
         let mut conn = self.conn().await?;
         let reply: Vec<redis::Value> = self
             .scripts
@@ -83,9 +89,11 @@ impl Store for RedisEngine {
             .key(self.keys.project(&record.project_id))
             .key(self.keys.sync(&record.sync_id))
             .key(self.keys.project_syncs(&record.project_id))
+            .key(self.keys.jobs())
             .arg(json)
             .arg(&record.sync_id)
             .arg(self.keys.sync(""))
+            .arg(job)
             .invoke_async(&mut *conn)
             .await?;
         let code: i64 = match reply.first() {
@@ -93,7 +101,7 @@ impl Store for RedisEngine {
             None => return Err(EngineError::Closed),
         };
         match code {
-            1 => Ok((record, true)),
+            1 | 2 => Ok((record, true)),
             0 => {
                 let raw: String = match reply.get(1) {
                     Some(value) => redis::from_redis_value_ref(value)?,
@@ -101,7 +109,7 @@ impl Store for RedisEngine {
                 };
                 Ok((serde_json::from_str(&raw)?, false))
             }
-            _ => Err(EngineError::Closed),
+            _ => Err(EngineError::ProjectGone),
         }
     }
 
@@ -116,7 +124,7 @@ impl Store for RedisEngine {
         &self,
         record: &SyncRecord,
         lock: Option<&ProjectLock>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<bool, EngineError> {
         let json = serde_json::to_string(record)?;
         let mut conn = self.conn().await?;
         let stored: i64 = self
@@ -125,6 +133,7 @@ impl Store for RedisEngine {
             .key(self.keys.sync(&record.sync_id))
             .key(self.keys.project(&record.project_id))
             .key(self.keys.lock(&record.project_id))
+            .key(self.keys.jobs())
             .arg(json)
             .arg(if record.status.is_terminal() {
                 "1"
@@ -141,7 +150,7 @@ impl Store for RedisEngine {
         if stored < 0 {
             return Err(EngineError::Fenced);
         }
-        Ok(())
+        Ok(stored == 1)
     }
 
     async fn syncs_of(

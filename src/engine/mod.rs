@@ -28,6 +28,9 @@ pub enum EngineError {
     Join(#[from] tokio::task::JoinError),
     #[error("engine is shutting down")]
     Closed,
+    /// The history was trimmed past a resume while it was being replayed.
+    #[error("the history moved past a replay in progress")]
+    ReplayGap,
     /// The project does not exist (any more): deleted, maybe while this ran.
     #[error("the project is gone")]
     ProjectGone,

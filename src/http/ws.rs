@@ -4,7 +4,7 @@
 //! `subscribe`, pings the peer, and closes with 4008 when the hub kicks it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use warp::Reply;
 
 use super::{ApiError, AppState, Response};
+use crate::engine::EngineError;
 use crate::hub::Attachment;
 use crate::metrics::Metrics;
 use crate::protocol::{ClientFrame, ControlFrame, EventId};
@@ -76,6 +77,13 @@ pub async fn upgrade(
     };
     let token_expires = tokio::time::Instant::now()
         + Duration::from_secs(principal.expires_at.saturating_sub(unix_now()));
+    // `?project_ids=a,b`: subscribed from the first frame on, replay included
+    let projects: Option<Vec<String>> = params.get("project_ids").map(|list| {
+        list.split(',')
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+            .collect()
+    });
     let resume_from: Option<EventId> = match params.get("last_event_id").map(|raw| raw.parse()) {
         None => None,
         Some(Ok(id)) => Some(id),
@@ -101,7 +109,7 @@ pub async fn upgrade(
             }
         };
         let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(socket_config())).await;
-        let attachment = match hub.attach(&principal.user, resume_from).await {
+        let attachment = match hub.attach(&principal.user, resume_from, projects).await {
             Ok(attachment) => attachment,
             Err(err) => {
                 tracing::error!(error = %crate::error::error_chain(&err), "could not attach a websocket");
@@ -203,6 +211,7 @@ async fn drive(
 ) -> End {
     let Attachment {
         opening,
+        mut replay,
         mut queue,
         kicked,
         mut subscription,
@@ -220,15 +229,16 @@ async fn drive(
         return End::Broken;
     }
 
-    let mut last_heard = Instant::now();
     let mut pinger = tokio::time::interval(idle_timeout / 3);
     pinger.tick().await;
+    // a silent peer is dropped when its idle time is up, not at the next ping after
+    let idle = tokio::time::sleep(idle_timeout);
     // made once: a cancellation future registers with its token when created, and
     // making them anew on every frame cost more than writing the frame
     let shutting_down = shutdown.cancelled();
     let kicked_out = kicked.cancelled();
     let expired = tokio::time::sleep_until(token_expires);
-    tokio::pin!(shutting_down, kicked_out, expired);
+    tokio::pin!(shutting_down, kicked_out, expired, idle);
     loop {
         tokio::select! {
             biased;
@@ -256,7 +266,7 @@ async fn drive(
                     }
                     None => return End::Broken,
                 };
-                last_heard = Instant::now();
+                idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                 match message {
                     Message::Text(raw) => {
                         match serde_json::from_str::<ClientFrame>(raw.as_str()) {
@@ -285,7 +295,47 @@ async fn drive(
                     _ => {}
                 }
             }
-            frame = queue.recv() => {
+            // missed events of a resume, a page at a time, before any live frame;
+            // client frames are read first, so a subscribe applies to the rest
+            page = next_page(&mut replay), if replay.is_some() => {
+                match page {
+                    Ok(Some(events)) => {
+                        let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+                            for event in &events {
+                                let frame = crate::hub::Frame::from_event(event);
+                                if subscription.admit(&frame) {
+                                    socket.feed(text(frame.json.clone())).await?;
+                                }
+                            }
+                            socket.flush().await
+                        })
+                        .await;
+                        if !matches!(written, Ok(Ok(()))) {
+                            return End::Broken;
+                        }
+                    }
+                    Ok(None) => replay = None,
+                    Err(EngineError::ReplayGap) => {
+                        // the history moved past this replay: the client must resync
+                        let resync = crate::hub::control_json(&ControlFrame::ResyncRequired);
+                        if send_now(&mut socket, text(resync)).await.is_err() {
+                            return End::Broken;
+                        }
+                        let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "history moved on; resync").await;
+                        return End::SlowConsumer;
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %crate::error::error_chain(&err), "replay read failed; the client resumes");
+                        let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "replay interrupted; resume with last_event_id").await;
+                        return End::SlowConsumer;
+                    }
+                }
+            }
+            _ = &mut idle => {
+                let _ = close(&mut socket, CloseCode::Away, "no traffic from the client").await;
+                return End::Idle;
+            }
+            frame = queue.recv(), if replay.is_none() => {
                 let Some(frame) = frame else { return End::Broken };
                 let mut batch = Vec::with_capacity(WRITE_BATCH);
                 if subscription.admit(&frame) {
@@ -317,15 +367,20 @@ async fn drive(
                 }
             }
             _ = pinger.tick() => {
-                if last_heard.elapsed() >= idle_timeout {
-                    let _ = close(&mut socket, CloseCode::Away, "no traffic from the client").await;
-                    return End::Idle;
-                }
                 if send_now(&mut socket, Message::Ping(Bytes::new())).await.is_err() {
                     return End::Broken;
                 }
             }
         }
+    }
+}
+
+async fn next_page(
+    replay: &mut Option<crate::hub::Replay>,
+) -> Result<Option<Vec<crate::protocol::Event>>, EngineError> {
+    match replay {
+        Some(replay) => replay.next_page().await,
+        None => Ok(None),
     }
 }
 

@@ -14,8 +14,12 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{EngineError, EventLog, Live};
 use crate::protocol::{ControlFrame, Event, EventId};
 
-/// How many missed events a resume replays at most; past that the client resyncs.
+/// Most events one read of a user's history returns: a catch-up or a resume replays
+/// its gap in pages of this size (so memory stays bounded whatever the history
+/// length), and a poll of `/api/v1/notifications` returns at most this many.
 pub const MAX_REPLAY: usize = 10_000;
+/// Events a resume reads from the history at a time.
+const REPLAY_PAGE: usize = 500;
 
 /// An event as it goes on the wire, shared by every connection that gets it.
 #[derive(Debug)]
@@ -70,9 +74,52 @@ pub struct Attachment {
     pub queue: mpsc::Receiver<Arc<Frame>>,
     /// fires when the connection fell too far behind; close it with 4008
     pub kicked: CancellationToken,
-    /// the frames to send first, in order: hello, then missed events or resync_required
+    /// the frames to send first, in order: hello, then resync_required if the resume
+    /// point is older than the history
     pub opening: Vec<Bytes>,
+    /// the missed events to send after the opening, read page by page
+    pub replay: Option<Replay>,
     pub subscription: Subscription,
+}
+
+/// The missed events of a resume, read from the user's history a page at a time.
+pub struct Replay {
+    events: Arc<dyn EventLog>,
+    user: String,
+    /// the first page, read to tell a complete resume from one past the history
+    first: Option<Vec<Event>>,
+    next_after: EventId,
+    until: EventId,
+}
+
+impl Replay {
+    /// The next page of missed events, oldest first; `None` when the resume has
+    /// caught up with where the live stream took over. `Err(Gap)`-like ends (the
+    /// history was trimmed under a slow replay) come back as an empty `Some`.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<Event>>, EngineError> {
+        if let Some(first) = self.first.take() {
+            self.advance(&first);
+            return Ok(Some(first));
+        }
+        if self.next_after >= self.until {
+            return Ok(None);
+        }
+        let page = self
+            .events
+            .after(&self.user, self.next_after, REPLAY_PAGE)
+            .await?;
+        if page.gap || page.events.is_empty() {
+            return Err(EngineError::ReplayGap);
+        }
+        self.advance(&page.events);
+        Ok(Some(page.events))
+    }
+
+    fn advance(&mut self, page: &[Event]) {
+        if let Some(last) = page.last() {
+            self.next_after = last.id;
+        }
+    }
 }
 
 impl Hub {
@@ -171,12 +218,15 @@ impl Hub {
     }
 
     /// Registers a connection of `user` and prepares what it sees first. With
-    /// `resume_from`, every event after it that is still kept is replayed and the live
-    /// stream continues with no gap and no duplicate.
+    /// `resume_from`, every event after it that is still kept is replayed (however
+    /// many: page by page) and the live stream continues with no gap and no
+    /// duplicate. With `projects`, the connection starts subscribed to those only,
+    /// replay included.
     pub async fn attach(
         &self,
         user: &str,
         resume_from: Option<EventId>,
+        projects: Option<Vec<String>>,
     ) -> Result<Attachment, EngineError> {
         let internal_id = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let (sender, queue) = mpsc::channel(self.queue_capacity);
@@ -196,7 +246,7 @@ impl Hub {
             });
         let connection_id = format!("{}-{internal_id}", self.node);
         let attachment = self.opening(user, &connection_id, resume_from).await;
-        let (opening, subscription) = match attachment {
+        let (opening, replay, mut subscription) = match attachment {
             Ok(parts) => parts,
             Err(err) => {
                 self.detach_internal(user, internal_id);
@@ -213,6 +263,9 @@ impl Hub {
                 .known
                 .fetch_max(subscription.last_sent, Ordering::AcqRel);
         }
+        if let Some(projects) = projects {
+            subscription.narrow_to(projects);
+        }
         Ok(Attachment {
             connection_id,
             internal_id,
@@ -220,6 +273,7 @@ impl Hub {
             queue,
             kicked,
             opening,
+            replay,
             subscription,
         })
     }
@@ -229,44 +283,48 @@ impl Hub {
         user: &str,
         connection_id: &str,
         resume_from: Option<EventId>,
-    ) -> Result<(Vec<Bytes>, Subscription), EngineError> {
+    ) -> Result<(Vec<Bytes>, Option<Replay>, Subscription), EngineError> {
         let latest = self.events.latest(user).await?;
-        let mut opening = Vec::new();
-        let mut subscription = Subscription::new(latest);
+        let hello = |last_event_id| {
+            control_json(&ControlFrame::Hello {
+                connection_id: connection_id.to_owned(),
+                last_event_id,
+            })
+        };
         match resume_from {
             Some(from) if from < latest => {
-                let history = self.events.after(user, from, MAX_REPLAY).await?;
-                let complete =
-                    !history.gap && history.events.last().is_some_and(|last| last.id >= latest);
-                opening.push(control_json(&ControlFrame::Hello {
-                    connection_id: connection_id.to_owned(),
-                    last_event_id: if complete { from } else { latest },
-                }));
-                if complete {
-                    subscription = Subscription::new(from);
-                    for event in &history.events {
-                        subscription.last_sent = event.id;
-                        opening.push(Frame::from_event(event).json.clone());
-                    }
-                } else {
-                    opening.push(control_json(&ControlFrame::ResyncRequired));
+                let first = self.events.after(user, from, REPLAY_PAGE).await?;
+                let starts_right = first
+                    .events
+                    .first()
+                    .is_some_and(|event| event.id == from + 1);
+                if first.gap || !starts_right {
+                    return Ok((
+                        vec![hello(latest), control_json(&ControlFrame::ResyncRequired)],
+                        None,
+                        Subscription::new(latest),
+                    ));
                 }
+                let replay = Replay {
+                    events: Arc::clone(&self.events),
+                    user: user.to_owned(),
+                    first: Some(first.events),
+                    next_after: from,
+                    until: latest,
+                };
+                Ok((vec![hello(from)], Some(replay), Subscription::new(from)))
             }
             Some(from) if from > latest => {
                 // the client saw ids this history never had: it was lost (Redis
                 // without persistence restarted); numbering starts again below them
-                opening.push(control_json(&ControlFrame::Hello {
-                    connection_id: connection_id.to_owned(),
-                    last_event_id: latest,
-                }));
-                opening.push(control_json(&ControlFrame::ResyncRequired));
+                Ok((
+                    vec![hello(latest), control_json(&ControlFrame::ResyncRequired)],
+                    None,
+                    Subscription::new(latest),
+                ))
             }
-            _ => opening.push(control_json(&ControlFrame::Hello {
-                connection_id: connection_id.to_owned(),
-                last_event_id: latest,
-            })),
+            _ => Ok((vec![hello(latest)], None, Subscription::new(latest))),
         }
-        Ok((opening, subscription))
     }
 
     pub fn detach(&self, handle: &AttachmentHandle) {

@@ -68,6 +68,13 @@ pub(crate) fn checkout(
             });
         }
     };
+    // a tree git itself would refuse (a name twice, an empty name): the content is
+    // malformed, the mirror is fine, and fetching again would not help
+    malformed_path(&index).map_or(Ok(()), |(reason, path)| {
+        Err(MirrorError::MalformedTree(format!(
+            "the branch's tree is malformed ({reason} at '{path}'); nothing was written"
+        )))
+    })?;
     // every blob must be in the object database before anything is written: a gap
     // means a damaged mirror, which is re-cloned rather than checked out half
     if let Some(missing) = index
@@ -157,6 +164,23 @@ pub(crate) fn checkout(
 
 /// git's stat test: `file` is a regular file with the size and modification time
 /// `recorded` noted when it was written.
+/// The first path of `index` that git would refuse, with why: a path given twice, or
+/// one with an empty component.
+fn malformed_path(index: &gix::index::File) -> Option<(&'static str, String)> {
+    let mut previous: Option<&gix::bstr::BStr> = None;
+    for entry in index.entries() {
+        let path = entry.path(index);
+        if path.is_empty() || path.split(|b| *b == b'/').any(|part| part.is_empty()) {
+            return Some(("an empty entry name", path.to_string()));
+        }
+        if previous == Some(path) {
+            return Some(("a duplicate entry", path.to_string()));
+        }
+        previous = Some(path);
+    }
+    None
+}
+
 pub(crate) fn stat_unchanged(file: &Path, recorded: &gix::index::Entry) -> bool {
     gix::index::fs::Metadata::from_path_no_follow(file)
         .ok()

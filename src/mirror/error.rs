@@ -41,6 +41,9 @@ pub enum MirrorError {
         "the branch has paths that cannot be checked out safely (such as '.git' or '..'); nothing was written"
     )]
     UnsafeTree(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A tree with a name twice or an empty name: refused before anything is written.
+    #[error("{0}")]
+    MalformedTree(String),
     #[error("the working tree could not be written")]
     Checkout(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("git operation failed")]

@@ -114,10 +114,9 @@ pub(crate) fn fetch(
         .receive(&mut fetch_progress, interrupt)
         .map_err(|err| {
             if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
-                MirrorError::Interrupted
-            } else {
-                classify_connect(Box::new(err))
+                return MirrorError::Interrupted;
             }
+            classify_connect(Box::new(err))
         })?;
     let id = repo
         .find_reference(tracking.as_str())

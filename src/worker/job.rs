@@ -333,6 +333,7 @@ pub(super) fn error_code(err: &MirrorError) -> SyncErrorCode {
         | MirrorError::Checkout(_)
         | MirrorError::Git(_)
         | MirrorError::UnsafeTree(_)
+        | MirrorError::MalformedTree(_)
         | MirrorError::PrivateAddress(_)
         | MirrorError::Fenced
         | MirrorError::Unsupported(_) => SyncErrorCode::BackendError,

@@ -233,3 +233,131 @@ async fn the_disk_floor_holds_for_a_sync_that_was_queued_before_the_disk_filled(
     );
     app.stop().await;
 }
+
+/// Publishes `count` events for alice straight into the engine, alternating projects
+/// `a` and `b`, as workers would.
+async fn publish_many(app: &TestApp, count: u64) {
+    use hivesync::protocol::{EventBody, Progress, SyncStatus};
+    let events = app.state.engine.events.clone();
+    for chunk in (0..count).collect::<Vec<_>>().chunks(500) {
+        let publishes = chunk.iter().map(|n| {
+            let events = events.clone();
+            let project = if n % 2 == 0 { "a" } else { "b" };
+            async move {
+                events
+                    .publish(
+                        "alice",
+                        EventBody::SyncStage {
+                            sync_id: format!("s{n}"),
+                            project_id: project.into(),
+                            stage: SyncStatus::Running,
+                            progress: Some(Progress::default()),
+                            at: hivesync::domain::now_rfc3339(),
+                            retry: None,
+                        },
+                    )
+                    .await
+                    .expect("publish")
+            }
+        });
+        futures_util::future::join_all(publishes).await;
+    }
+}
+
+#[tokio::test]
+async fn a_resume_replays_all_the_kept_history_however_long() {
+    let app = TestApp::spawn_with(|config| config.event_history = 20_000).await;
+    publish_many(&app, 10_050).await;
+    let mut socket = app.ws(&app.token, "?last_event_id=0").await;
+    let hello = socket.next_json().await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    assert_eq!(hello["last_event_id"], 0, "the resume point holds: {hello}");
+    let mut ids = Vec::new();
+    while ids.len() < 10_050 {
+        let frame = socket.next_json().await;
+        assert_ne!(frame["type"], "resync_required", "the whole gap is kept");
+        ids.push(frame["id"].as_u64().expect("an event"));
+    }
+    assert!(
+        ids.iter().copied().eq(1..=10_050),
+        "every missed event once, in order"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscription_given_at_connect_applies_to_the_replay() {
+    let app = TestApp::spawn().await;
+    publish_many(&app, 20).await;
+    let mut socket = app.ws(&app.token, "?last_event_id=0&project_ids=a").await;
+    assert_eq!(socket.next_json().await["type"], "hello");
+    let mut replayed = Vec::new();
+    while replayed.len() < 10 {
+        replayed.push(socket.next_json().await);
+    }
+    assert!(
+        replayed.iter().all(|frame| frame["project_id"] == "a"),
+        "only project a: {replayed:?}"
+    );
+    assert!(socket.is_silent_for(Duration::from_millis(500)).await);
+    app.stop().await;
+}
+
+/// Points `main` of `repo` at a commit of a hand-made tree (entries as `(name, blob)`),
+/// written with `--literally` so git does not refuse it first.
+fn commit_raw_tree(repo: &GitRepo, entries: &[(&str, &str)]) {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut tree = Vec::new();
+    for (name, blob) in entries {
+        tree.extend_from_slice(format!("100644 {name}\0").as_bytes());
+        let mut raw = [0u8; 20];
+        for (index, byte) in raw.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&blob[index * 2..index * 2 + 2], 16).expect("hex");
+        }
+        tree.extend_from_slice(&raw);
+    }
+    let file = dir.path().join("tree");
+    std::fs::File::create(&file)
+        .and_then(|mut out| out.write_all(&tree))
+        .expect("tree file");
+    let tree_id = repo.git(&[
+        "hash-object",
+        "-t",
+        "tree",
+        "--literally",
+        "-w",
+        file.to_str().expect("utf-8 path"),
+    ]);
+    let commit = repo.git(&["commit-tree", "-m", "hand-made tree", &tree_id]);
+    repo.git(&["update-ref", "refs/heads/main", &commit]);
+}
+
+#[tokio::test]
+async fn malformed_trees_fail_once_cleanly_and_write_nothing() {
+    let app = TestApp::spawn_with(|config| config.retry_base = Duration::from_millis(10)).await;
+    // (a tree with an empty entry name is refused by git's own upload-pack, which
+    // cuts the pack short: that reaches us as a truncated transfer, see the README)
+    for (what, bad_path, entries) in [("a duplicate entry", "README", vec!["README", "README"])] {
+        let repo = GitRepo::new();
+        repo.write("seed", "x\n").commit("seed");
+        let blob = repo.git(&["hash-object", "-w", "seed"]);
+        let tree: Vec<(&str, &str)> = entries.iter().map(|name| (*name, blob.as_str())).collect();
+        commit_raw_tree(&repo, &tree);
+        let id = app.register(&repo).await;
+        let end = app.sync_to_end(&id).await;
+        assert_eq!(end["status"], "failed", "{what}: {end}");
+        assert_eq!(end["error"]["code"], "backend_error", "{what}: {end}");
+        assert_eq!(end["attempt"], 1, "{what} is not retried: {end}");
+        let message = end["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("'{bad_path}'")),
+            "{what}: the message names the bad path: {message}"
+        );
+        assert!(
+            std::fs::symlink_metadata(app.worktree(&id)).is_err(),
+            "{what}: no worktree was written"
+        );
+    }
+    app.stop().await;
+}

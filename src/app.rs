@@ -243,6 +243,14 @@ impl Application {
             stops.clone(),
             &workers,
         );
+        if self.serve_workers > 0 {
+            workers.spawn(worker::run_watchdog(
+                state.engine.clone(),
+                state.config.watchdog_interval,
+                state.config.sync_timeout + state.config.watchdog_margin,
+                stops.stop_taking.clone(),
+            ));
+        }
         if self.serve_workers > 0
             && let Some(every) = state.config.health_check_interval
         {
@@ -321,6 +329,12 @@ pub async fn run_workers(
         stops.clone(),
         &workers,
     );
+    workers.spawn(worker::run_watchdog(
+        engine.clone(),
+        config.watchdog_interval,
+        config.sync_timeout + config.watchdog_margin,
+        stops.stop_taking.clone(),
+    ));
     if let Some(every) = config.health_check_interval {
         workers.spawn(worker::run_health_checks(
             engine,

@@ -51,6 +51,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// how often workers inspect every mirror for damage; `None` = never
     pub health_check_interval: Option<Duration>,
+    /// how often the watchdog looks for syncs whose job was lost
+    pub watchdog_interval: Duration,
+    /// how long past `sync_timeout` a stranded sync waits before the watchdog acts
+    pub watchdog_margin: Duration,
 }
 
 impl Default for Config {
@@ -84,6 +88,8 @@ impl Default for Config {
             event_history: 1000,
             drain_timeout: Duration::from_secs(30),
             health_check_interval: Some(Duration::from_secs(3600)),
+            watchdog_interval: Duration::from_secs(30),
+            watchdog_margin: Duration::from_secs(60),
         }
     }
 }
@@ -157,6 +163,8 @@ pub struct ConfigArgs {
     pub ssh_known_hosts: Option<PathBuf>,
     #[arg(long, env = "HIVESYNC_HEALTH_CHECK_INTERVAL_S")]
     pub health_check_interval_s: Option<u64>,
+    #[arg(long, env = "HIVESYNC_WATCHDOG_INTERVAL_S")]
+    pub watchdog_interval_s: Option<u64>,
     #[arg(long, env = "HIVESYNC_HTTPS_CA_FILE")]
     pub https_ca_file: Option<PathBuf>,
     #[arg(long, env = "HIVESYNC_MIN_FREE_BYTES")]
@@ -216,6 +224,9 @@ impl ConfigArgs {
         config.credential_scopes = self.credential_scopes;
         config.ssh_known_hosts = self.ssh_known_hosts;
         config.https_ca_file = self.https_ca_file;
+        if let Some(v) = self.watchdog_interval_s {
+            config.watchdog_interval = Duration::from_secs(v.max(1));
+        }
         if let Some(v) = self.health_check_interval_s {
             config.health_check_interval = (v > 0).then(|| Duration::from_secs(v));
         }

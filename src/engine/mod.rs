@@ -216,6 +216,12 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn unlock_project(&self, lock: &ProjectLock) -> Result<(), EngineError>;
     /// How often a running job should call [`JobQueue::heartbeat`].
     fn heartbeat_interval(&self) -> Duration;
+    /// Active syncs that are queued or running with no job on the queue and no worker
+    /// holding their project's lock: nothing would ever run them. With their owner.
+    async fn stranded_syncs(&self) -> Result<Vec<(SyncRecord, String)>, EngineError>;
+    /// The right to run the watchdog for `period`, so of all the nodes that run one,
+    /// one acts per period.
+    async fn claim_watchdog(&self, period: Duration) -> Result<bool, EngineError>;
 }
 
 #[async_trait]
@@ -288,5 +294,39 @@ impl Engine {
             }
         }
         Ok((record, created))
+    }
+
+    /// One round of the watchdog: every stranded sync (see
+    /// [`JobQueue::stranded_syncs`]) untouched for longer than `grace` goes back on
+    /// the queue, so no requested sync waits forever for a job that was lost. A job
+    /// put back twice is harmless: the second finds the sync ended and is dropped.
+    pub async fn requeue_stranded(&self, grace: Duration) -> Result<usize, EngineError> {
+        let now = crate::domain::now_rfc3339();
+        let mut requeued = 0;
+        for (mut record, owner) in self.queue.stranded_syncs().await? {
+            let touched = record.started_at.as_deref().unwrap_or(&record.queued_at);
+            let idle = crate::domain::millis_between(touched, &now)
+                .map(Duration::from_millis)
+                .unwrap_or_default();
+            if idle < grace {
+                continue;
+            }
+            tracing::warn!(sync_id = %record.sync_id, idle_s = idle.as_secs(), "a sync had no job and no worker; putting it back on the queue");
+            record.status = SyncStatus::Queued;
+            record.progress = None;
+            record.started_at = Some(now.clone());
+            if !self.store.put_sync(&record, None).await? {
+                continue;
+            }
+            self.queue
+                .enqueue(Job {
+                    sync_id: record.sync_id.clone(),
+                    project_id: record.project_id.clone(),
+                    owner,
+                })
+                .await?;
+            requeued += 1;
+        }
+        Ok(requeued)
     }
 }

@@ -8,7 +8,8 @@
 //! - [`retry`]: which failures are tried again, and when;
 //! - [`lease`]: the heartbeat that keeps a running job and its lock alive;
 //! - [`health`]: periodic mirror health checks, and mirror removal under the lock;
-//! - [`credentials`]: named secrets and what they become for ssh and https.
+//! - [`credentials`]: named secrets and what they become for ssh and https;
+//! - `watchdog`: requeues syncs whose job was lost.
 
 mod attempt;
 pub mod credentials;
@@ -17,6 +18,7 @@ pub mod health;
 mod job;
 mod lease;
 pub mod retry;
+mod watchdog;
 
 use std::time::Duration;
 
@@ -30,6 +32,7 @@ use crate::mirror::Layout;
 
 pub use health::{remove_mirror, run_health_checks};
 pub use retry::retry_delay;
+pub use watchdog::run_watchdog;
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {

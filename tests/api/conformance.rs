@@ -92,6 +92,7 @@ impl Factory for OnRedis {
 async fn all_checks(factory: &impl Factory) {
     projects_syncs_and_coalescing(factory.make().await).await;
     a_request_during_a_running_sync_queues_one_follow_up(factory.make().await).await;
+    a_lost_job_is_found_and_requeued_by_the_watchdog(factory.make().await).await;
     rate_limit_is_a_burst_then_an_exact_wait(factory.make().await).await;
     events_are_numbered_per_user_kept_and_live(factory.make().await, factory.networked()).await;
     jobs_locks_and_fences(factory.make().await).await;
@@ -365,6 +366,74 @@ async fn a_request_during_a_running_sync_queues_one_follow_up(engine: Engine) {
             .await,
         Err(EngineError::ProjectGone)
     ));
+}
+
+async fn a_lost_job_is_found_and_requeued_by_the_watchdog(engine: Engine) {
+    let alice = project("alice");
+    engine.store.insert_project(&alice).await.expect("insert");
+    let (sync, _) = begin(engine.store.as_ref(), &alice).await;
+    assert!(
+        engine
+            .queue
+            .stranded_syncs()
+            .await
+            .expect("stranded")
+            .is_empty(),
+        "a queued job is not stranded"
+    );
+    // the job is lost: taken and acknowledged without anything run
+    let lost = next_job(&engine).await.expect("the job");
+    assert_eq!(lost.job.sync_id, sync.sync_id);
+    let stranded = engine.queue.stranded_syncs().await.expect("stranded");
+    assert_eq!(
+        stranded
+            .iter()
+            .map(|(r, owner)| (r.sync_id.clone(), owner.clone()))
+            .collect::<Vec<_>>(),
+        vec![(sync.sync_id.clone(), "alice".to_owned())]
+    );
+    assert_eq!(
+        engine
+            .requeue_stranded(Duration::from_secs(3600))
+            .await
+            .expect("round"),
+        0,
+        "not before the grace is up"
+    );
+    assert!(
+        engine
+            .queue
+            .claim_watchdog(Duration::from_secs(5))
+            .await
+            .expect("claim")
+    );
+    assert_eq!(
+        engine
+            .requeue_stranded(Duration::ZERO)
+            .await
+            .expect("round"),
+        1
+    );
+    let requeued = next_job(&engine)
+        .await
+        .expect("the sync is back on the queue");
+    assert_eq!(requeued.job.sync_id, sync.sync_id);
+    // a sync whose project lock is held is a running one, not stranded
+    let lock = engine
+        .queue
+        .lock_project(&requeued)
+        .await
+        .expect("lock")
+        .expect("free");
+    assert!(
+        engine
+            .queue
+            .stranded_syncs()
+            .await
+            .expect("stranded")
+            .is_empty()
+    );
+    engine.queue.unlock_project(&lock).await.expect("unlock");
 }
 
 async fn rate_limit_is_a_burst_then_an_exact_wait(engine: Engine) {

@@ -361,3 +361,60 @@ async fn malformed_trees_fail_once_cleanly_and_write_nothing() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_sync_whose_job_was_lost_is_requeued_by_the_watchdog_and_completes() {
+    let Some(redis) = redis_or_skip("a_sync_whose_job_was_lost_is_requeued_by_the_watchdog")
+    else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let hub = |workers: usize| {
+        let (url, prefix) = (redis.url(), prefix.clone());
+        TestApp::spawn_with(move |config| {
+            config.redis_url = Some(url);
+            config.redis_prefix = prefix;
+            config.serve_workers = Some(workers);
+            config.sync_timeout = Duration::from_secs(2);
+            config.watchdog_interval = Duration::from_millis(300);
+            config.watchdog_margin = Duration::from_secs(1);
+        })
+    };
+    let repo = GitRepo::new();
+    repo.write("README.md", "lost and found\n");
+    let commit = repo.commit("first");
+    // a hub with no workers records and queues the sync...
+    let front = hub(0).await;
+    let id = front.register(&repo).await;
+    let sync_id = front.request_sync(&id).await["sync_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // ...and the job is lost (what a Redis losing data or a bug would do)
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let trimmed: u64 = redis::cmd("XTRIM")
+        .arg(format!("{prefix}:jobs"))
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .expect("xtrim");
+    assert_eq!(trimmed, 1, "the sync's job was on the stream");
+    // two nodes with workers: their watchdogs find it once, and it runs
+    let (first, second) = (hub(1).await, hub(1).await);
+    let end = front.wait_for_sync(&sync_id).await;
+    assert_eq!(end["status"], "completed", "{end}");
+    assert_eq!(end["commit"], commit.as_str());
+    let syncs = front
+        .get_json(&format!("/api/v1/repo/sync?project_id={id}"))
+        .await
+        .1;
+    assert_eq!(syncs.as_array().map(Vec::len), Some(1), "{syncs}");
+    for app in [first, second, front] {
+        app.stop().await;
+    }
+}

@@ -82,6 +82,29 @@ impl JobQueue for EmbeddedEngine {
         Ok(())
     }
 
+    async fn stranded_syncs(&self) -> Result<Vec<(SyncRecord, String)>, EngineError> {
+        let unfinished = self.unfinished_syncs().await?;
+        let queued: std::collections::HashSet<String> = self
+            .queue
+            .lock()
+            .expect("queue lock is never poisoned")
+            .iter()
+            .map(|job| job.sync_id.clone())
+            .collect();
+        let locks = self.locks.lock().expect("lock table is never poisoned");
+        Ok(unfinished
+            .into_iter()
+            .filter(|(record, _)| {
+                !queued.contains(&record.sync_id) && !locks.held.contains_key(&record.project_id)
+            })
+            .collect())
+    }
+
+    async fn claim_watchdog(&self, _period: Duration) -> Result<bool, EngineError> {
+        // one process: its one watchdog
+        Ok(true)
+    }
+
     fn heartbeat_interval(&self) -> Duration {
         // in one process a lock cannot be lost; the heartbeat only confirms it
         Duration::from_secs(5)

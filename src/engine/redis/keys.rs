@@ -41,4 +41,11 @@ impl Keys {
     pub(super) fn channel(&self) -> String {
         format!("{}:events", self.prefix)
     }
+    /// The pattern of every project hash, for SCAN.
+    pub(super) fn projects_pattern(&self) -> String {
+        format!("{}:project:*", self.prefix)
+    }
+    pub(super) fn watchdog(&self) -> String {
+        format!("{}:watchdog", self.prefix)
+    }
 }

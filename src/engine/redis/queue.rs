@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::AsyncCommands;
-use redis::streams::{StreamAutoClaimReply, StreamReadReply};
+use redis::streams::{StreamAutoClaimReply, StreamRangeReply, StreamReadReply};
 use tokio_util::sync::CancellationToken;
 
 use super::{GROUP, READ_BLOCK, RedisEngine};
-use crate::engine::{EngineError, JobQueue, Lease, ProjectLock};
-use crate::protocol::Job;
+use crate::engine::{EngineError, JobQueue, Lease, Project, ProjectLock};
+use crate::protocol::{Job, SyncRecord};
 
 #[async_trait]
 impl JobQueue for RedisEngine {
@@ -183,6 +183,92 @@ impl JobQueue for RedisEngine {
 
     fn heartbeat_interval(&self) -> Duration {
         (self.settings.reclaim_after / 4).max(Duration::from_millis(25))
+    }
+
+    async fn stranded_syncs(&self) -> Result<Vec<(SyncRecord, String)>, EngineError> {
+        let mut conn = self.conn().await?;
+        // every project's active sync (a SCAN: the watchdog runs rarely)
+        let mut project_keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(self.keys.projects_pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut *conn)
+                .await?;
+            project_keys.extend(keys);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let mut candidates = Vec::new();
+        for key in &project_keys {
+            let (active, json): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(key)
+                .arg("active_sync")
+                .arg("json")
+                .query_async(&mut *conn)
+                .await?;
+            let (Some(active), Some(json)) = (active, json) else {
+                continue;
+            };
+            let project: Project = serde_json::from_str(&json)?;
+            let raw: Option<String> = conn.get(self.keys.sync(&active)).await?;
+            let Some(raw) = raw else { continue };
+            let record: SyncRecord = serde_json::from_str(&raw)?;
+            if record.status.is_terminal() {
+                continue;
+            }
+            let locked: bool = conn.exists(self.keys.lock(&project.project_id)).await?;
+            if !locked {
+                candidates.push((record, project.owner));
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(candidates);
+        }
+        // and the jobs on the stream, pending or not
+        let mut queued = std::collections::HashSet::new();
+        let mut start = "-".to_owned();
+        loop {
+            let page: StreamRangeReply = redis::cmd("XRANGE")
+                .arg(self.keys.jobs())
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut *conn)
+                .await?;
+            let Some(last) = page.ids.last().map(|entry| entry.id.clone()) else {
+                break;
+            };
+            queued.extend(page.ids.iter().filter_map(job_of).map(|job| job.sync_id));
+            if page.ids.len() < 1000 {
+                break;
+            }
+            start = format!("({last}");
+        }
+        Ok(candidates
+            .into_iter()
+            .filter(|(record, _)| !queued.contains(&record.sync_id))
+            .collect())
+    }
+
+    async fn claim_watchdog(&self, period: Duration) -> Result<bool, EngineError> {
+        let mut conn = self.conn().await?;
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(self.keys.watchdog())
+            .arg(&self.consumer)
+            .arg("NX")
+            .arg("PX")
+            .arg(period.as_millis().max(1) as u64)
+            .query_async(&mut *conn)
+            .await?;
+        Ok(claimed.is_some())
     }
 }
 

@@ -2,6 +2,7 @@
 //! repositories as remotes.
 
 mod browser;
+mod chaos;
 mod conformance;
 mod errors;
 mod failures;

@@ -1,0 +1,273 @@
+//! The fault-injection suite: a private Redis, two hubs, two `hivesync worker`
+//! processes and a WebSocket client per user; commits pushed and syncs requested while
+//! workers are killed with SIGKILL at arbitrary moments and Redis is restarted once.
+//! At the end every requested sync has completed, every mirror is exactly its
+//! upstream head, and every client received every notification exactly once.
+//! `HIVESYNC_CHAOS_ROUNDS` runs more rounds (a soak); the default keeps it short.
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::Child;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{GitRepo, TestApp, WAIT, WsRead, assert_exact_tree, token, wait_until};
+use crate::redis_server::{RedisServer, redis_or_skip, spawn_worker, unique_prefix};
+use hivesync::auth::ClientKind;
+
+const RECLAIM_MS: u64 = 800;
+
+async fn hub(redis: &RedisServer, prefix: &str, data: &std::path::Path) -> TestApp {
+    let (url, prefix) = (redis.url(), prefix.to_owned());
+    TestApp::spawn_on(data, move |config| {
+        config.redis_url = Some(url);
+        config.redis_prefix = prefix;
+        config.serve_workers = Some(0);
+        config.reclaim_after = Duration::from_millis(RECLAIM_MS);
+        config.retry_base = Duration::from_millis(50);
+    })
+    .await
+}
+
+/// Every frame one user's socket received, reconnecting with `last_event_id` after
+/// any close, until `stop`.
+fn collect(
+    app: &TestApp,
+    user_token: String,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Vec<Value>> {
+    let addr = app.addr;
+    tokio::spawn(async move {
+        let mut frames: Vec<Value> = Vec::new();
+        let mut last_id = 0u64;
+        loop {
+            let url = format!("ws://{addr}/api/v1/ws?last_event_id={last_id}");
+            let mut request =
+                tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                    .expect("request");
+            request.headers_mut().insert(
+                "authorization",
+                format!("Bearer {user_token}").parse().expect("header"),
+            );
+            if stop.is_cancelled() {
+                return frames;
+            }
+            let Ok((socket, _)) = tokio_tungstenite::connect_async(request).await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let mut client = crate::helpers::WsClient { socket };
+            loop {
+                let read = tokio::select! {
+                    _ = stop.cancelled() => return frames,
+                    read = client.read(Duration::from_secs(60)) => read,
+                };
+                match read {
+                    Some(WsRead::Json(frame)) => {
+                        if let Some(id) = frame["id"].as_u64() {
+                            last_id = last_id.max(id);
+                        }
+                        frames.push(frame);
+                    }
+                    _ => break,
+                }
+            }
+        }
+    })
+}
+
+fn kill(child: &mut Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+/// A deterministic spread of moments and choices (no RNG crate for a test).
+fn pick(round: u64, salt: u64, modulo: u64) -> u64 {
+    let mut x =
+        round.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    (x ^ (x >> 29)) % modulo
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_once() {
+    let Some(mut redis) = redis_or_skip("the fault-injection suite") else {
+        return;
+    };
+    let rounds: u64 = std::env::var("HIVESYNC_CHAOS_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(6);
+    let prefix = unique_prefix();
+    let data = tempfile::tempdir().expect("temp dir");
+    let logs = tempfile::tempdir().expect("temp dir");
+    let hubs = [
+        hub(&redis, &prefix, data.path()).await,
+        hub(&redis, &prefix, data.path()).await,
+    ];
+    let mut workers: Vec<Child> = (0..2)
+        .map(|n| {
+            spawn_worker(
+                &redis,
+                &prefix,
+                data.path(),
+                RECLAIM_MS,
+                &logs.path().join(format!("worker-{n}-0.log")),
+            )
+        })
+        .collect();
+
+    let users = ["alice", "bob"];
+    let tokens: HashMap<&str, String> = users
+        .iter()
+        .map(|user| (*user, token(user, ClientKind::Desktop)))
+        .collect();
+    let mut projects = Vec::new();
+    for (index, user) in users.iter().enumerate() {
+        let repo = GitRepo::new();
+        repo.write("README.md", &format!("{user}'s project\n"));
+        repo.commit("first");
+        let id = hubs[index % 2].register_as(&tokens[user], &repo).await;
+        projects.push((*user, id, repo));
+    }
+    let stop = CancellationToken::new();
+    let collectors: Vec<_> = users
+        .iter()
+        .enumerate()
+        .map(|(index, user)| {
+            // each user's socket on the other hub than their projects' requests
+            (
+                *user,
+                collect(&hubs[(index + 1) % 2], tokens[user].clone(), stop.clone()),
+            )
+        })
+        .collect();
+
+    let requested = Arc::new(Mutex::new(BTreeSet::<(String, String)>::new()));
+    for round in 0..rounds {
+        for (index, (user, id, repo)) in projects.iter().enumerate() {
+            repo.write("round.txt", &format!("round {round}\n"));
+            repo.commit(&format!("round {round}"));
+            let hub = &hubs[(round as usize + index) % 2];
+            let accepted = wait_until(WAIT, || async {
+                let response = hub
+                    .post(
+                        "/api/v1/repo/sync",
+                        &tokens[user],
+                        json!({"project_id": id}),
+                    )
+                    .await;
+                // 503 while Redis restarts: the client retries, as the header says
+                matches!(response.status().as_u16(), 200 | 202).then(|| response)
+            })
+            .await
+            .expect("the sync request is accepted");
+            let accepted: Value = accepted.json().await.expect("json");
+            let sync_id = accepted["sync_id"].as_str().expect("sync id").to_owned();
+            requested.lock().await.insert((user.to_string(), sync_id));
+        }
+        // SIGKILL one worker at an arbitrary moment of the round, and replace it
+        tokio::time::sleep(Duration::from_millis(pick(round, 1, 400))).await;
+        let victim = pick(round, 2, 2) as usize;
+        kill(&mut workers[victim]);
+        workers[victim] = spawn_worker(
+            &redis,
+            &prefix,
+            data.path(),
+            RECLAIM_MS,
+            &logs
+                .path()
+                .join(format!("worker-{victim}-{}.log", round + 1)),
+        );
+        if round == rounds / 2 {
+            redis.restart();
+        }
+    }
+
+    // every requested sync ends, completed
+    let requested: Vec<(String, String)> = requested.lock().await.iter().cloned().collect();
+    for (user, sync_id) in &requested {
+        let record = wait_until(Duration::from_secs(120), || async {
+            let response = hubs[0]
+                .get(
+                    &format!("/api/v1/repo/sync/{sync_id}"),
+                    &tokens[user.as_str()],
+                )
+                .await;
+            let record: Value = response.json().await.ok()?;
+            matches!(record["status"].as_str(), Some("completed" | "failed")).then_some(record)
+        })
+        .await
+        .unwrap_or_else(|| panic!("sync {sync_id} of {user} never ended"));
+        assert_eq!(record["status"], "completed", "{user}: {record}");
+    }
+    // every mirror is exactly its upstream head
+    for (_, id, repo) in &projects {
+        let head = repo.head();
+        let settled = wait_until(WAIT, || async {
+            let project_id = hivesync::domain::ProjectId::parse(id).expect("id");
+            let project = hubs[0]
+                .state
+                .engine
+                .store
+                .project(&project_id)
+                .await
+                .ok()??;
+            (project.commit.as_deref() == Some(head.as_str()) && project.active_sync.is_none())
+                .then_some(())
+        })
+        .await;
+        assert!(settled.is_some(), "project {id} ends at the upstream head");
+        assert_exact_tree(&hubs[0], id, repo, &head);
+    }
+    // every client got every notification of its user exactly once
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    for (user, collector) in collectors {
+        let frames = collector.await.expect("collector");
+        let received: Vec<u64> = frames
+            .iter()
+            .filter(|frame| frame["type"] == "notification")
+            .filter_map(|frame| frame["id"].as_u64())
+            .collect();
+        let unique: BTreeSet<u64> = received.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            received.len(),
+            "{user}: a notification came twice"
+        );
+        let history: Vec<Value> = hubs[0]
+            .get("/api/v1/notifications?limit=10000", &tokens[user])
+            .await
+            .json()
+            .await
+            .expect("json");
+        let kept: BTreeSet<u64> = history
+            .iter()
+            .filter(|event| event["type"] == "notification")
+            .filter_map(|event| event["id"].as_u64())
+            .collect();
+        assert_eq!(
+            unique, kept,
+            "{user}: every notification reached the socket"
+        );
+        assert!(
+            !frames
+                .iter()
+                .any(|frame| frame["type"] == "resync_required"),
+            "{user}: no resync was needed"
+        );
+    }
+    for worker in &mut workers {
+        kill(worker);
+    }
+    for hub in hubs {
+        hub.stop().await;
+    }
+}

@@ -113,20 +113,11 @@ async fn redis_engine_conforms() {
 }
 
 fn project(owner: &str) -> Project {
-    Project {
-        project_id: ProjectId::generate().to_string(),
-        name: format!("{owner}'s project"),
-        repo_url: "https://user:secret@example.com/r.git".into(),
-        branch: "main".into(),
-        owner: owner.into(),
-        created_at: now_rfc3339(),
-        credential: None,
-        last_status: None,
-        last_synced_at: None,
-        commit: None,
-        active_sync: None,
-        follow_up: None,
-    }
+    crate::helpers::stored_project(
+        owner,
+        &format!("{owner}'s project"),
+        "https://user:secret@example.com/r.git",
+    )
 }
 
 fn record(project: &Project) -> SyncRecord {
@@ -262,6 +253,24 @@ async fn projects_syncs_and_coalescing(engine: Engine) {
     store.ping().await.expect("ping");
 }
 
+/// Ends `sync` with `status` and returns its project as it is afterwards.
+async fn end_sync(
+    store: &dyn Store,
+    sync: &SyncRecord,
+    status: SyncStatus,
+    project: &Project,
+) -> Project {
+    let mut ended = sync.clone();
+    ended.status = status;
+    ended.finished_at = Some(now_rfc3339());
+    assert!(store.put_sync(&ended, None).await.expect("put"));
+    store
+        .project(&pid(project))
+        .await
+        .expect("read")
+        .expect("exists")
+}
+
 /// The next job on the queue, or `None` when none comes within a short wait.
 async fn next_job(engine: &Engine) -> Option<Lease> {
     let patience = CancellationToken::new();
@@ -322,15 +331,7 @@ async fn a_request_during_a_running_sync_queues_one_follow_up(engine: Engine) {
         "the follow-up waits for the running sync"
     );
 
-    let mut done = running.clone();
-    done.status = SyncStatus::Completed;
-    done.finished_at = Some(now_rfc3339());
-    assert!(store.put_sync(&done, None).await.expect("put"));
-    let project = store
-        .project(&pid(&alice))
-        .await
-        .expect("read")
-        .expect("exists");
+    let project = end_sync(store.as_ref(), &running, SyncStatus::Completed, &alice).await;
     assert_eq!(
         project.active_sync.as_deref(),
         Some(follow_up.sync_id.as_str())
@@ -344,20 +345,14 @@ async fn a_request_during_a_running_sync_queues_one_follow_up(engine: Engine) {
     assert!(!created, "a request joins the queued follow-up");
     assert_eq!(joined.sync_id, follow_up.sync_id);
 
-    let mut finished = follow_up.clone();
-    finished.status = SyncStatus::Failed;
-    finished.finished_at = Some(now_rfc3339());
-    assert!(store.put_sync(&finished, None).await.expect("put"));
-    let project = store
-        .project(&pid(&alice))
-        .await
-        .expect("read")
-        .expect("exists");
+    let project = end_sync(store.as_ref(), &follow_up, SyncStatus::Failed, &alice).await;
     assert_eq!(project.active_sync, None);
     assert!(next_job(&engine).await.is_none());
 
     // a record whose project is gone is not written, and says so
     store.delete_project(&pid(&alice)).await.expect("delete");
+    let mut finished = follow_up.clone();
+    finished.status = SyncStatus::Failed;
     assert!(!store.put_sync(&finished, None).await.expect("put"));
     let orphan = record(&alice);
     assert!(matches!(

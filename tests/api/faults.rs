@@ -364,8 +364,7 @@ async fn malformed_trees_fail_once_cleanly_and_write_nothing() {
 
 #[tokio::test]
 async fn a_sync_whose_job_was_lost_is_requeued_by_the_watchdog_and_completes() {
-    let Some(redis) = redis_or_skip("a_sync_whose_job_was_lost_is_requeued_by_the_watchdog")
-    else {
+    let Some(redis) = redis_or_skip("a_sync_whose_job_was_lost_is_requeued_by_the_watchdog") else {
         return;
     };
     let prefix = unique_prefix();

@@ -494,24 +494,12 @@ async fn https_userinfo_of_a_project_stored_before_it_was_refused_still_works_un
     );
     assert!(!refused.to_string().contains(TOKEN), "{refused}");
     // a project registered before that rule still holds its URL, and syncs
-    let project_id = hivesync::domain::ProjectId::generate().to_string();
+    let legacy = crate::helpers::stored_project("alice", "legacy", &url);
+    let project_id = legacy.project_id.clone();
     app.state
         .engine
         .store
-        .insert_project(&hivesync::engine::Project {
-            project_id: project_id.clone(),
-            name: "legacy".into(),
-            repo_url: url.clone(),
-            branch: "main".into(),
-            owner: "alice".into(),
-            created_at: hivesync::domain::now_rfc3339(),
-            credential: None,
-            last_status: None,
-            last_synced_at: None,
-            commit: None,
-            active_sync: None,
-            follow_up: None,
-        })
+        .insert_project(&legacy)
         .await
         .expect("stored");
     let project = app

@@ -365,27 +365,11 @@ async fn credentials_in_a_repo_url_never_reach_logs_responses_or_events() {
             1000,
         )
         .expect("store");
-        let id = hivesync::domain::ProjectId::generate().to_string();
-        hivesync::engine::Store::insert_project(
-            store.as_ref(),
-            &hivesync::engine::Project {
-                project_id: id.clone(),
-                name: "legacy".into(),
-                repo_url: url.clone(),
-                branch: "main".into(),
-                owner: "alice".into(),
-                created_at: hivesync::domain::now_rfc3339(),
-                credential: None,
-                last_status: None,
-                last_synced_at: None,
-                commit: None,
-                active_sync: None,
-                follow_up: None,
-            },
-        )
-        .await
-        .expect("inserted");
-        id
+        let legacy = crate::helpers::stored_project("alice", "legacy", &url);
+        hivesync::engine::Store::insert_project(store.as_ref(), &legacy)
+            .await
+            .expect("inserted");
+        legacy.project_id
     };
     let (mut server, addr) = serve_binary(
         data.path(),

@@ -116,6 +116,38 @@ pub(crate) fn unique_suffix() -> String {
     format!("{nanos:x}")
 }
 
+/// Removes the `*.lock` files a killed sync left in the repository (index, HEAD,
+/// refs, config): the caller holds the project lock with the newest fence, so no live
+/// writer owns them, and gix would otherwise refuse every later update.
+pub(crate) fn remove_stale_locks(git_dir: &Path) -> std::io::Result<usize> {
+    // the top level (index, HEAD, config, packed-refs) alone, then all of refs/
+    let mut removed = remove_locks_in(git_dir, false)?;
+    removed += remove_locks_in(&git_dir.join("refs"), true)?;
+    Ok(removed)
+}
+
+fn remove_locks_in(dir: &Path, recurse: bool) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(err) => return Err(err),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            if recurse {
+                removed += remove_locks_in(&path, true)?;
+            }
+        } else if path.extension().is_some_and(|ext| ext == "lock") {
+            std::fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 impl Layout {
     /// Refuses to go on when the data volume has less than `floor` bytes free (an
     /// unreadable volume is not refused here; the write that fails says why).
@@ -152,6 +184,31 @@ mod tests {
         assert!(matches!(claim_fence(&fence, 4), Err(MirrorError::Fenced)));
         claim_fence(&fence, 6).expect("a newer lock takes over");
         assert!(matches!(check_fence(&fence, 5), Err(MirrorError::Fenced)));
+    }
+
+    #[test]
+    fn lock_files_a_killed_sync_left_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let git = dir.path();
+        std::fs::create_dir_all(git.join("refs/heads/feature")).expect("refs");
+        std::fs::create_dir_all(git.join("objects/pack")).expect("objects");
+        for lock in [
+            "index.lock",
+            "HEAD.lock",
+            "refs/heads/main.lock",
+            "refs/heads/feature/x.lock",
+        ] {
+            std::fs::write(git.join(lock), "").expect("lock");
+        }
+        std::fs::write(git.join("objects/pack/tmp.lock"), "").expect("not a ref lock");
+        std::fs::write(git.join("HEAD"), "ref: refs/heads/main\n").expect("head");
+        assert_eq!(remove_stale_locks(git).expect("removed"), 4);
+        assert!(git.join("HEAD").exists());
+        assert!(
+            git.join("objects/pack/tmp.lock").exists(),
+            "objects are not touched"
+        );
+        assert!(!git.join("refs/heads/feature/x.lock").exists());
     }
 
     #[test]

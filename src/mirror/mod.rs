@@ -135,6 +135,11 @@ fn sync_once(
     if let Some(ca_file) = &spec.https_ca_file {
         overrides.push(format!("http.sslCAInfo={}", ca_file.display()));
     }
+    // a sync killed while it updated refs or the index left their lock files
+    let stale = layout::remove_stale_locks(&git_dir)?;
+    if stale > 0 {
+        tracing::warn!(project_id = %spec.project, stale, "removed lock files a killed sync left behind");
+    }
     let (mut repo, mut reopened) = open_or_init(&git_dir, &overrides)?;
     if let Err(problem) = health_check(&repo, spec.branch) {
         tracing::warn!(project_id = %spec.project, %problem, "mirror failed its health check; cloning it again");

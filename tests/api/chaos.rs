@@ -35,11 +35,10 @@ async fn hub(redis: &RedisServer, prefix: &str, data: &std::path::Path) -> TestA
 /// Every frame one user's socket received, reconnecting with `last_event_id` after
 /// any close, until `stop`.
 fn collect(
-    app: &TestApp,
+    addr: std::net::SocketAddr,
     user_token: String,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<Vec<Value>> {
-    let addr = app.addr;
     tokio::spawn(async move {
         let mut frames: Vec<Value> = Vec::new();
         let mut last_id = 0u64;
@@ -144,7 +143,11 @@ async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_
             // each user's socket on the other hub than their projects' requests
             (
                 *user,
-                collect(&hubs[(index + 1) % 2], tokens[user].clone(), stop.clone()),
+                collect(
+                    hubs[(index + 1) % 2].addr,
+                    tokens[user].clone(),
+                    stop.clone(),
+                ),
             )
         })
         .collect();
@@ -231,38 +234,13 @@ async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_
     stop.cancel();
     for (user, collector) in collectors {
         let frames = collector.await.expect("collector");
-        let received: Vec<u64> = frames
-            .iter()
-            .filter(|frame| frame["type"] == "notification")
-            .filter_map(|frame| frame["id"].as_u64())
-            .collect();
-        let unique: BTreeSet<u64> = received.iter().copied().collect();
-        assert_eq!(
-            unique.len(),
-            received.len(),
-            "{user}: a notification came twice"
-        );
         let history: Vec<Value> = hubs[0]
             .get("/api/v1/notifications?limit=10000", &tokens[user])
             .await
             .json()
             .await
             .expect("json");
-        let kept: BTreeSet<u64> = history
-            .iter()
-            .filter(|event| event["type"] == "notification")
-            .filter_map(|event| event["id"].as_u64())
-            .collect();
-        assert_eq!(
-            unique, kept,
-            "{user}: every notification reached the socket"
-        );
-        assert!(
-            !frames
-                .iter()
-                .any(|frame| frame["type"] == "resync_required"),
-            "{user}: no resync was needed"
-        );
+        assert_each_notification_once(user, &frames, &history);
     }
     for worker in &mut workers {
         kill(worker);
@@ -270,4 +248,152 @@ async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_
     for hub in hubs {
         hub.stop().await;
     }
+}
+
+/// Notification ids in `frames`, checked to be unique, equal to those in `history`.
+fn assert_each_notification_once(user: &str, frames: &[Value], history: &[Value]) {
+    let received: Vec<u64> = frames
+        .iter()
+        .filter(|frame| frame["type"] == "notification")
+        .filter_map(|frame| frame["id"].as_u64())
+        .collect();
+    let unique: BTreeSet<u64> = received.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        received.len(),
+        "{user}: a notification came twice"
+    );
+    let kept: BTreeSet<u64> = history
+        .iter()
+        .filter(|event| event["type"] == "notification")
+        .filter_map(|event| event["id"].as_u64())
+        .collect();
+    assert_eq!(
+        unique, kept,
+        "{user}: every notification reached the socket"
+    );
+    assert!(
+        !frames
+            .iter()
+            .any(|frame| frame["type"] == "resync_required"),
+        "{user}: no resync was needed"
+    );
+}
+
+/// The embedded engine's version: one `hivesync serve` process, SIGKILLed at varying
+/// moments and started again on the same data and port while syncs are requested.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_syncs_survive_hub_kills_with_every_notification_once() {
+    let rounds: u64 = std::env::var("HIVESYNC_CHAOS_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5);
+    let data = tempfile::tempdir().expect("temp dir");
+    let logs = tempfile::tempdir().expect("temp dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = [
+        ("HIVESYNC_LISTEN", listen.as_str()),
+        ("HIVESYNC_ALLOWED_SCHEMES", "file"),
+        ("HIVESYNC_SYNC_RATE", "10000/min"),
+        ("HIVESYNC_WORKERS", "2"),
+    ];
+    let start = |generation: u64| {
+        let log = std::fs::File::create(logs.path().join(format!("serve-{generation}.log")))
+            .expect("log");
+        crate::lifecycle::serve_binary_logging_to(data.path(), &env, log.into())
+    };
+    let (mut server, addr) = start(0).await;
+    let base = format!("http://{addr}");
+    let alice = token("alice", ClientKind::Desktop);
+    let http = reqwest::Client::new();
+    // a request that may meet a dead or restarting hub: retried until it is answered
+    let call = |method: reqwest::Method, path: String, body: Option<Value>| {
+        let (http, base, alice) = (http.clone(), base.clone(), alice.clone());
+        async move {
+            wait_until(Duration::from_secs(60), || async {
+                let mut request = http
+                    .request(method.clone(), format!("{base}{path}"))
+                    .bearer_auth(&alice);
+                if let Some(body) = &body {
+                    request = request.json(body);
+                }
+                let response = request.send().await.ok()?;
+                response.status().is_success().then_some(())?;
+                response.json::<Value>().await.ok()
+            })
+            .await
+            .expect("the hub answers")
+        }
+    };
+    let mut projects = Vec::new();
+    for name in ["one", "two"] {
+        let repo = GitRepo::new();
+        repo.write("README.md", &format!("{name}\n"));
+        repo.commit("first");
+        let created = call(
+            reqwest::Method::POST,
+            "/api/v1/projects".into(),
+            Some(json!({"name": name, "repo_url": repo.url()})),
+        )
+        .await;
+        projects.push((created["project_id"].as_str().expect("id").to_owned(), repo));
+    }
+    let stop = CancellationToken::new();
+    let collector = collect(addr.parse().expect("addr"), alice.clone(), stop.clone());
+    let mut requested = Vec::new();
+    for round in 0..rounds {
+        for (id, repo) in &projects {
+            repo.write("round.txt", &format!("round {round}\n"));
+            repo.commit(&format!("round {round}"));
+            let accepted = call(
+                reqwest::Method::POST,
+                "/api/v1/repo/sync".into(),
+                Some(json!({"project_id": id})),
+            )
+            .await;
+            requested.push(accepted["sync_id"].as_str().expect("id").to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(pick(round, 3, 300))).await;
+        kill(&mut server);
+        (server, _) = start(round + 1).await;
+    }
+    for sync_id in &requested {
+        let ended = wait_until(Duration::from_secs(120), || async {
+            let record = call(
+                reqwest::Method::GET,
+                format!("/api/v1/repo/sync/{sync_id}"),
+                None,
+            )
+            .await;
+            matches!(record["status"].as_str(), Some("completed" | "failed")).then_some(record)
+        })
+        .await
+        .unwrap_or_else(|| panic!("sync {sync_id} never ended"));
+        assert_eq!(ended["status"], "completed", "{ended}");
+    }
+    for (id, repo) in &projects {
+        let head = repo.head();
+        let settled = wait_until(WAIT, || async {
+            let project = call(reqwest::Method::GET, format!("/api/v1/projects/{id}"), None).await;
+            (project["commit"] == head.as_str()).then_some(())
+        })
+        .await;
+        assert!(settled.is_some(), "project {id} ends at the upstream head");
+        crate::helpers::assert_exact_worktree(&data.path().join("repos").join(id), repo, &head);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let frames = collector.await.expect("collector");
+    let history = call(
+        reqwest::Method::GET,
+        "/api/v1/notifications?limit=10000".into(),
+        None,
+    )
+    .await;
+    assert_each_notification_once("alice", &frames, history.as_array().expect("a list"));
+    kill(&mut server);
 }

@@ -506,8 +506,12 @@ pub fn files_on_disk(root: &Path) -> (Vec<(String, Vec<u8>)>, bool) {
 /// Asserts the project's mirror is exactly `commit`'s tree: same files, same bytes,
 /// nothing else, no symlinks, and git sees it clean.
 pub fn assert_exact_tree(app: &TestApp, project_id: &str, repo: &GitRepo, commit: &str) {
-    let worktree = app.worktree(project_id);
-    let (on_disk, saw_symlink) = files_on_disk(&worktree);
+    assert_exact_worktree(&app.worktree(project_id), repo, commit);
+}
+
+/// The worktree at `worktree` holds exactly the files of `commit`, and no symlink.
+pub fn assert_exact_worktree(worktree: &Path, repo: &GitRepo, commit: &str) {
+    let (on_disk, saw_symlink) = files_on_disk(worktree);
     assert!(!saw_symlink, "the mirror holds a symlink");
     let expected = repo.tree_of(commit);
     let names =

@@ -218,7 +218,7 @@ impl Recorded {
 }
 
 /// Starts `hivesync serve` on 127.0.0.1:0 and returns it with the address it printed.
-async fn serve_binary(
+pub(crate) async fn serve_binary(
     data_dir: &std::path::Path,
     extra_env: &[(&str, &str)],
 ) -> (std::process::Child, String) {

@@ -19,6 +19,14 @@ pub(crate) fn open_or_init(
         || gix::open::Options::isolated().config_overrides(overrides.iter().map(String::as_str));
     let mut repaired = false;
     if git_dir.exists() {
+        // a repository left bare by a first clone killed before it was set up (before
+        // set-ups were made whole and renamed in): set it up now
+        let config = git_dir.join("config");
+        if let Ok(text) = std::fs::read_to_string(&config)
+            && text.contains("bare = true")
+        {
+            std::fs::write(&config, text.replace("bare = true", "bare = false"))?;
+        }
         match gix::open_opts(git_dir, options()) {
             Ok(repo) => return Ok((repo, false)),
             Err(_) => {
@@ -27,18 +35,30 @@ pub(crate) fn open_or_init(
             }
         }
     }
-    if let Some(parent) = git_dir.parent() {
-        std::fs::create_dir_all(parent)?;
+    let parent = git_dir
+        .parent()
+        .ok_or_else(|| MirrorError::Io(std::io::Error::other("a mirror path has a parent")))?;
+    std::fs::create_dir_all(parent)?;
+    // made complete under a temporary name, then renamed into place: a sync killed
+    // half-way leaves no repository that opens but is set up wrong
+    let name = git_dir
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging = parent.join(format!(".{name}.init"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
     }
-    gix::init_bare(git_dir).map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
+    gix::init_bare(&staging).map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
     // not bare, so `git` run in a snapshot (whose .git points here) treats the snapshot
     // as the work tree; there is no worktree of its own
-    let config = git_dir.join("config");
+    let config = staging.join("config");
     let text = std::fs::read_to_string(&config)?;
     std::fs::write(
         &config,
         text.replace("bare = true", "bare = false") + "\tsymlinks = false\n",
     )?;
+    std::fs::rename(&staging, git_dir)?;
     let repo =
         gix::open_opts(git_dir, options()).map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
     Ok((repo, repaired))

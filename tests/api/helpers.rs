@@ -524,7 +524,7 @@ pub fn assert_exact_worktree(worktree: &Path, repo: &GitRepo, commit: &str) {
     assert_eq!(on_disk, expected, "file contents differ from {commit}");
     let status = Command::new("git")
         .args(["status", "--porcelain", "--ignored"])
-        .current_dir(&worktree)
+        .current_dir(worktree)
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .output()
         .expect("git status");
@@ -540,7 +540,7 @@ pub fn assert_exact_worktree(worktree: &Path, repo: &GitRepo, commit: &str) {
     );
     let head = Command::new("git")
         .args(["rev-parse", "HEAD"])
-        .current_dir(&worktree)
+        .current_dir(worktree)
         .output()
         .expect("rev-parse");
     assert_eq!(String::from_utf8_lossy(&head.stdout).trim(), commit);

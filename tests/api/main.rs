@@ -4,6 +4,7 @@
 mod browser;
 mod chaos;
 mod conformance;
+mod conformance_sync;
 mod errors;
 mod failures;
 mod faults;

@@ -301,3 +301,54 @@ async fn search_refuses_patterns_that_would_pin_a_core_and_stays_within_its_budg
     assert_eq!(body["timed_out"], false);
     app.stop().await;
 }
+
+/// A plain HTTP server on 127.0.0.1 that answers every request with a redirect to
+/// `location`.
+async fn redirecting_server(location: String) -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncWriteExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let location = location.clone();
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                let _ = socket.read(&mut buffer).await;
+                let answer = format!(
+                    "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_followed_to_another_host() {
+    let target = Recorder::start().await;
+    let (port, server) = redirecting_server(format!(
+        "http://127.0.0.1:{}/r.git/info/refs?service=git-upload-pack",
+        target.port
+    ))
+    .await;
+    let app = TestApp::spawn_with(|config| {
+        config.allowed_schemes.push("http".into());
+        config.retry_max = 1;
+    })
+    .await;
+    let (status, project) = register(
+        &app,
+        &app.token,
+        json!({"name": "redirected", "repo_url": format!("http://127.0.0.1:{port}/r.git")}),
+    )
+    .await;
+    assert_eq!(status, 201, "{project}");
+    let record = app
+        .sync_to_end(project["project_id"].as_str().expect("id"))
+        .await;
+    assert_eq!(record["status"], "failed", "{record}");
+    assert_eq!(target.connections(), 0, "the redirect was not followed");
+    server.abort();
+    app.stop().await;
+}

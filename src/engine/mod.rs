@@ -312,21 +312,35 @@ impl Engine {
                 continue;
             }
             tracing::warn!(sync_id = %record.sync_id, idle_s = idle.as_secs(), "a sync had no job and no worker; putting it back on the queue");
-            record.status = SyncStatus::Queued;
-            record.progress = None;
+            // its deadline starts again: the time it spent stranded was not its own
             record.started_at = Some(now.clone());
-            if !self.store.put_sync(&record, None).await? {
-                continue;
+            if put_back(self.store.as_ref(), self.queue.as_ref(), record, owner).await? {
+                requeued += 1;
             }
-            self.queue
-                .enqueue(Job {
-                    sync_id: record.sync_id.clone(),
-                    project_id: record.project_id.clone(),
-                    owner,
-                })
-                .await?;
-            requeued += 1;
         }
         Ok(requeued)
     }
+}
+
+/// Puts an unfinished sync back on the queue as `queued` (after a restart, or when
+/// the watchdog finds it stranded). `Ok(false)`: its project is gone; nothing queued.
+pub(crate) async fn put_back(
+    store: &dyn Store,
+    queue: &dyn JobQueue,
+    mut record: SyncRecord,
+    owner: String,
+) -> Result<bool, EngineError> {
+    record.status = SyncStatus::Queued;
+    record.progress = None;
+    if !store.put_sync(&record, None).await? {
+        return Ok(false);
+    }
+    queue
+        .enqueue(Job {
+            sync_id: record.sync_id.clone(),
+            project_id: record.project_id.clone(),
+            owner,
+        })
+        .await?;
+    Ok(true)
 }

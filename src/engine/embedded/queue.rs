@@ -8,8 +8,8 @@ use redb::{ReadableDatabase, ReadableTable};
 use tokio_util::sync::CancellationToken;
 
 use super::{EmbeddedEngine, PROJECTS, SYNCS, read_json};
-use crate::engine::{EngineError, JobQueue, Lease, Project, ProjectLock, Store, next_fence};
-use crate::protocol::{Job, SyncRecord, SyncStatus};
+use crate::engine::{EngineError, JobQueue, Lease, Project, ProjectLock, next_fence, put_back};
+use crate::protocol::{Job, SyncRecord};
 
 #[async_trait]
 impl JobQueue for EmbeddedEngine {
@@ -133,16 +133,8 @@ impl EmbeddedEngine {
     pub async fn requeue_unfinished(&self) -> Result<usize, EngineError> {
         let unfinished = self.unfinished_syncs().await?;
         let count = unfinished.len();
-        for (mut record, owner) in unfinished {
-            record.status = SyncStatus::Queued;
-            record.progress = None;
-            self.put_sync(&record, None).await?;
-            self.enqueue(Job {
-                sync_id: record.sync_id.clone(),
-                project_id: record.project_id.clone(),
-                owner,
-            })
-            .await?;
+        for (record, owner) in unfinished {
+            put_back(self, self, record, owner).await?;
         }
         Ok(count)
     }

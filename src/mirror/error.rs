@@ -21,6 +21,10 @@ pub enum MirrorError {
     HostKeyRejected,
     #[error("this build cannot fetch from this kind of URL")]
     Unsupported(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The remote said on git's error channel that it cannot send the branch (its own
+    /// repository is damaged, say): the same request would fail the same way again.
+    #[error("the remote aborted the transfer: {0}")]
+    RemoteAborted(String),
     #[error("could not reach the remote")]
     Network(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the mirror repository is damaged and could not be repaired")]

@@ -136,7 +136,10 @@ pub(crate) fn fetch(
             if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
                 return MirrorError::Interrupted;
             }
-            classify_connect(Box::new(err))
+            match remote_failure(progress) {
+                Some(said) => MirrorError::RemoteAborted(said),
+                None => classify_connect(Box::new(err)),
+            }
         })?;
     let id = repo
         .find_reference(tracking.as_str())
@@ -160,6 +163,35 @@ pub(crate) fn fetch(
         gix::remote::fetch::Status::NoPackReceived { .. } => Transfer::default(),
     };
     Ok((id, transfer))
+}
+
+/// What the remote said on git's error channel (side-band 3) during the transfer, if
+/// anything: gix hands it to the progress tree as a failure of the "remote" task,
+/// whose name holds the remote's last progress line (git's `fatal:` line from
+/// pack-objects lands there). Control characters are dropped and the text is capped:
+/// the remote chooses it.
+fn remote_failure(progress: &Root) -> Option<String> {
+    const CAP: usize = 400;
+    let mut messages = Vec::new();
+    progress.copy_messages(&mut messages);
+    let said: Vec<String> = messages
+        .iter()
+        .filter(|message| message.level == gix::progress::prodash::messages::MessageLevel::Failure)
+        .map(|message| format!("{}; {}", message.origin, message.message))
+        .collect();
+    if said.is_empty() {
+        return None;
+    }
+    let text: String = said
+        .join("; ")
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    Some(match text.char_indices().nth(CAP) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text,
+    })
 }
 
 #[derive(Debug, Default, Clone, Copy)]

@@ -334,6 +334,7 @@ pub(super) fn error_code(err: &MirrorError) -> SyncErrorCode {
         | MirrorError::Git(_)
         | MirrorError::UnsafeTree(_)
         | MirrorError::MalformedTree(_)
+        | MirrorError::RemoteAborted(_)
         | MirrorError::PrivateAddress(_)
         | MirrorError::Fenced
         | MirrorError::Unsupported(_) => SyncErrorCode::BackendError,

@@ -48,8 +48,12 @@ pub async fn open_engine(
     config: &Config,
 ) -> Result<(Engine, Option<Arc<RedisEngine>>), StartError> {
     let Some(url) = &config.redis_url else {
-        let embedded =
-            EmbeddedEngine::open(&config.data_dir, config.sync_rate, config.event_history)?;
+        let embedded = EmbeddedEngine::open_with(
+            &config.data_dir,
+            config.sync_rate,
+            config.event_history,
+            config.rules(),
+        )?;
         let requeued = embedded.requeue_unfinished().await?;
         let engine = Engine {
             store: embedded.clone(),
@@ -70,6 +74,7 @@ pub async fn open_engine(
         reclaim_after: config.reclaim_after,
         history_len: config.event_history,
         sync_rate: config.sync_rate,
+        rules: config.rules(),
         pool_size: 16 + config.workers.max(config.effective_serve_workers()),
     };
     let redis = RedisEngine::connect(settings)
@@ -130,6 +135,40 @@ pub fn authenticator(config: &Config) -> Result<(Authenticator, Option<String>),
     ))
 }
 
+/// The key webhook secrets are derived from: `HIVESYNC_WEBHOOK_KEY`; else one derived
+/// from the HS256 JWT secret (configured, or the dev secret), which every node of a
+/// deployment already shares; else (public-key tokens) a random key kept in DATA_DIR.
+/// Changing it changes every project's webhook secret.
+pub fn webhook_key(config: &Config, dev_jwt_secret: Option<&str>) -> Result<Vec<u8>, StartError> {
+    use hmac::Mac;
+    if let Some(key) = &config.webhook_key {
+        return Ok(key.as_bytes().to_vec());
+    }
+    if let Some(secret) = config.jwt_secret.as_deref().or(dev_jwt_secret) {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
+            .expect("HMAC takes a key of any length");
+        mac.update(b"hivesync webhook key v1");
+        return Ok(mac.finalize().into_bytes().to_vec());
+    }
+    let path = config.data_dir.join("webhook-key");
+    let as_start_error = |source| StartError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim().to_owned();
+        if existing.len() >= 32 {
+            return Ok(existing.into_bytes());
+        }
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|err| as_start_error(std::io::Error::other(err.to_string())))?;
+    let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, &key).map_err(as_start_error)?;
+    Ok(key.into_bytes())
+}
+
 fn dev_secret(data_dir: &Path) -> Result<String, StartError> {
     let path = data_dir.join("dev-jwt-secret");
     let as_start_error = |source| StartError::DataDir {
@@ -179,6 +218,7 @@ impl Application {
     pub async fn build(mut config: Config) -> Result<Self, StartError> {
         prepare_data_dir(&mut config)?;
         let (auth, generated_secret) = authenticator(&config)?;
+        let webhook_key = webhook_key(&config, generated_secret.as_deref())?;
         let (engine, redis) = open_engine(&config).await?;
         if let Some(redis) = &redis {
             // a hub node listens to every node's events
@@ -205,6 +245,7 @@ impl Application {
             metrics: Metrics::default(),
             searches: crate::http::SearchSlots::default(),
             read_stop: CancellationToken::new(),
+            webhook_key,
         });
         Ok(Self {
             listener,
@@ -251,6 +292,13 @@ impl Application {
                 stops.stop_taking.clone(),
             ));
         }
+        // every node schedules; the engine hands each due project to one of them
+        workers.spawn(worker::run_scheduler(
+            state.engine.clone(),
+            state.config.scheduler_tick,
+            state.config.sync_timeout + state.config.watchdog_margin,
+            stops.stop_taking.clone(),
+        ));
         if self.serve_workers > 0
             && let Some(every) = state.config.health_check_interval
         {
@@ -332,6 +380,12 @@ pub async fn run_workers(
     workers.spawn(worker::run_watchdog(
         engine.clone(),
         config.watchdog_interval,
+        config.sync_timeout + config.watchdog_margin,
+        stops.stop_taking.clone(),
+    ));
+    workers.spawn(worker::run_scheduler(
+        engine.clone(),
+        config.scheduler_tick,
         config.sync_timeout + config.watchdog_margin,
         stops.stop_taking.clone(),
     ));

@@ -55,6 +55,16 @@ pub struct Config {
     pub watchdog_interval: Duration,
     /// how long past `sync_timeout` a stranded sync waits before the watchdog acts
     pub watchdog_margin: Duration,
+    /// the shortest `sync_interval_s` a project may have
+    pub min_sync_interval: Duration,
+    /// consecutive failures after which a project's scheduled syncs stop
+    pub pause_after_failures: u32,
+    /// webhook deliveries one project may send, count per period
+    pub webhook_rate: (u32, Duration),
+    /// the key webhook secrets are derived from; see `app::webhook_key`
+    pub webhook_key: Option<String>,
+    /// how often the scheduler looks for due projects
+    pub scheduler_tick: Duration,
 }
 
 impl Default for Config {
@@ -90,6 +100,11 @@ impl Default for Config {
             health_check_interval: Some(Duration::from_secs(3600)),
             watchdog_interval: Duration::from_secs(30),
             watchdog_margin: Duration::from_secs(60),
+            min_sync_interval: Duration::from_secs(60),
+            pause_after_failures: 5,
+            webhook_rate: (60, Duration::from_secs(60)),
+            webhook_key: None,
+            scheduler_tick: Duration::from_secs(1),
         }
     }
 }
@@ -109,6 +124,14 @@ impl Config {
         UrlPolicy {
             allowed_schemes: self.allowed_schemes.clone(),
             allow_private_hosts: self.allow_private_hosts,
+        }
+    }
+
+    /// The rules the engine applies to a sync's end and to webhooks.
+    pub fn rules(&self) -> crate::engine::schedule::Rules {
+        crate::engine::schedule::Rules {
+            pause_after: self.pause_after_failures,
+            webhook_rate: self.webhook_rate,
         }
     }
 
@@ -181,6 +204,14 @@ pub struct ConfigArgs {
     pub ws_idle_timeout_s: Option<u64>,
     #[arg(long, env = "HIVESYNC_EVENT_HISTORY")]
     pub event_history: Option<u64>,
+    #[arg(long, env = "HIVESYNC_MIN_SYNC_INTERVAL_S")]
+    pub min_sync_interval_s: Option<u64>,
+    #[arg(long, env = "HIVESYNC_PAUSE_AFTER_FAILURES")]
+    pub pause_after_failures: Option<u32>,
+    #[arg(long, env = "HIVESYNC_WEBHOOK_RATE")]
+    pub webhook_rate: Option<String>,
+    #[arg(long, env = "HIVESYNC_WEBHOOK_KEY", hide_env_values = true)]
+    pub webhook_key: Option<String>,
 }
 
 impl ConfigArgs {
@@ -253,6 +284,27 @@ impl ConfigArgs {
         }
         if let Some(v) = self.event_history {
             config.event_history = v.max(1);
+        }
+        if let Some(v) = self.min_sync_interval_s {
+            config.min_sync_interval = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = self.pause_after_failures {
+            config.pause_after_failures = v.max(1);
+        }
+        if let Some(v) = self.webhook_rate {
+            config.webhook_rate = parse_rate(&v).ok_or_else(|| ConfigError {
+                name: "HIVESYNC_WEBHOOK_RATE",
+                reason: format!("'{v}' is not COUNT/s|min|hour"),
+            })?;
+        }
+        if let Some(v) = self.webhook_key {
+            if v.len() < 32 {
+                return Err(ConfigError {
+                    name: "HIVESYNC_WEBHOOK_KEY",
+                    reason: "must be at least 32 characters".into(),
+                });
+            }
+            config.webhook_key = Some(v);
         }
         Ok(config)
     }

@@ -7,6 +7,7 @@ mod rate;
 mod repo_path;
 mod repo_url;
 mod scope;
+pub mod webhook;
 
 pub use host::{Host, HostError, is_public};
 pub use ids::{ProjectId, SyncId};
@@ -23,6 +24,20 @@ pub fn now_rfc3339() -> String {
 pub fn format_rfc3339(at: time::OffsetDateTime) -> String {
     at.format(&time::format_description::well_known::Rfc3339)
         .expect("every UTC timestamp formats as RFC 3339")
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An epoch time in ms as RFC 3339.
+pub fn format_epoch_ms(ms: u64) -> String {
+    let at = time::OffsetDateTime::UNIX_EPOCH + time::Duration::milliseconds(ms as i64);
+    format_rfc3339(at)
 }
 
 /// Milliseconds between two RFC 3339 timestamps written by [`now_rfc3339`]; `None` if

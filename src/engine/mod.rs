@@ -6,6 +6,7 @@
 
 pub mod embedded;
 pub mod redis;
+pub mod schedule;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,10 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{ProjectId, RepoUrl, SyncId};
-use crate::protocol::{Event, EventBody, EventId, Job, ProjectView, SyncRecord, SyncStatus};
+use crate::protocol::{
+    Event, EventBody, EventId, Job, LastError, ProjectView, ScheduleView, SyncRecord, SyncStatus,
+    Trigger,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -44,6 +48,9 @@ pub enum EngineError {
     /// owns the job now, so this one must stop without writing anything.
     #[error("the project lock was lost to another worker")]
     Fenced,
+    /// A checked write lost to concurrent changes of the same project too many times.
+    #[error("the project kept changing under a write")]
+    Contended,
 }
 
 /// A worker's exclusive hold on one project's mirror. `fence` grows with every grant,
@@ -97,9 +104,86 @@ pub struct Project {
     /// so a push that landed mid-fetch is not left behind. Requests join it meanwhile.
     #[serde(default)]
     pub follow_up: Option<String>,
+    /// scheduled syncs every this many seconds; `None` = on demand only
+    #[serde(default)]
+    pub sync_interval_s: Option<u64>,
+    #[serde(default)]
+    pub last_attempt_at: Option<String>,
+    #[serde(default)]
+    pub last_success_at: Option<String>,
+    #[serde(default)]
+    pub last_error: Option<LastError>,
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    #[serde(default)]
+    pub paused: bool,
+    #[serde(default)]
+    pub paused_reason: Option<String>,
+    /// when the scheduler next syncs it (ms since the epoch), while it has an interval
+    /// and is not paused
+    #[serde(default)]
+    pub next_sync_ms: Option<u64>,
+    /// set while push webhooks are on: the secret is derived from this, never stored
+    #[serde(default)]
+    pub webhook: Option<WebhookKey>,
+}
+
+/// What a project's webhook secret is derived from (with the server's webhook key):
+/// a random nonce that rotation replaces. The secret itself is stored nowhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookKey {
+    pub nonce: String,
+    pub created_at: String,
 }
 
 impl Project {
+    /// A project as registered: nothing synced, nothing scheduled yet.
+    pub fn new(
+        project_id: String,
+        name: String,
+        repo_url: String,
+        branch: String,
+        owner: String,
+        credential: Option<String>,
+        sync_interval_s: Option<u64>,
+    ) -> Self {
+        Self {
+            project_id,
+            name,
+            repo_url,
+            branch,
+            owner,
+            created_at: crate::domain::now_rfc3339(),
+            credential,
+            last_status: None,
+            last_synced_at: None,
+            commit: None,
+            active_sync: None,
+            follow_up: None,
+            sync_interval_s,
+            last_attempt_at: None,
+            last_success_at: None,
+            last_error: None,
+            consecutive_failures: 0,
+            paused: false,
+            paused_reason: None,
+            next_sync_ms: None,
+            webhook: None,
+        }
+    }
+
+    pub fn schedule_view(&self) -> ScheduleView {
+        ScheduleView {
+            next_sync_at: self
+                .next_sync_ms
+                .filter(|_| self.sync_interval_s.is_some() && !self.paused)
+                .map(crate::domain::format_epoch_ms),
+            paused: self.paused,
+            paused_reason: self.paused_reason.clone(),
+            consecutive_failures: self.consecutive_failures,
+        }
+    }
+
     pub fn view(&self) -> ProjectView {
         let repo_url = RepoUrl::from_stored(self.repo_url.clone())
             .map(|url| url.redacted().to_owned())
@@ -115,8 +199,42 @@ impl Project {
             last_status: self.last_status,
             last_synced_at: self.last_synced_at.clone(),
             commit: self.commit.clone(),
+            sync_interval_s: self.sync_interval_s,
+            schedule: self.schedule_view(),
+            last_attempt_at: self.last_attempt_at.clone(),
+            last_success_at: self.last_success_at.clone(),
+            last_error: self.last_error.clone(),
+            webhook: self.webhook.is_some(),
         }
     }
+}
+
+/// What `put_sync` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// The record is gone (its project was deleted); nothing was written.
+    Gone,
+    Stored,
+    /// Stored, and this failure paused the project's scheduled syncs.
+    StoredAndPaused,
+}
+
+impl Put {
+    pub fn stored(self) -> bool {
+        self != Put::Gone
+    }
+}
+
+/// A change to a project's settings (`PATCH`, resume, webhook on/off); a `None` field
+/// is left as it is.
+#[derive(Debug, Clone, Default)]
+pub struct ProjectChange {
+    pub name: Option<String>,
+    pub credential: Option<Option<String>>,
+    pub sync_interval_s: Option<Option<u64>>,
+    /// clear a pause and the failure count, and schedule the next sync now
+    pub resume: bool,
+    pub webhook: Option<Option<WebhookKey>>,
 }
 
 /// Events after a resume point. `gap` is set when the point is older than the kept
@@ -180,12 +298,36 @@ pub trait Store: Send + Sync + 'static {
     /// sync (its follow-up, if any, becomes active and goes on the queue in the same
     /// step) and updates its last status (and, on success, its commit). With `lock`,
     /// the write happens only while that lock is still held, else `Err(Fenced)`.
-    /// `Ok(false)`: the record is gone (its project was deleted); nothing was written.
+    /// The first time a sync is stored as ended, the project's status and schedule
+    /// follow from it in the same step ([`schedule::Outcome`]).
     async fn put_sync(
         &self,
         record: &SyncRecord,
         lock: Option<&ProjectLock>,
-    ) -> Result<bool, EngineError>;
+    ) -> Result<Put, EngineError>;
+    /// Applies `change` to the project (its schedule included) in one step; `None`
+    /// when it does not exist.
+    async fn update_project(
+        &self,
+        id: &ProjectId,
+        change: ProjectChange,
+    ) -> Result<Option<Project>, EngineError>;
+    /// Up to `limit` projects due at `now_ms`, each claimed for `hold` (not handed
+    /// out again meanwhile, by any node); the end of the sync it starts sets its next
+    /// due time. Cost grows with the due projects, not the registered ones.
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        hold: Duration,
+    ) -> Result<Vec<String>, EngineError>;
+    /// Records a webhook delivery id of `project`: `true` when it was already seen in
+    /// the last 24 hours.
+    async fn seen_delivery(&self, project: &ProjectId, delivery: &str)
+    -> Result<bool, EngineError>;
+    /// Accounts one webhook delivery of `project`: `Err(wait)` when over its rate.
+    async fn admit_webhook(&self, project: &ProjectId)
+    -> Result<Result<(), Duration>, EngineError>;
     /// Newest first.
     async fn syncs_of(
         &self,
@@ -251,7 +393,11 @@ impl Engine {
     /// Starts a sync of `project` (stored and queued in one step, then announced), or
     /// queues a follow-up of a running one, or joins the one already waiting: returns
     /// the sync and whether it is new.
-    pub async fn start_sync(&self, project: &Project) -> Result<(SyncRecord, bool), EngineError> {
+    pub async fn start_sync(
+        &self,
+        project: &Project,
+        trigger: Trigger,
+    ) -> Result<(SyncRecord, bool), EngineError> {
         let record = SyncRecord {
             sync_id: SyncId::generate().to_string(),
             project_id: project.project_id.clone(),
@@ -265,6 +411,8 @@ impl Engine {
             finished_at: None,
             duration_ms: None,
             error: None,
+            trigger,
+            changes: None,
         };
         let job = Job {
             sync_id: record.sync_id.clone(),
@@ -332,7 +480,7 @@ pub(crate) async fn put_back(
 ) -> Result<bool, EngineError> {
     record.status = SyncStatus::Queued;
     record.progress = None;
-    if !store.put_sync(&record, None).await? {
+    if !store.put_sync(&record, None).await?.stored() {
         return Ok(false);
     }
     queue

@@ -39,6 +39,10 @@ pub enum ApiError {
     NotFound(String),
     #[error("request body is over 64 KiB")]
     PayloadTooLarge,
+    #[error("webhook body is over 5 MiB")]
+    WebhookTooLarge,
+    #[error("{0}")]
+    InvalidSignature(String),
     #[error("too many sync requests; retry in {} s", retry_after.as_secs().max(1))]
     RateLimited { retry_after: Duration },
     #[error("free space on the data volume is under the configured floor")]
@@ -63,7 +67,10 @@ impl ApiError {
             ApiError::ProjectNotFound => ("project_not_found", StatusCode::NOT_FOUND),
             ApiError::SyncNotFound => ("sync_not_found", StatusCode::NOT_FOUND),
             ApiError::NotFound(_) => ("not_found", StatusCode::NOT_FOUND),
-            ApiError::PayloadTooLarge => ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE),
+            ApiError::PayloadTooLarge | ApiError::WebhookTooLarge => {
+                ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE)
+            }
+            ApiError::InvalidSignature(_) => ("invalid_signature", StatusCode::UNAUTHORIZED),
             ApiError::RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
             ApiError::StorageFull => ("storage_full", StatusCode::INSUFFICIENT_STORAGE),
             ApiError::Backend(_) => ("backend_error", StatusCode::INTERNAL_SERVER_ERROR),
@@ -153,6 +160,12 @@ mod tests {
             (ApiError::SyncNotFound, "sync_not_found", 404),
             (ApiError::NotFound(String::new()), "not_found", 404),
             (ApiError::PayloadTooLarge, "payload_too_large", 413),
+            (ApiError::WebhookTooLarge, "payload_too_large", 413),
+            (
+                ApiError::InvalidSignature(String::new()),
+                "invalid_signature",
+                401,
+            ),
             (
                 ApiError::RateLimited {
                     retry_after: Duration::from_secs(1),

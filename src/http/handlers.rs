@@ -9,13 +9,13 @@ use warp::Reply;
 
 use super::{ApiError, AppState, Caller, Response, parse_json};
 use crate::auth::Principal;
-use crate::domain::{ProjectId, RepoUrl, SyncId, now_rfc3339};
+use crate::domain::{ProjectId, RepoUrl, SyncId};
 use crate::engine::Project;
 use crate::hub::MAX_REPLAY;
 use crate::metrics::Metrics;
 use crate::protocol::{
     ControlFrame, CreateProjectRequest, MobileProject, ProjectView, SyncAccepted, SyncRecord,
-    SyncRequest,
+    SyncRequest, Trigger,
 };
 
 const DEFAULT_SYNC_LIST: usize = 20;
@@ -41,7 +41,7 @@ fn parse_limit(value: Option<&String>, default: usize, max: usize) -> Result<usi
 
 /// Loads a project of the caller: unknown or malformed ids are `project_not_found`,
 /// someone else's project is `forbidden`.
-async fn owned_project(
+pub(super) async fn owned_project(
     state: &AppState,
     principal: &Principal,
     id: &str,
@@ -82,38 +82,30 @@ pub async fn create_project(
         ));
     }
     validate_branch(&request.branch)?;
-    if let Some(credential) = &request.credential
-        && !is_credential_name(credential)
-    {
-        return Err(ApiError::InvalidRequest(
-            "credential must be a name of 1 to 64 letters, digits, '_', '-' or '.'".into(),
-        ));
-    }
+    validate_interval(&state, request.sync_interval_s)?;
     let url = RepoUrl::parse(&request.repo_url, &state.config.url_policy())
         .map_err(|err| ApiError::InvalidRequest(err.to_string()))?;
     if let Some(credential) = &request.credential {
-        let scopes =
-            crate::worker::credentials::load_scopes(state.config.credential_scopes.as_deref())
-                .map_err(|err| ApiError::Backend(err.into()))?;
-        scopes
-            .check(credential, &principal.user, &url.host().unwrap_or_default())
-            .map_err(|refusal| ApiError::CredentialForbidden(refusal.to_string()))?;
+        check_credential(&state, &principal.user, credential, url.expose_secret())?;
     }
-    let project = Project {
-        project_id: ProjectId::generate().to_string(),
-        name: name.to_owned(),
-        repo_url: url.expose_secret().to_owned(),
-        branch: request.branch,
-        owner: principal.user,
-        created_at: now_rfc3339(),
-        credential: request.credential,
-        last_status: None,
-        last_synced_at: None,
-        commit: None,
-        active_sync: None,
-        follow_up: None,
-    };
+    let project = Project::new(
+        ProjectId::generate().to_string(),
+        name.to_owned(),
+        url.expose_secret().to_owned(),
+        request.branch,
+        principal.user,
+        request.credential,
+        request.sync_interval_s,
+    );
     state.engine.store.insert_project(&project).await?;
+    // the stored project carries its first due time
+    let project_id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
+    let project = state
+        .engine
+        .store
+        .project(&project_id)
+        .await?
+        .unwrap_or(project);
     tracing::info!(project_id = %project.project_id, repo_url = %url, "project registered");
     Ok(project.view())
 }
@@ -131,6 +123,46 @@ fn validate_branch(branch: &str) -> Result<(), ApiError> {
             "'{branch}' is not a valid branch name"
         )))
     }
+}
+
+/// The longest interval a schedule may have: 30 days.
+const MAX_SYNC_INTERVAL_S: u64 = 30 * 24 * 3600;
+
+/// `sync_interval_s`: null, or from `HIVESYNC_MIN_SYNC_INTERVAL_S` to 30 days.
+pub(super) fn validate_interval(state: &AppState, interval: Option<u64>) -> Result<(), ApiError> {
+    let min = state.config.min_sync_interval.as_secs().max(1);
+    match interval {
+        Some(seconds) if !(min..=MAX_SYNC_INTERVAL_S).contains(&seconds) => {
+            Err(ApiError::InvalidRequest(format!(
+                "sync_interval_s must be null or from {min} to {MAX_SYNC_INTERVAL_S} seconds"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A credential name is well-formed and the policy lets `user` send it to the host of
+/// `repo_url` (403 otherwise).
+pub(super) fn check_credential(
+    state: &AppState,
+    user: &str,
+    credential: &str,
+    repo_url: &str,
+) -> Result<(), ApiError> {
+    if !is_credential_name(credential) {
+        return Err(ApiError::InvalidRequest(
+            "credential must be a name of 1 to 64 letters, digits, '_', '-' or '.'".into(),
+        ));
+    }
+    let host = RepoUrl::from_stored(repo_url.to_owned())
+        .ok()
+        .and_then(|url| url.host())
+        .unwrap_or_default();
+    let scopes = crate::worker::credentials::load_scopes(state.config.credential_scopes.as_deref())
+        .map_err(|err| ApiError::Backend(err.into()))?;
+    scopes
+        .check(credential, user, &host)
+        .map_err(|refusal| ApiError::CredentialForbidden(refusal.to_string()))
 }
 
 fn is_credential_name(name: &str) -> bool {
@@ -189,7 +221,7 @@ pub async fn request_sync(
     {
         return Err(ApiError::StorageFull);
     }
-    let (record, created) = state.engine.start_sync(&project).await?;
+    let (record, created) = state.engine.start_sync(&project, Trigger::Api).await?;
     if !created {
         Metrics::bump(&state.metrics.syncs_coalesced);
     }
@@ -294,12 +326,17 @@ pub async fn mobile_projects(
     Ok(projects
         .into_iter()
         .map(|project| MobileProject {
+            schedule: project.schedule_view(),
             project_id: project.project_id,
             name: project.name,
             branch: project.branch,
             last_status: project.last_status,
             last_synced_at: project.last_synced_at,
             commit: project.commit,
+            sync_interval_s: project.sync_interval_s,
+            last_attempt_at: project.last_attempt_at,
+            last_success_at: project.last_success_at,
+            last_error: project.last_error,
         })
         .collect())
 }

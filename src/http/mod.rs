@@ -4,6 +4,7 @@
 //! route that does not match — leaves as the same JSON error body.
 
 mod error;
+mod freshness;
 mod handlers;
 mod query;
 mod read;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub searches: SearchSlots,
     /// cancelled when shutdown begins: reads still scanning stop at their next check
     pub read_stop: tokio_util::sync::CancellationToken,
+    /// what webhook secrets are derived from (never logged)
+    pub webhook_key: Vec<u8>,
 }
 
 impl AppState {
@@ -80,20 +83,32 @@ fn respond<T: serde::Serialize>(status: StatusCode, result: Result<T, ApiError>)
 /// The request body, read up to [`MAX_BODY`]: larger bodies are refused as soon as
 /// the header or the stream shows it, so a client cannot make the server buffer more.
 fn capped_body() -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone {
+    body_up_to(MAX_BODY, || ApiError::PayloadTooLarge)
+}
+
+/// The request body, read up to `max` bytes; over it, `too_large()`.
+fn body_up_to(
+    max: usize,
+    too_large: fn() -> ApiError,
+) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone {
     warp::header::optional::<String>("content-length")
         .and(warp::body::stream())
-        .then(|declared: Option<String>, stream| async move {
+        .then(move |declared: Option<String>, stream| async move {
             if declared
                 .and_then(|len| len.trim().parse::<u64>().ok())
-                .is_some_and(|len| len > MAX_BODY as u64)
+                .is_some_and(|len| len > max as u64)
             {
-                return Err(ApiError::PayloadTooLarge);
+                return Err(too_large());
             }
-            collect_capped(stream).await
+            collect_capped(stream, max, too_large).await
         })
 }
 
-async fn collect_capped<S, B>(stream: S) -> Result<Bytes, ApiError>
+async fn collect_capped<S, B>(
+    stream: S,
+    max: usize,
+    too_large: fn() -> ApiError,
+) -> Result<Bytes, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -103,8 +118,8 @@ where
     while let Some(chunk) = stream.next().await {
         let mut chunk = chunk
             .map_err(|err| ApiError::InvalidRequest(format!("could not read the body: {err}")))?;
-        if collected.len() + chunk.remaining() > MAX_BODY {
-            return Err(ApiError::PayloadTooLarge);
+        if collected.len() + chunk.remaining() > max {
+            return Err(too_large());
         }
         while chunk.has_remaining() {
             let part = chunk.chunk();
@@ -210,6 +225,68 @@ pub fn routes(
                 }
             });
 
+    let patch_project = project
+        .and(warp::patch())
+        .and(authed.clone())
+        .and(capped_body())
+        .then(|id, state, principal, body| async move {
+            respond(
+                StatusCode::OK,
+                freshness::patch_project(state, principal, id, body).await,
+            )
+        });
+    let resume = warp::path!("api" / "v1" / "projects" / String / "resume")
+        .and(warp::post())
+        .and(authed.clone())
+        .then(|id, state, principal| async move {
+            respond(
+                StatusCode::OK,
+                freshness::resume(state, principal, id).await,
+            )
+        });
+    let project_webhook = warp::path!("api" / "v1" / "projects" / String / "webhook");
+    let create_webhook = project_webhook.and(warp::post()).and(authed.clone()).then(
+        |id, state, principal| async move {
+            respond(
+                StatusCode::CREATED,
+                freshness::create_webhook(state, principal, id).await,
+            )
+        },
+    );
+    let delete_webhook = project_webhook
+        .and(warp::delete())
+        .and(authed.clone())
+        .then(|id, state, principal| async move {
+            match freshness::delete_webhook(state, principal, id).await {
+                Ok(()) => StatusCode::NO_CONTENT.into_response(),
+                Err(err) => err.into_response(),
+            }
+        });
+    // no token: a delivery is authenticated by the project's webhook secret
+    let receive_webhook = warp::path!("api" / "v1" / "webhooks" / String)
+        .and(warp::post())
+        .and(with_state.clone())
+        .and(warp::header::headers_cloned())
+        .and(body_up_to(freshness::MAX_WEBHOOK_BODY, || {
+            ApiError::WebhookTooLarge
+        }))
+        .then(|id, state, headers, body| async move {
+            match freshness::receive_webhook(state, id, headers, body).await {
+                Ok((status, body)) => respond(status, Ok(body)),
+                Err(err) => err.into_response(),
+            }
+        });
+    let metadata = warp::path!("api" / "v1" / "repo" / "metadata")
+        .and(warp::get())
+        .and(authed.clone())
+        .and(raw_query())
+        .then(|state, principal, query| async move {
+            respond(
+                StatusCode::OK,
+                freshness::metadata(state, principal, query).await,
+            )
+        });
+
     let sync = warp::path!("api" / "v1" / "repo" / "sync");
     let request_sync = sync
         .and(warp::post())
@@ -287,33 +364,33 @@ pub fn routes(
         .and(warp::fs::dir(static_dir))
         .map(Reply::into_response);
 
-    healthz
-        .or(readyz)
-        .unify()
-        .or(metrics)
-        .unify()
-        .or(list_projects)
-        .unify()
-        .or(create_project)
-        .unify()
-        .or(get_project)
-        .unify()
-        .or(delete_project)
-        .unify()
-        .or(request_sync)
-        .unify()
-        .or(list_syncs)
-        .unify()
-        .or(get_sync)
-        .unify()
-        .or(notifications)
-        .unify()
-        .or(mobile)
-        .unify()
-        .or(reads)
-        .unify()
-        .or(dashboard)
-        .unify()
+    // each route boxed: one long chain of `or`s makes a type rustc takes minutes over
+    let routes: Vec<warp::filters::BoxedFilter<(Response,)>> = vec![
+        healthz.boxed(),
+        readyz.boxed(),
+        metrics.boxed(),
+        list_projects.boxed(),
+        create_project.boxed(),
+        get_project.boxed(),
+        delete_project.boxed(),
+        patch_project.boxed(),
+        resume.boxed(),
+        create_webhook.boxed(),
+        delete_webhook.boxed(),
+        receive_webhook.boxed(),
+        metadata.boxed(),
+        request_sync.boxed(),
+        list_syncs.boxed(),
+        get_sync.boxed(),
+        notifications.boxed(),
+        mobile.boxed(),
+        reads.boxed(),
+        dashboard.boxed(),
+    ];
+    routes
+        .into_iter()
+        .reduce(|all, next| all.or(next).unify().boxed())
+        .expect("there are routes")
         .recover(recover)
         .unify()
 }

@@ -2,6 +2,7 @@
 //! pool and stop it through the interrupt flag. Knows nothing of jobs, events, HTTP or
 //! the wire's error codes. [`layout`] says where everything lives.
 
+mod changes;
 mod checkout;
 mod error;
 mod fetch;
@@ -82,6 +83,8 @@ pub struct SyncOutcome {
     /// Objects and pack bytes received (zero when the remote had nothing new).
     pub objects: u64,
     pub bytes: u64,
+    /// what changed since `previous_commit`
+    pub changes: crate::protocol::Changes,
 }
 
 /// Brings the mirror of `spec.project` to exactly the head of `spec.branch`: fetch (a
@@ -188,6 +191,7 @@ fn sync_once(
         on_phase(Phase::Finalizing);
         return Ok(SyncOutcome {
             commit: commit_hex,
+            changes: changes::changes(&repo, previous_commit.as_deref(), commit, || 0),
             previous_commit,
             repaired,
             objects: transfer.objects,
@@ -243,8 +247,16 @@ fn sync_once(
     if let Some(previous) = &previous_tree {
         remove_if_exists(previous)?;
     }
+    let files_in_tree = || {
+        index
+            .entries()
+            .iter()
+            .filter(|entry| !entry.mode.is_sparse())
+            .count() as u64
+    };
     Ok(SyncOutcome {
         commit: commit_hex,
+        changes: changes::changes(&repo, previous_commit.as_deref(), commit, files_in_tree),
         previous_commit,
         repaired,
         objects: transfer.objects,

@@ -56,6 +56,16 @@ pub struct FileDiff {
     pub patch: String,
 }
 
+/// A commit's headline facts and the size of its checked-out tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadInfo {
+    pub subject: String,
+    pub author: String,
+    pub committed_at: String,
+    pub files: u64,
+    pub bytes: u64,
+}
+
 /// Opens each mirror's repository once and shares it between reads.
 pub struct Reader {
     layout: Layout,
@@ -100,6 +110,38 @@ impl Reader {
             .find_commit(id)
             .map_err(|_| ReadError::NotFound(format!("commit {commit} is not in the mirror")))?;
         commit.tree().map_err(git_error)
+    }
+
+    /// The subject, author and date of `commit`, and the files and bytes of the tree
+    /// the last sync wrote (read from the index it left, not by walking the tree).
+    pub fn head_info(&self, project: &ProjectId, commit: &str) -> Result<HeadInfo, ReadError> {
+        let repo = self.repo(project)?;
+        let id = parse_commit_id(commit)?;
+        let found = repo
+            .find_commit(id)
+            .map_err(|_| ReadError::NotFound(format!("commit {commit} is not in the mirror")))?;
+        let subject = found.message().map_err(git_error)?.summary().to_string();
+        let author = found.author().map_err(git_error)?.name.to_string();
+        let seconds = found.time().map_err(git_error)?.seconds;
+        let committed_at = time::OffsetDateTime::from_unix_timestamp(seconds)
+            .map(crate::domain::format_rfc3339)
+            .unwrap_or_default();
+        let (files, bytes) = match repo.open_index() {
+            Ok(index) => index
+                .entries()
+                .iter()
+                .fold((0u64, 0u64), |(files, bytes), entry| {
+                    (files + 1, bytes + u64::from(entry.stat.size))
+                }),
+            Err(_) => (0, 0),
+        };
+        Ok(HeadInfo {
+            subject,
+            author,
+            committed_at,
+            files,
+            bytes,
+        })
     }
 
     pub fn tree(

@@ -85,6 +85,43 @@ pub struct Progress {
     pub bytes: u64,
 }
 
+/// What started a sync.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// `POST /api/v1/repo/sync` (and records from before triggers were kept)
+    #[default]
+    Api,
+    Webhook,
+    Schedule,
+    /// a mirror found damaged by the periodic health check
+    Repair,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Api => "api",
+            Trigger::Webhook => "webhook",
+            Trigger::Schedule => "schedule",
+            Trigger::Repair => "repair",
+        }
+    }
+}
+
+/// What a completed sync brought, from the object database: commits between the
+/// previous head and the new one (`None` on a first sync), whether history was
+/// rewritten, and how many files differ between the two trees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes {
+    pub commits: Option<u64>,
+    pub forced: bool,
+    pub files_changed: u64,
+    /// the commit walk stopped at its cap: `commits` is a lower bound
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub commits_capped: bool,
+}
+
 /// `GET /api/v1/repo/sync/{id}` and the stored sync record are the same shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncRecord {
@@ -100,6 +137,30 @@ pub struct SyncRecord {
     pub finished_at: Option<String>,
     pub duration_ms: Option<u64>,
     pub error: Option<SyncError>,
+    #[serde(default)]
+    pub trigger: Trigger,
+    /// set when the sync completed
+    #[serde(default)]
+    pub changes: Option<Changes>,
+}
+
+/// The last failed sync of a project, until a success clears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastError {
+    pub code: SyncErrorCode,
+    pub message: String,
+    pub at: String,
+}
+
+/// Where a project's schedule stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleView {
+    /// null when the project syncs on demand only, or is paused
+    pub next_sync_at: Option<String>,
+    pub paused: bool,
+    /// the error code of the failure that paused it
+    pub paused_reason: Option<String>,
+    pub consecutive_failures: u32,
 }
 
 /// A registered project as shown to its owner.
@@ -116,6 +177,13 @@ pub struct ProjectView {
     pub last_status: Option<SyncStatus>,
     pub last_synced_at: Option<String>,
     pub commit: Option<String>,
+    pub sync_interval_s: Option<u64>,
+    pub schedule: ScheduleView,
+    pub last_attempt_at: Option<String>,
+    pub last_success_at: Option<String>,
+    pub last_error: Option<LastError>,
+    /// whether push webhooks are on (the secret itself is never shown again)
+    pub webhook: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +195,51 @@ pub struct CreateProjectRequest {
     pub branch: String,
     #[serde(default)]
     pub credential: Option<String>,
+    #[serde(default)]
+    pub sync_interval_s: Option<u64>,
+}
+
+/// `PATCH /api/v1/projects/{id}`: a field left out is unchanged; `credential` and
+/// `sync_interval_s` may be set to null.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchProjectRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub credential: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub sync_interval_s: Option<Option<u64>>,
+}
+
+/// A field that is present (its value may be null), told apart from one left out.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// `POST /api/v1/projects/{id}/webhook`: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebhookCreated {
+    pub url: String,
+    pub secret: String,
+}
+
+/// `GET /api/v1/repo/metadata`: the head of the last completed sync, without contents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metadata {
+    pub project_id: String,
+    pub commit: String,
+    pub branch: String,
+    pub subject: String,
+    pub author: String,
+    pub committed_at: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub last_success_at: Option<String>,
 }
 
 fn default_branch() -> String {
@@ -155,6 +268,11 @@ pub struct MobileProject {
     pub last_status: Option<SyncStatus>,
     pub last_synced_at: Option<String>,
     pub commit: Option<String>,
+    pub sync_interval_s: Option<u64>,
+    pub schedule: ScheduleView,
+    pub last_attempt_at: Option<String>,
+    pub last_success_at: Option<String>,
+    pub last_error: Option<LastError>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -169,6 +287,8 @@ pub enum NotificationKind {
     RepoSyncSuccess,
     RepoSyncFailed,
     RepoMirrorRepaired,
+    /// scheduled syncs of the project stopped after repeated failures
+    RepoSyncPaused,
 }
 
 /// What happened, before the event log gives it an id. Published by workers.
@@ -195,6 +315,12 @@ pub enum EventBody {
         commit: Option<String>,
         error: Option<SyncError>,
         at: String,
+        /// success notifications: the head before this sync (null on a first sync)
+        #[serde(default)]
+        previous_commit: Option<String>,
+        /// success notifications: what the sync brought (null on the others)
+        #[serde(default)]
+        changes: Option<Changes>,
     },
 }
 

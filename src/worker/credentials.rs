@@ -261,20 +261,15 @@ mod tests {
     }
 
     fn project(url: &str, credential: Option<&str>) -> Project {
-        Project {
-            project_id: "p".into(),
-            name: "p".into(),
-            repo_url: url.into(),
-            branch: "main".into(),
-            owner: "alice".into(),
-            created_at: String::new(),
-            credential: credential.map(str::to_owned),
-            last_status: None,
-            last_synced_at: None,
-            commit: None,
-            active_sync: None,
-            follow_up: None,
-        }
+        Project::new(
+            "p".into(),
+            "p".into(),
+            url.into(),
+            "main".into(),
+            "alice".into(),
+            credential.map(str::to_owned),
+            None,
+        )
     }
 
     #[test]

@@ -56,7 +56,10 @@ pub async fn run_health_checks(
                 continue;
             };
             tracing::warn!(%project_id, %problem, "health check found a damaged mirror; syncing it");
-            if let Err(err) = engine.start_sync(&project).await {
+            if let Err(err) = engine
+                .start_sync(&project, crate::protocol::Trigger::Repair)
+                .await
+            {
                 tracing::warn!(error = %error_chain(&err), "could not start a repair sync");
             }
         }

@@ -11,7 +11,7 @@ use super::retry::{JobAttempts, RetryPolicy, retry_loop};
 use super::{JobEnd, Worker};
 use crate::backoff::Backoff;
 use crate::domain::{ProjectId, RepoUrl, SyncId, format_rfc3339, millis_between, now_rfc3339};
-use crate::engine::{EngineError, Lease, Project, ProjectLock};
+use crate::engine::{EngineError, Lease, Project, ProjectLock, Put};
 use crate::error::error_chain;
 use crate::mirror::{MirrorError, SyncOutcome};
 use crate::protocol::{
@@ -122,13 +122,15 @@ impl Worker {
         }
     }
 
+    /// Stores and announces a new stage; `Ok(true)` when the write (a failure) paused
+    /// the project's schedule.
     pub(super) async fn stage(
         &self,
         record: &mut SyncRecord,
         ctx: &JobCtx<'_>,
         status: SyncStatus,
         progress: Option<Progress>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<bool, EngineError> {
         record.status = status;
         record.progress = progress;
         self.store_and_publish(record, ctx, None).await
@@ -162,6 +164,7 @@ impl Worker {
             }),
         )
         .await
+        .map(|_| ())
     }
 
     /// Stores the record's state, then tells the owner's clients about it: the record is
@@ -171,7 +174,7 @@ impl Worker {
         record: &SyncRecord,
         ctx: &JobCtx<'_>,
         retry: Option<RetryWait>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<bool, EngineError> {
         let body = EventBody::SyncStage {
             sync_id: record.sync_id.clone(),
             project_id: record.project_id.clone(),
@@ -189,16 +192,16 @@ impl Worker {
             .await?;
         match stored {
             // the project was deleted: no event of it from now on, and the job stops
-            Some(false) => Err(EngineError::ProjectGone),
-            Some(true) => {
+            Some(Put::Gone) => Err(EngineError::ProjectGone),
+            Some(put) => {
                 self.persist(essential, || {
                     self.engine.events.publish(ctx.owner, body.clone())
                 })
                 .await?;
-                Ok(())
+                Ok(put == Put::StoredAndPaused)
             }
             // a progress tick the engine refused: the next one makes up for it
-            None => Ok(()),
+            None => Ok(false),
         }
     }
 
@@ -241,6 +244,7 @@ impl Worker {
         stop_clock(record);
         record.commit = Some(outcome.commit.clone());
         record.previous_commit = outcome.previous_commit.clone();
+        record.changes = Some(outcome.changes);
         let mut progress = record.progress.unwrap_or_default();
         progress.percent = 100;
         progress.objects = progress.objects.max(outcome.objects);
@@ -276,10 +280,17 @@ impl Worker {
             message: message.to_owned(),
         });
         let progress = record.progress;
-        self.stage(record, ctx, SyncStatus::Failed, progress)
+        let paused = self
+            .stage(record, ctx, SyncStatus::Failed, progress)
             .await?;
         self.notify(ctx, record, NotificationKind::RepoSyncFailed)
-            .await
+            .await?;
+        if paused {
+            tracing::warn!(project_id = %record.project_id, code = code.as_str(), "scheduled syncs paused after repeated failures");
+            self.notify(ctx, record, NotificationKind::RepoSyncPaused)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn notify(
@@ -295,6 +306,12 @@ impl Worker {
             commit: record.commit.clone(),
             error: record.error.clone(),
             at: now_rfc3339(),
+            previous_commit: (kind == NotificationKind::RepoSyncSuccess)
+                .then(|| record.previous_commit.clone())
+                .flatten(),
+            changes: (kind == NotificationKind::RepoSyncSuccess)
+                .then_some(record.changes)
+                .flatten(),
         };
         self.persist(true, || self.engine.events.publish(ctx.owner, body.clone()))
             .await?;

@@ -18,6 +18,7 @@ pub mod health;
 mod job;
 mod lease;
 pub mod retry;
+mod scheduler;
 mod watchdog;
 
 use std::time::Duration;
@@ -32,6 +33,7 @@ use crate::mirror::Layout;
 
 pub use health::{remove_mirror, run_health_checks};
 pub use retry::retry_delay;
+pub use scheduler::{run_scheduler, schedule_due};
 pub use watchdog::run_watchdog;
 
 #[derive(Debug, Clone)]

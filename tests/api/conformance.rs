@@ -58,6 +58,7 @@ impl OnRedis {
             reclaim_after,
             history_len: HISTORY,
             sync_rate: RATE,
+            rules: Default::default(),
             pool_size: 8,
         })
         .await
@@ -95,6 +96,10 @@ async fn all_checks(factory: &impl Factory) {
     )
     .await;
     crate::conformance_sync::a_lost_job_is_found_and_requeued_by_the_watchdog(factory.make().await)
+        .await;
+    crate::conformance_fresh::a_sync_end_moves_status_schedule_and_pause_once(factory.make().await)
+        .await;
+    crate::conformance_fresh::due_projects_are_claimed_once_across_schedulers(factory.make().await)
         .await;
     rate_limit_is_a_burst_then_an_exact_wait(factory.make().await).await;
     events_are_numbered_per_user_kept_and_live(factory.make().await, factory.networked()).await;
@@ -137,6 +142,8 @@ pub(crate) fn record(project: &Project) -> SyncRecord {
         finished_at: None,
         duration_ms: None,
         error: None,
+        trigger: Default::default(),
+        changes: None,
     }
 }
 

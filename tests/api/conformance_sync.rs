@@ -22,7 +22,7 @@ async fn end_sync(
     let mut ended = sync.clone();
     ended.status = status;
     ended.finished_at = Some(now_rfc3339());
-    assert!(store.put_sync(&ended, None).await.expect("put"));
+    assert!(store.put_sync(&ended, None).await.expect("put").stored());
     store
         .project(&pid(project))
         .await
@@ -58,7 +58,7 @@ pub(crate) async fn a_request_during_a_running_sync_queues_one_follow_up(engine:
 
     let mut running = first.clone();
     running.status = SyncStatus::Running;
-    assert!(store.put_sync(&running, None).await.expect("put"));
+    assert!(store.put_sync(&running, None).await.expect("put").stored());
     // requests racing each other while the sync runs: exactly one follow-up
     let racing: Vec<_> = (0..8)
         .map(|_| {
@@ -112,7 +112,7 @@ pub(crate) async fn a_request_during_a_running_sync_queues_one_follow_up(engine:
     store.delete_project(&pid(&alice)).await.expect("delete");
     let mut finished = follow_up.clone();
     finished.status = SyncStatus::Failed;
-    assert!(!store.put_sync(&finished, None).await.expect("put"));
+    assert!(!store.put_sync(&finished, None).await.expect("put").stored());
     let orphan = record(&alice);
     assert!(matches!(
         store

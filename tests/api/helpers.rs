@@ -566,18 +566,13 @@ pub fn scopes_file(dir: &Path, owner: &str, credentials: &[&str]) -> PathBuf {
 /// A project as the store holds it, written directly (as one registered before a
 /// rule that registration now enforces would be).
 pub fn stored_project(owner: &str, name: &str, repo_url: &str) -> hivesync::engine::Project {
-    hivesync::engine::Project {
-        project_id: hivesync::domain::ProjectId::generate().to_string(),
-        name: name.into(),
-        repo_url: repo_url.into(),
-        branch: "main".into(),
-        owner: owner.into(),
-        created_at: hivesync::domain::now_rfc3339(),
-        credential: None,
-        last_status: None,
-        last_synced_at: None,
-        commit: None,
-        active_sync: None,
-        follow_up: None,
-    }
+    hivesync::engine::Project::new(
+        hivesync::domain::ProjectId::generate().to_string(),
+        name.into(),
+        repo_url.into(),
+        "main".into(),
+        owner.into(),
+        None,
+        None,
+    )
 }

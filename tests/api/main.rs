@@ -4,10 +4,12 @@
 mod browser;
 mod chaos;
 mod conformance;
+mod conformance_fresh;
 mod conformance_sync;
 mod errors;
 mod failures;
 mod faults;
+mod freshness;
 mod helpers;
 mod https;
 mod lifecycle;

@@ -331,6 +331,7 @@ async fn a_job_that_kills_every_worker_is_failed_not_retried_forever() {
                 reclaim_after: reclaim,
                 history_len: 100,
                 sync_rate: (100, Duration::from_secs(1)),
+                rules: Default::default(),
                 pool_size: 4,
             })
             .await

@@ -173,10 +173,15 @@ async fn mobile_projects_are_metadata_only() {
         [
             "branch",
             "commit",
+            "last_attempt_at",
+            "last_error",
             "last_status",
+            "last_success_at",
             "last_synced_at",
             "name",
-            "project_id"
+            "project_id",
+            "schedule",
+            "sync_interval_s",
         ]
     );
     assert_eq!(project["commit"], commit.as_str());

@@ -316,6 +316,8 @@ async fn a_client_that_cannot_keep_up_is_closed_with_4008_and_resumes_without_lo
                         message: filler.clone(),
                     }),
                     at: now_rfc3339(),
+                    previous_commit: None,
+                    changes: None,
                 },
             )
             .await

@@ -199,6 +199,7 @@ pub(super) async fn start(hub_binary: &Path, load: &Load) -> Result<Rig, String>
                     reclaim_after: Duration::from_secs(60),
                     history_len: 1000,
                     sync_rate: (30, Duration::from_secs(60)),
+                    rules: Default::default(),
                     pool_size: 64,
                 },
             )

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadableDatabase, TableDefinition};
 use tokio::sync::{Notify, broadcast};
 
+use super::schedule::Rules;
 use super::{EngineError, Live, Project};
 use crate::domain::RateLimiter;
 use crate::protocol::Job;
@@ -35,10 +36,18 @@ const PROJECT_SYNCS: TableDefinition<(&str, &str), ()> = TableDefinition::new("p
 const EVENTS: TableDefinition<(&str, u64), &str> = TableDefinition::new("events");
 /// user → id of the user's newest event
 const EVENT_SEQ: TableDefinition<&str, u64> = TableDefinition::new("event_seq");
+/// (due time ms, project id) → (): projects with a schedule, soonest first
+const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
+/// (project id, delivery id) → when it was first seen (ms)
+const DELIVERIES: TableDefinition<(&str, &str), u64> = TableDefinition::new("deliveries");
+/// (first seen ms, project id, delivery id) → (): the same, oldest first, for expiry
+const DELIVERY_AGE: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("delivery_age");
 
 pub struct EmbeddedEngine {
     db: Arc<Database>,
     limiter: Mutex<RateLimiter>,
+    webhook_limiter: Mutex<RateLimiter>,
+    rules: Rules,
     epoch: Instant,
     live: broadcast::Sender<Live>,
     history_len: u64,
@@ -75,6 +84,15 @@ impl EmbeddedEngine {
         sync_rate: (u32, Duration),
         history_len: u64,
     ) -> Result<Arc<Self>, EngineError> {
+        Self::open_with(dir, sync_rate, history_len, Rules::default())
+    }
+
+    pub fn open_with(
+        dir: &Path,
+        sync_rate: (u32, Duration),
+        history_len: u64,
+        rules: Rules,
+    ) -> Result<Arc<Self>, EngineError> {
         std::fs::create_dir_all(dir).map_err(|err| EngineError::Embedded(redb::Error::Io(err)))?;
         let db = Database::create(dir.join("hivesync.redb")).map_err(redb::Error::from)?;
         let tx = db.begin_write().map_err(redb::Error::from)?;
@@ -85,6 +103,9 @@ impl EmbeddedEngine {
             tx.open_table(PROJECT_SYNCS).map_err(redb::Error::from)?;
             tx.open_table(EVENTS).map_err(redb::Error::from)?;
             tx.open_table(EVENT_SEQ).map_err(redb::Error::from)?;
+            tx.open_table(DUE).map_err(redb::Error::from)?;
+            tx.open_table(DELIVERIES).map_err(redb::Error::from)?;
+            tx.open_table(DELIVERY_AGE).map_err(redb::Error::from)?;
         }
         tx.commit().map_err(redb::Error::from)?;
         let (live, _) = broadcast::channel(16 * 1024);
@@ -102,6 +123,11 @@ impl EmbeddedEngine {
         Ok(Arc::new(Self {
             db,
             limiter: Mutex::new(RateLimiter::new(sync_rate.0, sync_rate.1)),
+            webhook_limiter: Mutex::new(RateLimiter::new(
+                rules.webhook_rate.0,
+                rules.webhook_rate.1,
+            )),
+            rules,
             epoch: Instant::now(),
             live,
             history_len: history_len.max(1),

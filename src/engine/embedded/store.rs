@@ -6,20 +6,47 @@ use async_trait::async_trait;
 use redb::{Durability, ReadableDatabase, ReadableTable};
 
 use super::{
-    EmbeddedEngine, OWNER_PROJECTS, PROJECT_SYNCS, PROJECTS, SYNCS, get_project, read_json,
+    DELIVERIES, DELIVERY_AGE, DUE, EmbeddedEngine, OWNER_PROJECTS, PROJECT_SYNCS, PROJECTS, SYNCS,
+    get_project, read_json,
 };
-use crate::domain::{ProjectId, SyncId};
-use crate::engine::{EngineError, Project, ProjectLock, Store};
+use crate::domain::{ProjectId, SyncId, now_epoch_ms};
+use crate::engine::schedule::{apply_change, apply_end, at_registration, jitter};
+use crate::engine::{EngineError, Project, ProjectChange, ProjectLock, Put, Store};
 use crate::protocol::{Job, SyncRecord, SyncStatus};
+
+/// A delivery id is a duplicate for this long.
+const DELIVERY_MEMORY_MS: u64 = 24 * 3600 * 1000;
+
+/// Moves a project's entry in the due table from `old` to `new`.
+fn move_due(
+    due: &mut redb::Table<(u64, &str), ()>,
+    id: &str,
+    old: Option<u64>,
+    new: Option<u64>,
+) -> Result<(), EngineError> {
+    if old == new {
+        return Ok(());
+    }
+    if let Some(old) = old {
+        due.remove((old, id)).map_err(redb::Error::from)?;
+    }
+    if let Some(new) = new {
+        due.insert((new, id), ()).map_err(redb::Error::from)?;
+    }
+    Ok(())
+}
 
 #[async_trait]
 impl Store for EmbeddedEngine {
     async fn insert_project(&self, project: &Project) -> Result<(), EngineError> {
-        let project = project.clone();
+        let mut project = project.clone();
+        at_registration(&mut project, now_epoch_ms());
         self.blocking(move |db| {
             let raw = serde_json::to_string(&project)?;
             let tx = db.begin_write().map_err(redb::Error::from)?;
             {
+                let mut due = tx.open_table(DUE).map_err(redb::Error::from)?;
+                move_due(&mut due, &project.project_id, None, project.next_sync_ms)?;
                 let mut projects = tx.open_table(PROJECTS).map_err(redb::Error::from)?;
                 projects
                     .insert(project.project_id.as_str(), raw.as_str())
@@ -79,6 +106,8 @@ impl Store for EmbeddedEngine {
                     owners
                         .remove((project.owner.as_str(), id.as_str()))
                         .map_err(redb::Error::from)?;
+                    let mut due = tx.open_table(DUE).map_err(redb::Error::from)?;
+                    move_due(&mut due, &id, project.next_sync_ms, None)?;
                 }
                 let mut index = tx.open_table(PROJECT_SYNCS).map_err(redb::Error::from)?;
                 let mut syncs = tx.open_table(SYNCS).map_err(redb::Error::from)?;
@@ -195,16 +224,18 @@ impl Store for EmbeddedEngine {
         &self,
         record: &SyncRecord,
         lock: Option<&ProjectLock>,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<Put, EngineError> {
         if let Some(lock) = lock
             && !self.holds(lock)
         {
             return Err(EngineError::Fenced);
         }
         let record = record.clone();
+        let rules = self.rules;
         let (stored, promoted) = self
             .blocking(move |db| {
                 let mut promoted: Option<Job> = None;
+                let mut put = Put::Stored;
                 let mut tx = db.begin_write().map_err(redb::Error::from)?;
                 if !record.status.is_terminal() {
                     // stage changes are re-derivable from the job if lost in a crash; only
@@ -213,14 +244,18 @@ impl Store for EmbeddedEngine {
                 }
                 {
                     let mut syncs = tx.open_table(SYNCS).map_err(redb::Error::from)?;
-                    let exists = syncs
+                    let before: Option<SyncRecord> = syncs
                         .get(record.sync_id.as_str())
                         .map_err(redb::Error::from)?
-                        .is_some();
-                    if !exists {
+                        .map(|raw| read_json(raw.value()))
+                        .transpose()?;
+                    let Some(before) = before else {
                         // the project (and its history) was deleted while the sync ran
-                        return Ok((false, None));
-                    }
+                        return Ok((Put::Gone, None));
+                    };
+                    // the project's status follows a sync's end once, however often
+                    // the end is written
+                    let first_end = !before.status.is_terminal();
                     let raw = serde_json::to_string(&record)?;
                     syncs
                         .insert(record.sync_id.as_str(), raw.as_str())
@@ -250,6 +285,20 @@ impl Store for EmbeddedEngine {
                             if record.commit.is_some() {
                                 project.commit = record.commit.clone();
                             }
+                            if first_end {
+                                let was_due = project.next_sync_ms;
+                                if apply_end(&mut project, &record, now_epoch_ms(), jitter(), rules)
+                                {
+                                    put = Put::StoredAndPaused;
+                                }
+                                let mut due = tx.open_table(DUE).map_err(redb::Error::from)?;
+                                move_due(
+                                    &mut due,
+                                    &project.project_id,
+                                    was_due,
+                                    project.next_sync_ms,
+                                )?;
+                            }
                             let raw = serde_json::to_string(&project)?;
                             projects
                                 .insert(project.project_id.as_str(), raw.as_str())
@@ -258,7 +307,7 @@ impl Store for EmbeddedEngine {
                     }
                 }
                 tx.commit().map_err(redb::Error::from)?;
-                Ok((true, promoted))
+                Ok((put, promoted))
             })
             .await?;
         if let Some(job) = promoted {
@@ -292,6 +341,151 @@ impl Store for EmbeddedEngine {
             Ok(out)
         })
         .await
+    }
+
+    async fn update_project(
+        &self,
+        id: &ProjectId,
+        change: ProjectChange,
+    ) -> Result<Option<Project>, EngineError> {
+        let id = id.as_str().to_owned();
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(redb::Error::from)?;
+            let updated = {
+                let mut projects = tx.open_table(PROJECTS).map_err(redb::Error::from)?;
+                let raw = projects
+                    .get(id.as_str())
+                    .map_err(redb::Error::from)?
+                    .map(|raw| raw.value().to_owned());
+                let Some(raw) = raw else { return Ok(None) };
+                let mut project: Project = read_json(&raw)?;
+                let was_due = project.next_sync_ms;
+                apply_change(&mut project, &change, now_epoch_ms(), jitter());
+                let mut due = tx.open_table(DUE).map_err(redb::Error::from)?;
+                move_due(&mut due, &id, was_due, project.next_sync_ms)?;
+                let raw = serde_json::to_string(&project)?;
+                projects
+                    .insert(id.as_str(), raw.as_str())
+                    .map_err(redb::Error::from)?;
+                project
+            };
+            tx.commit().map_err(redb::Error::from)?;
+            Ok(Some(updated))
+        })
+        .await
+    }
+
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        hold: Duration,
+    ) -> Result<Vec<String>, EngineError> {
+        let until = now_ms + hold.as_millis() as u64;
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(redb::Error::from)?;
+            let claimed = {
+                let mut due = tx.open_table(DUE).map_err(redb::Error::from)?;
+                let mut projects = tx.open_table(PROJECTS).map_err(redb::Error::from)?;
+                // a range over the due times up to now: only due entries are read
+                let found: Vec<(u64, String)> = due
+                    .range((0, "")..(now_ms + 1, ""))
+                    .map_err(redb::Error::from)?
+                    .take(limit)
+                    .map(|entry| {
+                        entry
+                            .map(|(key, _)| (key.value().0, key.value().1.to_owned()))
+                            .map_err(|err| EngineError::Embedded(err.into()))
+                    })
+                    .collect::<Result<_, _>>()?;
+                for (at, id) in &found {
+                    move_due(&mut due, id, Some(*at), Some(until))?;
+                    let raw = projects
+                        .get(id.as_str())
+                        .map_err(redb::Error::from)?
+                        .map(|raw| raw.value().to_owned());
+                    if let Some(raw) = raw {
+                        let mut project: Project = read_json(&raw)?;
+                        project.next_sync_ms = Some(until);
+                        let raw = serde_json::to_string(&project)?;
+                        projects
+                            .insert(id.as_str(), raw.as_str())
+                            .map_err(redb::Error::from)?;
+                    }
+                }
+                found.into_iter().map(|(_, id)| id).collect()
+            };
+            tx.commit().map_err(redb::Error::from)?;
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn seen_delivery(
+        &self,
+        project: &ProjectId,
+        delivery: &str,
+    ) -> Result<bool, EngineError> {
+        let (project, delivery) = (project.as_str().to_owned(), delivery.to_owned());
+        let now = now_epoch_ms();
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(redb::Error::from)?;
+            let seen = {
+                let mut seen = tx.open_table(DELIVERIES).map_err(redb::Error::from)?;
+                let mut age = tx.open_table(DELIVERY_AGE).map_err(redb::Error::from)?;
+                // forget a few of the oldest past the window with every write, so
+                // the tables stay bounded by the deliveries of one window
+                let expired: Vec<(u64, String, String)> = age
+                    .range((0, "", "")..(now.saturating_sub(DELIVERY_MEMORY_MS), "", ""))
+                    .map_err(redb::Error::from)?
+                    .take(16)
+                    .filter_map(|entry| entry.ok())
+                    .map(|(key, _)| {
+                        let (at, p, d) = key.value();
+                        (at, p.to_owned(), d.to_owned())
+                    })
+                    .collect();
+                for (at, p, d) in &expired {
+                    age.remove((*at, p.as_str(), d.as_str()))
+                        .map_err(redb::Error::from)?;
+                    seen.remove((p.as_str(), d.as_str()))
+                        .map_err(redb::Error::from)?;
+                }
+                let before = seen
+                    .get((project.as_str(), delivery.as_str()))
+                    .map_err(redb::Error::from)?
+                    .map(|at| at.value());
+                match before {
+                    Some(at) if now.saturating_sub(at) < DELIVERY_MEMORY_MS => true,
+                    stale => {
+                        if let Some(at) = stale {
+                            age.remove((at, project.as_str(), delivery.as_str()))
+                                .map_err(redb::Error::from)?;
+                        }
+                        seen.insert((project.as_str(), delivery.as_str()), now)
+                            .map_err(redb::Error::from)?;
+                        age.insert((now, project.as_str(), delivery.as_str()), ())
+                            .map_err(redb::Error::from)?;
+                        false
+                    }
+                }
+            };
+            tx.commit().map_err(redb::Error::from)?;
+            Ok(seen)
+        })
+        .await
+    }
+
+    async fn admit_webhook(
+        &self,
+        project: &ProjectId,
+    ) -> Result<Result<(), Duration>, EngineError> {
+        let now = self.epoch.elapsed();
+        let mut limiter = self
+            .webhook_limiter
+            .lock()
+            .expect("rate limiter lock is never poisoned");
+        Ok(limiter.check(project.as_str(), now))
     }
 
     async fn admit_sync_request(&self, user: &str) -> Result<Result<(), Duration>, EngineError> {

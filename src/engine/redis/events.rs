@@ -201,6 +201,8 @@ mod tests {
                 project_id: "p".into(),
                 commit: None,
                 error: None,
+                previous_commit: None,
+                changes: None,
                 at: "2026-01-01T00:00:00Z".into(),
             },
         };

@@ -45,6 +45,16 @@ impl Keys {
     pub(super) fn projects_pattern(&self) -> String {
         format!("{}:project:*", self.prefix)
     }
+    /// projects with a schedule, scored by due time (ms)
+    pub(super) fn due(&self) -> String {
+        format!("{}:due", self.prefix)
+    }
+    pub(super) fn delivery(&self, project: &str, delivery: &str) -> String {
+        format!("{}:delivery:{project}:{delivery}", self.prefix)
+    }
+    pub(super) fn webhook_rate(&self, project: &str) -> String {
+        format!("{}:webhook-rate:{project}", self.prefix)
+    }
     pub(super) fn watchdog(&self) -> String {
         format!("{}:watchdog", self.prefix)
     }

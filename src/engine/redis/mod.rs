@@ -50,6 +50,8 @@ pub struct RedisSettings {
     pub reclaim_after: Duration,
     pub history_len: u64,
     pub sync_rate: (u32, Duration),
+    /// pause and webhook rules
+    pub rules: super::schedule::Rules,
     /// Connections in the command pool; each blocking `take` holds one for up to a second.
     pub pool_size: usize,
 }
@@ -139,9 +141,22 @@ impl RedisEngine {
         conn: &mut deadpool_redis::Connection,
         id: &str,
     ) -> Result<Option<Project>, EngineError> {
-        let fields: std::collections::HashMap<String, String> =
+        Ok(self
+            .read_project_rev(conn, id)
+            .await?
+            .map(|(project, _)| project))
+    }
+
+    /// The project and its revision (bumped by every write of its settings or status).
+    async fn read_project_rev(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        id: &str,
+    ) -> Result<Option<(Project, String)>, EngineError> {
+        let mut fields: std::collections::HashMap<String, String> =
             conn.hgetall(self.keys.project(id)).await?;
-        project_from_fields(fields)
+        let rev = fields.remove("rev").unwrap_or_else(|| "0".to_owned());
+        Ok(project_from_fields(fields)?.map(|project| (project, rev)))
     }
 }
 
@@ -153,8 +168,10 @@ fn hostname() -> String {
         .unwrap_or_else(|| "host".to_owned())
 }
 
-/// The stored hash: `json` holds the registration; the fields a sync changes live
-/// beside it so scripts update them without parsing JSON.
+/// The stored hash: `json` holds the registration (name, URL, credential, webhook);
+/// the fields a sync changes live beside it so scripts update them without parsing
+/// JSON, and `fresh` holds the schedule and last outcomes as the Rust side computed
+/// them (written with a check of `rev`).
 fn project_from_fields(
     mut fields: std::collections::HashMap<String, String>,
 ) -> Result<Option<Project>, EngineError> {
@@ -169,6 +186,9 @@ fn project_from_fields(
         .and_then(|status| serde_json::from_value(serde_json::Value::String(status)).ok());
     project.last_synced_at = fields.remove("last_synced_at");
     project.commit = fields.remove("commit");
+    if let Some(fresh) = fields.remove("fresh") {
+        project.set_freshness(serde_json::from_str(&fresh)?);
+    }
     Ok(Some(project))
 }
 

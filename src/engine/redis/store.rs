@@ -6,29 +6,52 @@ use async_trait::async_trait;
 use redis::AsyncCommands;
 
 use super::{RedisEngine, project_from_fields};
-use crate::domain::{ProjectId, SyncId};
-use crate::engine::{EngineError, Project, ProjectLock, Store};
+use crate::domain::{ProjectId, SyncId, now_epoch_ms};
+use crate::engine::schedule::{apply_change, apply_end, at_registration, jitter};
+use crate::engine::{EngineError, Project, ProjectChange, ProjectLock, Put, Store};
 use crate::protocol::{Job, SyncRecord};
+
+/// How often a write checked against the project's revision is tried before giving up
+/// (it only fails when the project is changed that often at the same moment).
+const REV_RETRIES: usize = 20;
+
+/// A delivery id is a duplicate for this long.
+const DELIVERY_MEMORY_S: u64 = 24 * 3600;
+
+/// The registration part of a project, as the hash's `json` field keeps it.
+fn registration_json(project: &Project) -> Result<String, EngineError> {
+    let mut registration = project.clone();
+    registration.active_sync = None;
+    registration.follow_up = None;
+    registration.last_status = None;
+    registration.last_synced_at = None;
+    registration.commit = None;
+    registration.set_freshness(Default::default());
+    Ok(serde_json::to_string(&registration)?)
+}
 
 #[async_trait]
 impl Store for RedisEngine {
     async fn insert_project(&self, project: &Project) -> Result<(), EngineError> {
-        let mut registration = project.clone();
-        registration.active_sync = None;
-        registration.follow_up = None;
-        registration.last_status = None;
-        registration.last_synced_at = None;
-        registration.commit = None;
-        let json = serde_json::to_string(&registration)?;
+        let mut project = project.clone();
+        at_registration(&mut project, now_epoch_ms());
+        let json = registration_json(&project)?;
+        let fresh = serde_json::to_string(&project.freshness())?;
         let mut conn = self.conn().await?;
-        redis::pipe()
-            .atomic()
-            .hset(self.keys.project(&project.project_id), "json", json)
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset_multiple(
+                self.keys.project(&project.project_id),
+                &[("json", json), ("fresh", fresh), ("rev", "0".to_owned())],
+            )
             .ignore()
             .zadd(self.keys.owner(&project.owner), &project.project_id, 0)
-            .ignore()
-            .query_async::<()>(&mut *conn)
-            .await?;
+            .ignore();
+        if let Some(due) = project.next_sync_ms {
+            pipe.zadd(self.keys.due(), &project.project_id, due)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut *conn).await?;
         Ok(())
     }
 
@@ -68,6 +91,7 @@ impl Store for RedisEngine {
             .key(self.keys.project(id.as_str()))
             .key(self.keys.project_syncs(id.as_str()))
             .key(self.keys.owner(&project.owner))
+            .key(self.keys.due())
             .arg(id.as_str())
             .arg(self.keys.sync(""))
             .invoke_async::<i64>(&mut *conn)
@@ -124,33 +148,153 @@ impl Store for RedisEngine {
         &self,
         record: &SyncRecord,
         lock: Option<&ProjectLock>,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<Put, EngineError> {
         let json = serde_json::to_string(record)?;
         let mut conn = self.conn().await?;
-        let stored: i64 = self
-            .scripts
-            .put_sync
-            .key(self.keys.sync(&record.sync_id))
-            .key(self.keys.project(&record.project_id))
-            .key(self.keys.lock(&record.project_id))
-            .key(self.keys.jobs())
-            .arg(json)
-            .arg(if record.status.is_terminal() {
-                "1"
-            } else {
-                "0"
-            })
-            .arg(&record.sync_id)
-            .arg(record.status.as_str())
-            .arg(record.finished_at.as_deref().unwrap_or(""))
-            .arg(record.commit.as_deref().unwrap_or(""))
-            .arg(lock.map(|lock| lock.fence.to_string()).unwrap_or_default())
-            .invoke_async(&mut *conn)
-            .await?;
-        if stored < 0 {
-            return Err(EngineError::Fenced);
+        for _ in 0..REV_RETRIES {
+            // an end of a sync carries the project's new status, computed from the
+            // project as read now and written only if it did not change meanwhile
+            let mut rev = String::new();
+            let mut fresh = String::new();
+            let mut due = String::new();
+            let mut paused = false;
+            if record.status.is_terminal()
+                && let Some((mut project, read_rev)) =
+                    self.read_project_rev(&mut conn, &record.project_id).await?
+            {
+                paused = apply_end(
+                    &mut project,
+                    record,
+                    now_epoch_ms(),
+                    jitter(),
+                    self.settings.rules,
+                );
+                rev = read_rev;
+                fresh = serde_json::to_string(&project.freshness())?;
+                due = project
+                    .next_sync_ms
+                    .map(|ms| ms.to_string())
+                    .unwrap_or_default();
+            }
+            let stored: i64 = self
+                .scripts
+                .put_sync
+                .key(self.keys.sync(&record.sync_id))
+                .key(self.keys.project(&record.project_id))
+                .key(self.keys.lock(&record.project_id))
+                .key(self.keys.jobs())
+                .key(self.keys.due())
+                .arg(&json)
+                .arg(if record.status.is_terminal() {
+                    "1"
+                } else {
+                    "0"
+                })
+                .arg(&record.sync_id)
+                .arg(record.status.as_str())
+                .arg(record.finished_at.as_deref().unwrap_or(""))
+                .arg(record.commit.as_deref().unwrap_or(""))
+                .arg(lock.map(|lock| lock.fence.to_string()).unwrap_or_default())
+                .arg(&rev)
+                .arg(&fresh)
+                .arg(&due)
+                .arg(&record.project_id)
+                .invoke_async(&mut *conn)
+                .await?;
+            return match stored {
+                -2 => continue,
+                -1 => Err(EngineError::Fenced),
+                0 => Ok(Put::Gone),
+                // the status was written (2) only if this was the sync's first end
+                2 if paused => Ok(Put::StoredAndPaused),
+                _ => Ok(Put::Stored),
+            };
         }
-        Ok(stored == 1)
+        Err(EngineError::Contended)
+    }
+
+    async fn update_project(
+        &self,
+        id: &ProjectId,
+        change: ProjectChange,
+    ) -> Result<Option<Project>, EngineError> {
+        let mut conn = self.conn().await?;
+        for _ in 0..REV_RETRIES {
+            let Some((mut project, rev)) = self.read_project_rev(&mut conn, id.as_str()).await?
+            else {
+                return Ok(None);
+            };
+            apply_change(&mut project, &change, now_epoch_ms(), jitter());
+            let written: i64 = self
+                .scripts
+                .update_project
+                .key(self.keys.project(id.as_str()))
+                .key(self.keys.due())
+                .arg(&rev)
+                .arg(registration_json(&project)?)
+                .arg(serde_json::to_string(&project.freshness())?)
+                .arg(
+                    project
+                        .next_sync_ms
+                        .map(|ms| ms.to_string())
+                        .unwrap_or_default(),
+                )
+                .arg(id.as_str())
+                .invoke_async(&mut *conn)
+                .await?;
+            match written {
+                -2 => continue,
+                0 => return Ok(None),
+                _ => return Ok(Some(project)),
+            }
+        }
+        Err(EngineError::Contended)
+    }
+
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        hold: Duration,
+    ) -> Result<Vec<String>, EngineError> {
+        let mut conn = self.conn().await?;
+        Ok(self
+            .scripts
+            .claim_due
+            .key(self.keys.due())
+            .arg(now_ms)
+            .arg(limit)
+            .arg(now_ms + hold.as_millis() as u64)
+            .invoke_async(&mut *conn)
+            .await?)
+    }
+
+    async fn seen_delivery(
+        &self,
+        project: &ProjectId,
+        delivery: &str,
+    ) -> Result<bool, EngineError> {
+        let mut conn = self.conn().await?;
+        let first: Option<String> = redis::cmd("SET")
+            .arg(self.keys.delivery(project.as_str(), delivery))
+            .arg(1)
+            .arg("NX")
+            .arg("EX")
+            .arg(DELIVERY_MEMORY_S)
+            .query_async(&mut *conn)
+            .await?;
+        Ok(first.is_none())
+    }
+
+    async fn admit_webhook(
+        &self,
+        project: &ProjectId,
+    ) -> Result<Result<(), Duration>, EngineError> {
+        self.gcra(
+            self.keys.webhook_rate(project.as_str()),
+            self.settings.rules.webhook_rate,
+        )
+        .await
     }
 
     async fn syncs_of(
@@ -185,7 +329,24 @@ impl Store for RedisEngine {
     }
 
     async fn admit_sync_request(&self, user: &str) -> Result<Result<(), Duration>, EngineError> {
-        let (limit, period) = self.settings.sync_rate;
+        self.gcra(self.keys.rate(user), self.settings.sync_rate)
+            .await
+    }
+
+    async fn ping(&self) -> Result<(), EngineError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("PING").query_async::<()>(&mut *conn).await?;
+        Ok(())
+    }
+}
+
+impl RedisEngine {
+    /// One request against a GCRA limit of `rate` kept at `key`: `Err(wait)` when over.
+    async fn gcra(
+        &self,
+        key: String,
+        (limit, period): (u32, Duration),
+    ) -> Result<Result<(), Duration>, EngineError> {
         let limit = limit.max(1);
         let interval = period / limit;
         let burst = interval * (limit - 1);
@@ -193,7 +354,7 @@ impl Store for RedisEngine {
         let wait_us: i64 = self
             .scripts
             .rate
-            .key(self.keys.rate(user))
+            .key(key)
             .arg(interval.as_micros() as u64)
             .arg(burst.as_micros() as u64)
             .invoke_async(&mut *conn)
@@ -203,11 +364,5 @@ impl Store for RedisEngine {
         } else {
             Err(Duration::from_micros(wait_us as u64))
         })
-    }
-
-    async fn ping(&self) -> Result<(), EngineError> {
-        let mut conn = self.conn().await?;
-        redis::cmd("PING").query_async::<()>(&mut *conn).await?;
-        Ok(())
     }
 }

@@ -1,0 +1,11 @@
+-- Claims the projects due now: each moves to ARGV[3] in the due set, so no node takes
+-- it again until the sync it starts sets its real next time (or the hold runs out,
+-- if the claiming node died before starting it). Reads only the due entries.
+-- KEYS[1] due set
+-- ARGV[1] now ms, ARGV[2] at most this many, ARGV[3] held until ms
+-- Returns the claimed project ids.
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(due) do
+    redis.call('ZADD', KEYS[1], ARGV[3], id)
+end
+return due

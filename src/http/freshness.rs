@@ -1,0 +1,226 @@
+//! Keeping mirrors fresh: project settings (`PATCH`), resume, webhook secrets and the
+//! deliveries they sign, and the metadata every client class may read.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+
+use super::handlers::{check_credential, owned_project, validate_interval};
+use super::{ApiError, AppState, Caller, parse_json};
+use crate::domain::webhook::{self, Request};
+use crate::domain::{ProjectId, now_rfc3339};
+use crate::engine::{Project, ProjectChange, WebhookKey};
+use crate::protocol::{Metadata, PatchProjectRequest, ProjectView, Trigger, WebhookCreated};
+
+/// Webhook bodies up to this are read (GitHub caps its payloads at 25 MB, but a push
+/// payload over a few MiB is a push of thousands of commits, and only `ref` is read).
+pub const MAX_WEBHOOK_BODY: usize = 5 * 1024 * 1024;
+
+async fn change(
+    state: &AppState,
+    project: &Project,
+    change: ProjectChange,
+) -> Result<Project, ApiError> {
+    let id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
+    state
+        .engine
+        .store
+        .update_project(&id, change)
+        .await?
+        .ok_or(ApiError::ProjectNotFound)
+}
+
+pub async fn patch_project(
+    state: Arc<AppState>,
+    principal: Caller,
+    id: String,
+    body: Result<Bytes, ApiError>,
+) -> Result<ProjectView, ApiError> {
+    let principal = principal?;
+    let request: PatchProjectRequest = parse_json(body)?;
+    let project = owned_project(&state, &principal, &id).await?;
+    let name = match &request.name {
+        Some(name) => {
+            let name = name.trim();
+            if name.is_empty() || name.chars().count() > 200 {
+                return Err(ApiError::InvalidRequest(
+                    "name must be 1 to 200 characters".into(),
+                ));
+            }
+            Some(name.to_owned())
+        }
+        None => None,
+    };
+    if let Some(Some(credential)) = &request.credential {
+        check_credential(&state, &principal.user, credential, &project.repo_url)?;
+    }
+    if let Some(interval) = request.sync_interval_s {
+        validate_interval(&state, interval)?;
+    }
+    let updated = change(
+        &state,
+        &project,
+        ProjectChange {
+            name,
+            credential: request.credential,
+            sync_interval_s: request.sync_interval_s,
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(updated.view())
+}
+
+pub async fn resume(
+    state: Arc<AppState>,
+    principal: Caller,
+    id: String,
+) -> Result<ProjectView, ApiError> {
+    let principal = principal?;
+    let project = owned_project(&state, &principal, &id).await?;
+    let resume = ProjectChange {
+        resume: true,
+        ..Default::default()
+    };
+    Ok(change(&state, &project, resume).await?.view())
+}
+
+/// Turns webhooks on with a new secret (rotating any earlier one): the only response
+/// that ever carries it.
+pub async fn create_webhook(
+    state: Arc<AppState>,
+    principal: Caller,
+    id: String,
+) -> Result<WebhookCreated, ApiError> {
+    let principal = principal?;
+    let project = owned_project(&state, &principal, &id).await?;
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).map_err(|err| ApiError::Backend(err.to_string().into()))?;
+    let key = WebhookKey {
+        nonce: nonce.iter().map(|b| format!("{b:02x}")).collect(),
+        created_at: now_rfc3339(),
+    };
+    let secret = webhook::derive_secret(&state.webhook_key, &project.project_id, &key.nonce);
+    let on = ProjectChange {
+        webhook: Some(Some(key)),
+        ..Default::default()
+    };
+    change(&state, &project, on).await?;
+    tracing::info!(project_id = %project.project_id, "webhook secret created");
+    Ok(WebhookCreated {
+        url: format!("/api/v1/webhooks/{}", project.project_id),
+        secret,
+    })
+}
+
+pub async fn delete_webhook(
+    state: Arc<AppState>,
+    principal: Caller,
+    id: String,
+) -> Result<(), ApiError> {
+    let principal = principal?;
+    let project = owned_project(&state, &principal, &id).await?;
+    let off = ProjectChange {
+        webhook: Some(None),
+        ..Default::default()
+    };
+    change(&state, &project, off).await?;
+    Ok(())
+}
+
+/// A delivery from a forge. Unknown projects and projects with webhooks off get the
+/// same 404, so project ids cannot be probed; the signature is checked before the body
+/// is parsed; the sync runs after the answer.
+pub async fn receive_webhook(
+    state: Arc<AppState>,
+    project_id: String,
+    headers: HeaderMap,
+    body: Result<Bytes, ApiError>,
+) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    let not_found = || ApiError::NotFound("no such webhook".into());
+    let id = ProjectId::parse(&project_id).ok_or_else(not_found)?;
+    let project = state
+        .engine
+        .store
+        .project(&id)
+        .await?
+        .ok_or_else(not_found)?;
+    let key = project.webhook.as_ref().ok_or_else(not_found)?;
+    let body = body?;
+    let secret = webhook::derive_secret(&state.webhook_key, &project.project_id, &key.nonce);
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let delivery = webhook::verify(header, &body, &secret).map_err(|err| {
+        tracing::info!(project_id = %project.project_id, error = %err, "webhook delivery refused");
+        ApiError::InvalidSignature(err.to_string())
+    })?;
+    if let Err(retry_after) = state.engine.store.admit_webhook(&id).await? {
+        return Err(ApiError::RateLimited { retry_after });
+    }
+    if let Some(delivery_id) = &delivery.id
+        && state.engine.store.seen_delivery(&id, delivery_id).await?
+    {
+        return Ok((StatusCode::OK, serde_json::json!({"duplicate": true})));
+    }
+    let ignored = |reason: String| {
+        tracing::debug!(project_id = %project.project_id, %reason, "webhook delivery ignored");
+        Ok((StatusCode::OK, serde_json::json!({"ignored": reason})))
+    };
+    let git_ref = match delivery.request {
+        Request::Ping => return ignored("ping".into()),
+        Request::Other(event) => return ignored(format!("event '{event}' is not a push")),
+        Request::Push { git_ref } => git_ref,
+    };
+    if git_ref != format!("refs/heads/{}", project.branch) {
+        return ignored(format!(
+            "'{git_ref}' is not the tracked branch refs/heads/{}",
+            project.branch
+        ));
+    }
+    let (record, created) = state.engine.start_sync(&project, Trigger::Webhook).await?;
+    tracing::info!(project_id = %project.project_id, sync_id = %record.sync_id, joined = !created, "webhook push");
+    Ok((
+        StatusCode::ACCEPTED,
+        serde_json::json!({
+            "sync_id": record.sync_id,
+            "project_id": record.project_id,
+            "status": record.status,
+            "coalesced": !created,
+        }),
+    ))
+}
+
+/// The head of the last completed sync: for every token class, mobile included.
+pub async fn metadata(
+    state: Arc<AppState>,
+    principal: Caller,
+    query: String,
+) -> Result<Metadata, ApiError> {
+    let principal = principal?;
+    let params = super::query::parse_query(&query)?;
+    let id = params
+        .get("project_id")
+        .ok_or_else(|| ApiError::InvalidRequest("project_id is required".into()))?;
+    let project = owned_project(&state, &principal, id).await?;
+    let commit = project
+        .commit
+        .clone()
+        .ok_or_else(|| ApiError::NotFound("the project has no completed sync yet".into()))?;
+    let project_id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
+    let reader = Arc::clone(&state.reader);
+    let head_commit = commit.clone();
+    let info = tokio::task::spawn_blocking(move || reader.head_info(&project_id, &head_commit))
+        .await
+        .map_err(|err| ApiError::Backend(Box::new(err)))??;
+    Ok(Metadata {
+        project_id: project.project_id,
+        commit,
+        branch: project.branch,
+        subject: info.subject,
+        author: info.author,
+        committed_at: info.committed_at,
+        files: info.files,
+        bytes: info.bytes,
+        last_success_at: project.last_success_at,
+    })
+}

@@ -1,0 +1,72 @@
+//! The scheduler: projects with a `sync_interval_s` sync when due, with
+//! `trigger: schedule`. Every `serve` and `worker` process runs one; the engine hands
+//! each due project to one of them (claimed atomically), so a due project is synced
+//! once however many run. A tick reads only the due entries, never every project.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{ProjectId, now_epoch_ms};
+use crate::engine::{Engine, EngineError, ProjectChange};
+use crate::error::error_chain;
+use crate::protocol::Trigger;
+
+/// Due projects claimed per round trip.
+const BATCH: usize = 100;
+
+/// Every `tick` until `stop`: starts the syncs of due projects. A claimed project is
+/// not handed out again for `hold` (the sync it starts sets its real next time).
+pub async fn run_scheduler(
+    engine: Engine,
+    tick: Duration,
+    hold: Duration,
+    stop: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(err) = schedule_due(&engine, hold).await {
+            tracing::warn!(error = %error_chain(&err), "scheduler round failed; next tick");
+        }
+    }
+}
+
+/// One round: claims what is due now and starts each sync. Returns the syncs started
+/// or joined.
+pub async fn schedule_due(engine: &Engine, hold: Duration) -> Result<usize, EngineError> {
+    let now = now_epoch_ms();
+    let mut started = 0;
+    loop {
+        let due = engine.store.claim_due(now, BATCH, hold).await?;
+        for id in &due {
+            let Some(project_id) = ProjectId::parse(id) else {
+                continue;
+            };
+            let Some(project) = engine.store.project(&project_id).await? else {
+                continue;
+            };
+            if project.paused || project.sync_interval_s.is_none() {
+                // an entry the project no longer wants: rewriting the project with no
+                // change takes it off the schedule
+                engine
+                    .store
+                    .update_project(&project_id, ProjectChange::default())
+                    .await?;
+                continue;
+            }
+            match engine.start_sync(&project, Trigger::Schedule).await {
+                Ok(_) => started += 1,
+                Err(EngineError::ProjectGone) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        if due.len() < BATCH {
+            return Ok(started);
+        }
+    }
+}

@@ -12,6 +12,11 @@ const state = {
   selected: null,
   treePath: "",
   client: null,
+  // the webhook secret just created: shown until hidden or another project is selected,
+  // never fetched again (the server does not return it twice)
+  reveal: null,
+  // sync_id -> trigger, so replayed notifications do not ask twice
+  triggers: new Map(),
 };
 
 function takeTokenFromUrl() {
@@ -66,6 +71,37 @@ function el(tag, attributes = {}, ...children) {
 
 const shortCommit = (commit) => (commit ? commit.slice(0, 10) : "—");
 const when = (at) => (at ? new Date(at).toLocaleString() : "never");
+// a v1.1 hub says when the last *successful* sync was; an older one only when the last ended
+const lastSuccess = (project) => ("last_success_at" in project ? project.last_success_at : project.last_synced_at);
+const plural = (count, word) => `${count} ${word}${count === 1 ? "" : "s"}`;
+
+function formatInterval(seconds) {
+  if (seconds % 3600 === 0) return `${seconds / 3600} h`;
+  if (seconds % 60 === 0) return `${seconds / 60} min`;
+  return `${seconds} s`;
+}
+
+/** "3 commits, 12 files", "history rewritten", "first sync, 40 files", "no new commits". */
+function describeChanges(changes) {
+  if (!changes) return "";
+  const parts = [];
+  if (changes.commits === null || changes.commits === undefined) parts.push("first sync");
+  else if (changes.commits === 0 && !changes.forced && changes.files_changed === 0) return "no new commits";
+  else parts.push(changes.commits_capped ? `${changes.commits}+ commits` : plural(changes.commits, "commit"));
+  parts.push(plural(changes.files_changed, "file"));
+  return parts.join(", ");
+}
+
+const TRIGGERS = { api: "on request", webhook: "webhook push", schedule: "scheduled", repair: "repair" };
+const triggerText = (trigger) => TRIGGERS[trigger] ?? trigger;
+
+/** Puts `project` (a project response) in place of the one held, keeping its live state. */
+function storeProject(project) {
+  const held = state.projects.get(project.project_id);
+  state.projects.set(project.project_id, { ...project, live: held?.live });
+  renderProjects();
+  if (project.project_id === state.selected) renderProjectHeader();
+}
 
 // ---- projects -------------------------------------------------------------
 
@@ -92,10 +128,26 @@ function renderProjects() {
         el("div", { class: "row" },
           el("span", { class: "status", "data-status": status }, status),
           el("span", { class: "meta" }, shortCommit(project.commit))),
-        el("span", { class: "meta" }, `${project.branch} · synced ${when(project.last_synced_at)}`),
+        el("span", { class: "meta" }, `${project.branch} · synced ${when(lastSuccess(project))}`),
+        el("div", { class: "row" },
+          el("span", { class: "meta" }, scheduleSummary(project)),
+          el("span", { class: "badges" },
+            project.webhook ? el("span", { class: "status", "data-status": "webhook" }, "webhook") : "",
+            project.schedule?.paused ? el("span", { class: "status", "data-status": "paused" }, "paused") : "",
+            project.schedule?.paused
+              ? el("button", { type: "button", class: "small", "aria-label": `Resume ${project.name}`, onclick: () => resumeProject(project.project_id) }, "Resume")
+              : "")),
       ),
     );
   }
+}
+
+function scheduleSummary(project) {
+  if (!project.sync_interval_s) return "on demand";
+  const every = `every ${formatInterval(project.sync_interval_s)}`;
+  if (project.schedule?.paused) return `${every} · paused`;
+  const next = project.schedule?.next_sync_at;
+  return next ? `${every} · next ${new Date(next).toLocaleTimeString()}` : every;
 }
 
 async function registerProject(event) {
@@ -132,6 +184,7 @@ async function requestSync(projectId) {
 // ---- the selected project ---------------------------------------------------
 
 function selectProject(projectId) {
+  if (state.reveal?.projectId !== projectId) state.reveal = null;
   state.selected = projectId;
   state.treePath = "";
   $("project-view").hidden = false;
@@ -141,6 +194,7 @@ function selectProject(projectId) {
   $("search-results").replaceChildren();
   renderProjects();
   renderProjectHeader();
+  fillIntervalForm(state.projects.get(projectId));
   refreshSelected();
 }
 
@@ -148,8 +202,136 @@ function renderProjectHeader() {
   const project = state.projects.get(state.selected);
   if (!project) return;
   $("project-title").textContent = project.name;
-  $("project-meta").textContent = `${project.repo_url} · ${project.branch} · commit ${shortCommit(project.commit)} · synced ${when(project.last_synced_at)}`;
+  $("project-meta").textContent = `${project.repo_url} · ${project.branch} · commit ${shortCommit(project.commit)} · synced ${when(lastSuccess(project))}`;
   renderProgress();
+  renderFreshness(project);
+  renderWebhook(project);
+}
+
+// ---- keeping the mirror fresh: schedule, pause, last outcomes, webhook -------
+
+function renderFreshness(project) {
+  const schedule = project.schedule ?? {};
+  let text;
+  if (!project.sync_interval_s) text = "On demand only: the Sync button or a webhook push.";
+  else if (schedule.paused) text = `Every ${formatInterval(project.sync_interval_s)} · scheduled syncs paused.`;
+  else if (schedule.next_sync_at) text = `Every ${formatInterval(project.sync_interval_s)} · next sync ${when(schedule.next_sync_at)}.`;
+  else text = `Every ${formatInterval(project.sync_interval_s)}.`;
+  $("schedule-text").textContent = text;
+  $("schedule-text").dataset.interval = project.sync_interval_s ?? "";
+
+  const paused = Boolean(schedule.paused);
+  $("paused-block").hidden = !paused;
+  $("paused-block").dataset.paused = String(paused);
+  $("paused-text").textContent = paused
+    ? `Paused after ${plural(schedule.consecutive_failures ?? 0, "failed sync")}${schedule.paused_reason ? ` (${schedule.paused_reason})` : ""}. On-demand and webhook syncs still run.`
+    : "";
+  $("interval-clear").disabled = !project.sync_interval_s;
+
+  $("last-success").textContent = when(project.last_success_at);
+  $("last-attempt").textContent = when(project.last_attempt_at);
+  const error = project.last_error;
+  $("last-error").textContent = error ? `${error.code}: ${error.message} (${when(error.at)})` : "none";
+  $("last-error").classList.toggle("bad", Boolean(error));
+}
+
+/** The interval form shows the project's interval in the largest unit that divides it. */
+function fillIntervalForm(project) {
+  const seconds = project?.sync_interval_s;
+  if (!seconds) {
+    $("interval-value").value = "";
+    $("interval-unit").value = "60";
+    return;
+  }
+  const unit = seconds % 3600 === 0 ? 3600 : seconds % 60 === 0 ? 60 : 1;
+  $("interval-value").value = String(seconds / unit);
+  $("interval-unit").value = String(unit);
+}
+
+async function patchProject(projectId, change) {
+  try {
+    const project = await api(`/api/v1/projects/${encodeURIComponent(projectId)}`, { method: "PATCH", body: JSON.stringify(change) });
+    showBanner("");
+    storeProject(project);
+    if (projectId === state.selected) fillIntervalForm(project);
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+function saveInterval(event) {
+  event.preventDefault();
+  if (!state.selected) return;
+  const value = Number($("interval-value").value);
+  if (!Number.isInteger(value) || value < 1) {
+    showBanner("invalid_request: the interval must be a whole number above zero");
+    return;
+  }
+  patchProject(state.selected, { sync_interval_s: value * Number($("interval-unit").value) });
+}
+
+async function resumeProject(projectId) {
+  try {
+    const project = await api(`/api/v1/projects/${encodeURIComponent(projectId)}/resume`, { method: "POST" });
+    showBanner("");
+    storeProject(project);
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+function renderWebhook(project) {
+  const on = Boolean(project.webhook);
+  $("webhook-status").textContent = on
+    ? "On: pushes to the tracked branch start a sync. The secret was shown once when it was created."
+    : "Off. Turn it on to sync on every push from GitHub, GitLab or Gitea/Forgejo.";
+  $("webhook-status").dataset.on = String(on);
+  $("webhook-create").textContent = on ? "Rotate secret" : "Turn on webhook";
+  $("webhook-delete").hidden = !on;
+  const reveal = state.reveal?.projectId === project.project_id ? state.reveal : null;
+  $("webhook-reveal").hidden = !reveal;
+  $("webhook-url").textContent = reveal?.url ?? "";
+  $("webhook-secret").textContent = reveal?.secret ?? "";
+}
+
+async function createWebhook() {
+  const projectId = state.selected;
+  const project = state.projects.get(projectId);
+  if (!project) return;
+  if (project.webhook && !confirm("Rotate the webhook secret? Deliveries signed with the old one will be refused until you update your forge.")) return;
+  try {
+    const created = await api(`/api/v1/projects/${encodeURIComponent(projectId)}/webhook`, { method: "POST" });
+    showBanner("");
+    state.reveal = { projectId, url: new URL(created.url, location.origin).toString(), secret: created.secret };
+    project.webhook = true;
+    renderProjects();
+    if (projectId === state.selected) renderProjectHeader();
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+async function deleteWebhook() {
+  const projectId = state.selected;
+  const project = state.projects.get(projectId);
+  if (!project) return;
+  if (!confirm("Turn webhooks off? Deliveries will be refused; turning them on again makes a new secret.")) return;
+  try {
+    await api(`/api/v1/projects/${encodeURIComponent(projectId)}/webhook`, { method: "DELETE" });
+    showBanner("");
+    if (state.reveal?.projectId === projectId) state.reveal = null;
+    project.webhook = false;
+    renderProjects();
+    if (projectId === state.selected) renderProjectHeader();
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+function hideSecret() {
+  state.reveal = null;
+  const project = state.projects.get(state.selected);
+  if (project) renderWebhook(project);
 }
 
 function renderProgress() {
@@ -180,8 +362,10 @@ async function loadHistory() {
       ...syncs.map((sync) =>
         el("tr", {},
           el("td", {}, when(sync.queued_at)),
+          el("td", {}, triggerText(sync.trigger ?? "api")),
           el("td", {}, el("span", { class: "status", "data-status": sync.status }, sync.status)),
           el("td", {}, el("code", {}, shortCommit(sync.commit))),
+          el("td", {}, [describeChanges(sync.changes), sync.changes?.forced ? "history rewritten" : ""].filter(Boolean).join(" · ")),
           el("td", {}, sync.duration_ms !== null ? `${sync.duration_ms} ms` : "—"),
           el("td", {}, sync.error ? `${sync.error.code}: ${sync.error.message}` : "")),
       ),
@@ -262,7 +446,11 @@ async function search(event) {
 function onEvent(frame) {
   const project = state.projects.get(frame.project_id);
   if (frame.type === "sync.stage") {
-    if (!project) return;
+    if (!project) {
+      // a project registered elsewhere (another tab, the API): pick it up
+      if (frame.stage === "queued") loadProjects().catch(reportError);
+      return;
+    }
     project.live = {
       stage: frame.stage,
       sync_id: frame.sync_id,
@@ -280,11 +468,36 @@ function onEvent(frame) {
     const text =
       frame.kind === "repo_sync_success" ? `${name}: synced to ${shortCommit(frame.commit)}`
       : frame.kind === "repo_sync_failed" ? `${name}: sync failed — ${frame.error?.code}: ${frame.error?.message}`
+      : frame.kind === "repo_sync_paused" ? `${name}: scheduled syncs paused after repeated failures${frame.error ? ` — ${frame.error.code}` : ""}`
       : `${name}: mirror repaired`;
-    $("notifications").prepend(
-      el("li", { "data-kind": frame.kind }, el("strong", {}, frame.kind.replaceAll("_", " ")), el("br"), text, el("br"), el("span", { class: "meta" }, when(frame.at))),
-    );
+    const item = el("li", { "data-kind": frame.kind, "data-project": frame.project_id, "data-sync": frame.sync_id },
+      el("strong", {}, frame.kind.replaceAll("_", " ")), el("br"), text);
+    if (frame.kind === "repo_sync_success" && frame.changes) {
+      item.append(el("br"), el("span", { class: "changes" }, describeChanges(frame.changes)));
+      if (frame.changes.forced) item.append(" · ", el("span", { class: "forced" }, "history rewritten"));
+    }
+    const trigger = el("span", { class: "trigger" });
+    item.append(el("br"), el("span", { class: "meta" }, when(frame.at), trigger));
+    $("notifications").prepend(item);
+    if (frame.sync_id && frame.kind !== "repo_sync_paused") showTrigger(trigger, frame);
+    if (frame.kind === "repo_sync_paused") loadProjects().catch(reportError);
   }
+}
+
+/** Notifications do not carry the trigger; the sync record does. */
+async function showTrigger(node, frame) {
+  let trigger = frame.trigger ?? state.triggers.get(frame.sync_id);
+  if (!trigger) {
+    try {
+      trigger = (await api(`/api/v1/repo/sync/${encodeURIComponent(frame.sync_id)}`)).trigger;
+    } catch {
+      return; // the record is gone or the hub is away: the notification stands without it
+    }
+  }
+  if (!trigger) return;
+  state.triggers.set(frame.sync_id, trigger);
+  node.dataset.trigger = trigger;
+  node.textContent = ` · ${triggerText(trigger)}`;
 }
 
 function startLive() {
@@ -336,6 +549,12 @@ $("sign-out").addEventListener("click", () => signOut());
 $("register-form").addEventListener("submit", registerProject);
 $("sync-button").addEventListener("click", () => state.selected && requestSync(state.selected));
 $("search-form").addEventListener("submit", search);
+$("interval-form").addEventListener("submit", saveInterval);
+$("interval-clear").addEventListener("click", () => state.selected && patchProject(state.selected, { sync_interval_s: null }));
+$("resume-button").addEventListener("click", () => state.selected && resumeProject(state.selected));
+$("webhook-create").addEventListener("click", createWebhook);
+$("webhook-delete").addEventListener("click", deleteWebhook);
+$("webhook-hide").addEventListener("click", hideSecret);
 
 const token = takeTokenFromUrl();
 if (token) signIn(token);

@@ -83,6 +83,36 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// One scheduler tick's CPU with few and with many registered projects (the due
+    /// count equal): the cost should follow the due projects only
+    Scheduler {
+        #[arg(long, default_value_t = 100_000)]
+        projects: usize,
+        /// projects due at each tick
+        #[arg(long, default_value_t = 100)]
+        due: usize,
+        #[arg(long, default_value_t = 20)]
+        ticks: usize,
+    },
+    /// Push → `repo_sync_success` on a socket: commits pushed to local repositories at a
+    /// steady rate, each followed by its signed webhook; then the same with the
+    /// schedule only
+    Freshness {
+        #[arg(long, default_value_t = 20)]
+        projects: usize,
+        /// pushes per second
+        #[arg(long, default_value_t = 10)]
+        rate: u64,
+        /// seconds of each phase
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// `sync_interval_s` of the schedule-only phase
+        #[arg(long, default_value_t = 5)]
+        interval: u64,
+        /// the hub's sync workers
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
     /// (used by `fanout --target embedded`) a hub with the embedded engine that publishes
     /// the events named on standard input
     #[command(hide = true)]
@@ -98,7 +128,9 @@ enum Scenario {
 }
 
 mod fanout;
+mod freshness;
 mod reads;
+mod scheduler;
 mod syncs;
 
 const SECRET: &str = "loadtest-secret";
@@ -255,6 +287,37 @@ async fn main() -> std::process::ExitCode {
     let result = match &cli.scenario {
         Scenario::Connections { count, batch } => connections(&cli, *count, *batch).await,
         Scenario::EmbeddedHub => fanout::embedded_hub().await,
+        Scenario::Scheduler {
+            projects,
+            due,
+            ticks,
+        } => {
+            scheduler::run(scheduler::Options {
+                projects: (*projects).max(1),
+                due: (*due).max(1),
+                ticks: (*ticks).max(1),
+            })
+            .await
+        }
+        Scenario::Freshness {
+            projects,
+            rate,
+            seconds,
+            interval,
+            workers,
+        } => {
+            freshness::run(
+                &cli.hub,
+                freshness::Options {
+                    projects: (*projects).max(1),
+                    rate: (*rate).max(1),
+                    seconds: (*seconds).max(1),
+                    interval: (*interval).max(1),
+                    workers: (*workers).max(1),
+                },
+            )
+            .await
+        }
         Scenario::Syncs {
             source,
             projects,

@@ -40,6 +40,11 @@ async fn dashboard_drives_a_sync_in_a_real_browser() {
         .write("src/lib.rs", "pub fn f() {}\nlet needle = 42;\n");
     repo.commit("first");
     let data = tempfile::tempdir().expect("temp dir");
+    // the remote of a second, scheduled project: missing until the script clones it
+    // there, so its first scheduled sync fails and pauses it (the script starts the hub
+    // with HIVESYNC_PAUSE_AFTER_FAILURES=1 and HIVESYNC_MIN_SYNC_INTERVAL_S=1)
+    let later = tempfile::tempdir().expect("temp dir");
+    let later_repo = later.path().join("later.git");
     let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
     let _ = std::fs::remove_dir_all(&out_dir);
     let run = tokio::task::spawn_blocking(move || {
@@ -55,6 +60,7 @@ async fn dashboard_drives_a_sync_in_a_real_browser() {
             )
             .env("REPO_URL", repo.url())
             .env("REPO_DIR", repo.path())
+            .env("LATER_REPO_DIR", &later_repo)
             .env("STATIC_DIR", root.join("static"))
             .env("OUT_DIR", &out_dir)
             .output()
@@ -73,8 +79,9 @@ async fn dashboard_drives_a_sync_in_a_real_browser() {
     let shots = std::fs::read_dir(&out_dir)
         .expect("screenshots written")
         .count();
+    drop(later);
     assert!(
-        shots >= 7,
+        shots >= 12,
         "expected a screenshot per step in {}",
         out_dir.display()
     );

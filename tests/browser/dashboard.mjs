@@ -1,14 +1,21 @@
 // End-to-end test of the dashboard in headless Chromium against the real hub binary:
 // register a file:// repo, sync it and watch the bar reach 100%, open a file, search,
 // then restart the hub and see the page resume the stream without losing an event.
+// Then keeping mirrors fresh: turn a webhook on in the page, push upstream and deliver a
+// signed push (the bar moves, the notification says what changed and that a webhook
+// started it), rewrite history, turn the webhook off; and a scheduled project whose
+// remote is missing pauses, shows it, and syncs again after Resume once the remote exists.
 // Screenshots go to OUT_DIR; any console error outside the deliberate outage fails it.
 
 import { spawn, execFileSync } from "node:child_process";
-import { mkdirSync } from "node:fs";
+import { createHmac, randomUUID } from "node:crypto";
+import { mkdirSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
 
-const { HUB_BINARY, DATA_DIR, SECRET, TOKEN, REPO_URL, REPO_DIR, OUT_DIR, STATIC_DIR } = process.env;
+// LATER_REPO_DIR does not exist yet: the second project's remote, made before Resume
+const { HUB_BINARY, DATA_DIR, SECRET, TOKEN, REPO_URL, REPO_DIR, LATER_REPO_DIR, OUT_DIR, STATIC_DIR } = process.env;
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 mkdirSync(OUT_DIR, { recursive: true });
 
@@ -23,6 +30,9 @@ function startHub(listen) {
       HIVESYNC_ALLOWED_SCHEMES: "file",
       HIVESYNC_MIN_FREE_BYTES: "0",
       HIVESYNC_STATIC_DIR: STATIC_DIR,
+      // a one-second schedule is allowed, and one failed scheduled sync pauses it
+      HIVESYNC_MIN_SYNC_INTERVAL_S: "1",
+      HIVESYNC_PAUSE_AFTER_FAILURES: "1",
     },
     stdio: ["ignore", "pipe", "inherit"],
   });
@@ -44,6 +54,29 @@ function stopHub(child) {
   return new Promise((resolve) => {
     child.once("exit", resolve);
     child.kill("SIGTERM");
+  });
+}
+
+function check(condition, message) {
+  if (!condition) throw new Error(message);
+}
+
+function git(...args) {
+  return execFileSync("git", ["-C", REPO_DIR, "-c", "user.name=t", "-c", "user.email=t@example.com", ...args], { encoding: "utf8" }).trim();
+}
+
+/** A delivery as GitHub signs it. */
+function deliver(url, secret, body, { event = "push", signature } = {}) {
+  const raw = JSON.stringify(body);
+  return fetch(url, {
+    method: "POST",
+    headers: {
+      "Content-Type": "application/json",
+      "X-GitHub-Event": event,
+      "X-GitHub-Delivery": randomUUID(),
+      "X-Hub-Signature-256": signature ?? `sha256=${createHmac("sha256", secret).update(raw).digest("hex")}`,
+    },
+    body: raw,
   });
 }
 
@@ -121,6 +154,134 @@ try {
   await page.waitForFunction(() => document.getElementById("progress").getAttribute("aria-valuenow") === "100");
   await page.waitForTimeout(400); // let the bar's width transition settle for the screenshot
   await shot(page, "resumed");
+
+  // ---- webhook: the page turns it on and shows the URL and the secret once -----------
+  const demoId = projects.find((project) => project.name === "demo").project_id;
+  await page.locator(`#projects li[data-project="${demoId}"] button.link`).click();
+  await page.locator("#project-title", { hasText: "demo" }).waitFor();
+  await page.locator('#webhook-status[data-on="false"]').waitFor();
+  await page.locator("#webhook-create", { hasText: "Turn on webhook" }).click();
+  await page.locator("#webhook-reveal").waitFor({ state: "visible" });
+  const hookUrl = (await page.locator("#webhook-url").textContent()).trim();
+  const hookSecret = (await page.locator("#webhook-secret").textContent()).trim();
+  check(hookUrl === `http://${hub.addr}/api/v1/webhooks/${demoId}`, `webhook URL shown: ${hookUrl}`);
+  check(hookSecret.length >= 16, "a webhook secret is shown");
+  check((await page.locator("#webhook-reveal").textContent()).includes("never returned again"), "the page says the secret is shown once");
+  await page.locator('#webhook-status[data-on="true"]').waitFor();
+  await page.locator(`#projects li[data-project="${demoId}"] .status[data-status="webhook"]`).waitFor();
+  await shot(page, "webhook-on");
+
+  // a wrong signature is refused; nothing starts
+  const forged = await deliver(hookUrl, hookSecret, { ref: "refs/heads/main" }, { signature: `sha256=${"0".repeat(64)}` });
+  check(forged.status === 401, `forged delivery: ${forged.status}`);
+
+  // two commits touching three files land upstream, and the forge says so
+  writeFileSync(join(REPO_DIR, "README.md"), "hello from the browser test\nnow with a webhook\n");
+  mkdirSync(join(REPO_DIR, "docs"), { recursive: true });
+  writeFileSync(join(REPO_DIR, "docs/guide.md"), "# Guide\n");
+  git("add", "-A");
+  git("commit", "-q", "-m", "docs");
+  writeFileSync(join(REPO_DIR, "src/lib.rs"), "pub fn f() {}\nlet needle = 43;\n");
+  git("commit", "-q", "-am", "bump");
+  // watch the bar from here on: it must leave 100% and come back
+  await page.evaluate(() => {
+    window.__bar = [];
+    const bar = document.getElementById("progress");
+    new MutationObserver(() => window.__bar.push([Number(bar.getAttribute("aria-valuenow")), document.getElementById("stage-text").textContent]))
+      .observe(bar, { attributes: true, attributeFilter: ["aria-valuenow"] });
+  });
+  const pushed = await deliver(hookUrl, hookSecret, { ref: "refs/heads/main", after: git("rev-parse", "HEAD") });
+  check(pushed.status === 202, `signed delivery: ${pushed.status}`);
+  const hookSync = (await pushed.json()).sync_id;
+  const hookNote = page.locator(`#notifications li[data-kind="repo_sync_success"][data-sync="${hookSync}"]`);
+  await hookNote.waitFor({ timeout: 30_000 });
+  await hookNote.locator('.trigger[data-trigger="webhook"]').waitFor();
+  const hookText = await hookNote.textContent();
+  check(hookText.includes("2 commits, 3 files"), `what changed: ${hookText}`);
+  check(hookText.includes("webhook push"), `trigger shown: ${hookText}`);
+  check(!hookText.includes("history rewritten"), `not forced: ${hookText}`);
+  await page.waitForFunction(
+    () => document.getElementById("progress").getAttribute("aria-valuenow") === "100"
+      && document.getElementById("stage-text").textContent === "completed",
+  );
+  const bar = await page.evaluate(() => window.__bar);
+  check(bar.some(([percent, stage]) => percent < 100 && stage !== "completed"), `the bar never moved: ${JSON.stringify(bar)}`);
+  await page.locator("#history td", { hasText: "webhook push" }).first().waitFor();
+  await page.waitForTimeout(400); // the bar's width transition, for the screenshot
+  await shot(page, "webhook-synced");
+
+  // history rewritten upstream: the notification says so
+  git("commit", "-q", "--amend", "-m", "bump, reworded");
+  const rewritten = await deliver(hookUrl, hookSecret, { ref: "refs/heads/main" });
+  check(rewritten.status === 202, `signed delivery after a rewrite: ${rewritten.status}`);
+  const forcedNote = page.locator(`#notifications li[data-kind="repo_sync_success"][data-sync="${(await rewritten.json()).sync_id}"]`);
+  await forcedNote.locator(".forced", { hasText: "history rewritten" }).waitFor({ timeout: 30_000 });
+  await forcedNote.locator('.trigger[data-trigger="webhook"]').waitFor();
+
+  // a push to another branch is ignored
+  const otherRef = await deliver(hookUrl, hookSecret, { ref: "refs/heads/feature" });
+  check(otherRef.status === 200 && "ignored" in (await otherRef.json()), `other branch: ${otherRef.status}`);
+
+  // turned off in the page: the same signed delivery now finds nothing
+  page.once("dialog", (dialog) => dialog.accept());
+  await page.locator("#webhook-delete").click();
+  await page.locator('#webhook-status[data-on="false"]').waitFor();
+  await page.locator("#webhook-reveal").waitFor({ state: "hidden" });
+  const afterOff = await deliver(hookUrl, hookSecret, { ref: "refs/heads/main" });
+  check(afterOff.status === 404, `delivery after turning webhooks off: ${afterOff.status}`);
+  await shot(page, "webhook-off");
+
+  // ---- a schedule that fails pauses; Resume starts it again ---------------------------
+  await page.getByLabel("Name").fill("later");
+  await page.getByLabel("Repository URL").fill(`file://${LATER_REPO_DIR}`);
+  await page.getByRole("button", { name: "Register" }).click();
+  await page.locator("#project-title", { hasText: "later" }).waitFor();
+  const laterId = await page.locator('#projects li[aria-current="true"]').getAttribute("data-project");
+  check(laterId && laterId !== demoId, "the new project is selected");
+  await page.locator("#schedule-text", { hasText: "On demand only" }).waitFor();
+  await page.locator("#interval-value").fill("1");
+  await page.locator("#interval-unit").selectOption("1");
+  const [patched] = await Promise.all([
+    page.waitForResponse((response) => response.url().endsWith(`/api/v1/projects/${laterId}`) && response.request().method() === "PATCH"),
+    page.locator("#interval-save").click(),
+  ]);
+  check(patched.status() === 200 && (await patched.json()).sync_interval_s === 1, `PATCH interval: ${patched.status()}`);
+  await page.locator('#schedule-text[data-interval="1"]').waitFor();
+
+  // its remote does not exist: the first scheduled sync fails and pauses the schedule
+  await page.locator('#paused-block[data-paused="true"]').waitFor({ state: "visible", timeout: 30_000 });
+  await page.locator(`#projects li[data-project="${laterId}"] .status[data-status="paused"]`).waitFor();
+  await page.locator(`#notifications li[data-kind="repo_sync_paused"][data-project="${laterId}"]`).waitFor();
+  await page.locator(`#notifications li[data-kind="repo_sync_failed"][data-project="${laterId}"] .trigger[data-trigger="schedule"]`).waitFor();
+  check((await page.locator("#paused-text").textContent()).includes("repo_not_found"), "the pause says why");
+  check((await page.locator("#last-error").textContent()).startsWith("repo_not_found"), "the last error is shown");
+  check((await page.locator("#last-success").textContent()) === "never", "never succeeded");
+  check((await page.locator("#last-attempt").textContent()) !== "never", "an attempt is shown");
+  await shot(page, "paused");
+
+  // the remote appears; Resume clears the pause and the schedule syncs it
+  execFileSync("git", ["clone", "-q", "--bare", REPO_DIR, LATER_REPO_DIR]);
+  const [resumed] = await Promise.all([
+    page.waitForResponse((response) => response.url().endsWith(`/api/v1/projects/${laterId}/resume`)),
+    page.locator("#resume-button").click(),
+  ]);
+  const resumedBody = await resumed.json();
+  check(resumed.status() === 200 && resumedBody.schedule.paused === false, `resume: ${resumed.status()} ${JSON.stringify(resumedBody.schedule)}`);
+  await page.locator("#paused-block").waitFor({ state: "hidden" });
+  await page.locator(`#notifications li[data-kind="repo_sync_success"][data-project="${laterId}"] .trigger[data-trigger="schedule"]`).waitFor({ timeout: 30_000 });
+  await page.locator("#last-error", { hasText: "none" }).waitFor();
+  await page.waitForFunction(() => document.getElementById("last-success").textContent !== "never");
+  check(await page.locator(`#projects li[data-project="${laterId}"] .status[data-status="paused"]`).count() === 0, "no longer paused in the list");
+  await page.locator('#tree button[data-path="docs"]').waitFor();
+
+  // back to on demand
+  const [cleared] = await Promise.all([
+    page.waitForResponse((response) => response.url().endsWith(`/api/v1/projects/${laterId}`) && response.request().method() === "PATCH"),
+    page.locator("#interval-clear").click(),
+  ]);
+  check(cleared.status() === 200 && (await cleared.json()).sync_interval_s === null, `clearing the interval: ${cleared.status()}`);
+  await page.locator("#schedule-text", { hasText: "On demand only" }).waitFor();
+  await shot(page, "resumed-schedule");
 
   if (consoleErrors.length) throw new Error(`console errors:\n${consoleErrors.join("\n")}`);
   console.log(`dashboard test passed; screenshots in ${OUT_DIR}`);

@@ -398,6 +398,12 @@ impl Store for EmbeddedEngine {
                             .map_err(|err| EngineError::Embedded(err.into()))
                     })
                     .collect::<Result<_, _>>()?;
+                if found.is_empty() {
+                    // nothing due: no write, so an idle tick costs no disk sync
+                    drop((due, projects));
+                    tx.abort().map_err(redb::Error::from)?;
+                    return Ok(Vec::new());
+                }
                 for (at, id) in &found {
                     move_due(&mut due, id, Some(*at), Some(until))?;
                     let raw = projects

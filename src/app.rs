@@ -150,27 +150,17 @@ pub fn webhook_key(config: &Config, dev_jwt_secret: Option<&str>) -> Result<Vec<
         mac.update(b"hivesync webhook key v1");
         return Ok(mac.finalize().into_bytes().to_vec());
     }
-    let path = config.data_dir.join("webhook-key");
-    let as_start_error = |source| StartError::DataDir {
-        path: path.display().to_string(),
-        source,
-    };
-    if let Ok(existing) = std::fs::read_to_string(&path) {
-        let existing = existing.trim().to_owned();
-        if existing.len() >= 32 {
-            return Ok(existing.into_bytes());
-        }
-    }
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)
-        .map_err(|err| as_start_error(std::io::Error::other(err.to_string())))?;
-    let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    write_private(&path, &key).map_err(as_start_error)?;
-    Ok(key.into_bytes())
+    Ok(kept_secret(&config.data_dir, "webhook-key")?.into_bytes())
 }
 
 fn dev_secret(data_dir: &Path) -> Result<String, StartError> {
-    let path = data_dir.join("dev-jwt-secret");
+    kept_secret(data_dir, "dev-jwt-secret")
+}
+
+/// A random secret kept in `DATA_DIR/name` (mode 0600): read when it is there, else
+/// made and written, so it survives restarts.
+fn kept_secret(data_dir: &Path, name: &str) -> Result<String, StartError> {
+    let path = data_dir.join(name);
     let as_start_error = |source| StartError::DataDir {
         path: path.display().to_string(),
         source,

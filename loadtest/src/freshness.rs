@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use hmac::Mac;
 use serde_json::{Value, json};
 
-use crate::reads::{git, json_of, percentile};
+use crate::reads::{git, json_of, percentile, sync_and_wait};
 
 pub struct Options {
     pub projects: usize,
@@ -300,28 +300,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
             .as_str()
             .ok_or(format!("register failed: {created}"))?
             .to_owned();
-        let accepted = json_of(
-            http.post(format!("{base}/api/v1/repo/sync"))
-                .bearer_auth(&token)
-                .json(&json!({"project_id": id})),
-        )
-        .await?;
-        let sync_id = accepted["sync_id"]
-            .as_str()
-            .ok_or("sync not accepted")?
-            .to_owned();
-        loop {
-            let record = json_of(
-                http.get(format!("{base}/api/v1/repo/sync/{sync_id}"))
-                    .bearer_auth(&token),
-            )
-            .await?;
-            match record["status"].as_str() {
-                Some("completed") => break,
-                Some("failed") => return Err(format!("first sync failed: {record}")),
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
+        sync_and_wait(&http, &base, &token, &id).await?;
         let hook = json_of(
             http.post(format!("{base}/api/v1/projects/{id}/webhook"))
                 .bearer_auth(&token),

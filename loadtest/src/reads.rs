@@ -39,6 +39,37 @@ pub(crate) async fn json_of(request: reqwest::RequestBuilder) -> Result<Value, S
     response.json().await.map_err(|e| e.to_string())
 }
 
+/// Requests a sync of `project` and polls it until it completes (an error if it fails).
+pub(crate) async fn sync_and_wait(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    project: &str,
+) -> Result<(), String> {
+    let accepted = json_of(
+        http.post(format!("{base}/api/v1/repo/sync"))
+            .bearer_auth(token)
+            .json(&json!({"project_id": project})),
+    )
+    .await?;
+    let sync_id = accepted["sync_id"]
+        .as_str()
+        .ok_or("sync not accepted")?
+        .to_owned();
+    loop {
+        let record = json_of(
+            http.get(format!("{base}/api/v1/repo/sync/{sync_id}"))
+                .bearer_auth(token),
+        )
+        .await?;
+        match record["status"].as_str() {
+            Some("completed") => return Ok(()),
+            Some("failed") => return Err(format!("sync failed: {record}")),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 pub(crate) fn default_source() -> Result<PathBuf, String> {
     let home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
@@ -121,28 +152,7 @@ pub async fn run(
         .to_owned();
 
     let started = Instant::now();
-    let accepted = json_of(
-        http.post(format!("{base}/api/v1/repo/sync"))
-            .bearer_auth(&token)
-            .json(&json!({"project_id": project})),
-    )
-    .await?;
-    let sync_id = accepted["sync_id"]
-        .as_str()
-        .ok_or("sync not accepted")?
-        .to_owned();
-    loop {
-        let record = json_of(
-            http.get(format!("{base}/api/v1/repo/sync/{sync_id}"))
-                .bearer_auth(&token),
-        )
-        .await?;
-        match record["status"].as_str() {
-            Some("completed") => break,
-            Some("failed") => return Err(format!("sync failed: {record}")),
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
+    sync_and_wait(&http, &base, &token, &project).await?;
     let hub_sync_s = started.elapsed().as_secs_f64();
     eprintln!("synced {files} files: hub {hub_sync_s:.2} s, git clone {git_clone_s:.2} s");
 

@@ -132,11 +132,12 @@ pub async fn delete_webhook(
 /// A delivery from a forge. Unknown projects and projects with webhooks off get the
 /// same 404, so project ids cannot be probed; the signature is checked before the body
 /// is parsed; the sync runs after the answer.
+/// `body` reads the request body when awaited.
 pub async fn receive_webhook(
     state: Arc<AppState>,
     project_id: String,
     headers: HeaderMap,
-    body: Result<Bytes, ApiError>,
+    body: impl std::future::Future<Output = Result<Bytes, ApiError>>,
 ) -> Result<(StatusCode, serde_json::Value), ApiError> {
     let not_found = || ApiError::NotFound("no such webhook".into());
     let id = ProjectId::parse(&project_id).ok_or_else(not_found)?;
@@ -147,7 +148,7 @@ pub async fn receive_webhook(
         .await?
         .ok_or_else(not_found)?;
     let key = project.webhook.as_ref().ok_or_else(not_found)?;
-    let body = body?;
+    let body = body.await?;
     let secret = webhook::derive_secret(&state.webhook_key, &project.project_id, &key.nonce);
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     let delivery = webhook::verify(header, &body, &secret).map_err(|err| {

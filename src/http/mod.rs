@@ -267,10 +267,21 @@ pub fn routes(
         .and(warp::post())
         .and(with_state.clone())
         .and(warp::header::headers_cloned())
-        .and(body_up_to(freshness::MAX_WEBHOOK_BODY, || {
-            ApiError::WebhookTooLarge
-        }))
-        .then(|id, state, headers, body| async move {
+        .and(warp::body::stream())
+        .then(|id, state, headers: http::HeaderMap, stream| async move {
+            let declared = headers
+                .get("content-length")
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.trim().parse::<u64>().ok());
+            // read only once the project is known to take webhooks: an anonymous
+            // caller cannot make the server buffer bodies for ids that do not exist
+            let body = async move {
+                let max = freshness::MAX_WEBHOOK_BODY;
+                if declared.is_some_and(|len| len > max as u64) {
+                    return Err(ApiError::WebhookTooLarge);
+                }
+                collect_capped(stream, max, || ApiError::WebhookTooLarge).await
+            };
             match freshness::receive_webhook(state, id, headers, body).await {
                 Ok((status, body)) => respond(status, Ok(body)),
                 Err(err) => err.into_response(),

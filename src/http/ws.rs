@@ -166,7 +166,12 @@ fn handshake_accept(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
 
-type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+/// Any byte stream a WebSocket runs over: the upgraded connection, or a test's pipe.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// How long a close waits for the peer's close reply.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, PartialEq, Eq)]
 enum End {
@@ -203,7 +208,7 @@ fn protocol_close(err: &WsError) -> Option<(CloseCode, &'static str)> {
 }
 
 async fn drive(
-    mut socket: Socket,
+    mut socket: WebSocketStream<impl Io>,
     attachment: Attachment,
     idle_timeout: Duration,
     token_expires: tokio::time::Instant,
@@ -384,14 +389,18 @@ async fn next_page(
     }
 }
 
-async fn send_now(socket: &mut Socket, message: Message) -> Result<(), ()> {
+async fn send_now(socket: &mut WebSocketStream<impl Io>, message: Message) -> Result<(), ()> {
     match tokio::time::timeout(WRITE_TIMEOUT, socket.send(message)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
 }
 
-async fn close(socket: &mut Socket, code: CloseCode, reason: &'static str) -> Result<(), ()> {
+async fn close(
+    socket: &mut WebSocketStream<impl Io>,
+    code: CloseCode,
+    reason: &'static str,
+) -> Result<(), ()> {
     let frame = CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
@@ -406,7 +415,57 @@ async fn close(socket: &mut Socket, code: CloseCode, reason: &'static str) -> Re
         }
         Ok(())
     };
-    tokio::time::timeout(Duration::from_secs(5), closing)
+    tokio::time::timeout(CLOSE_WAIT, closing)
         .await
         .map_err(|_| ())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::embedded::EmbeddedEngine;
+    use crate::hub::Hub;
+
+    /// On a paused clock (timers fire exactly when due): a peer that sends one frame
+    /// and then stays silent is dropped `idle` after that frame, not at the next ping
+    /// tick after it (which would be up to a third of `idle` later).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_silent_peer_is_dropped_exactly_at_the_idle_timeout_after_its_last_frame() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let engine =
+            EmbeddedEngine::open(dir.path(), (100, Duration::from_secs(60)), 10).expect("engine");
+        let hub = Hub::new(engine, 16);
+        let attachment = hub.attach("alice", None, None).await.expect("attach");
+        let (server_io, client_io) = tokio::io::duplex(1 << 16);
+        let server = WebSocketStream::from_raw_socket(server_io, Role::Server, None).await;
+        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+
+        tokio::time::pause();
+        let idle = Duration::from_secs(3);
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let driver = tokio::spawn(async move {
+            let shutdown = CancellationToken::new();
+            drive(server, attachment, idle, far, &shutdown).await
+        });
+        // half-way through the first idle period the peer speaks once, then never again
+        // (it does not read either, so it answers none of the server's pings)
+        tokio::time::sleep(idle / 2).await;
+        client
+            .send(Message::Text(r#"{"type":"ping"}"#.into()))
+            .await
+            .expect("send");
+        let spoke = tokio::time::Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(60), driver)
+            .await
+            .expect("the peer was dropped at all")
+            .expect("driver");
+        assert_eq!(end, End::Idle);
+        // the close frame went out `idle` after the last frame; then the server waited
+        // CLOSE_WAIT for a close reply that a silent peer never sends
+        let dropped = tokio::time::Instant::now() - spoke - CLOSE_WAIT;
+        assert!(
+            dropped >= idle && dropped < idle + Duration::from_millis(20),
+            "dropped {dropped:?} after the last frame, idle timeout {idle:?}"
+        );
+    }
 }

@@ -43,7 +43,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    hivesync::telemetry::init();
+    if let Err(err) = hivesync::telemetry::init() {
+        eprintln!("error: {err}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

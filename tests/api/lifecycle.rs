@@ -434,3 +434,59 @@ async fn credentials_in_a_repo_url_never_reach_logs_responses_or_events() {
         "the log carried the secret: {logs}"
     );
 }
+
+/// The binary's log as an operator reads it from a file: plain text with no colour
+/// codes by default, and one JSON object per line with `HIVESYNC_LOG_FORMAT=json`.
+#[tokio::test]
+async fn logs_are_plain_text_in_files_or_one_json_object_per_line() {
+    for format in ["text", "json"] {
+        let data = tempfile::tempdir().expect("temp dir");
+        let log_path = data.path().join("serve.log");
+        let (mut child, addr) = serve_binary_logging_to(
+            data.path(),
+            &[
+                ("HIVESYNC_LOG_FORMAT", format),
+                ("HIVESYNC_ALLOWED_SCHEMES", "file"),
+                ("RUST_LOG", "info"),
+            ],
+            std::fs::File::create(&log_path).expect("log file").into(),
+        )
+        .await;
+        let repo = crate::helpers::GitRepo::new();
+        repo.write("README.md", "logged\n").commit("first");
+        let mut recorded = Recorded::new(&addr);
+        recorded
+            .sync_new_project(&repo.url(), serde_json::json!({}))
+            .await;
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        let _ = child.wait();
+        let logs = std::fs::read_to_string(&log_path).expect("log");
+        assert!(logs.contains("sync completed"), "{format}: {logs}");
+        assert!(
+            !logs.contains('\u{1b}'),
+            "{format}: no terminal escape codes in a file: {logs:?}"
+        );
+        if format == "json" {
+            for line in logs.lines().filter(|line| !line.trim().is_empty()) {
+                let entry: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|err| panic!("not one JSON object per line ({err}): {line}"));
+                for field in ["timestamp", "level", "target", "fields"] {
+                    assert!(entry.get(field).is_some(), "{field} missing: {line}");
+                }
+                assert!(entry["fields"]["message"].is_string(), "{line}");
+            }
+            let completed = logs
+                .lines()
+                .find(|line| line.contains("sync completed"))
+                .expect("logged");
+            let entry: serde_json::Value = serde_json::from_str(completed).expect("json");
+            assert!(
+                entry["fields"]["sync_id"].is_string(),
+                "fields kept: {completed}"
+            );
+        }
+    }
+}

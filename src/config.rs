@@ -150,68 +150,102 @@ pub struct ConfigError {
 /// The flags (and environment) every subcommand that runs the engine accepts.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConfigArgs {
+    /// address to listen on [default: 127.0.0.1:8080]
     #[arg(long, env = "HIVESYNC_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// mirrors and the embedded store [default: ./data]
     #[arg(long, env = "HIVESYNC_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Redis URL; unset = the embedded single-node engine
     #[arg(long, env = "HIVESYNC_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// HS256 token secret [default: a dev secret kept in DATA_DIR]
     #[arg(long, env = "HIVESYNC_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// PEM public key for RS256/EdDSA tokens, instead of a secret
     #[arg(long, env = "HIVESYNC_JWT_PUBLIC_KEY", hide_env_values = true)]
     pub jwt_public_key: Option<String>,
+    /// tokens must carry this aud [default: not checked]
     #[arg(long, env = "HIVESYNC_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// tokens must carry this iss [default: not checked]
     #[arg(long, env = "HIVESYNC_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
+    /// sync jobs run in parallel [default: 2]
     #[arg(long, env = "HIVESYNC_WORKERS")]
     pub workers: Option<usize>,
+    /// in-process workers of serve [default: HIVESYNC_WORKERS embedded, 0 on Redis]
     #[arg(long, env = "HIVESYNC_SERVE_WORKERS")]
     pub serve_workers: Option<usize>,
+    /// prefix of every Redis key [default: hivesync]
     #[arg(long, env = "HIVESYNC_REDIS_PREFIX")]
     pub redis_prefix: Option<String>,
+    /// a job silent this long is taken over [default: 60000]
     #[arg(long, env = "HIVESYNC_RECLAIM_AFTER_MS")]
     pub reclaim_after_ms: Option<u64>,
+    /// repo URL schemes accepted [default: https,ssh]
     #[arg(long, env = "HIVESYNC_ALLOWED_SCHEMES")]
     pub allowed_schemes: Option<String>,
+    /// 1 = allow loopback/private remotes [default: 0]
     #[arg(long, env = "HIVESYNC_ALLOW_PRIVATE_HOSTS")]
     pub allow_private_hosts: Option<String>,
+    /// bound on a whole sync, retries included [default: 600]
     #[arg(long, env = "HIVESYNC_SYNC_TIMEOUT_S")]
     pub sync_timeout_s: Option<u64>,
+    /// credentials by name [default: env HIVESYNC_SECRET_<NAME> only]
     #[arg(long, env = "HIVESYNC_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
+    /// JSON file: who may use which credential where [default: none usable]
     #[arg(long, env = "HIVESYNC_CREDENTIAL_SCOPES")]
     pub credential_scopes: Option<PathBuf>,
+    /// known_hosts enforced for SSH remotes [default: unset]
     #[arg(long, env = "HIVESYNC_SSH_KNOWN_HOSTS")]
     pub ssh_known_hosts: Option<PathBuf>,
+    /// mirror health check period, 0 = off [default: 3600]
     #[arg(long, env = "HIVESYNC_HEALTH_CHECK_INTERVAL_S")]
     pub health_check_interval_s: Option<u64>,
+    /// how often stranded syncs are looked for [default: 30]
     #[arg(long, env = "HIVESYNC_WATCHDOG_INTERVAL_S")]
     pub watchdog_interval_s: Option<u64>,
+    /// PEM CAs trusted for HTTPS remotes [default: the system's]
     #[arg(long, env = "HIVESYNC_HTTPS_CA_FILE")]
     pub https_ca_file: Option<PathBuf>,
+    /// free-space floor of DATA_DIR [default: 1073741824]
     #[arg(long, env = "HIVESYNC_MIN_FREE_BYTES")]
     pub min_free_bytes: Option<u64>,
+    /// sync requests per user, COUNT/s|min|hour [default: 30/min]
     #[arg(long, env = "HIVESYNC_SYNC_RATE")]
     pub sync_rate: Option<String>,
+    /// first retry wait of a failed attempt [default: 30000]
     #[arg(long, env = "HIVESYNC_RETRY_BASE_MS")]
     pub retry_base_ms: Option<u64>,
+    /// attempts per sync [default: 5]
     #[arg(long, env = "HIVESYNC_RETRY_MAX")]
     pub retry_max: Option<u32>,
+    /// the dashboard's files [default: static]
     #[arg(long, env = "HIVESYNC_STATIC_DIR")]
     pub static_dir: Option<PathBuf>,
+    /// a silent WebSocket peer is dropped after this [default: 60]
     #[arg(long, env = "HIVESYNC_WS_IDLE_TIMEOUT_S")]
     pub ws_idle_timeout_s: Option<u64>,
+    /// events kept per user for resume [default: 1000]
     #[arg(long, env = "HIVESYNC_EVENT_HISTORY")]
     pub event_history: Option<u64>,
+    /// shortest sync_interval_s allowed [default: 60]
     #[arg(long, env = "HIVESYNC_MIN_SYNC_INTERVAL_S")]
     pub min_sync_interval_s: Option<u64>,
+    /// failures in a row that pause a schedule [default: 5]
     #[arg(long, env = "HIVESYNC_PAUSE_AFTER_FAILURES")]
     pub pause_after_failures: Option<u32>,
+    /// webhook deliveries per project [default: 60/min]
     #[arg(long, env = "HIVESYNC_WEBHOOK_RATE")]
     pub webhook_rate: Option<String>,
+    /// key webhook secrets derive from [default: from the JWT secret]
     #[arg(long, env = "HIVESYNC_WEBHOOK_KEY", hide_env_values = true)]
     pub webhook_key: Option<String>,
+    /// how long SIGTERM waits for running syncs before handing them back [default: 30]
+    #[arg(long, env = "HIVESYNC_DRAIN_TIMEOUT_S")]
+    pub drain_timeout_s: Option<u64>,
 }
 
 impl ConfigArgs {
@@ -285,6 +319,9 @@ impl ConfigArgs {
         if let Some(v) = self.event_history {
             config.event_history = v.max(1);
         }
+        if let Some(v) = self.drain_timeout_s {
+            config.drain_timeout = Duration::from_secs(v);
+        }
         if let Some(v) = self.min_sync_interval_s {
             config.min_sync_interval = Duration::from_secs(v.max(1));
         }
@@ -334,6 +371,14 @@ mod tests {
         let config = args.into_config().expect("valid");
         assert_eq!(config.allowed_schemes, vec!["https", "file"]);
         assert_eq!(config.sync_rate, (5, Duration::from_secs(1)));
+        let drain = ConfigArgs {
+            drain_timeout_s: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(
+            drain.into_config().expect("valid").drain_timeout,
+            Duration::from_secs(5)
+        );
         let bad = ConfigArgs {
             sync_rate: Some("lots".into()),
             ..Default::default()

@@ -490,3 +490,28 @@ async fn logs_are_plain_text_in_files_or_one_json_object_per_line() {
         }
     }
 }
+
+/// `serve --help` names every variable it reads, with its default.
+#[test]
+fn serve_help_lists_every_variable_with_its_default() {
+    let output = binary()
+        .args(["serve", "--help"])
+        .output()
+        .expect("help runs");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    let source = include_str!("../../src/config.rs");
+    let variables: Vec<&str> = source
+        .split("env = \"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert!(variables.len() > 30, "{variables:?}");
+    for variable in &variables {
+        assert!(help.contains(variable), "{variable} is not in serve --help");
+    }
+    assert!(help.contains("HIVESYNC_DRAIN_TIMEOUT_S"));
+    // every variable whose default is not "unset" says what it is
+    let defaults = help.matches("[default:").count();
+    assert!(defaults >= 28, "{defaults} defaults listed:\n{help}");
+}

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use hmac::Mac;
 use serde_json::{Value, json};
 
 use crate::reads::{git, json_of, percentile, sync_and_wait};
@@ -41,20 +40,6 @@ struct Push {
 
 /// Success notifications as received: project, commit, when.
 type Heard = Arc<Mutex<Vec<(String, String, Instant)>>>;
-
-fn sign(secret: &str, body: &[u8]) -> String {
-    let mut mac =
-        hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(body);
-    let digest = mac.finalize().into_bytes();
-    format!(
-        "sha256={}",
-        digest
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    )
-}
 
 fn new_repo(root: &Path, n: usize) -> Result<(String, PathBuf), String> {
     let bare = root.join(format!("p{n}.git"));
@@ -155,7 +140,7 @@ async fn phase(
                 .header("x-github-delivery", format!("{}-{n}", projects[index].id))
                 .header(
                     "x-hub-signature-256",
-                    sign(&projects[index].secret, body.as_bytes()),
+                    hivesync::domain::webhook::sign(&projects[index].secret, body.as_bytes()),
                 )
                 .body(body);
             deliveries.push(tokio::spawn(async move {

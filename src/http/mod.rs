@@ -83,27 +83,20 @@ fn respond<T: serde::Serialize>(status: StatusCode, result: Result<T, ApiError>)
 /// The request body, read up to [`MAX_BODY`]: larger bodies are refused as soon as
 /// the header or the stream shows it, so a client cannot make the server buffer more.
 fn capped_body() -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone {
-    body_up_to(MAX_BODY, || ApiError::PayloadTooLarge)
-}
-
-/// The request body, read up to `max` bytes; over it, `too_large()`.
-fn body_up_to(
-    max: usize,
-    too_large: fn() -> ApiError,
-) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone {
     warp::header::optional::<String>("content-length")
         .and(warp::body::stream())
-        .then(move |declared: Option<String>, stream| async move {
+        .then(|declared: Option<String>, stream| async move {
             if declared
                 .and_then(|len| len.trim().parse::<u64>().ok())
-                .is_some_and(|len| len > max as u64)
+                .is_some_and(|len| len > MAX_BODY as u64)
             {
-                return Err(too_large());
+                return Err(ApiError::PayloadTooLarge);
             }
-            collect_capped(stream, max, too_large).await
+            collect_capped(stream, MAX_BODY, || ApiError::PayloadTooLarge).await
         })
 }
 
+/// Reads a body stream up to `max` bytes; over it, `too_large()`.
 async fn collect_capped<S, B>(
     stream: S,
     max: usize,

@@ -619,11 +619,7 @@ async fn the_binarys_log_never_holds_the_https_token() {
     assert!(record.contains(commit.as_str()), "{record}");
     recorded.get("/api/v1/notifications?limit=1000").await;
     let seen = recorded.seen;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    let _ = child.wait();
+    crate::lifecycle::terminate(&mut child);
     let logs = std::fs::read_to_string(&log_path).expect("log");
     assert!(logs.contains("sync completed"), "the sync is in the log");
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{TOKEN}"));

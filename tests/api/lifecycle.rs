@@ -225,6 +225,15 @@ pub(crate) async fn serve_binary(
     serve_binary_logging_to(data_dir, extra_env, Stdio::piped()).await
 }
 
+/// Stops a served binary with SIGTERM (its drain runs) and waits for it to exit.
+pub(crate) fn terminate(child: &mut std::process::Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let _ = child.wait();
+}
+
 /// [`serve_binary`] with its log (stderr) going to `log`.
 pub(crate) async fn serve_binary_logging_to(
     data_dir: &std::path::Path,
@@ -408,11 +417,7 @@ async fn credentials_in_a_repo_url_never_reach_logs_responses_or_events() {
         "the failure reached the event history: {seen}"
     );
 
-    Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .expect("kill");
-    let _ = server.wait();
+    terminate(&mut server);
     let mut logs = String::new();
     use std::io::Read;
     server
@@ -458,11 +463,7 @@ async fn logs_are_plain_text_in_files_or_one_json_object_per_line() {
         recorded
             .sync_new_project(&repo.url(), serde_json::json!({}))
             .await;
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill");
-        let _ = child.wait();
+        terminate(&mut child);
         let logs = std::fs::read_to_string(&log_path).expect("log");
         assert!(logs.contains("sync completed"), "{format}: {logs}");
         assert!(

@@ -1,7 +1,6 @@
 # The hivesync binary and the dashboard, for compose.yaml. Build: docker build -t hivesync .
+# no -dev packages: HTTPS is rustls (ring), which needs only the image's C compiler
 FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends libcurl4-openssl-dev pkg-config libssl-dev \
-    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
@@ -10,8 +9,8 @@ COPY tests tests
 RUN cargo build --release -p hivesync
 
 FROM debian:bookworm-slim
-# libcurl for HTTPS remotes, ssh for SSH remotes, curl for the health check
-RUN apt-get update && apt-get install -y --no-install-recommends libcurl4 ca-certificates openssh-client curl \
+# the system's CA roots for HTTPS remotes, ssh for SSH remotes, curl for the health check
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates openssh-client curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /data hivesync && mkdir -p /data && chown hivesync /data
 COPY --from=build /src/target/release/hivesync /usr/local/bin/hivesync

@@ -47,18 +47,21 @@ pub enum StartError {
 pub async fn open_engine(
     config: &Config,
 ) -> Result<(Engine, Option<Arc<RedisEngine>>), StartError> {
+    let metrics = Arc::new(Metrics::new());
     let Some(url) = &config.redis_url else {
         let embedded = EmbeddedEngine::open_with(
             &config.data_dir,
             config.sync_rate,
             config.event_history,
             config.rules(),
+            metrics.store_commit.clone(),
         )?;
         let requeued = embedded.requeue_unfinished().await?;
         let engine = Engine {
             store: embedded.clone(),
             queue: embedded.clone(),
             events: embedded,
+            metrics,
         };
         if requeued > 0 {
             tracing::info!(
@@ -84,10 +87,12 @@ pub async fn open_engine(
             source,
         })?;
     tracing::info!(redis = %redacted_redis_url(url), prefix = %config.redis_prefix, "using the redis engine");
+    redis.count_reconnects_in(metrics.redis_reconnects.clone());
     let engine = Engine {
         store: redis.clone(),
         queue: redis.clone(),
         events: redis.clone(),
+        metrics,
     };
     Ok((engine, Some(redis)))
 }
@@ -226,13 +231,13 @@ impl Application {
         let serve_workers = config.effective_serve_workers();
         let reader = Arc::new(Reader::new(layout.clone()));
         let state = Arc::new(AppState {
+            metrics: Arc::clone(&engine.metrics),
             engine,
             hub,
             auth,
             config: Arc::new(config),
             layout,
             reader,
-            metrics: Metrics::default(),
             searches: crate::http::SearchSlots::default(),
             read_stop: CancellationToken::new(),
             webhook_key,
@@ -353,6 +358,26 @@ pub async fn run_workers(
 ) -> Result<(), StartError> {
     prepare_data_dir(&mut config)?;
     let (engine, _) = open_engine(&config).await?;
+    let ops_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.metrics_listen,
+            source,
+        })?;
+    let ops_addr = ops_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.metrics_listen,
+            source,
+        })?;
+    let config = Arc::new(config);
+    let ops_stop = CancellationToken::new();
+    let ops = tokio::spawn(crate::http::serve_ops(
+        ops_listener,
+        engine.clone(),
+        Arc::clone(&config),
+        ops_stop.clone(),
+    ));
     let workers = TaskTracker::new();
     let stops = WorkerStops {
         stop_taking: shutdown.child_token(),
@@ -388,7 +413,8 @@ pub async fn run_workers(
         ));
     }
     workers.close();
-    tracing::info!(workers = config.workers, "hivesync worker running");
+    tracing::info!(workers = config.workers, metrics = %ops_addr, "hivesync worker running");
+    println!("metrics, healthz and readyz on http://{ops_addr}");
     shutdown.cancelled().await;
     tracing::info!("shutting down: draining running syncs");
     if tokio::time::timeout(config.drain_timeout, workers.wait())
@@ -399,6 +425,8 @@ pub async fn run_workers(
         stops.interrupt.cancel();
         workers.wait().await;
     }
+    ops_stop.cancel();
+    let _ = ops.await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -49,6 +49,8 @@ pub struct Config {
     pub event_history: u64,
     /// how long SIGTERM waits for running syncs before returning them to the queue
     pub drain_timeout: Duration,
+    /// where `hivesync worker` serves /metrics, /healthz and /readyz
+    pub metrics_listen: SocketAddr,
     /// how often workers inspect every mirror for damage; `None` = never
     pub health_check_interval: Option<Duration>,
     /// how often the watchdog looks for syncs whose job was lost
@@ -97,6 +99,7 @@ impl Default for Config {
             ws_queue: 1024,
             event_history: 1000,
             drain_timeout: Duration::from_secs(30),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             health_check_interval: Some(Duration::from_secs(3600)),
             watchdog_interval: Duration::from_secs(30),
             watchdog_margin: Duration::from_secs(60),
@@ -246,6 +249,9 @@ pub struct ConfigArgs {
     /// how long SIGTERM waits for running syncs before handing them back [default: 30]
     #[arg(long, env = "HIVESYNC_DRAIN_TIMEOUT_S")]
     pub drain_timeout_s: Option<u64>,
+    /// where `hivesync worker` serves /metrics, /healthz and /readyz [default: 127.0.0.1:9090]
+    #[arg(long, env = "HIVESYNC_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ConfigArgs {
@@ -318,6 +324,9 @@ impl ConfigArgs {
         }
         if let Some(v) = self.event_history {
             config.event_history = v.max(1);
+        }
+        if let Some(v) = self.metrics_listen {
+            config.metrics_listen = v;
         }
         if let Some(v) = self.drain_timeout_s {
             config.drain_timeout = Duration::from_secs(v);

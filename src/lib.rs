@@ -15,11 +15,14 @@
 //! - [`domain`] — validated ids, repo URLs and paths, the rate limit; pure.
 //! - Cross-cutting, usable by any module: [`error`] (cause chains for logs),
 //!   [`backoff`] (the one exponential backoff), [`metrics`] (counters).
-//! - [`app`] — wiring; [`config`], [`shutdown`], [`telemetry`].
+//! - [`client`] — the reference Rust client (REST + resuming event stream), which
+//!   `hivesync sync` uses.
+//! - [`app`] — wiring; [`config`], [`shutdown`], [`telemetry`], [`tls`] (outgoing TLS).
 
 pub mod app;
 pub mod auth;
 pub mod backoff;
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod engine;
@@ -31,4 +34,5 @@ pub mod mirror;
 pub mod protocol;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

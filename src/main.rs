@@ -1,4 +1,5 @@
-//! The `hivesync` binary: `serve`, `worker` and `token`. Thin: everything is in the library.
+//! The `hivesync` binary: `serve`, `worker`, `ready`, `token`, and the client commands
+//! `sync` and `projects`. Thin: everything is in the library.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -7,6 +8,8 @@ use clap::{Parser, Subcommand};
 use hivesync::app::{self, Application};
 use hivesync::auth::ClientKind;
 use hivesync::config::ConfigArgs;
+
+mod cli;
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +31,25 @@ enum Command {
     /// Exits 0 when the configured engine answers and DATA_DIR is writable: a health
     /// check for worker containers, which serve no HTTP.
     Ready(#[command(flatten)] ConfigArgs),
+    /// Requests a sync of a project and follows it live: exits 0 when it completed, 1
+    /// when it failed, 2 on a usage or connection error.
+    Sync {
+        /// the project to sync
+        project_id: String,
+        #[command(flatten)]
+        remote: Remote,
+        /// print the final sync record as JSON instead of the summary
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists the token's projects (id, name, branch, last status).
+    Projects {
+        #[command(flatten)]
+        remote: Remote,
+        /// print the projects as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Mints a token with the configured key, for local use and tests.
     Token {
         #[arg(long)]
@@ -41,8 +63,22 @@ enum Command {
     },
 }
 
+/// Which hub a client command talks to, and as whom.
+#[derive(clap::Args)]
+struct Remote {
+    /// the hub's URL
+    #[arg(long, env = "HIVESYNC_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// a token for the API (see `hivesync token`)
+    #[arg(long, env = "HIVESYNC_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Sync { .. } | Command::Projects { .. } = &cli.command {
+        return client_command(cli.command);
+    }
     if let Err(err) = hivesync::telemetry::init() {
         eprintln!("error: {err}");
         return ExitCode::from(2);
@@ -68,6 +104,9 @@ fn main() -> ExitCode {
                 ttl,
                 config,
             } => token(&sub, client, ttl, config),
+            Command::Sync { .. } | Command::Projects { .. } => {
+                Err("client commands run without the server runtime".into())
+            }
         }
     });
     // a blocking read still running (it stops at its next budget check) must not hold
@@ -149,4 +188,32 @@ fn token(sub: &str, client: ClientKind, ttl: Duration, args: ConfigArgs) -> Resu
     let token = auth.mint(sub, client, ttl).map_err(|err| chain(&err))?;
     println!("{token}");
     Ok(())
+}
+
+/// `hivesync sync` and `hivesync projects`: a small runtime, no server logging (the
+/// output is the command's own), and the exit code the command decides.
+fn client_command(command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async move {
+        match command {
+            Command::Sync {
+                project_id,
+                remote,
+                json,
+            } => cli::sync(&remote.server, &remote.token, &project_id, json).await,
+            Command::Projects { remote, json } => {
+                cli::projects(&remote.server, &remote.token, json).await
+            }
+            _ => ExitCode::from(2),
+        }
+    })
 }

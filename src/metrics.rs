@@ -1,36 +1,236 @@
-//! Counters any module may record to; the HTTP layer renders them at `/metrics` in
-//! Prometheus' text format. Knows nothing of HTTP.
+//! The process's Prometheus metrics: one registry per process (per hub in a test
+//! process), recorded to by any module and rendered at `/metrics` by the HTTP layer
+//! and by `hivesync worker`'s metrics listener. Knows nothing of HTTP.
+//!
+//! Built on `prometheus-client`: typed families with `# HELP`/`# TYPE`, labelled
+//! counters and histograms, no global registry.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 
-/// Counters behind `/metrics`.
-#[derive(Default)]
+/// The media type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncLabels {
+    /// `completed`, `failed` or `cancelled`
+    pub outcome: &'static str,
+    /// what started the sync: `api`, `webhook`, `schedule`, `repair`
+    pub trigger: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    /// the route's template (`/api/v1/projects/{id}`), never the raw path
+    pub route: &'static str,
+    pub status: u16,
+}
+
+/// The `result` values of `hivesync_webhook_deliveries_total`: what was done with the
+/// delivery, or the error code it was refused with.
+pub const WEBHOOK_RESULTS: [&str; 8] = [
+    "accepted",
+    "ignored",
+    "duplicate",
+    "invalid_signature",
+    "not_found",
+    "rate_limited",
+    "payload_too_large",
+    "invalid_request",
+];
+
+/// The `reason` values of `hivesync_ws_kicked_total`.
+pub const KICK_REASONS: [&str; 4] = ["slow_consumer", "idle", "token_expired", "protocol_error"];
+
+/// Every metric the process exports. Cheap to share (`Arc`); every handle inside is
+/// itself a shared counter.
 pub struct Metrics {
-    pub sync_requests: AtomicU64,
-    pub syncs_coalesced: AtomicU64,
-    pub ws_connections_total: AtomicU64,
-    pub ws_slow_consumers: AtomicU64,
+    registry: Registry,
+    pub syncs: Family<SyncLabels, Counter>,
+    pub sync_duration: Histogram,
+    pub sync_requests: Counter,
+    pub syncs_coalesced: Counter,
+    pub queue_depth: Gauge,
+    pub ws_connections: Gauge,
+    pub ws_connections_total: Counter,
+    pub ws_kicked: Family<ReasonLabel, Counter>,
+    pub events_published: Counter,
+    pub webhook_deliveries: Family<ResultLabel, Counter>,
+    pub schedule_lag: Histogram,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub redis_reconnects: Counter,
+    pub store_commit: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("hivesync");
+        let syncs = Family::<SyncLabels, Counter>::default();
+        registry.register(
+            "syncs",
+            "Syncs that ended, by outcome and by what started them",
+            syncs.clone(),
+        );
+        // 50 ms … ~27 min
+        let sync_duration = Histogram::new(exponential_buckets(0.05, 2.0, 16));
+        registry.register(
+            "sync_duration_seconds",
+            "Wall time of syncs that ended, from start to end (retries included)",
+            sync_duration.clone(),
+        );
+        let sync_requests = Counter::default();
+        registry.register(
+            "sync_requests",
+            "Sync requests received over REST",
+            sync_requests.clone(),
+        );
+        let syncs_coalesced = Counter::default();
+        registry.register(
+            "syncs_coalesced",
+            "Sync requests that joined a sync already waiting instead of starting one",
+            syncs_coalesced.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "sync_queue_depth",
+            "Sync jobs waiting for a worker (read from the engine when scraped)",
+            queue_depth.clone(),
+        );
+        let ws_connections = Gauge::default();
+        registry.register(
+            "ws_connections",
+            "WebSocket connections open on this hub",
+            ws_connections.clone(),
+        );
+        let ws_connections_total = Counter::default();
+        registry.register(
+            "ws_connections_opened",
+            "WebSocket connections accepted since start",
+            ws_connections_total.clone(),
+        );
+        let ws_kicked = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "ws_kicked",
+            "WebSocket connections this hub closed on the client, by reason (slow_consumer: its queue was full; resume: its gap was past the kept history)",
+            ws_kicked.clone(),
+        );
+        let events_published = Counter::default();
+        registry.register(
+            "events_published",
+            "Events this process published to users (stages, progress, notifications)",
+            events_published.clone(),
+        );
+        let webhook_deliveries = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook deliveries received, by result",
+            webhook_deliveries.clone(),
+        );
+        // 10 ms … ~5.5 min
+        let schedule_lag = Histogram::new(exponential_buckets(0.01, 2.0, 16));
+        registry.register(
+            "schedule_lag_seconds",
+            "Time from a project's due time to the start of its scheduled sync",
+            schedule_lag.clone(),
+        );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by method, route template and status",
+            http_requests.clone(),
+        );
+        let redis_reconnects = Counter::default();
+        registry.register(
+            "redis_reconnects",
+            "Times the Redis pub/sub subscription was lost and made again",
+            redis_reconnects.clone(),
+        );
+        // 100 µs … ~3.3 s
+        let store_commit = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "store_commit_seconds",
+            "Commit latency of the embedded store's write transactions",
+            store_commit.clone(),
+        );
+        // every bounded label combination starts at zero, so each family is in the
+        // exposition from the first scrape and rates start from a real zero
+        for outcome in ["completed", "failed"] {
+            for trigger in ["api", "webhook", "schedule", "repair"] {
+                let _ = syncs.get_or_create(&SyncLabels { outcome, trigger });
+            }
+        }
+        for result in WEBHOOK_RESULTS {
+            let _ = webhook_deliveries.get_or_create(&ResultLabel { result });
+        }
+        for reason in KICK_REASONS {
+            let _ = ws_kicked.get_or_create(&ReasonLabel { reason });
+        }
+        Self {
+            registry,
+            syncs,
+            sync_duration,
+            sync_requests,
+            syncs_coalesced,
+            queue_depth,
+            ws_connections,
+            ws_connections_total,
+            ws_kicked,
+            events_published,
+            webhook_deliveries,
+            schedule_lag,
+            http_requests,
+            redis_reconnects,
+            store_commit,
+        }
     }
 
-    /// The counters, with the current socket count, in Prometheus' text format.
-    pub fn render(&self, ws_connections: usize) -> String {
-        let counter = |value: &AtomicU64| value.load(Ordering::Relaxed);
-        format!(
-            "# TYPE hivesync_ws_connections gauge\nhivesync_ws_connections {}\n\
-             # TYPE hivesync_ws_connections_total counter\nhivesync_ws_connections_total {}\n\
-             # TYPE hivesync_ws_slow_consumers_total counter\nhivesync_ws_slow_consumers_total {}\n\
-             # TYPE hivesync_sync_requests_total counter\nhivesync_sync_requests_total {}\n\
-             # TYPE hivesync_syncs_coalesced_total counter\nhivesync_syncs_coalesced_total {}\n",
-            ws_connections,
-            counter(&self.ws_connections_total),
-            counter(&self.ws_slow_consumers),
-            counter(&self.sync_requests),
-            counter(&self.syncs_coalesced),
-        )
+    /// Counts one ended sync.
+    pub fn sync_ended(&self, outcome: &'static str, trigger: &'static str, seconds: Option<f64>) {
+        self.syncs
+            .get_or_create(&SyncLabels { outcome, trigger })
+            .inc();
+        if let Some(seconds) = seconds {
+            self.sync_duration.observe(seconds);
+        }
+    }
+
+    pub fn webhook(&self, result: &'static str) {
+        self.webhook_deliveries
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn kicked(&self, reason: &'static str) {
+        self.ws_kicked.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Every family in the OpenMetrics text format (which Prometheus reads). Gauges
+    /// read from elsewhere (queue depth, sockets) are set by the caller first.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // writing into a String cannot fail
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
     }
 }

@@ -267,7 +267,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
     .await?;
     let base = format!("http://{}", hub.addr);
     let token = crate::loadtest_token()?;
-    let http = reqwest::Client::new();
+    let http = hivesync::tls::http_client();
     eprintln!(
         "freshness: {} projects, {} pushes/s, {} s per phase",
         options.projects, options.rate, options.seconds

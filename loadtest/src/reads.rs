@@ -139,7 +139,7 @@ pub async fn run(
     let mut hub = start_hub(hub_binary).await?;
     let base = format!("http://{}", hub.addr);
     let token = crate::loadtest_token()?;
-    let http = reqwest::Client::new();
+    let http = hivesync::tls::http_client();
     let created = json_of(
         http.post(format!("{base}/api/v1/projects"))
             .bearer_auth(&token)

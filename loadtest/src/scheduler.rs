@@ -48,17 +48,20 @@ fn project(n: usize) -> Project {
 
 /// An engine holding `registered` scheduled projects, none of them due.
 async fn engine_with(dir: &std::path::Path, registered: usize) -> Result<Engine, String> {
+    let metrics = std::sync::Arc::new(hivesync::metrics::Metrics::new());
     let embedded = EmbeddedEngine::open_with(
         dir,
         (1_000_000, Duration::from_secs(1)),
         10,
         Rules::default(),
+        metrics.store_commit.clone(),
     )
     .map_err(|e| e.to_string())?;
     let engine = Engine {
         store: embedded.clone(),
         queue: embedded.clone(),
         events: embedded,
+        metrics,
     };
     let started = Instant::now();
     for n in 0..registered {

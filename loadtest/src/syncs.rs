@@ -119,7 +119,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
     )
     .await?;
     let api = Api {
-        http: reqwest::Client::new(),
+        http: hivesync::tls::http_client(),
         base: format!("http://{}", hub.addr),
         token: crate::loadtest_token()?,
     };

@@ -348,6 +348,8 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn complete(&self, lease: &Lease) -> Result<(), EngineError>;
     /// Gives a job back unfinished (shutdown), so another worker runs it.
     async fn release(&self, lease: Lease) -> Result<(), EngineError>;
+    /// Jobs waiting for a worker (not yet taken).
+    async fn depth(&self) -> Result<u64, EngineError>;
     /// Takes the project's mirror lock for `lease`, with a fence newer than any before;
     /// `None` while another worker holds it.
     async fn lock_project(&self, lease: &Lease) -> Result<Option<ProjectLock>, EngineError>;
@@ -387,6 +389,8 @@ pub struct Engine {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn JobQueue>,
     pub events: Arc<dyn EventLog>,
+    /// the process's metrics, for everything that holds the engine
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Engine {

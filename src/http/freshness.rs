@@ -11,7 +11,10 @@ use super::{ApiError, AppState, Caller, parse_json};
 use crate::domain::webhook::{self, Request};
 use crate::domain::{ProjectId, now_rfc3339};
 use crate::engine::{Project, ProjectChange, WebhookKey};
-use crate::protocol::{Metadata, PatchProjectRequest, ProjectView, Trigger, WebhookCreated};
+use crate::protocol::{
+    ErrorBody, Metadata, PatchProjectRequest, ProjectView, SyncAccepted, Trigger, WebhookCreated,
+    WebhookOutcome,
+};
 
 /// Webhook bodies up to this are read (GitHub caps its payloads at 25 MB, but a push
 /// payload over a few MiB is a push of thousands of commits, and only `ref` is read).
@@ -31,6 +34,21 @@ async fn change(
         .ok_or(ApiError::ProjectNotFound)
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/v1/projects/{project_id}",
+    tag = "projects",
+    params(("project_id" = String, Path, description = "the project's id")),
+    request_body = PatchProjectRequest,
+    responses(
+        (status = 200, description = "the changed project", body = ProjectView),
+        (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
+        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
+        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+        (status = 413, description = "the body is over 64 KiB (payload_too_large)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn patch_project(
     state: Arc<AppState>,
     principal: Caller,
@@ -72,6 +90,18 @@ pub async fn patch_project(
     Ok(updated.view())
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/projects/{project_id}/resume",
+    tag = "projects",
+    params(("project_id" = String, Path, description = "the project's id")),
+    responses(
+        (status = 200, description = "scheduled syncs resumed", body = ProjectView),
+        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
+        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn resume(
     state: Arc<AppState>,
     principal: Caller,
@@ -88,6 +118,18 @@ pub async fn resume(
 
 /// Turns webhooks on with a new secret (rotating any earlier one): the only response
 /// that ever carries it.
+#[utoipa::path(
+    post,
+    path = "/api/v1/projects/{project_id}/webhook",
+    tag = "webhooks",
+    params(("project_id" = String, Path, description = "the project's id")),
+    responses(
+        (status = 201, description = "the webhook URL and its secret, shown once; a second call rotates the secret", body = WebhookCreated),
+        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
+        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create_webhook(
     state: Arc<AppState>,
     principal: Caller,
@@ -114,6 +156,18 @@ pub async fn create_webhook(
     })
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/projects/{project_id}/webhook",
+    tag = "webhooks",
+    params(("project_id" = String, Path, description = "the project's id")),
+    responses(
+        (status = 204, description = "webhooks off: deliveries get 404"),
+        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
+        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn delete_webhook(
     state: Arc<AppState>,
     principal: Caller,
@@ -133,12 +187,29 @@ pub async fn delete_webhook(
 /// same 404, so project ids cannot be probed; the signature is checked before the body
 /// is parsed; the sync runs after the answer.
 /// `body` reads the request body when awaited.
+#[utoipa::path(
+    post,
+    path = "/api/v1/webhooks/{project_id}",
+    tag = "webhooks",
+    params(("project_id" = String, Path, description = "the project's id")),
+    request_body(content = Object, description = "the forge's push payload (GitHub, GitLab, Gitea/Forgejo, or any JSON with `ref`), up to 5 MiB", content_type = "application/json"),
+    responses(
+        (status = 202, description = "a push to the tracked branch: a sync was started or joined", body = WebhookOutcome),
+        (status = 200, description = "a ping, another event or branch, or a delivery seen before", body = WebhookOutcome),
+        (status = 400, description = "the body is not a delivery this hub reads (invalid_request)", body = ErrorBody),
+        (status = 401, description = "missing or wrong signature (invalid_signature)", body = ErrorBody),
+        (status = 404, description = "no such project, or its webhooks are off (not_found)", body = ErrorBody),
+        (status = 413, description = "the body is over 5 MiB (payload_too_large)", body = ErrorBody),
+        (status = 429, description = "over the project's webhook rate (rate_limited)", body = ErrorBody),
+    ),
+    security(("github_signature" = []), ("gitea_signature" = []), ("gitlab_token" = []), ("hivesync_signature" = []))
+)]
 pub async fn receive_webhook(
     state: Arc<AppState>,
     project_id: String,
     headers: HeaderMap,
     body: impl std::future::Future<Output = Result<Bytes, ApiError>>,
-) -> Result<(StatusCode, serde_json::Value), ApiError> {
+) -> Result<(StatusCode, WebhookOutcome), ApiError> {
     let not_found = || ApiError::NotFound("no such webhook".into());
     let id = ProjectId::parse(&project_id).ok_or_else(not_found)?;
     let project = state
@@ -161,11 +232,14 @@ pub async fn receive_webhook(
     if let Some(delivery_id) = &delivery.id
         && state.engine.store.seen_delivery(&id, delivery_id).await?
     {
-        return Ok((StatusCode::OK, serde_json::json!({"duplicate": true})));
+        return Ok((
+            StatusCode::OK,
+            WebhookOutcome::Duplicate { duplicate: true },
+        ));
     }
     let ignored = |reason: String| {
         tracing::debug!(project_id = %project.project_id, %reason, "webhook delivery ignored");
-        Ok((StatusCode::OK, serde_json::json!({"ignored": reason})))
+        Ok((StatusCode::OK, WebhookOutcome::Ignored { ignored: reason }))
     };
     let git_ref = match delivery.request {
         Request::Ping => return ignored("ping".into()),
@@ -182,16 +256,29 @@ pub async fn receive_webhook(
     tracing::info!(project_id = %project.project_id, sync_id = %record.sync_id, joined = !created, "webhook push");
     Ok((
         StatusCode::ACCEPTED,
-        serde_json::json!({
-            "sync_id": record.sync_id,
-            "project_id": record.project_id,
-            "status": record.status,
-            "coalesced": !created,
+        WebhookOutcome::Accepted(SyncAccepted {
+            sync_id: record.sync_id,
+            project_id: record.project_id,
+            status: record.status,
+            coalesced: !created,
         }),
     ))
 }
 
 /// The head of the last completed sync: for every token class, mobile included.
+#[utoipa::path(
+    get,
+    path = "/api/v1/repo/metadata",
+    tag = "reads",
+    params(("project_id" = String, Query, description = "the project's id")),
+    responses(
+        (status = 200, description = "the head of the last completed sync", body = Metadata),
+        (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
+        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
+        (status = 404, description = "no such project, or no completed sync yet", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn metadata(
     state: Arc<AppState>,
     principal: Caller,

@@ -9,13 +9,13 @@ use warp::Reply;
 
 use super::{ApiError, AppState, Caller, Response, parse_json};
 use crate::auth::Principal;
+use crate::config::Config;
 use crate::domain::{ProjectId, RepoUrl, SyncId};
-use crate::engine::Project;
+use crate::engine::{Engine, Project};
 use crate::hub::MAX_REPLAY;
-use crate::metrics::Metrics;
 use crate::protocol::{
-    ControlFrame, CreateProjectRequest, MobileProject, ProjectView, SyncAccepted, SyncRecord,
-    SyncRequest, Trigger,
+    ControlFrame, CreateProjectRequest, ErrorBody, Health, MobileProject, ProjectView, ServerFrame,
+    SyncAccepted, SyncRecord, SyncRequest, Trigger,
 };
 
 const DEFAULT_SYNC_LIST: usize = 20;
@@ -59,6 +59,15 @@ pub(super) async fn owned_project(
     Ok(project)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/projects",
+    tag = "projects",
+    responses(
+        (status = 200, description = "the caller's projects", body = [ProjectView]),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn list_projects(
     state: Arc<AppState>,
     principal: Caller,
@@ -68,6 +77,19 @@ pub async fn list_projects(
     Ok(projects.iter().map(Project::view).collect())
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/projects",
+    tag = "projects",
+    request_body = CreateProjectRequest,
+    responses(
+        (status = 201, description = "registered", body = ProjectView),
+        (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
+        (status = 403, description = "the credential is not the caller's to use (forbidden), or a mobile token", body = ErrorBody),
+        (status = 413, description = "the body is over 64 KiB (payload_too_large)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create_project(
     state: Arc<AppState>,
     principal: Caller,
@@ -173,6 +195,18 @@ fn is_credential_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/projects/{project_id}",
+    tag = "projects",
+    params(("project_id" = String, Path, description = "the project's id")),
+    responses(
+        (status = 200, description = "the project", body = ProjectView),
+        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
+        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn get_project(
     state: Arc<AppState>,
     principal: Caller,
@@ -182,6 +216,18 @@ pub async fn get_project(
     Ok(owned_project(&state, &principal, &id).await?.view())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/projects/{project_id}",
+    tag = "projects",
+    params(("project_id" = String, Path, description = "the project's id")),
+    responses(
+        (status = 204, description = "deleted, with its mirror and history"),
+        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
+        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn delete_project(
     state: Arc<AppState>,
     principal: Caller,
@@ -199,6 +245,23 @@ pub async fn delete_project(
 }
 
 /// `202` with a new sync, `200` when the request joined the one already active.
+#[utoipa::path(
+    post,
+    path = "/api/v1/repo/sync",
+    tag = "syncs",
+    request_body = SyncRequest,
+    responses(
+        (status = 202, description = "a sync was queued (or a follow-up of a running one)", body = SyncAccepted),
+        (status = 200, description = "joined the sync already waiting (`coalesced`)", body = SyncAccepted),
+        (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
+        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
+        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+        (status = 413, description = "the body is over 64 KiB (payload_too_large)", body = ErrorBody),
+        (status = 429, description = "over the per-user sync rate (rate_limited); Retry-After says when", body = ErrorBody),
+        (status = 507, description = "the mirror volume is below its free-space floor (storage_full)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn request_sync(
     state: Arc<AppState>,
     principal: Caller,
@@ -207,7 +270,7 @@ pub async fn request_sync(
     let principal = principal?;
     let request: SyncRequest = parse_json(body)?;
     let project = owned_project(&state, &principal, &request.project_id).await?;
-    Metrics::bump(&state.metrics.sync_requests);
+    state.metrics.sync_requests.inc();
     if let Err(retry_after) = state
         .engine
         .store
@@ -223,7 +286,7 @@ pub async fn request_sync(
     }
     let (record, created) = state.engine.start_sync(&project, Trigger::Api).await?;
     if !created {
-        Metrics::bump(&state.metrics.syncs_coalesced);
+        state.metrics.syncs_coalesced.inc();
     }
     let status = if created {
         StatusCode::ACCEPTED
@@ -241,6 +304,18 @@ pub async fn request_sync(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/repo/sync/{sync_id}",
+    tag = "syncs",
+    params(("sync_id" = String, Path, description = "the sync's id")),
+    responses(
+        (status = 200, description = "the sync record", body = SyncRecord),
+        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
+        (status = 404, description = "no such sync (sync_not_found)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn get_sync(
     state: Arc<AppState>,
     principal: Caller,
@@ -267,6 +342,19 @@ pub async fn get_sync(
     Ok(record)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/repo/sync",
+    tag = "syncs",
+    params(("project_id" = String, Query, description = "the project's id"), ("limit" = Option<u32>, Query, description = "at most this many, newest first (1..=100, default 20)")),
+    responses(
+        (status = 200, description = "the project's syncs, newest first", body = [SyncRecord]),
+        (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
+        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
+        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn list_syncs(
     state: Arc<AppState>,
     principal: Caller,
@@ -285,11 +373,22 @@ pub async fn list_syncs(
 
 /// The caller's events after `after`, exactly as the socket sends them; a resume point
 /// older than the kept history comes back as a lone `resync_required` frame first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/notifications",
+    tag = "events",
+    params(("after" = Option<u64>, Query, description = "events after this id (default 0)"), ("limit" = Option<u32>, Query, description = "at most this many (1..=10000, default 100)")),
+    responses(
+        (status = 200, description = "the caller's events after `after`, as the socket sends them", body = [ServerFrame]),
+        (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn notifications(
     state: Arc<AppState>,
     principal: Caller,
     query: String,
-) -> Result<Vec<serde_json::Value>, ApiError> {
+) -> Result<Vec<ServerFrame>, ApiError> {
     let principal = principal?;
     let query = query_map(&query)?;
     let after = match query.get("after") {
@@ -306,17 +405,21 @@ pub async fn notifications(
         .await?;
     let mut frames = Vec::with_capacity(history.events.len() + 1);
     if history.gap && after > 0 {
-        frames.push(
-            serde_json::to_value(ControlFrame::ResyncRequired)
-                .map_err(|err| ApiError::Backend(Box::new(err)))?,
-        );
+        frames.push(ServerFrame::Control(ControlFrame::ResyncRequired));
     }
-    for event in &history.events {
-        frames.push(serde_json::to_value(event).map_err(|err| ApiError::Backend(Box::new(err)))?);
-    }
+    frames.extend(history.events.into_iter().map(ServerFrame::Event));
     Ok(frames)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/mobile/projects",
+    tag = "projects",
+    responses(
+        (status = 200, description = "the caller's projects, metadata only", body = [MobileProject]),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn mobile_projects(
     state: Arc<AppState>,
     principal: Caller,
@@ -341,29 +444,71 @@ pub async fn mobile_projects(
         .collect())
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "the process is up", body = Health),
+    )
+)]
+pub async fn healthz() -> Response {
+    let body = Health {
+        status: "ok".to_owned(),
+        engine: None,
+        engine_kind: None,
+        data_dir_writable: None,
+        free_bytes: None,
+        min_free_bytes: None,
+    };
+    warp::reply::json(&body).into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "ready: the engine answers and DATA_DIR is writable above its floor", body = Health),
+        (status = 503, description = "not ready", body = Health),
+    )
+)]
 pub async fn readyz(state: Arc<AppState>) -> Response {
-    let engine = state.engine.store.ping().await;
-    let data_dir = state.config.data_dir.clone();
+    readiness(&state.engine, &state.config).await
+}
+
+/// Ready when the engine answers and DATA_DIR is writable with room above the floor:
+/// the hub's `/readyz` and the worker's.
+pub async fn readiness(engine: &Engine, config: &Config) -> Response {
+    let engine = engine.store.ping().await;
+    let data_dir = config.data_dir.clone();
     let writable = tokio::task::spawn_blocking(move || {
         let probe = data_dir.join(format!(".readyz-{}", uuid::Uuid::new_v4().simple()));
         std::fs::write(&probe, b"ok").and_then(|()| std::fs::remove_file(&probe))
     })
     .await;
     let writable = matches!(writable, Ok(Ok(())));
-    let free = crate::mirror::layout::free_bytes(&state.config.data_dir);
-    let space_ok = free.is_some_and(|free| free >= state.config.min_free_bytes);
+    let free = crate::mirror::layout::free_bytes(&config.data_dir);
+    let space_ok = free.is_some_and(|free| free >= config.min_free_bytes);
     let ready = engine.is_ok() && writable && space_ok;
     if let Err(err) = &engine {
         tracing::warn!(error = %crate::error::error_chain(err), "engine not reachable");
     }
-    let body = serde_json::json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "engine": engine.is_ok(),
-        "engine_kind": if state.config.redis_url.is_some() { "redis" } else { "embedded" },
-        "data_dir_writable": writable,
-        "free_bytes": free,
-        "min_free_bytes": state.config.min_free_bytes,
-    });
+    let body = Health {
+        status: if ready { "ready" } else { "not_ready" }.to_owned(),
+        engine: Some(engine.is_ok()),
+        engine_kind: Some(
+            if config.redis_url.is_some() {
+                "redis"
+            } else {
+                "embedded"
+            }
+            .to_owned(),
+        ),
+        data_dir_writable: Some(writable),
+        free_bytes: free,
+        min_free_bytes: Some(config.min_free_bytes),
+    };
     let status = if ready {
         StatusCode::OK
     } else {
@@ -372,7 +517,35 @@ pub async fn readyz(state: Arc<AppState>) -> Response {
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus metrics (OpenMetrics text)", content_type = "application/openmetrics-text", body = String),
+    )
+)]
 pub async fn metrics(state: Arc<AppState>) -> Response {
-    let text = state.metrics.render(state.hub.connection_count());
-    warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response()
+    state
+        .metrics
+        .ws_connections
+        .set(i64::try_from(state.hub.connection_count()).unwrap_or(i64::MAX));
+    render_metrics(&state.engine).await
+}
+
+/// The process's metrics, with the queue depth read from the engine now.
+pub async fn render_metrics(engine: &Engine) -> Response {
+    let metrics = &engine.metrics;
+    // a queue that cannot be read keeps its last value; the scrape still answers
+    if let Ok(depth) = engine.queue.depth().await {
+        metrics
+            .queue_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+    warp::reply::with_header(
+        metrics.render(),
+        "content-type",
+        crate::metrics::CONTENT_TYPE,
+    )
+    .into_response()
 }

@@ -6,6 +6,7 @@
 mod error;
 mod freshness;
 mod handlers;
+pub mod openapi;
 mod query;
 mod read;
 mod reject;
@@ -15,7 +16,8 @@ mod ws;
 pub use error::ApiError;
 pub use query::parse_query;
 pub use read::SearchSlots;
-pub use server::serve;
+pub use server::{serve, serve_ops};
+pub use ws::WS_PATH;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -32,6 +34,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::mirror::Layout;
 use crate::mirror::read::Reader;
+use crate::protocol::WebhookOutcome;
 
 /// Bodies over this are refused with 413, before they are read in full.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -44,7 +47,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub layout: Layout,
     pub reader: Arc<Reader>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// searches running per user
     pub searches: SearchSlots,
     /// cancelled when shutdown begins: reads still scanning stop at their next check
@@ -70,6 +73,58 @@ impl AppState {
 }
 
 type Response = warp::reply::Response;
+type ReadFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+
+/// Every REST route the server answers, as (method, path template): the
+/// `http_requests_total` route label, and what the OpenAPI document is checked against.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/api/v1/openapi.json"),
+    ("GET", "/api/v1/projects"),
+    ("POST", "/api/v1/projects"),
+    ("GET", "/api/v1/projects/{project_id}"),
+    ("PATCH", "/api/v1/projects/{project_id}"),
+    ("DELETE", "/api/v1/projects/{project_id}"),
+    ("POST", "/api/v1/projects/{project_id}/resume"),
+    ("POST", "/api/v1/projects/{project_id}/webhook"),
+    ("DELETE", "/api/v1/projects/{project_id}/webhook"),
+    ("POST", "/api/v1/webhooks/{project_id}"),
+    ("GET", "/api/v1/repo/metadata"),
+    ("POST", "/api/v1/repo/sync"),
+    ("GET", "/api/v1/repo/sync"),
+    ("GET", "/api/v1/repo/sync/{sync_id}"),
+    ("GET", "/api/v1/notifications"),
+    ("GET", "/api/v1/mobile/projects"),
+    ("GET", "/api/v1/repo/tree"),
+    ("GET", "/api/v1/repo/file"),
+    ("GET", "/api/v1/repo/search"),
+    ("GET", "/api/v1/repo/diff"),
+];
+
+/// The route template a request path matches (any method), `/api/v1/ws` for the
+/// socket, `static` for the dashboard's files under `/`, else `unmatched`: a label
+/// with a bounded set of values, whatever paths clients send.
+pub fn route_of(path: &str) -> &'static str {
+    if path == ws::WS_PATH {
+        return ws::WS_PATH;
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    let matched = ROUTES.iter().find(|(_, template)| {
+        let parts: Vec<&str> = template.split('/').collect();
+        parts.len() == segments.len()
+            && parts
+                .iter()
+                .zip(&segments)
+                .all(|(part, segment)| part.starts_with('{') || part == segment)
+    });
+    match matched {
+        Some((_, template)) => template,
+        None if !path.starts_with("/api/") => "static",
+        None => "unmatched",
+    }
+}
 
 /// Turns a handler's result into the response: the value as JSON with `status`, or the
 /// error's JSON body and status.
@@ -165,7 +220,10 @@ pub fn routes(
 
     let healthz = warp::path!("healthz")
         .and(warp::get())
-        .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response());
+        .then(handlers::healthz);
+    let openapi_json = warp::path!("api" / "v1" / "openapi.json")
+        .and(warp::get())
+        .map(openapi::document_response);
     let readyz = warp::path!("readyz")
         .and(warp::get())
         .and(with_state.clone())
@@ -261,25 +319,38 @@ pub fn routes(
         .and(with_state.clone())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
-        .then(|id, state, headers: http::HeaderMap, stream| async move {
-            let declared = headers
-                .get("content-length")
-                .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.trim().parse::<u64>().ok());
-            // read only once the project is known to take webhooks: an anonymous
-            // caller cannot make the server buffer bodies for ids that do not exist
-            let body = async move {
-                let max = freshness::MAX_WEBHOOK_BODY;
-                if declared.is_some_and(|len| len > max as u64) {
-                    return Err(ApiError::WebhookTooLarge);
+        .then(
+            |id, state: Arc<AppState>, headers: http::HeaderMap, stream| async move {
+                let metrics = Arc::clone(&state.metrics);
+                let declared = headers
+                    .get("content-length")
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|value| value.trim().parse::<u64>().ok());
+                // read only once the project is known to take webhooks: an anonymous
+                // caller cannot make the server buffer bodies for ids that do not exist
+                let body = async move {
+                    let max = freshness::MAX_WEBHOOK_BODY;
+                    if declared.is_some_and(|len| len > max as u64) {
+                        return Err(ApiError::WebhookTooLarge);
+                    }
+                    collect_capped(stream, max, || ApiError::WebhookTooLarge).await
+                };
+                match freshness::receive_webhook(state, id, headers, body).await {
+                    Ok((status, outcome)) => {
+                        metrics.webhook(match outcome {
+                            WebhookOutcome::Accepted(_) => "accepted",
+                            WebhookOutcome::Duplicate { .. } => "duplicate",
+                            WebhookOutcome::Ignored { .. } => "ignored",
+                        });
+                        respond(status, Ok(outcome))
+                    }
+                    Err(err) => {
+                        metrics.webhook(err.code_and_status().0);
+                        err.into_response()
+                    }
                 }
-                collect_capped(stream, max, || ApiError::WebhookTooLarge).await
-            };
-            match freshness::receive_webhook(state, id, headers, body).await {
-                Ok((status, body)) => respond(status, Ok(body)),
-                Err(err) => err.into_response(),
-            }
-        });
+            },
+        );
     let metadata = warp::path!("api" / "v1" / "repo" / "metadata")
         .and(warp::get())
         .and(authed.clone())
@@ -342,7 +413,8 @@ pub fn routes(
             )
         });
 
-    let read_route = |name: &'static str, kind: read::ReadKind| {
+    type ReadFn = fn(Arc<AppState>, Caller, String, Option<String>) -> ReadFuture;
+    let read_route = |name: &'static str, handler: ReadFn| {
         warp::path("api")
             .and(warp::path("v1"))
             .and(warp::path("repo"))
@@ -352,16 +424,20 @@ pub fn routes(
             .and(authed.clone())
             .and(raw_query())
             .and(warp::header::optional::<String>("if-none-match"))
-            .then(move |state, principal, query, etag| {
-                read::handle(kind, state, principal, query, etag)
-            })
+            .then(handler)
     };
-    let reads = read_route("tree", read::ReadKind::Tree)
-        .or(read_route("file", read::ReadKind::File))
+    let reads = read_route("tree", |s, p, q, e| Box::pin(read::tree(s, p, q, e)))
+        .or(read_route("file", |s, p, q, e| {
+            Box::pin(read::file(s, p, q, e))
+        }))
         .unify()
-        .or(read_route("search", read::ReadKind::Search))
+        .or(read_route("search", |s, p, q, e| {
+            Box::pin(read::search(s, p, q, e))
+        }))
         .unify()
-        .or(read_route("diff", read::ReadKind::Diff))
+        .or(read_route("diff", |s, p, q, e| {
+            Box::pin(read::diff(s, p, q, e))
+        }))
         .unify();
 
     let dashboard = warp::get()
@@ -371,6 +447,7 @@ pub fn routes(
     // each route boxed: one long chain of `or`s makes a type rustc takes minutes over
     let routes: Vec<warp::filters::BoxedFilter<(Response,)>> = vec![
         healthz.boxed(),
+        openapi_json.boxed(),
         readyz.boxed(),
         metrics.boxed(),
         list_projects.boxed(),

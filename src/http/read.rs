@@ -8,13 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
+use serde::Serialize;
 use serde_json::json;
+use utoipa::ToSchema;
 use warp::Reply;
 
 use super::{ApiError, AppState, Caller, Response};
 use crate::domain::{ProjectId, RepoPath};
-use crate::mirror::read::ReadError;
-use crate::mirror::search::SearchQuery;
+use crate::mirror::read::{FileContent, FileDiff, ReadError, TreeEntry};
+use crate::mirror::search::{SearchMatch, SearchQuery};
+use crate::protocol::ErrorBody;
 
 /// One search may run this long before it returns what it found as `truncated`.
 const SEARCH_BUDGET: Duration = Duration::from_secs(5);
@@ -129,7 +132,120 @@ fn fnv1a(parts: &[&str]) -> u64 {
     hash
 }
 
-pub async fn handle(
+#[utoipa::path(
+    get,
+    path = "/api/v1/repo/tree",
+    tag = "reads",
+    params(
+        ("project_id" = String, Query, description = "the project's id"),
+        ("path" = Option<String>, Query, description = "a directory, relative to the root (default: the root)"),
+        ("If-None-Match" = Option<String>, Header, description = "an ETag from an earlier answer: 304 when unchanged"),
+    ),
+    responses(
+        (status = 200, description = "the directory's entries at the mirror's commit", body = TreeListing),
+        (status = 304, description = "unchanged since the ETag given"),
+        (status = 400, description = "a missing or invalid parameter (invalid_request, path_invalid)", body = ErrorBody),
+        (status = 403, description = "another user's project (forbidden), or a mobile token (mobile_metadata_only)", body = ErrorBody),
+        (status = 404, description = "no such project, path or commit, or no completed sync yet", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn tree(
+    state: Arc<AppState>,
+    principal: Caller,
+    query: String,
+    if_none_match: Option<String>,
+) -> Response {
+    handle(ReadKind::Tree, state, principal, query, if_none_match).await
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/repo/file",
+    tag = "reads",
+    params(
+        ("project_id" = String, Query, description = "the project's id"),
+        ("path" = String, Query, description = "a file, relative to the root"),
+        ("If-None-Match" = Option<String>, Header, description = "an ETag from an earlier answer: 304 when unchanged"),
+    ),
+    responses(
+        (status = 200, description = "the file's content (utf-8, or base64), capped", body = FileView),
+        (status = 304, description = "unchanged since the ETag given"),
+        (status = 400, description = "a missing or invalid parameter (invalid_request, path_invalid)", body = ErrorBody),
+        (status = 403, description = "another user's project (forbidden), or a mobile token (mobile_metadata_only)", body = ErrorBody),
+        (status = 404, description = "no such project, path or commit, or no completed sync yet", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn file(
+    state: Arc<AppState>,
+    principal: Caller,
+    query: String,
+    if_none_match: Option<String>,
+) -> Response {
+    handle(ReadKind::File, state, principal, query, if_none_match).await
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/repo/search",
+    tag = "reads",
+    params(
+        ("project_id" = String, Query, description = "the project's id"),
+        ("q" = String, Query, description = "the text (or, with regex=true, the pattern) to find"),
+        ("regex" = Option<bool>, Query, description = "q is a regular expression"),
+        ("path_prefix" = Option<String>, Query, description = "only paths under this directory"),
+        ("limit" = Option<u32>, Query, description = "at most this many matches (1..=1000, default 100)"),
+        ("If-None-Match" = Option<String>, Header, description = "an ETag from an earlier answer: 304 when unchanged"),
+    ),
+    responses(
+        (status = 200, description = "matching lines; `timed_out` answers are partial", body = SearchResults),
+        (status = 304, description = "unchanged since the ETag given"),
+        (status = 400, description = "a missing or invalid parameter (invalid_request, path_invalid)", body = ErrorBody),
+        (status = 403, description = "another user's project (forbidden), or a mobile token (mobile_metadata_only)", body = ErrorBody),
+        (status = 404, description = "no such project, path or commit, or no completed sync yet", body = ErrorBody),
+        (status = 429, description = "too many searches running for this user (rate_limited)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn search(
+    state: Arc<AppState>,
+    principal: Caller,
+    query: String,
+    if_none_match: Option<String>,
+) -> Response {
+    handle(ReadKind::Search, state, principal, query, if_none_match).await
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/repo/diff",
+    tag = "reads",
+    params(
+        ("project_id" = String, Query, description = "the project's id"),
+        ("from" = String, Query, description = "the older commit (full or abbreviated id)"),
+        ("to" = String, Query, description = "the newer commit"),
+        ("If-None-Match" = Option<String>, Header, description = "an ETag from an earlier answer: 304 when unchanged"),
+    ),
+    responses(
+        (status = 200, description = "the files changed between the two commits", body = DiffView),
+        (status = 304, description = "unchanged since the ETag given"),
+        (status = 400, description = "a missing or invalid parameter (invalid_request, path_invalid)", body = ErrorBody),
+        (status = 403, description = "another user's project (forbidden), or a mobile token (mobile_metadata_only)", body = ErrorBody),
+        (status = 404, description = "no such project, path or commit, or no completed sync yet", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn diff(
+    state: Arc<AppState>,
+    principal: Caller,
+    query: String,
+    if_none_match: Option<String>,
+) -> Response {
+    handle(ReadKind::Diff, state, principal, query, if_none_match).await
+}
+
+async fn handle(
     kind: ReadKind,
     state: Arc<AppState>,
     principal: Caller,
@@ -210,7 +326,11 @@ async fn read(
             let (id, at) = (project_id.clone(), commit.clone());
             let path_for_read = path.clone();
             let entries = blocking(move || reader.tree(&id, &at, &path_for_read)).await?;
-            json!({"commit": commit, "path": path.as_str(), "entries": entries})
+            to_json(TreeListing {
+                commit,
+                path: path.as_str().to_owned(),
+                entries,
+            })?
         }
         ReadKind::File => {
             if path.is_root() {
@@ -219,10 +339,11 @@ async fn read(
             let (id, at) = (project_id.clone(), commit.clone());
             let path_for_read = path.clone();
             let file = blocking(move || reader.file(&id, &at, &path_for_read)).await?;
-            json!({
-                "commit": commit, "path": path.as_str(), "size": file.size,
-                "encoding": file.encoding, "content": file.content, "truncated": file.truncated,
-            })
+            to_json(FileView {
+                commit,
+                path: path.as_str().to_owned(),
+                file,
+            })?
         }
         ReadKind::Search => {
             let pattern = param("q")
@@ -274,10 +395,12 @@ async fn read(
                 reader.search(&id, &at, &query)
             })
             .await?;
-            json!({
-                "commit": commit, "matches": outcome.matches,
-                "truncated": outcome.truncated, "timed_out": outcome.timed_out,
-            })
+            to_json(SearchResults {
+                commit,
+                matches: outcome.matches,
+                truncated: outcome.truncated,
+                timed_out: outcome.timed_out,
+            })?
         }
         ReadKind::Diff => {
             let from = param("from")
@@ -290,7 +413,12 @@ async fn read(
             let (from_read, to_read) = (from.clone(), to.clone());
             let (files, truncated) =
                 blocking(move || reader.diff(&id, &from_read, &to_read)).await?;
-            json!({"from": from, "to": to, "files": files, "truncated": truncated})
+            to_json(DiffView {
+                from,
+                to,
+                files,
+                truncated,
+            })?
         }
     };
     if body["timed_out"] == json!(true) {
@@ -328,4 +456,43 @@ mod tests {
             "a finished search frees its slot"
         );
     }
+}
+
+/// `GET /api/v1/repo/tree`: the entries of one directory at the mirror's commit.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TreeListing {
+    pub commit: String,
+    pub path: String,
+    pub entries: Vec<TreeEntry>,
+}
+
+/// `GET /api/v1/repo/file`: one file's content (base64 when it is not UTF-8).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileView {
+    pub commit: String,
+    pub path: String,
+    #[serde(flatten)]
+    pub file: FileContent,
+}
+
+/// `GET /api/v1/repo/search`: matching lines; `timed_out` answers are partial.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchResults {
+    pub commit: String,
+    pub matches: Vec<SearchMatch>,
+    pub truncated: bool,
+    pub timed_out: bool,
+}
+
+/// `GET /api/v1/repo/diff`: the files changed between two commits.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DiffView {
+    pub from: String,
+    pub to: String,
+    pub files: Vec<FileDiff>,
+    pub truncated: bool,
+}
+
+fn to_json(body: impl Serialize) -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(body).map_err(|err| ApiError::Backend(Box::new(err)))
 }

@@ -15,6 +15,7 @@ use tower_service::Service;
 
 use super::reject::JsonRejects;
 use super::{AppState, routes, ws};
+use crate::metrics::HttpLabels;
 
 /// Serves on `listener` until `shutdown`: then stops accepting, lets in-flight requests
 /// finish, and (through the same token) has every socket send its close frame. Socket
@@ -53,12 +54,26 @@ pub async fn serve(
                 let shutdown = shutdown.clone();
                 let tracker = socket_tracker.clone();
                 async move {
-                    if request.uri().path() == ws::WS_PATH {
-                        return Ok::<_, Infallible>(
-                            ws::upgrade(state, request, shutdown, tracker).await,
-                        );
-                    }
-                    rest.call(request).await
+                    let method = request.method().as_str().to_owned();
+                    let route = super::route_of(request.uri().path());
+                    let metrics = Arc::clone(&state.metrics);
+                    let response = if request.uri().path() == ws::WS_PATH {
+                        ws::upgrade(state, request, shutdown, tracker).await
+                    } else {
+                        match rest.call(request).await {
+                            Ok(response) => response,
+                            Err(never) => match never {},
+                        }
+                    };
+                    metrics
+                        .http_requests
+                        .get_or_create(&HttpLabels {
+                            method,
+                            route,
+                            status: response.status().as_u16(),
+                        })
+                        .inc();
+                    Ok::<_, Infallible>(response)
                 }
             });
             let connection = http1::Builder::new()
@@ -80,4 +95,73 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// `hivesync worker`'s own listener: `/metrics`, `/healthz` and `/readyz` (the same
+/// answers the hub gives), every other path a JSON 404; until `shutdown`.
+pub async fn serve_ops(
+    listener: TcpListener,
+    engine: crate::engine::Engine,
+    config: Arc<crate::config::Config>,
+    shutdown: CancellationToken,
+) {
+    use warp::Filter;
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .then(super::handlers::healthz);
+    let readyz = {
+        let (engine, config) = (engine.clone(), Arc::clone(&config));
+        warp::path!("readyz").and(warp::get()).then(move || {
+            let (engine, config) = (engine.clone(), Arc::clone(&config));
+            async move { super::handlers::readiness(&engine, &config).await }
+        })
+    };
+    let metrics = warp::path!("metrics").and(warp::get()).then(move || {
+        let engine = engine.clone();
+        async move { super::handlers::render_metrics(&engine).await }
+    });
+    let routes = healthz
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .recover(super::recover)
+        .unify();
+    let service = warp::service(routes);
+    let connections = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!(error = %err, "metrics listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = service.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let mut service = service.clone();
+                async move { service.call(request).await }
+            });
+            let connection = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
 }

@@ -22,7 +22,6 @@ use warp::Reply;
 use super::{ApiError, AppState, Response};
 use crate::engine::EngineError;
 use crate::hub::Attachment;
-use crate::metrics::Metrics;
 use crate::protocol::{ClientFrame, ControlFrame, EventId};
 
 pub const WS_PATH: &str = "/api/v1/ws";
@@ -118,13 +117,18 @@ pub async fn upgrade(
                 return;
             }
         };
-        Metrics::bump(&state_for_task.metrics.ws_connections_total);
+        let metrics = &state_for_task.metrics;
+        metrics.ws_connections_total.inc();
         let handle = attachment.handle();
         let connection_id = attachment.connection_id.clone();
         let end = drive(socket, attachment, idle_timeout, token_expires, &shutdown).await;
         hub.detach(&handle);
-        if end == End::SlowConsumer {
-            Metrics::bump(&state_for_task.metrics.ws_slow_consumers);
+        match end {
+            End::SlowConsumer => metrics.kicked("slow_consumer"),
+            End::Idle => metrics.kicked("idle"),
+            End::TokenExpired => metrics.kicked("token_expired"),
+            End::ProtocolError => metrics.kicked("protocol_error"),
+            End::ClientClosed | End::Shutdown | End::Broken => {}
         }
         tracing::debug!(%connection_id, end = ?end, "websocket closed");
     });

@@ -64,6 +64,58 @@ pub(crate) fn open_or_init(
     Ok((repo, repaired))
 }
 
+/// The http(s) transport's options: what the repository's configuration says
+/// (`http.followRedirects=false` among them), plus what only the reqwest client can be
+/// told: the CA file in place of the system's roots, no proxy from the environment, and
+/// the host pinned to the address the private-host guard checked, so a second lookup
+/// cannot be rebound to a private one.
+fn http_options(
+    repo: &gix::Repository,
+    url: &gix::Url,
+    spec: &SyncSpec<'_>,
+) -> Result<Box<dyn std::any::Any>, MirrorError> {
+    use gix::protocol::transport::client::blocking_io::http;
+    crate::tls::ensure_provider();
+    let url_text = url.to_bstring();
+    let url_text: &gix::bstr::BStr = url_text.as_ref();
+    let mut options = repo
+        .transport_options(url_text, None)
+        .map_err(|err| MirrorError::Git(err.to_string().into()))?
+        .and_then(|options| options.downcast::<http::Options>().ok())
+        .map(|options| *options)
+        .unwrap_or_default();
+    let roots = match &spec.https_ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path)?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|err| {
+                MirrorError::Io(std::io::Error::other(format!(
+                    "HIVESYNC_HTTPS_CA_FILE {} holds no usable certificate: {err}",
+                    path.display()
+                )))
+            })?;
+            Some(certificates)
+        }
+        None => None,
+    };
+    let pinned = spec.pinned.clone();
+    let configure = move |mut builder: reqwest::blocking::ClientBuilder| {
+        builder = builder.no_proxy();
+        if let Some(roots) = roots.clone() {
+            builder = builder.tls_certs_only(roots);
+        }
+        if let Some((host, address)) = &pinned {
+            builder = builder.resolve(host, *address);
+        }
+        Ok(builder)
+    };
+    let backend = http::reqwest::Options {
+        configure_client: Some(Box::new(configure)),
+        configure_request: None,
+    };
+    options.backend = Some(std::sync::Arc::new(std::sync::Mutex::new(backend)));
+    Ok(Box::new(options))
+}
+
 pub(crate) fn fetch(
     repo: &gix::Repository,
     spec: &SyncSpec<'_>,
@@ -77,7 +129,8 @@ pub(crate) fn fetch(
     // over http(s), the login goes through the credentials callback only: from the
     // project's credential, else from the URL's userinfo, which is taken off the URL
     let mut identity = spec.http_identity.clone();
-    if matches!(url.scheme, gix::url::Scheme::Http | gix::url::Scheme::Https) {
+    let is_http = matches!(url.scheme, gix::url::Scheme::Http | gix::url::Scheme::Https);
+    if is_http {
         if identity.is_none()
             && let (Some(user), Some(password)) = (url.user(), url.password())
         {
@@ -89,6 +142,11 @@ pub(crate) fn fetch(
         url.set_user(None);
         url.set_password(None);
     }
+    let transport_options = if is_http {
+        Some(http_options(repo, &url, spec)?)
+    } else {
+        None
+    };
     // an anonymous remote: the URL (and any credential in it) is never written to disk
     let remote = repo
         .remote_at(url)
@@ -97,9 +155,13 @@ pub(crate) fn fetch(
         .map_err(|err| MirrorError::Git(Box::new(err)))?
         .with_fetch_tags(gix::remote::fetch::Tags::None);
     let mut fetch_progress = progress.add_child("fetch");
-    let connection = remote
+    let mut connection = remote
         .connect(gix::remote::Direction::Fetch)
-        .map_err(|err| classify_connect(Box::new(err)))?
+        .map_err(|err| classify_connect(Box::new(err)))?;
+    if let Some(options) = transport_options {
+        connection = connection.with_transport_options(options);
+    }
+    let connection = connection
         // never a prompt or a configured helper: the identity above, or none
         .with_credentials(move |action| {
             Ok(match action {

@@ -50,8 +50,11 @@ pub struct SyncSpec<'a> {
     /// The login for an http(s) remote, from the project's named credential; without
     /// one, userinfo in the URL is used.
     pub http_identity: Option<HttpIdentity>,
-    /// CAs trusted for HTTPS instead of the system's (`http.sslCAInfo`)
+    /// CAs trusted for HTTPS instead of the system's
     pub https_ca_file: Option<PathBuf>,
+    /// For http(s): the host name and the address the private-host guard checked; the
+    /// connection goes to that address, whatever the name resolves to by then.
+    pub pinned: Option<(String, std::net::SocketAddr)>,
     /// The fencing token of the worker's project lock; the mirror refuses older ones.
     pub fence: u64,
     /// `HIVESYNC_MIN_FREE_BYTES`: checked before fetching and before checking out
@@ -135,9 +138,6 @@ fn sync_once(
         .collect();
     // a redirect could lead from the checked host to any other, private ones included
     overrides.push("http.followRedirects=false".to_owned());
-    if let Some(ca_file) = &spec.https_ca_file {
-        overrides.push(format!("http.sslCAInfo={}", ca_file.display()));
-    }
     // a sync killed while it updated refs or the index left their lock files
     let stale = layout::remove_stale_locks(&git_dir)?;
     if stale > 0 {

@@ -32,7 +32,7 @@ pub(super) fn git_error(err: impl std::error::Error + Send + Sync + 'static) -> 
     ReadError::Git(Box::new(err))
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema, PartialEq, Eq)]
 pub struct TreeEntry {
     pub name: String,
     pub path: String,
@@ -40,7 +40,7 @@ pub struct TreeEntry {
     pub size: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FileContent {
     pub size: u64,
     pub encoding: &'static str,
@@ -48,7 +48,7 @@ pub struct FileContent {
     pub truncated: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FileDiff {
     pub path: String,
     pub old_path: Option<String>,

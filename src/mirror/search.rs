@@ -25,7 +25,7 @@ const PIECE: usize = 256 * 1024;
 /// A matched line is shown up to this many bytes.
 const LINE_CAP: usize = 500;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema, PartialEq, Eq)]
 pub struct SearchMatch {
     pub path: String,
     pub line: u64,

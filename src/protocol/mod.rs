@@ -2,13 +2,14 @@
 //! events that flow from workers to hubs. Serde only — no IO, no storage types.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// A user-visible event id. Ids increase per user, so a client resumes from the last
 /// one it saw.
 pub type EventId = u64;
 
 /// Stages a sync moves through, in the contract's order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncStatus {
     Queued,
@@ -39,7 +40,7 @@ impl SyncStatus {
 }
 
 /// Machine-readable failure codes of a sync (API.md "Sync failures").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncErrorCode {
     RepoAuthFailed,
@@ -65,20 +66,20 @@ impl SyncErrorCode {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SyncError {
     pub code: SyncErrorCode,
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RetryWait {
     pub attempt: u32,
     pub retry_at: String,
     pub error: SyncError,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Progress {
     pub percent: u8,
     pub objects: u64,
@@ -86,7 +87,7 @@ pub struct Progress {
 }
 
 /// What started a sync.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Trigger {
     /// `POST /api/v1/repo/sync` (and records from before triggers were kept)
@@ -112,7 +113,7 @@ impl Trigger {
 /// What a completed sync brought, from the object database: commits between the
 /// previous head and the new one (`None` on a first sync), whether history was
 /// rewritten, and how many files differ between the two trees.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Changes {
     pub commits: Option<u64>,
     pub forced: bool,
@@ -123,7 +124,7 @@ pub struct Changes {
 }
 
 /// `GET /api/v1/repo/sync/{id}` and the stored sync record are the same shape.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SyncRecord {
     pub sync_id: String,
     pub project_id: String,
@@ -145,7 +146,7 @@ pub struct SyncRecord {
 }
 
 /// The last failed sync of a project, until a success clears it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LastError {
     pub code: SyncErrorCode,
     pub message: String,
@@ -153,7 +154,7 @@ pub struct LastError {
 }
 
 /// Where a project's schedule stands.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ScheduleView {
     /// null when the project syncs on demand only, or is paused
     pub next_sync_at: Option<String>,
@@ -164,7 +165,7 @@ pub struct ScheduleView {
 }
 
 /// A registered project as shown to its owner.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ProjectView {
     pub project_id: String,
     pub name: String,
@@ -186,7 +187,7 @@ pub struct ProjectView {
     pub webhook: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateProjectRequest {
     pub name: String,
@@ -201,14 +202,16 @@ pub struct CreateProjectRequest {
 
 /// `PATCH /api/v1/projects/{id}`: a field left out is unchanged; `credential` and
 /// `sync_interval_s` may be set to null.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchProjectRequest {
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
     pub credential: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>, minimum = 0)]
     pub sync_interval_s: Option<Option<u64>>,
 }
 
@@ -222,14 +225,14 @@ where
 }
 
 /// `POST /api/v1/projects/{id}/webhook`: the only time the secret is shown.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct WebhookCreated {
     pub url: String,
     pub secret: String,
 }
 
 /// `GET /api/v1/repo/metadata`: the head of the last completed sync, without contents.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Metadata {
     pub project_id: String,
     pub commit: String,
@@ -246,12 +249,12 @@ fn default_branch() -> String {
     "main".to_owned()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct SyncRequest {
     pub project_id: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SyncAccepted {
     pub sync_id: String,
     pub project_id: String,
@@ -260,7 +263,7 @@ pub struct SyncAccepted {
     pub coalesced: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MobileProject {
     pub project_id: String,
     pub name: String,
@@ -275,13 +278,13 @@ pub struct MobileProject {
     pub last_error: Option<LastError>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: String,
     pub message: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NotificationKind {
     RepoSyncSuccess,
@@ -292,7 +295,7 @@ pub enum NotificationKind {
 }
 
 /// What happened, before the event log gives it an id. Published by workers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type")]
 pub enum EventBody {
     #[serde(rename = "sync.stage")]
@@ -348,8 +351,9 @@ impl EventBody {
 
 /// An event in a user's history: the body plus its per-user id. Serialized, this is the
 /// exact frame sent on the socket and returned by `GET /api/v1/notifications`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Event {
+    #[schema(value_type = u64)]
     pub id: EventId,
     #[serde(skip)]
     pub user: String,
@@ -364,15 +368,57 @@ impl Event {
 }
 
 /// Server → client frames other than events.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ControlFrame {
     Hello {
         connection_id: String,
+        #[schema(value_type = u64)]
         last_event_id: EventId,
     },
     ResyncRequired,
     Pong,
+}
+
+/// A frame the server sends: on the socket, and as an item of
+/// `GET /api/v1/notifications` (an event, or first, when the resume point is older
+/// than the kept history, a `resync_required` frame).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ServerFrame {
+    Event(Event),
+    Control(ControlFrame),
+}
+
+/// The answer to a webhook delivery.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum WebhookOutcome {
+    /// 202: a push to the tracked branch; the sync it started or joined
+    Accepted(SyncAccepted),
+    /// 200: a delivery id seen in the last 24 hours
+    Duplicate { duplicate: bool },
+    /// 200: a ping, another event, or a push to another branch
+    Ignored { ignored: String },
+}
+
+/// `GET /healthz`, and `/readyz`'s body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok` (healthz), `ready` or `not_ready` (readyz)
+    pub status: String,
+    /// readyz: the engine answered a ping
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<bool>,
+    /// readyz: `embedded` or `redis`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir_writable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_free_bytes: Option<u64>,
 }
 
 /// Client → server frames.

@@ -2,6 +2,7 @@
 //! loop that samples progress into stage events, enforces the timeout and hands the
 //! job back on shutdown.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -92,6 +93,12 @@ impl Worker {
             Err(err) => return Ok(AttemptEnd::Failed(err)),
         };
         let https_ca_file = self.settings.https_ca_file.clone();
+        let pinned = checked.as_ref().map(|checked| {
+            (
+                checked.host.clone(),
+                SocketAddr::new(checked.address, checked.port),
+            )
+        });
         let root = gix::progress::tree::Root::new();
         let interrupt = Arc::new(AtomicBool::new(false));
         let fence = ctx.lock.fence;
@@ -112,6 +119,7 @@ impl Worker {
                     ssh_command,
                     http_identity,
                     https_ca_file,
+                    pinned,
                     fence,
                     min_free_bytes,
                 };

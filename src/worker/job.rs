@@ -194,10 +194,15 @@ impl Worker {
             // the project was deleted: no event of it from now on, and the job stops
             Some(Put::Gone) => Err(EngineError::ProjectGone),
             Some(put) => {
-                self.persist(essential, || {
-                    self.engine.events.publish(ctx.owner, body.clone())
-                })
-                .await?;
+                if self
+                    .persist(essential, || {
+                        self.engine.events.publish(ctx.owner, body.clone())
+                    })
+                    .await?
+                    .is_some()
+                {
+                    self.engine.metrics.events_published.inc();
+                }
                 Ok(put == Put::StoredAndPaused)
             }
             // a progress tick the engine refused: the next one makes up for it
@@ -256,6 +261,7 @@ impl Worker {
         // the record is final on disk before anyone hears the sync completed
         self.stage(record, ctx, SyncStatus::Completed, Some(progress))
             .await?;
+        self.count_end(record, "completed");
         self.notify(ctx, record, NotificationKind::RepoSyncSuccess)
             .await?;
         tracing::info!(
@@ -283,6 +289,7 @@ impl Worker {
         let paused = self
             .stage(record, ctx, SyncStatus::Failed, progress)
             .await?;
+        self.count_end(record, "failed");
         self.notify(ctx, record, NotificationKind::RepoSyncFailed)
             .await?;
         if paused {
@@ -315,7 +322,16 @@ impl Worker {
         };
         self.persist(true, || self.engine.events.publish(ctx.owner, body.clone()))
             .await?;
+        self.engine.metrics.events_published.inc();
         Ok(())
+    }
+
+    fn count_end(&self, record: &SyncRecord, outcome: &'static str) {
+        self.engine.metrics.sync_ended(
+            outcome,
+            record.trigger.as_str(),
+            record.duration_ms.map(|ms| ms as f64 / 1000.0),
+        );
     }
 }
 

@@ -60,7 +60,13 @@ pub async fn schedule_due(engine: &Engine, hold: Duration) -> Result<usize, Engi
                 continue;
             }
             match engine.start_sync(&project, Trigger::Schedule).await {
-                Ok(_) => started += 1,
+                Ok(_) => {
+                    started += 1;
+                    if let Some(due_ms) = project.next_sync_ms {
+                        let lag_ms = now_epoch_ms().saturating_sub(due_ms);
+                        engine.metrics.schedule_lag.observe(lag_ms as f64 / 1000.0);
+                    }
+                }
                 Err(EngineError::ProjectGone) => {}
                 Err(err) => return Err(err),
             }

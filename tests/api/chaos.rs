@@ -309,7 +309,7 @@ async fn embedded_syncs_survive_hub_kills_with_every_notification_once() {
     let (mut server, addr) = start(0).await;
     let base = format!("http://{addr}");
     let alice = token("alice", ClientKind::Desktop);
-    let http = reqwest::Client::new();
+    let http = hivesync::tls::http_client();
     // a request that may meet a dead or restarting hub: retried until it is answered
     let call = |method: reqwest::Method, path: String, body: Option<Value>| {
         let (http, base, alice) = (http.clone(), base.clone(), alice.clone());

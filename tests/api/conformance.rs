@@ -38,6 +38,7 @@ impl Factory for Embedded {
             store: engine.clone(),
             queue: engine.clone(),
             events: engine,
+            metrics: Default::default(),
         }
     }
 
@@ -73,6 +74,7 @@ fn engine_of(engine: std::sync::Arc<RedisEngine>) -> Engine {
         store: engine.clone(),
         queue: engine.clone(),
         events: engine,
+        metrics: Default::default(),
     }
 }
 
@@ -479,10 +481,17 @@ async fn jobs_locks_and_fences(engine: Engine) {
         .enqueue(job(&alice.project_id, 2))
         .await
         .expect("enqueue");
+    assert_eq!(queue.depth().await.expect("depth"), 2, "two jobs wait");
     let first = queue.take(&shutdown).await.expect("take").expect("a job");
     assert_eq!(first.job.sync_id, "job-1", "first in, first out");
+    assert_eq!(
+        queue.depth().await.expect("depth"),
+        1,
+        "a job taken is no longer waiting"
+    );
     let second = queue.take(&shutdown).await.expect("take").expect("a job");
     assert_eq!(second.job.sync_id, "job-2");
+    assert_eq!(queue.depth().await.expect("depth"), 0);
 
     let lock = queue
         .lock_project(&first)

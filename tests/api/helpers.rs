@@ -84,7 +84,7 @@ impl TestApp {
         Self {
             base: format!("http://{addr}"),
             addr,
-            http: reqwest::Client::new(),
+            http: hivesync::tls::http_client(),
             token: token("alice", ClientKind::Desktop),
             data_dir: state.config.data_dir.clone(),
             state,

@@ -132,7 +132,7 @@ pub(crate) struct Recorded {
 impl Recorded {
     pub(crate) fn new(addr: &str) -> Self {
         Self {
-            client: reqwest::Client::new(),
+            client: hivesync::tls::http_client(),
             base: format!("http://{addr}"),
             token: crate::helpers::token("alice", hivesync::auth::ClientKind::Desktop),
             seen: String::new(),
@@ -308,7 +308,7 @@ async fn the_binary_serves_mints_tokens_and_exits_zero_on_sigterm() {
     assert!(String::from_utf8_lossy(&worker.stderr).contains("HIVESYNC_REDIS_URL"));
 
     let (mut server, addr) = serve_binary(data.path(), &[]).await;
-    let client = reqwest::Client::new();
+    let client = hivesync::tls::http_client();
     let up = wait_until(Duration::from_secs(20), || async {
         let response = client
             .get(format!("http://{addr}/api/v1/projects"))

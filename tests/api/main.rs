@@ -14,6 +14,7 @@ mod helpers;
 mod https;
 mod lifecycle;
 mod multinode;
+mod operating;
 mod projects;
 mod read;
 mod redis_server;

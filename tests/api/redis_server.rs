@@ -133,6 +133,7 @@ pub fn spawn_worker(
         .env("HIVESYNC_RECLAIM_AFTER_MS", reclaim_after_ms.to_string())
         .env("HIVESYNC_WORKERS", "1")
         .env("HIVESYNC_MIN_FREE_BYTES", "0")
+        .env("HIVESYNC_METRICS_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

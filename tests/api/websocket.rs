@@ -358,7 +358,7 @@ async fn a_client_that_cannot_keep_up_is_closed_with_4008_and_resumes_without_lo
             .await
             .ok()?;
         metrics
-            .contains("hivesync_ws_slow_consumers_total 1")
+            .contains("hivesync_ws_kicked_total{reason=\"slow_consumer\"} 1")
             .then_some(())
     })
     .await;

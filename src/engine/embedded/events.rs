@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use redb::{Durability, ReadableDatabase, ReadableTable};
 use tokio::sync::broadcast;
 
-use super::{EVENT_SEQ, EVENTS, EmbeddedEngine, read_json};
+use super::{Db, EVENT_SEQ, EVENTS, EmbeddedEngine, read_json};
 use crate::engine::{EngineError, EventLog, History, Live};
 use crate::protocol::{Event, EventBody, EventId};
 
@@ -26,7 +26,7 @@ const GROUP_COMMIT_MAX: usize = 1024;
 /// then sends them to the live feed in id order and answers each publisher. Being the
 /// only writer, it also keeps each user's ids in order on the live feed.
 pub(super) fn run_event_writer(
-    db: Arc<Database>,
+    db: Arc<Db>,
     requests: std::sync::mpsc::Receiver<PublishRequest>,
     live: broadcast::Sender<Live>,
     keep: u64,
@@ -61,11 +61,7 @@ pub(super) fn run_event_writer(
     }
 }
 
-fn write_events(
-    db: &Database,
-    batch: &[PublishRequest],
-    keep: u64,
-) -> Result<Vec<Event>, EngineError> {
+fn write_events(db: &Db, batch: &[PublishRequest], keep: u64) -> Result<Vec<Event>, EngineError> {
     let mut tx = db.begin_write().map_err(redb::Error::from)?;
     if batch.iter().all(|request| request.body.is_progress_only()) {
         // progress ticks are re-sent by the next tick if lost in a crash; stage
@@ -109,7 +105,7 @@ fn write_events(
             seq.insert(user, id).map_err(redb::Error::from)?;
         }
     }
-    tx.commit().map_err(redb::Error::from)?;
+    db.commit(tx)?;
     Ok(out)
 }
 

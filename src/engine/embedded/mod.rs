@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::Histogram;
 use redb::{Database, ReadableDatabase, TableDefinition};
 use tokio::sync::{Notify, broadcast};
 
@@ -43,8 +44,31 @@ const DELIVERIES: TableDefinition<(&str, &str), u64> = TableDefinition::new("del
 /// (first seen ms, project id, delivery id) → (): the same, oldest first, for expiry
 const DELIVERY_AGE: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("delivery_age");
 
+/// The database, and the histogram its write transactions' commits are timed into.
+pub(super) struct Db {
+    database: Database,
+    commit_seconds: Histogram,
+}
+
+impl std::ops::Deref for Db {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        &self.database
+    }
+}
+
+impl Db {
+    /// Commits `tx` (durably, unless it was set otherwise), timing it.
+    fn commit(&self, tx: redb::WriteTransaction) -> Result<(), redb::Error> {
+        let started = Instant::now();
+        tx.commit()?;
+        self.commit_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+}
+
 pub struct EmbeddedEngine {
-    db: Arc<Database>,
+    db: Arc<Db>,
     limiter: Mutex<RateLimiter>,
     webhook_limiter: Mutex<RateLimiter>,
     rules: Rules,
@@ -84,7 +108,14 @@ impl EmbeddedEngine {
         sync_rate: (u32, Duration),
         history_len: u64,
     ) -> Result<Arc<Self>, EngineError> {
-        Self::open_with(dir, sync_rate, history_len, Rules::default())
+        let commit_seconds = crate::metrics::Metrics::new().store_commit;
+        Self::open_with(
+            dir,
+            sync_rate,
+            history_len,
+            Rules::default(),
+            commit_seconds,
+        )
     }
 
     pub fn open_with(
@@ -92,6 +123,7 @@ impl EmbeddedEngine {
         sync_rate: (u32, Duration),
         history_len: u64,
         rules: Rules,
+        commit_seconds: Histogram,
     ) -> Result<Arc<Self>, EngineError> {
         std::fs::create_dir_all(dir).map_err(|err| EngineError::Embedded(redb::Error::Io(err)))?;
         let db = Database::create(dir.join("hivesync.redb")).map_err(redb::Error::from)?;
@@ -109,7 +141,10 @@ impl EmbeddedEngine {
         }
         tx.commit().map_err(redb::Error::from)?;
         let (live, _) = broadcast::channel(16 * 1024);
-        let db = Arc::new(db);
+        let db = Arc::new(Db {
+            database: db,
+            commit_seconds,
+        });
         let (writer, requests) = std::sync::mpsc::channel();
         let writer_thread = {
             let db = Arc::clone(&db);
@@ -143,7 +178,7 @@ impl EmbeddedEngine {
     async fn blocking<T, F>(&self, work: F) -> Result<T, EngineError>
     where
         T: Send + 'static,
-        F: FnOnce(&Database) -> Result<T, EngineError> + Send + 'static,
+        F: FnOnce(&Db) -> Result<T, EngineError> + Send + 'static,
     {
         let db = Arc::clone(&self.db);
         tokio::task::spawn_blocking(move || work(&db)).await?

@@ -41,6 +41,15 @@ impl JobQueue for EmbeddedEngine {
         }
     }
 
+    async fn depth(&self) -> Result<u64, EngineError> {
+        let waiting = self
+            .queue
+            .lock()
+            .expect("queue lock is never poisoned")
+            .len();
+        Ok(waiting as u64)
+    }
+
     async fn complete(&self, _lease: &Lease) -> Result<(), EngineError> {
         Ok(())
     }

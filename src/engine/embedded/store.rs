@@ -56,7 +56,7 @@ impl Store for EmbeddedEngine {
                     .insert((project.owner.as_str(), project.project_id.as_str()), ())
                     .map_err(redb::Error::from)?;
             }
-            tx.commit().map_err(redb::Error::from)?;
+            db.commit(tx)?;
             Ok(())
         })
         .await
@@ -127,7 +127,7 @@ impl Store for EmbeddedEngine {
                     syncs.remove(sync.as_str()).map_err(redb::Error::from)?;
                 }
             }
-            tx.commit().map_err(redb::Error::from)?;
+            db.commit(tx)?;
             Ok(())
         })
         .await
@@ -196,7 +196,7 @@ impl Store for EmbeddedEngine {
                         }
                     }
                 };
-                tx.commit().map_err(redb::Error::from)?;
+                db.commit(tx)?;
                 let (record, created, enqueue) = outcome;
                 Ok(((record, created), enqueue))
             })
@@ -306,7 +306,7 @@ impl Store for EmbeddedEngine {
                         }
                     }
                 }
-                tx.commit().map_err(redb::Error::from)?;
+                db.commit(tx)?;
                 Ok((put, promoted))
             })
             .await?;
@@ -369,7 +369,7 @@ impl Store for EmbeddedEngine {
                     .map_err(redb::Error::from)?;
                 project
             };
-            tx.commit().map_err(redb::Error::from)?;
+            db.commit(tx)?;
             Ok(Some(updated))
         })
         .await
@@ -421,7 +421,7 @@ impl Store for EmbeddedEngine {
                 }
                 found.into_iter().map(|(_, id)| id).collect()
             };
-            tx.commit().map_err(redb::Error::from)?;
+            db.commit(tx)?;
             Ok(claimed)
         })
         .await
@@ -476,7 +476,7 @@ impl Store for EmbeddedEngine {
                     }
                 }
             };
-            tx.commit().map_err(redb::Error::from)?;
+            db.commit(tx)?;
             Ok(seen)
         })
         .await

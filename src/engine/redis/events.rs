@@ -101,6 +101,11 @@ impl RedisEngine {
 }
 
 impl RedisEngine {
+    /// Counts the pub/sub subscription's reconnects in `counter` from now on.
+    pub fn count_reconnects_in(&self, counter: prometheus_client::metrics::counter::Counter) {
+        let _ = self.reconnects.set(counter);
+    }
+
     /// Runs the pub/sub subscription until `stop`: connects, subscribes, forwards every
     /// message, pings to notice a dead link, and on any break reconnects with backoff and
     /// tells the hub (`Live::Reconnected`), which recovers the gap from the histories.
@@ -138,6 +143,9 @@ impl RedisEngine {
             *first = false;
             tracing::info!("subscribed to redis events");
         } else {
+            if let Some(reconnects) = self.reconnects.get() {
+                reconnects.inc();
+            }
             tracing::info!("resubscribed to redis events; recovering missed ones");
         }
         // after a break, events published meanwhile exist only in the histories

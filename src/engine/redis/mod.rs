@@ -66,6 +66,8 @@ pub struct RedisEngine {
     live: broadcast::Sender<Live>,
     /// the pub/sub task, started by the first `live()`
     subscriber: OnceLock<CancellationToken>,
+    /// counts the subscription's reconnects, once the process's metrics are known
+    reconnects: OnceLock<prometheus_client::metrics::counter::Counter>,
     scripts: Scripts,
 }
 
@@ -102,6 +104,7 @@ impl RedisEngine {
             consumer,
             live,
             subscriber: OnceLock::new(),
+            reconnects: OnceLock::new(),
             scripts: Scripts::new(),
         });
         engine.ensure_group().await?;

@@ -118,6 +118,27 @@ impl JobQueue for RedisEngine {
         self.drop_entry(&mut conn, &lease.token).await
     }
 
+    async fn depth(&self) -> Result<u64, EngineError> {
+        // entries leave the stream when completed or released, so what is in it and
+        // not pending with a consumer is waiting
+        let mut conn = self.conn().await?;
+        let (length, pending): (u64, redis::Value) = redis::pipe()
+            .xlen(self.keys.jobs())
+            .cmd("XPENDING")
+            .arg(self.keys.jobs())
+            .arg(GROUP)
+            .query_async(&mut *conn)
+            .await?;
+        let pending = match pending {
+            redis::Value::Array(summary) => match summary.first() {
+                Some(redis::Value::Int(count)) => u64::try_from(*count).unwrap_or(0),
+                _ => 0,
+            },
+            _ => 0,
+        };
+        Ok(length.saturating_sub(pending))
+    }
+
     async fn release(&self, lease: Lease) -> Result<(), EngineError> {
         let json = serde_json::to_string(&lease.job)?;
         let mut conn = self.conn().await?;

@@ -346,7 +346,7 @@ pub async fn get_sync(
     get,
     path = "/api/v1/repo/sync",
     tag = "syncs",
-    params(("project_id" = String, Query, description = "the project's id"), ("limit" = Option<u32>, Query, description = "at most this many, newest first (1..=100, default 20)")),
+    params(("project_id" = String, Query, description = "the project's id"), ("limit" = Option<u32>, Query, description = "at most this many, newest first (default 20)", minimum = 1, maximum = 100)),
     responses(
         (status = 200, description = "the project's syncs, newest first", body = [SyncRecord]),
         (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
@@ -377,7 +377,7 @@ pub async fn list_syncs(
     get,
     path = "/api/v1/notifications",
     tag = "events",
-    params(("after" = Option<u64>, Query, description = "events after this id (default 0)"), ("limit" = Option<u32>, Query, description = "at most this many (1..=10000, default 100)")),
+    params(("after" = Option<i64>, Query, description = "events after this id (default 0)", minimum = 0), ("limit" = Option<u32>, Query, description = "at most this many (default 100)", minimum = 1, maximum = 10000)),
     responses(
         (status = 200, description = "the caller's events after `after`, as the socket sends them", body = [ServerFrame]),
         (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
@@ -391,11 +391,14 @@ pub async fn notifications(
 ) -> Result<Vec<ServerFrame>, ApiError> {
     let principal = principal?;
     let query = query_map(&query)?;
+    // ids are signed 64-bit in Redis (INCR): a larger number is no event id
     let after = match query.get("after") {
         None => 0,
         Some(raw) => raw
-            .parse()
-            .map_err(|_| ApiError::InvalidRequest("after must be an event id".into()))?,
+            .parse::<i64>()
+            .ok()
+            .and_then(|id| u64::try_from(id).ok())
+            .ok_or_else(|| ApiError::InvalidRequest("after must be an event id".into()))?,
     };
     let limit = parse_limit(query.get("limit"), DEFAULT_NOTIFICATIONS, MAX_REPLAY)?;
     let history = state

@@ -103,6 +103,22 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/repo/diff"),
 ];
 
+/// For a path that is one of [`ROUTES`] asked with a method the route does not take:
+/// the 405 answer, naming the methods it does take.
+pub(crate) fn method_not_allowed(method: &str, route: &str) -> Option<ApiError> {
+    let mut allowed = ROUTES
+        .iter()
+        .filter(|(_, template)| *template == route)
+        .map(|(allowed, _)| *allowed)
+        .peekable();
+    allowed.peek()?;
+    let allowed: Vec<&str> = allowed.collect();
+    (!allowed.contains(&method)).then(|| ApiError::MethodNotAllowed {
+        method: method.to_owned(),
+        allow: allowed.join(", "),
+    })
+}
+
 /// The route template a request path matches (any method), `/api/v1/ws` for the
 /// socket, `static` for the dashboard's files under `/`, else `unmatched`: a label
 /// with a bounded set of values, whatever paths clients send.
@@ -184,7 +200,16 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, ApiError>,
 ) -> Result<T, ApiError> {
     let body = body?;
-    serde_json::from_slice(&body)
+    // every request body is an object; serde would also take a struct as an array of
+    // its fields in order, which no client means
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::InvalidRequest(format!("invalid JSON body: {err}")))?;
+    if !value.is_object() {
+        return Err(ApiError::InvalidRequest(
+            "the body must be a JSON object".into(),
+        ));
+    }
+    serde_json::from_value(value)
         .map_err(|err| ApiError::InvalidRequest(format!("invalid JSON body: {err}")))
 }
 

@@ -195,7 +195,7 @@ pub async fn file(
         ("q" = String, Query, description = "the text (or, with regex=true, the pattern) to find"),
         ("regex" = Option<bool>, Query, description = "q is a regular expression"),
         ("path_prefix" = Option<String>, Query, description = "only paths under this directory"),
-        ("limit" = Option<u32>, Query, description = "at most this many matches (1..=1000, default 100)"),
+        ("limit" = Option<u32>, Query, description = "at most this many matches (default 100)", minimum = 1, maximum = 1000),
         ("If-None-Match" = Option<String>, Header, description = "an ETag from an earlier answer: 304 when unchanged"),
     ),
     responses(

@@ -59,6 +59,8 @@ pub async fn serve(
                     let metrics = Arc::clone(&state.metrics);
                     let response = if request.uri().path() == ws::WS_PATH {
                         ws::upgrade(state, request, shutdown, tracker).await
+                    } else if let Some(refused) = super::method_not_allowed(&method, route) {
+                        refused.into_response()
                     } else {
                         match rest.call(request).await {
                             Ok(response) => response,

@@ -190,9 +190,15 @@ pub struct ProjectView {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateProjectRequest {
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
+    /// an allowed scheme (HIVESYNC_ALLOWED_SCHEMES, `https,ssh` by default) on a
+    /// public host; no userinfo (name a credential instead)
+    #[schema(min_length = 1, max_length = 4096)]
     pub repo_url: String,
+    /// default `main`
     #[serde(default = "default_branch")]
+    #[schema(min_length = 1, max_length = 255)]
     pub branch: String,
     #[serde(default)]
     pub credential: Option<String>,
@@ -206,6 +212,7 @@ pub struct CreateProjectRequest {
 #[serde(deny_unknown_fields)]
 pub struct PatchProjectRequest {
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 200)]
     pub name: Option<String>,
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]

@@ -77,8 +77,8 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<AttemptEnd, EngineError> {
         // the key file lives until this attempt ends, then is deleted
-        // the private-host guard on the addresses the name has now; ssh is pinned to
-        // the address that was checked
+        // the private-host guard on the addresses the name has now; ssh and https are
+        // pinned to the address that was checked
         let checked =
             match guard::check_remote(&project.repo_url, self.settings.allow_private_hosts).await {
                 Ok(checked) => checked,

@@ -2,9 +2,9 @@
 //! addresses however they are spelled; here, before each attempt, the repo's host name
 //! is resolved and every address it has is checked, so a name that resolves to
 //! loopback or a private range (an `/etc/hosts` entry, a DNS record pointing inwards)
-//! is refused too. The checked address is handed to ssh as the one to connect to, so a
-//! second lookup cannot be rebound; for https, curl resolves the name again (see the
-//! README's security section for what that leaves).
+//! is refused too. The checked address is what the attempt connects to (handed to ssh
+//! as the host to dial, and to the https client as the name's only address), so a
+//! second lookup cannot be rebound to a private one.
 
 use std::net::{IpAddr, SocketAddr};
 

@@ -96,7 +96,7 @@ fn pick(round: u64, salt: u64, modulo: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_once() {
-    let Some(mut redis) = redis_or_skip("the fault-injection suite") else {
+    let Some(mut redis) = redis_or_skip() else {
         return;
     };
     let rounds: u64 = std::env::var("HIVESYNC_CHAOS_ROUNDS")

@@ -116,7 +116,7 @@ async fn embedded_engine_conforms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_engine_conforms() {
-    let Some(server) = redis_or_skip("redis_engine_conforms") else {
+    let Some(server) = redis_or_skip() else {
         return;
     };
     all_checks(&OnRedis { server }).await;
@@ -560,7 +560,7 @@ async fn jobs_locks_and_fences(engine: Engine) {
 /// worker's lock is then worthless.
 #[tokio::test]
 async fn a_silent_workers_job_is_taken_over_and_its_lock_fenced() {
-    let Some(server) = redis_or_skip("a_silent_workers_job_is_taken_over") else {
+    let Some(server) = redis_or_skip() else {
         return;
     };
     let redis = OnRedis { server };

@@ -174,7 +174,7 @@ async fn sync_requests_racing_a_delete_get_404_never_500() {
 
 #[tokio::test]
 async fn an_unreachable_redis_is_503_with_retry_after() {
-    let Some(mut redis) = redis_or_skip("an_unreachable_redis_is_503_with_retry_after") else {
+    let Some(mut redis) = redis_or_skip() else {
         return;
     };
     let url = redis.url();
@@ -366,7 +366,7 @@ async fn malformed_trees_fail_once_cleanly_and_write_nothing() {
 
 #[tokio::test]
 async fn a_sync_whose_job_was_lost_is_requeued_by_the_watchdog_and_completes() {
-    let Some(redis) = redis_or_skip("a_sync_whose_job_was_lost_is_requeued_by_the_watchdog") else {
+    let Some(redis) = redis_or_skip() else {
         return;
     };
     let prefix = unique_prefix();

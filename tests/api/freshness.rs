@@ -574,9 +574,7 @@ async fn metadata_is_for_every_client_class_and_has_no_contents() {
 
 #[tokio::test]
 async fn two_hubs_on_one_redis_sync_each_due_project_once() {
-    let Some(redis) =
-        crate::redis_server::redis_or_skip("two_hubs_on_one_redis_sync_each_due_project_once")
-    else {
+    let Some(redis) = crate::redis_server::redis_or_skip() else {
         return;
     };
     let prefix = crate::redis_server::unique_prefix();

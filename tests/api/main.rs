@@ -19,6 +19,7 @@ mod projects;
 mod read;
 mod redis_server;
 mod security;
+mod skips;
 mod ssh;
 mod sync;
 mod tokens;

@@ -37,7 +37,7 @@ fn assert_contiguous(ids: &[u64], after: u64) {
 
 #[tokio::test]
 async fn a_socket_on_hub_b_follows_a_sync_requested_on_hub_a_and_run_by_a_worker_process() {
-    let Some(redis) = redis_or_skip("multinode fan-out") else {
+    let Some(redis) = redis_or_skip() else {
         return;
     };
     let prefix = unique_prefix();
@@ -111,7 +111,7 @@ async fn a_socket_on_hub_b_follows_a_sync_requested_on_hub_a_and_run_by_a_worker
 
 #[tokio::test]
 async fn a_worker_killed_mid_clone_leaves_its_job_to_another_worker() {
-    let Some(redis) = redis_or_skip("multinode takeover") else {
+    let Some(redis) = redis_or_skip() else {
         return;
     };
     let prefix = unique_prefix();
@@ -180,7 +180,7 @@ async fn a_worker_killed_mid_clone_leaves_its_job_to_another_worker() {
 
 #[tokio::test]
 async fn after_a_redis_restart_hubs_resubscribe_and_clients_lose_and_repeat_nothing() {
-    let Some(mut redis) = redis_or_skip("multinode redis restart") else {
+    let Some(mut redis) = redis_or_skip() else {
         return;
     };
     let prefix = unique_prefix();
@@ -269,7 +269,7 @@ async fn after_a_redis_restart_hubs_resubscribe_and_clients_lose_and_repeat_noth
 /// `hivesync ready`: the health check of worker containers.
 #[tokio::test]
 async fn ready_answers_for_the_engine_a_worker_would_use() {
-    let Some(mut redis) = redis_or_skip("hivesync ready") else {
+    let Some(mut redis) = redis_or_skip() else {
         return;
     };
     let data = tempfile::tempdir().expect("temp dir");
@@ -295,7 +295,7 @@ async fn ready_answers_for_the_engine_a_worker_would_use() {
 /// MAX_DELIVERIES hand-outs instead of taking down workers forever.
 #[tokio::test]
 async fn a_job_that_kills_every_worker_is_failed_not_retried_forever() {
-    let Some(redis) = redis_or_skip("multinode poison job") else {
+    let Some(redis) = redis_or_skip() else {
         return;
     };
     let prefix = unique_prefix();

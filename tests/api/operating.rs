@@ -226,7 +226,7 @@ fn metrics_address(stdout: std::process::ChildStdout) -> String {
 
 #[tokio::test]
 async fn a_worker_process_serves_metrics_health_and_readiness() {
-    let Some(redis) = redis_or_skip("a_worker_process_serves_metrics_health_and_readiness") else {
+    let Some(redis) = redis_or_skip() else {
         return;
     };
     let prefix = unique_prefix();
@@ -639,7 +639,7 @@ async fn the_client_resumes_after_a_dropped_socket_with_no_gap_or_duplicate() {
 async fn the_worker_refuses_a_metrics_address_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr");
-    let Some(redis) = redis_or_skip("the_worker_refuses_a_metrics_address_in_use") else {
+    let Some(redis) = redis_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");

@@ -206,6 +206,42 @@ async fn hub_metrics_count_syncs_events_webhooks_sockets_and_requests() {
             .is_some_and(|count| count >= 1.0),
         "the embedded store's commits are timed"
     );
+    // the shipped Grafana dashboard queries only series the hub exports
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/hivesync.json"),
+        )
+        .expect("the dashboard is in the repo"),
+    )
+    .expect("the dashboard is JSON");
+    let exported: BTreeSet<&str> = metrics
+        .samples
+        .iter()
+        .map(|(name, _, _)| name.as_str())
+        .collect();
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("a PromQL expression");
+            for (at, _) in expr.match_indices("hivesync_") {
+                let name: String = expr[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(
+        queried.len() >= 10,
+        "the dashboard covers the families: {queried:?}"
+    );
+    for name in &queried {
+        assert!(
+            exported.contains(name.as_str()),
+            "the dashboard queries {name}, which /metrics does not export"
+        );
+    }
     drop(ws);
     app.stop().await;
 }

@@ -256,12 +256,7 @@ pub async fn receive_webhook(
     tracing::info!(project_id = %project.project_id, sync_id = %record.sync_id, joined = !created, "webhook push");
     Ok((
         StatusCode::ACCEPTED,
-        WebhookOutcome::Accepted(SyncAccepted {
-            sync_id: record.sync_id,
-            project_id: record.project_id,
-            status: record.status,
-            coalesced: !created,
-        }),
+        WebhookOutcome::Accepted(SyncAccepted::of(record, created)),
     ))
 }
 

@@ -293,15 +293,7 @@ pub async fn request_sync(
     } else {
         StatusCode::OK
     };
-    Ok((
-        status,
-        SyncAccepted {
-            sync_id: record.sync_id,
-            project_id: record.project_id,
-            status: record.status,
-            coalesced: !created,
-        },
-    ))
+    Ok((status, SyncAccepted::of(record, created)))
 }
 
 #[utoipa::path(

@@ -270,6 +270,18 @@ pub struct SyncAccepted {
     pub coalesced: bool,
 }
 
+impl SyncAccepted {
+    /// The answer naming `record`: a sync just queued (`created`), or one joined.
+    pub fn of(record: SyncRecord, created: bool) -> Self {
+        Self {
+            sync_id: record.sync_id,
+            project_id: record.project_id,
+            status: record.status,
+            coalesced: !created,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MobileProject {
     pub project_id: String,

@@ -63,6 +63,10 @@ enum Scenario {
         /// rounds published back to back after the steady phase
         #[arg(long, default_value_t = 200)]
         burst: u64,
+        /// publish stage changes, which are committed durably, instead of progress
+        /// ticks (which the embedded engine may commit without an fsync)
+        #[arg(long)]
+        durable: bool,
     },
     /// Sync cost next to git in the same run: first, no-op and incremental syncs, many
     /// small projects at once, and sync-status polling throughput
@@ -82,6 +86,17 @@ enum Scenario {
         /// seconds of polling
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+    },
+    /// Events one process publishes into Redis through the engine's Lua script, beside
+    /// a bare PUBLISH of the same payload, alternated, median of the rounds
+    Publish {
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        /// tasks publishing at once (a worker process's syncs, its hub's requests)
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// One scheduler tick's CPU with few and with many registered projects (the due
     /// count equal): the cost should follow the due projects only
@@ -129,6 +144,7 @@ enum Scenario {
 
 mod fanout;
 mod freshness;
+mod publish;
 mod reads;
 mod scheduler;
 mod syncs;
@@ -287,6 +303,18 @@ async fn main() -> std::process::ExitCode {
     let result = match &cli.scenario {
         Scenario::Connections { count, batch } => connections(&cli, *count, *batch).await,
         Scenario::EmbeddedHub => fanout::embedded_hub().await,
+        Scenario::Publish {
+            events,
+            concurrency,
+            rounds,
+        } => {
+            publish::run(publish::Options {
+                events: (*events).max(1),
+                concurrency: (*concurrency).clamp(1, (*events).max(1)),
+                rounds: (*rounds).max(1),
+            })
+            .await
+        }
         Scenario::Scheduler {
             projects,
             due,
@@ -345,6 +373,7 @@ async fn main() -> std::process::ExitCode {
             rate,
             seconds,
             burst,
+            durable,
         } => {
             fanout::run(
                 &cli.hub,
@@ -356,6 +385,7 @@ async fn main() -> std::process::ExitCode {
                     rate: (*rate).max(1),
                     seconds: *seconds,
                     burst: *burst,
+                    durable: *durable,
                 },
             )
             .await

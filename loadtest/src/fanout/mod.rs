@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 use client::{open_client, run_client};
 pub use publisher::embedded_hub;
 use publisher::user_name;
+pub use rig::PrivateRedis;
 use rig::rss_of;
 use tally::{Tally, now_nanos};
 
@@ -50,6 +51,20 @@ pub struct Load {
     pub seconds: u64,
     /// rounds published back to back after the steady phase
     pub burst: u64,
+    /// stage changes (durably committed) instead of progress ticks
+    pub durable: bool,
+}
+
+/// The servers' summed RSS, sampled every 200 ms while the sockets are open.
+fn sample_rss(pids: Vec<u32>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<u64>> {
+    tokio::spawn(async move {
+        let mut samples = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            samples.push(pids.iter().map(|pid| rss_of(*pid)).sum());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        samples
+    })
 }
 
 pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
@@ -117,6 +132,11 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
     }
     eprintln!();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // memory with every socket open, before any event, then sampled under the load
+    let pids: Vec<u32> = rig.children.iter().filter_map(|child| child.id()).collect();
+    let rss_open: u64 = pids.iter().map(|pid| rss_of(*pid)).sum();
+    let sampling_stop = Arc::new(AtomicBool::new(false));
+    let sampler = sample_rss(pids, Arc::clone(&sampling_stop));
 
     // publish: steady rounds, then a burst
     let publisher = Arc::new(rig.publisher);
@@ -126,17 +146,27 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         .collect();
     // steady: the events of a round spread evenly over the round (users' events do not
     // all happen at the same instant); burst: whole rounds back to back
+    // Every event is stamped with the time it was due, not the time it went out: a
+    // publisher that falls behind shows as latency (no coordinated omission).
     let steady_events = load.rate * load.seconds * load.users as u64;
     let spacing = 1.0 / (load.rate as f64 * load.users as f64);
     let started = Instant::now();
+    let started_wall = now_nanos();
     let mut published = 0u64;
     let mut in_flight = Vec::new();
+    let mut max_late = Duration::ZERO;
     for n in 0..steady_events {
-        let due = started + Duration::from_secs_f64(n as f64 * spacing);
+        let offset = Duration::from_secs_f64(n as f64 * spacing);
+        let due = started + offset;
         tokio::time::sleep_until(due.into()).await;
+        max_late = max_late.max(Instant::now().saturating_duration_since(due));
+        let intended = started_wall + offset.as_nanos() as u64;
         let user = (n % load.users as u64) as usize;
         next_seq[user] += 1;
-        if let Some(task) = publisher.publish_one(user, next_seq[user]).await? {
+        if let Some(task) = publisher
+            .publish_one(user, next_seq[user], intended, load.durable)
+            .await?
+        {
             in_flight.push(task);
         }
         published += 1;
@@ -150,6 +180,18 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
     for task in in_flight {
         task.await.map_err(|e| e.to_string())??;
     }
+    // how long after the schedule's end the last steady event was out
+    let steady_end = started + Duration::from_secs(load.seconds);
+    let finished_late = Instant::now().saturating_duration_since(steady_end);
+    let allowed = Duration::from_secs_f64((load.seconds as f64 * 0.05).max(0.1));
+    let publisher_behind = steady_events > 0 && finished_late > allowed;
+    if publisher_behind {
+        eprintln!(
+            "\n  WARNING: the publisher fell behind its schedule (done {:.0} ms late): the steady rate offered was not the rate sent",
+            finished_late.as_secs_f64() * 1000.0
+        );
+    }
+    // the burst: every round is due at once, at its start
     let mut burst_started = None;
     for _ in 0..load.burst {
         if burst_started.is_none() {
@@ -159,7 +201,10 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         for seq in next_seq.iter_mut() {
             *seq += 1;
         }
-        publisher.publish_round(&next_seq).await?;
+        let intended = tally.burst_start.load(Ordering::Relaxed);
+        publisher
+            .publish_round(&next_seq, intended, load.durable)
+            .await?;
         published += load.users as u64;
     }
     let publish_secs = started.elapsed().as_secs_f64();
@@ -185,16 +230,18 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         "\r  published {published:>9} events, delivered {:>10}",
         tally.received()
     );
+    sampling_stop.store(true, Ordering::Relaxed);
+    let rss_samples = sampler.await.map_err(|e| e.to_string())?;
+    let rss_peak = rss_samples
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(rss_open)
+        .max(rss_open);
     stop.store(true, Ordering::Relaxed);
     let mut finals = Vec::with_capacity(clients.len());
     for client in clients {
         finals.push(client.await.unwrap_or(0));
-    }
-    let mut rss_total = 0;
-    for child in &rig.children {
-        if let Some(pid) = child.id() {
-            rss_total += rss_of(pid);
-        }
     }
 
     let received = tally.received();
@@ -216,23 +263,33 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         }
         let first = phase.first_receipt.load(Ordering::Relaxed);
         let last = phase.last_receipt.load(Ordering::Relaxed);
-        // steady: deliveries over the publishing time; burst: from its first emit to
-        // its last receipt
-        let secs = if name == "steady" {
-            load.seconds as f64
+        // what arrived over the window it took: steady from the first event's due
+        // time to the last steady receipt, burst from its start to its last receipt
+        let window_start = if name == "steady" {
+            started_wall
         } else {
-            last.saturating_sub(tally.burst_start.load(Ordering::Relaxed).min(first)) as f64 / 1e9
+            tally.burst_start.load(Ordering::Relaxed).min(first)
         };
+        let secs = last.saturating_sub(window_start) as f64 / 1e9;
         let per_sec = if secs > 0.0 { count as f64 / secs } else { 0.0 };
         let merged = phase.merged().await;
         let ms = |q: f64| merged.value_at_quantile(q) as f64 / 1000.0;
         let max = merged.max() as f64 / 1000.0;
+        let offered = (name == "steady").then(|| (load.rate * load.sockets as u64) as f64);
+        let percentiles: Vec<Value> = [0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0]
+            .iter()
+            .map(|q| json!({"q": q, "ms": ms(*q)}))
+            .collect();
         phases.insert(
             name.to_owned(),
             json!({
                 "deliveries": count,
+                "window_s": secs,
                 "deliveries_per_s": per_sec,
-                "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "max": max},
+                "offered_deliveries_per_s": offered,
+                "latency_from": "intended send time",
+                "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": max},
+                "latency_percentiles_ms": percentiles,
             }),
         );
         rows.push(format!(
@@ -253,6 +310,10 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         "steady_rounds_per_s": load.rate,
         "steady_seconds": load.seconds,
         "burst_rounds": load.burst,
+        "event_kind": if load.durable { "stage change (durable)" } else { "progress tick" },
+        "publisher_behind": publisher_behind,
+        "publisher_max_late_ms": max_late.as_secs_f64() * 1000.0,
+        "publisher_finished_late_ms": finished_late.as_secs_f64() * 1000.0,
         "events_published": published,
         "publish_seconds": publish_secs,
         "burst_publish_seconds": burst_secs,
@@ -262,7 +323,9 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         "lost": lost,
         "duplicated": duplicated,
         "resumed_after_close": resumed,
-        "server_rss_bytes": rss_total,
+        "server_rss_open_bytes": rss_open,
+        "server_rss_peak_bytes": rss_peak,
+        "server_rss_samples": rss_samples.len(),
     });
     println!();
     println!(
@@ -274,6 +337,16 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
     }
     println!(
         "events published: {published}, deliveries: {received} of {expected}, lost: {lost}, duplicated: {duplicated}, sockets resumed after a close: {resumed}"
+    );
+    println!(
+        "server RSS: {:.1} MiB with every socket open, {:.1} MiB peak under load; publisher {}",
+        rss_open as f64 / 1048576.0,
+        rss_peak as f64 / 1048576.0,
+        if publisher_behind {
+            "FELL BEHIND its schedule"
+        } else {
+            "kept its schedule"
+        }
     );
     drop(rig.children);
     Ok(result)

@@ -8,7 +8,6 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Mutex;
 
-use super::tally::now_nanos;
 use hivesync::engine::EventLog;
 use hivesync::protocol::{EventBody, Progress, SyncStatus};
 
@@ -23,14 +22,19 @@ pub(super) enum Publisher {
 }
 
 impl Publisher {
-    /// One event for every user, `seqs[user]` being its sequence number.
-    pub(super) async fn publish_round(self: &Arc<Self>, seqs: &[u64]) -> Result<(), String> {
+    /// One event for every user, `seqs[user]` being its sequence number, each stamped
+    /// `intended` (when it was due, not when it went out).
+    pub(super) async fn publish_round(
+        self: &Arc<Self>,
+        seqs: &[u64],
+        intended: u64,
+        durable: bool,
+    ) -> Result<(), String> {
         if let Publisher::Pipe(stdin) = &**self {
             use tokio::io::AsyncWriteExt;
-            let emitted = now_nanos();
             let mut lines = String::with_capacity(seqs.len() * 32);
             for (user, seq) in seqs.iter().enumerate() {
-                lines.push_str(&format!("{user} {seq} {emitted}\n"));
+                lines.push_str(&format!("{user} {seq} {intended} {}\n", u8::from(durable)));
             }
             let mut stdin = stdin.lock().await;
             return stdin
@@ -41,7 +45,7 @@ impl Publisher {
         let sends = seqs.iter().enumerate().map(|(user, seq)| {
             let publisher = Arc::clone(self);
             let seq = *seq;
-            async move { publisher.publish(user, seq).await }
+            async move { publisher.publish(user, seq, intended, durable).await }
         });
         for result in futures_util::future::join_all(sends).await {
             result?;
@@ -49,16 +53,18 @@ impl Publisher {
         Ok(())
     }
 
-    /// One event, published in the background unless it is a line on a pipe; the
-    /// returned task ends with its outcome.
+    /// One event stamped `intended`, published in the background unless it is a line
+    /// on a pipe; the returned task ends with its outcome.
     pub(super) async fn publish_one(
         self: &Arc<Self>,
         user: usize,
         seq: u64,
+        intended: u64,
+        durable: bool,
     ) -> Result<Option<tokio::task::JoinHandle<Result<(), String>>>, String> {
         if let Publisher::Pipe(stdin) = &**self {
             use tokio::io::AsyncWriteExt;
-            let line = format!("{user} {seq} {}\n", now_nanos());
+            let line = format!("{user} {seq} {intended} {}\n", u8::from(durable));
             let mut stdin = stdin.lock().await;
             stdin
                 .write_all(line.as_bytes())
@@ -68,15 +74,22 @@ impl Publisher {
         }
         let publisher = Arc::clone(self);
         Ok(Some(tokio::spawn(async move {
-            publisher.publish(user, seq).await
+            publisher.publish(user, seq, intended, durable).await
         })))
     }
 
-    pub(super) async fn publish(&self, user: usize, seq: u64) -> Result<(), String> {
-        let emitted = now_nanos();
+    pub(super) async fn publish(
+        &self,
+        user: usize,
+        seq: u64,
+        emitted: u64,
+        durable: bool,
+    ) -> Result<(), String> {
         match self {
             Publisher::Pipe(_) => Err("pipe publishers publish whole rounds".into()),
-            Publisher::Engine(events) => publish_event(events.as_ref(), user, seq, emitted).await,
+            Publisher::Engine(events) => {
+                publish_event(events.as_ref(), user, seq, emitted, durable).await
+            }
             Publisher::SocketIo { redis } => {
                 let room = format!("user-{user}");
                 let packet = json!([
@@ -98,22 +111,33 @@ impl Publisher {
     }
 }
 
-/// The event a worker would publish (a progress tick), stamped with its emit time.
+/// The event a worker would publish, stamped with its intended emit time: a progress
+/// tick (which the embedded engine may commit without an fsync), or with `durable` a
+/// stage change (committed durably, as stage changes and notifications are).
 pub(super) async fn publish_event(
     events: &dyn EventLog,
     user: usize,
     seq: u64,
     emitted: u64,
+    durable: bool,
 ) -> Result<(), String> {
+    let (stage, progress) = if durable {
+        (SyncStatus::Finalizing, None)
+    } else {
+        (
+            SyncStatus::Running,
+            Some(Progress {
+                percent: (seq % 100) as u8,
+                objects: seq,
+                bytes: seq * 1024,
+            }),
+        )
+    };
     let body = EventBody::SyncStage {
         sync_id: format!("t{emitted}"),
         project_id: format!("project-{user}"),
-        stage: SyncStatus::Running,
-        progress: Some(Progress {
-            percent: (seq % 100) as u8,
-            objects: seq,
-            bytes: seq * 1024,
-        }),
+        stage,
+        progress,
         at: hivesync::domain::now_rfc3339(),
         retry: None,
     };
@@ -125,7 +149,8 @@ pub(super) async fn publish_event(
 }
 
 /// `loadtest embedded-hub`: a hub with the embedded engine in this process, printing
-/// its address, then publishing each `user seq emitted_ns` line of standard input.
+/// its address, then publishing each `user seq intended_ns durable` line of standard
+/// input.
 pub async fn embedded_hub() -> Result<Value, String> {
     let data = tempfile::tempdir().map_err(|e| e.to_string())?;
     let config = hivesync::config::Config {
@@ -146,15 +171,18 @@ pub async fn embedded_hub() -> Result<Value, String> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let mut fields = line.split_whitespace().map(str::parse::<u64>);
-        let (Some(Ok(user)), Some(Ok(seq)), Some(Ok(emitted))) =
-            (fields.next(), fields.next(), fields.next())
+        let (Some(Ok(user)), Some(Ok(seq)), Some(Ok(emitted)), Some(Ok(durable))) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
         else {
             continue;
         };
+        let durable = durable == 1;
         // as concurrent workers would: the engine commits what is waiting together
         let events = events.clone();
         tokio::spawn(async move {
-            if let Err(err) = publish_event(events.as_ref(), user as usize, seq, emitted).await {
+            if let Err(err) =
+                publish_event(events.as_ref(), user as usize, seq, emitted, durable).await
+            {
                 eprintln!("publish failed: {err}");
             }
         });

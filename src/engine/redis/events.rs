@@ -31,7 +31,7 @@ impl EventLog for RedisEngine {
             .arg(json)
             .arg(channel_prefix(user))
             .arg(self.settings.history_len.max(1))
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?;
         Ok(Event {
             id,
@@ -59,7 +59,7 @@ impl EventLog for RedisEngine {
             .arg("+")
             .arg("COUNT")
             .arg(limit.max(1))
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?;
         let latest = latest.unwrap_or(0);
         let mut events = Vec::with_capacity(range.ids.len());

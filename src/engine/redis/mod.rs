@@ -56,8 +56,13 @@ pub struct RedisSettings {
     pub pool_size: usize,
 }
 
+/// See [`RedisEngine::conn`].
+pub(super) type Conn = redis::aio::ConnectionManager;
+
 pub struct RedisEngine {
+    /// connections for blocking reads only
     pool: Pool,
+    shared: Conn,
     client: redis::Client,
     keys: Keys,
     settings: RedisSettings,
@@ -94,8 +99,18 @@ impl RedisEngine {
             &uuid::Uuid::new_v4().simple().to_string()[..6]
         );
         let (live, _) = broadcast::channel(16 * 1024);
+        let shared_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            // a request during an outage fails after one quick reconnect attempt
+            // (the caller answers 503 or retries); the next request tries again
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let shared =
+            redis::aio::ConnectionManager::new_with_config(client.clone(), shared_config).await?;
         let engine = Arc::new(Self {
             pool,
+            shared,
             client,
             keys: Keys {
                 prefix: settings.prefix.clone(),
@@ -111,7 +126,16 @@ impl RedisEngine {
         Ok(engine)
     }
 
-    pub(super) async fn conn(&self) -> Result<deadpool_redis::Connection, EngineError> {
+    /// The connection for every command that does not block: one multiplexed
+    /// connection shared by all callers (requests pipeline on it; no checkout, no
+    /// PING per use), which reconnects by itself after Redis restarts.
+    pub(super) async fn conn(&self) -> Result<Conn, EngineError> {
+        Ok(self.shared.clone())
+    }
+
+    /// A connection of its own, for the blocking `XREADGROUP` (which would stall
+    /// every other command on the shared one).
+    pub(super) async fn blocking_conn(&self) -> Result<deadpool_redis::Connection, EngineError> {
         self.pool
             .get()
             .await
@@ -126,7 +150,7 @@ impl RedisEngine {
             .arg(GROUP)
             .arg("0")
             .arg("MKSTREAM")
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await;
         match created {
             Ok(()) => Ok(()),
@@ -141,7 +165,7 @@ impl RedisEngine {
 
     async fn read_project(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut Conn,
         id: &str,
     ) -> Result<Option<Project>, EngineError> {
         Ok(self
@@ -153,7 +177,7 @@ impl RedisEngine {
     /// The project and its revision (bumped by every write of its settings or status).
     async fn read_project_rev(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut Conn,
         id: &str,
     ) -> Result<Option<(Project, String)>, EngineError> {
         let mut fields: std::collections::HashMap<String, String> =

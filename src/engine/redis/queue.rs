@@ -27,7 +27,7 @@ impl JobQueue for RedisEngine {
             if shutdown.is_cancelled() {
                 return Ok(None);
             }
-            let mut conn = self.conn().await?;
+            let mut conn = self.blocking_conn().await?;
             // first, jobs whose worker stopped heartbeating
             let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
                 .arg(self.keys.jobs())
@@ -37,7 +37,7 @@ impl JobQueue for RedisEngine {
                 .arg("0-0")
                 .arg("COUNT")
                 .arg(1)
-                .query_async(&mut *conn)
+                .query_async(&mut conn)
                 .await?;
             if let Some(entry) = claimed.claimed.into_iter().next() {
                 match job_of(&entry) {
@@ -73,7 +73,7 @@ impl JobQueue for RedisEngine {
             // reply nobody reads sits pending until it is reclaimed (READ_BLOCK bounds
             // how long shutdown waits for this)
             let read: Result<Option<StreamReadReply>, redis::RedisError> =
-                read_cmd.query_async(&mut *conn).await;
+                read_cmd.query_async(&mut conn).await;
             let read = match read {
                 Ok(read) => read,
                 Err(err) if err.code() == Some("NOGROUP") => {
@@ -127,7 +127,7 @@ impl JobQueue for RedisEngine {
             .cmd("XPENDING")
             .arg(self.keys.jobs())
             .arg(GROUP)
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?;
         let pending = match pending {
             redis::Value::Array(summary) => match summary.first() {
@@ -150,7 +150,7 @@ impl JobQueue for RedisEngine {
             .ignore()
             .xdel(self.keys.jobs(), &[&lease.token])
             .ignore()
-            .query_async::<()>(&mut *conn)
+            .query_async::<()>(&mut conn)
             .await?;
         Ok(())
     }
@@ -164,7 +164,7 @@ impl JobQueue for RedisEngine {
             .key(self.keys.lock(project))
             .key(self.keys.fence(project))
             .arg(self.lock_ttl_ms())
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?;
         Ok(fence
             .and_then(|fence| fence.parse().ok())
@@ -186,7 +186,7 @@ impl JobQueue for RedisEngine {
             .arg(GROUP)
             .arg(&self.consumer)
             .arg(&lease.token)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?;
         Ok(held == 1)
     }
@@ -197,7 +197,7 @@ impl JobQueue for RedisEngine {
             .unlock
             .key(self.keys.lock(&lock.project_id))
             .arg(lock.fence.to_string())
-            .invoke_async::<i64>(&mut *conn)
+            .invoke_async::<i64>(&mut conn)
             .await?;
         Ok(())
     }
@@ -218,7 +218,7 @@ impl JobQueue for RedisEngine {
                 .arg(self.keys.projects_pattern())
                 .arg("COUNT")
                 .arg(1000)
-                .query_async(&mut *conn)
+                .query_async(&mut conn)
                 .await?;
             project_keys.extend(keys);
             cursor = next;
@@ -232,7 +232,7 @@ impl JobQueue for RedisEngine {
                 .arg(key)
                 .arg("active_sync")
                 .arg("json")
-                .query_async(&mut *conn)
+                .query_async(&mut conn)
                 .await?;
             let (Some(active), Some(json)) = (active, json) else {
                 continue;
@@ -262,7 +262,7 @@ impl JobQueue for RedisEngine {
                 .arg("+")
                 .arg("COUNT")
                 .arg(1000)
-                .query_async(&mut *conn)
+                .query_async(&mut conn)
                 .await?;
             let Some(last) = page.ids.last().map(|entry| entry.id.clone()) else {
                 break;
@@ -287,7 +287,7 @@ impl JobQueue for RedisEngine {
             .arg("NX")
             .arg("PX")
             .arg(period.as_millis().max(1) as u64)
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?;
         Ok(claimed.is_some())
     }
@@ -297,7 +297,7 @@ impl RedisEngine {
     /// How many times the group has delivered entry `id` (XPENDING's counter).
     async fn deliveries(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut (impl redis::aio::ConnectionLike + Send),
         id: &str,
     ) -> Result<u32, EngineError> {
         let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
@@ -306,7 +306,7 @@ impl RedisEngine {
             .arg(id)
             .arg(id)
             .arg(1)
-            .query_async(&mut **conn)
+            .query_async(conn)
             .await?;
         Ok(pending.first().map_or(1, |(_, _, _, count)| {
             (*count).min(u64::from(u32::MAX)) as u32
@@ -315,7 +315,7 @@ impl RedisEngine {
 
     async fn drop_entry(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut (impl redis::aio::ConnectionLike + Send),
         id: &str,
     ) -> Result<(), EngineError> {
         redis::pipe()
@@ -324,7 +324,7 @@ impl RedisEngine {
             .ignore()
             .xdel(self.keys.jobs(), &[id])
             .ignore()
-            .query_async::<()>(&mut **conn)
+            .query_async::<()>(conn)
             .await?;
         Ok(())
     }

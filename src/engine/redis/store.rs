@@ -51,7 +51,7 @@ impl Store for RedisEngine {
             pipe.zadd(self.keys.due(), &project.project_id, due)
                 .ignore();
         }
-        pipe.query_async::<()>(&mut *conn).await?;
+        pipe.query_async::<()>(&mut conn).await?;
         Ok(())
     }
 
@@ -71,7 +71,7 @@ impl Store for RedisEngine {
             pipe.hgetall(self.keys.project(id));
         }
         let all: Vec<std::collections::HashMap<String, String>> =
-            pipe.query_async(&mut *conn).await?;
+            pipe.query_async(&mut conn).await?;
         let mut out = Vec::with_capacity(all.len());
         for fields in all {
             if let Some(project) = project_from_fields(fields)? {
@@ -94,7 +94,7 @@ impl Store for RedisEngine {
             .key(self.keys.due())
             .arg(id.as_str())
             .arg(self.keys.sync(""))
-            .invoke_async::<i64>(&mut *conn)
+            .invoke_async::<i64>(&mut conn)
             .await?;
         Ok(())
     }
@@ -118,7 +118,7 @@ impl Store for RedisEngine {
             .arg(&record.sync_id)
             .arg(self.keys.sync(""))
             .arg(job)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?;
         let code: i64 = match reply.first() {
             Some(value) => redis::from_redis_value_ref(value)?,
@@ -199,7 +199,7 @@ impl Store for RedisEngine {
                 .arg(&fresh)
                 .arg(&due)
                 .arg(&record.project_id)
-                .invoke_async(&mut *conn)
+                .invoke_async(&mut conn)
                 .await?;
             return match stored {
                 -2 => continue,
@@ -240,7 +240,7 @@ impl Store for RedisEngine {
                         .unwrap_or_default(),
                 )
                 .arg(id.as_str())
-                .invoke_async(&mut *conn)
+                .invoke_async(&mut conn)
                 .await?;
             match written {
                 -2 => continue,
@@ -265,7 +265,7 @@ impl Store for RedisEngine {
             .arg(now_ms)
             .arg(limit)
             .arg(now_ms + hold.as_millis() as u64)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?)
     }
 
@@ -281,7 +281,7 @@ impl Store for RedisEngine {
             .arg("NX")
             .arg("EX")
             .arg(DELIVERY_MEMORY_S)
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?;
         Ok(first.is_none())
     }
@@ -318,10 +318,8 @@ impl Store for RedisEngine {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = ids.iter().map(|id| self.keys.sync(id)).collect();
-        let raws: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut *conn)
-            .await?;
+        let raws: Vec<Option<String>> =
+            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
         raws.into_iter()
             .flatten()
             .map(|raw| serde_json::from_str(&raw).map_err(EngineError::from))
@@ -335,7 +333,7 @@ impl Store for RedisEngine {
 
     async fn ping(&self) -> Result<(), EngineError> {
         let mut conn = self.conn().await?;
-        redis::cmd("PING").query_async::<()>(&mut *conn).await?;
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
         Ok(())
     }
 }
@@ -357,7 +355,7 @@ impl RedisEngine {
             .key(key)
             .arg(interval.as_micros() as u64)
             .arg(burst.as_micros() as u64)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?;
         Ok(if wait_us < 0 {
             Ok(())

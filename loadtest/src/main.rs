@@ -87,6 +87,14 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// An SVG of the latency percentiles in fan-out result files
+    Plot {
+        /// where the SVG goes
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// fan-out JSON results (`--json` of `fanout` runs)
+        files: Vec<std::path::PathBuf>,
+    },
     /// Events one process publishes into Redis through the engine's Lua script, beside
     /// a bare PUBLISH of the same payload, alternated, median of the rounds
     Publish {
@@ -144,6 +152,7 @@ enum Scenario {
 
 mod fanout;
 mod freshness;
+mod plot;
 mod publish;
 mod reads;
 mod scheduler;
@@ -303,6 +312,7 @@ async fn main() -> std::process::ExitCode {
     let result = match &cli.scenario {
         Scenario::Connections { count, batch } => connections(&cli, *count, *batch).await,
         Scenario::EmbeddedHub => fanout::embedded_hub().await,
+        Scenario::Plot { out, files } => plot::run(files, out),
         Scenario::Publish {
             events,
             concurrency,

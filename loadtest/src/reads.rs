@@ -172,32 +172,42 @@ pub async fn run(
         let mut git_times = Vec::new();
         let mut hub_hits = 0;
         let mut git_hits = 0;
-        for _ in 0..5 {
-            let started = Instant::now();
-            let found = json_of(
-                http.get(format!("{base}/api/v1/repo/search"))
-                    .query(&[
-                        ("project_id", project.as_str()),
-                        ("q", pattern),
-                        ("limit", "1000"),
-                    ])
-                    .bearer_auth(&token),
-            )
-            .await?;
-            hub_times.push(started.elapsed().as_secs_f64());
-            hub_hits = found["matches"].as_array().map_or(0, Vec::len);
-            let started = Instant::now();
-            let output = Command::new("git")
-                .args(["grep", "-n", "-I", "-F", "-e", pattern, &commit])
-                .current_dir(&peer)
-                .output()
-                .map_err(|e| e.to_string())?;
-            git_times.push(started.elapsed().as_secs_f64());
-            git_hits = output
-                .stdout
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .count();
+        // one warm-up of each (discarded), then five rounds alternating which goes first
+        for round in 0..6 {
+            let hub_first = round % 2 == 0;
+            for side in [hub_first, !hub_first] {
+                let started = Instant::now();
+                if side {
+                    let found = json_of(
+                        http.get(format!("{base}/api/v1/repo/search"))
+                            .query(&[
+                                ("project_id", project.as_str()),
+                                ("q", pattern),
+                                ("limit", "1000"),
+                            ])
+                            .bearer_auth(&token),
+                    )
+                    .await?;
+                    if round > 0 {
+                        hub_times.push(started.elapsed().as_secs_f64());
+                    }
+                    hub_hits = found["matches"].as_array().map_or(0, Vec::len);
+                } else {
+                    let output = Command::new("git")
+                        .args(["grep", "-n", "-I", "-F", "-e", pattern, &commit])
+                        .current_dir(&peer)
+                        .output()
+                        .map_err(|e| e.to_string())?;
+                    if round > 0 {
+                        git_times.push(started.elapsed().as_secs_f64());
+                    }
+                    git_hits = output
+                        .stdout
+                        .split(|b| *b == b'\n')
+                        .filter(|l| !l.is_empty())
+                        .count();
+                }
+            }
         }
         let (hub_median, git_median) = (median(hub_times), median(git_times));
         search_rows.push(json!({
@@ -206,25 +216,37 @@ pub async fn run(
         }));
     }
 
-    // tree and file latency under concurrent readers
-    let some_file = git(&peer, &["ls-files"])?
+    // tree and file latency under concurrent readers, over a spread of 512 paths
+    // picked across the whole tree (a fixed-seed shuffle, the same every run)
+    let all_files: Vec<String> = git(&peer, &["ls-files"])?
         .lines()
-        .nth(files / 2)
-        .unwrap_or_default()
-        .to_owned();
-    let some_dir = Path::new(&some_file)
-        .parent()
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
+        .map(str::to_owned)
+        .collect();
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let sample: Vec<(String, String)> = (0..512)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let file = all_files[(state >> 33) as usize % all_files.len().max(1)].clone();
+            let dir = Path::new(&file)
+                .parent()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (file, dir)
+        })
+        .collect();
+    let sample = std::sync::Arc::new(sample);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let readers = (0..concurrency).map(|index| {
         let (http, base, token, project) =
             (http.clone(), base.clone(), token.clone(), project.clone());
-        let (file, dir) = (some_file.clone(), some_dir.clone());
+        let sample = std::sync::Arc::clone(&sample);
         tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut round = index;
             while Instant::now() < deadline {
+                let (file, dir) = &sample[(round / 2) % sample.len()];
                 let (endpoint, path) = if round % 2 == 0 {
                     ("tree", dir.as_str())
                 } else {
@@ -284,7 +306,7 @@ pub async fn run(
         );
     }
     println!(
-        "| tree/file, {concurrency} concurrent readers, {seconds} s | p50 {p50:.2} ms, p99 {p99:.2} ms, {rps:.0} req/s | | |"
+        "| tree/file over 512 paths, {concurrency} concurrent readers, {seconds} s | p50 {p50:.2} ms, p99 {p99:.2} ms, {rps:.0} req/s | | |"
     );
     Ok(json!({
         "scenario": "reads", "files": files, "commit": commit,

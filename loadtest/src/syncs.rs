@@ -17,6 +17,9 @@ struct Api {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// the user's live events: a sync's end is timed by its `completed` event, not
+    /// by polling (which would add up to a polling interval to every figure)
+    events: tokio::sync::Mutex<hivesync::client::EventStream>,
 }
 
 impl Api {
@@ -48,29 +51,68 @@ impl Api {
             .ok_or(format!("sync not accepted: {accepted}"))
     }
 
-    async fn wait(&self, sync_id: &str) -> Result<Value, String> {
-        loop {
-            let record = json_of(
-                self.http
-                    .get(format!("{}/api/v1/repo/sync/{sync_id}", self.base))
-                    .bearer_auth(&self.token),
-            )
-            .await?;
-            match record["status"].as_str() {
-                Some("completed") => return Ok(record),
-                Some("failed") => return Err(format!("sync failed: {record}")),
-                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+    /// Waits for the terminal stage event of every sync in `ids`.
+    async fn ended(&self, ids: &[String]) -> Result<(), String> {
+        use hivesync::client::Next;
+        use hivesync::protocol::{EventBody, ServerFrame, SyncStatus};
+        let mut waiting: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let mut events = self.events.lock().await;
+        while !waiting.is_empty() {
+            let next = tokio::time::timeout(Duration::from_secs(600), events.next())
+                .await
+                .map_err(|_| "no event for 10 minutes".to_owned())?
+                .map_err(|e| e.to_string())?;
+            let Next::Frame(frame) = next else { continue };
+            if let ServerFrame::Event(event) = *frame
+                && let EventBody::SyncStage { sync_id, stage, .. } = &event.body
+                && stage.is_terminal()
+                && waiting.remove(sync_id.as_str())
+                && *stage == SyncStatus::Failed
+            {
+                return Err(format!("sync {sync_id} failed"));
             }
         }
+        Ok(())
     }
 
-    /// Requests a sync and waits for it: seconds from request to completion.
+    /// Requests a sync and waits for its `completed` event: seconds from request to
+    /// completion.
     async fn sync(&self, project: &str) -> Result<f64, String> {
         let started = Instant::now();
         let sync_id = self.request(project).await?;
-        self.wait(&sync_id).await?;
+        self.ended(&[sync_id]).await?;
         Ok(started.elapsed().as_secs_f64())
     }
+}
+
+/// Runs `hub` and `peer` for a warm-up round (discarded) and `rounds` more,
+/// alternating which goes first: the medians, and every sample.
+async fn alternate<H, P, HF, PF>(
+    rounds: usize,
+    mut hub: H,
+    mut peer: P,
+) -> Result<(f64, f64, Vec<f64>, Vec<f64>), String>
+where
+    H: FnMut(usize) -> HF,
+    HF: std::future::Future<Output = Result<f64, String>>,
+    P: FnMut(usize) -> PF,
+    PF: std::future::Future<Output = Result<f64, String>>,
+{
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for round in 0..=rounds {
+        let (a, b) = if round % 2 == 0 {
+            let a = hub(round).await?;
+            (a, peer(round).await?)
+        } else {
+            let b = peer(round).await?;
+            (hub(round).await?, b)
+        };
+        if round > 0 {
+            ours.push(a);
+            theirs.push(b);
+        }
+    }
+    Ok((median(ours.clone()), median(theirs.clone()), ours, theirs))
 }
 
 fn timed(run: impl FnOnce() -> Result<String, String>) -> Result<f64, String> {
@@ -118,27 +160,63 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         &[("HIVESYNC_SERVE_WORKERS", options.workers.to_string())],
     )
     .await?;
+    let token = crate::loadtest_token()?;
+    let base = format!("http://{}", hub.addr);
+    let events = hivesync::client::Client::new(&base, &token)
+        .map_err(|e| e.to_string())?
+        .events(&[])
+        .await
+        .map_err(|e| e.to_string())?;
     let api = Api {
         http: hivesync::tls::http_client(),
-        base: format!("http://{}", hub.addr),
-        token: crate::loadtest_token()?,
+        base,
+        token,
+        events: tokio::sync::Mutex::new(events),
     };
+    const ROUNDS: usize = 5;
 
-    // first sync vs git clone
-    eprintln!("first sync of {files} files vs git clone");
-    let git_clone_s = timed(|| git(work.path(), &["clone", "-q", &url, "peer"]))?;
-    let project = api.register(&url).await?;
-    let first_s = api.sync(&project).await?;
-    let peer = work.path().join("peer");
+    // first sync vs git clone: a new project and a new clone each round
+    eprintln!("first sync of {files} files vs git clone, warm-up + {ROUNDS} alternated");
+    let projects = std::sync::Mutex::new(Vec::new());
+    let (first_s, git_clone_s, first_samples, clone_samples) = alternate(
+        ROUNDS,
+        |_| {
+            let (api, url, projects) = (&api, url.clone(), &projects);
+            async move {
+                let project = api.register(&url).await?;
+                let took = api.sync(&project).await?;
+                projects
+                    .lock()
+                    .map_err(|_| "lock".to_owned())?
+                    .push(project);
+                Ok(took)
+            }
+        },
+        |round| {
+            let (work, url) = (work.path().to_path_buf(), url.clone());
+            async move { timed(|| git(&work, &["clone", "-q", &url, &format!("peer{round}")])) }
+        },
+    )
+    .await?;
+    let project = projects
+        .into_inner()
+        .map_err(|_| "lock".to_owned())?
+        .last()
+        .cloned()
+        .ok_or("no project synced")?;
+    let peer = work.path().join(format!("peer{ROUNDS}"));
 
     // no-op: nothing changed upstream
-    eprintln!("no-op syncs vs no-op git fetch");
-    let mut noop_hub = Vec::new();
-    let mut noop_git = Vec::new();
-    for _ in 0..5 {
-        noop_git.push(timed(|| git(&peer, &["fetch", "-q", "origin"]))?);
-        noop_hub.push(api.sync(&project).await?);
-    }
+    eprintln!("no-op syncs vs no-op git fetch, warm-up + {ROUNDS} alternated");
+    let (noop_hub_median, noop_git_median, noop_hub, noop_git) = alternate(
+        ROUNDS,
+        |_| api.sync(&project),
+        |_| {
+            let peer = peer.clone();
+            async move { timed(|| git(&peer, &["fetch", "-q", "origin"])) }
+        },
+    )
+    .await?;
 
     // incremental: 20 files change upstream
     eprintln!("incremental syncs vs git fetch + reset --hard");
@@ -152,9 +230,9 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         .take(20)
         .map(str::to_owned)
         .collect();
-    let mut incremental_hub = Vec::new();
-    let mut incremental_git = Vec::new();
-    for round in 0..3 {
+    // each round pushes 20 changed files, then both sides catch up (alternating
+    // which goes first); a warm-up round first
+    let push_round = |round: usize| -> Result<(), String> {
         for path in &targets {
             let full = editor.join(path);
             let mut text = std::fs::read_to_string(&full).unwrap_or_default();
@@ -163,11 +241,28 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         }
         git(&editor, &["commit", "-q", "-am", &format!("round {round}")])?;
         git(&editor, &["push", "-q", "origin", "main"])?;
-        incremental_git.push(timed(|| {
-            git(&peer, &["fetch", "-q", "origin"])?;
-            git(&peer, &["reset", "-q", "--hard", "origin/main"])
-        })?);
-        incremental_hub.push(api.sync(&project).await?);
+        Ok(())
+    };
+    let (mut incremental_hub, mut incremental_git) = (Vec::new(), Vec::new());
+    for round in 0..=ROUNDS {
+        push_round(round)?;
+        let git_side = || {
+            timed(|| {
+                git(&peer, &["fetch", "-q", "origin"])?;
+                git(&peer, &["reset", "-q", "--hard", "origin/main"])
+            })
+        };
+        let (ours, theirs) = if round % 2 == 0 {
+            let ours = api.sync(&project).await?;
+            (ours, git_side()?)
+        } else {
+            let theirs = git_side()?;
+            (api.sync(&project).await?, theirs)
+        };
+        if round > 0 {
+            incremental_hub.push(ours);
+            incremental_git.push(theirs);
+        }
     }
     drop(origin);
 
@@ -190,9 +285,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
     for project in &small_projects {
         sync_ids.push(api.request(project).await?);
     }
-    for sync_id in &sync_ids {
-        api.wait(sync_id).await?;
-    }
+    api.ended(&sync_ids).await?;
     let many_hub_s = started.elapsed().as_secs_f64();
     let clones = work.path().join("clones");
     std::fs::create_dir_all(&clones).map_err(|e| e.to_string())?;
@@ -262,23 +355,26 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
     drop(hub);
 
     let first_ratio = first_s / git_clone_s;
-    let noop = (median(noop_hub), median(noop_git));
-    let incremental = (median(incremental_hub), median(incremental_git));
+    let noop = (noop_hub_median, noop_git_median);
+    let incremental = (
+        median(incremental_hub.clone()),
+        median(incremental_git.clone()),
+    );
     let per_worker = options.projects as f64 / many_hub_s / options.workers as f64;
     println!();
     println!("| measure | hub | peer | hub / peer |");
     println!("|---|---|---|---|");
     println!(
-        "| first sync vs `git clone` ({files} files) | {first_s:.2} s | {git_clone_s:.2} s | {first_ratio:.2} |"
+        "| first sync vs `git clone` ({files} files, median of {ROUNDS}) | {first_s:.2} s | {git_clone_s:.2} s | {first_ratio:.2} |"
     );
     println!(
-        "| no-op sync vs no-op `git fetch` (median of 5) | {:.1} ms | {:.1} ms | {:.2} |",
+        "| no-op sync vs no-op `git fetch` (median of {ROUNDS}) | {:.1} ms | {:.1} ms | {:.2} |",
         noop.0 * 1000.0,
         noop.1 * 1000.0,
         noop.0 / noop.1
     );
     println!(
-        "| 20 changed files: sync vs `git fetch` + `git reset --hard` (median of 3) | {:.2} s | {:.2} s | {:.2} |",
+        "| 20 changed files: sync vs `git fetch` + `git reset --hard` (median of {ROUNDS}) | {:.2} s | {:.2} s | {:.2} |",
         incremental.0,
         incremental.1,
         incremental.0 / incremental.1
@@ -314,5 +410,11 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         "sync_status_polls_per_s": polls_per_s,
         "sync_status_p50_ms": p50,
         "sync_status_p99_ms": p99,
+        "method": "warm-up round discarded, then rounds alternating which side goes first; a sync's end is its `completed` event on a WebSocket",
+        "samples_s": {
+            "first_sync": first_samples, "git_clone": clone_samples,
+            "noop_sync": noop_hub, "noop_git_fetch": noop_git,
+            "incremental_sync": incremental_hub, "incremental_git": incremental_git,
+        },
     }))
 }

@@ -238,7 +238,42 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Raises this process's open-file limit (and so its children's) to `wanted`, or as
+/// far as it may: every socket is a file on both ends of a connection test.
+fn raise_fd_limit(wanted: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write and read only the struct given
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: wanted.max(limit.rlim_cur),
+            rlim_max: wanted.max(limit.rlim_max),
+        };
+        // root may raise the hard limit; anyone may raise the soft one to it
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            let soft = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    limit.rlim_cur
+}
+
 async fn connections(cli: &Cli, count: usize, batch: usize) -> Result<serde_json::Value, String> {
+    let limit = raise_fd_limit(count as u64 * 2 + 1024);
+    if limit < count as u64 + 256 {
+        return Err(format!(
+            "the open-file limit is {limit}, under the {count} sockets asked for (run as root, or raise `ulimit -n`)"
+        ));
+    }
     let mut hub = start_hub(&cli.hub).await?;
     let pid = hub.child.id().ok_or("hub has no pid")?;
     let token = loadtest_token()?;
@@ -251,14 +286,27 @@ async fn connections(cli: &Cli, count: usize, batch: usize) -> Result<serde_json
     let mut sockets = Vec::with_capacity(count);
     while sockets.len() < count {
         let wave = batch.min(count - sockets.len());
-        let opened = futures_util::future::join_all((0..wave).map(|_| {
+        let first = sockets.len();
+        let opened = futures_util::future::join_all((0..wave).map(|n| {
             let url = format!("ws://{}/api/v1/ws?access_token={token}", hub.addr);
+            let hub_addr: Result<std::net::SocketAddr, String> = hub
+                .addr
+                .parse()
+                .map_err(|_| format!("hub address {}", hub.addr));
+            // one loopback source address per 25,000 sockets: each (source, hub)
+            // pair has only the ephemeral port range (~28k) to use
+            let source = std::net::Ipv4Addr::new(127, 0, 0, 1 + ((first + n) / 25_000) as u8);
             async move {
                 let request = url.into_client_request().map_err(|e| e.to_string())?;
-                let (mut socket, _) = tokio_tungstenite::connect_async_with_config(
+                let tcp = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+                tcp.bind((source, 0).into())
+                    .map_err(|e| format!("bind {source}: {e}"))?;
+                let stream = tcp.connect(hub_addr?).await.map_err(|e| e.to_string())?;
+                let _ = stream.set_nodelay(true);
+                let (mut socket, _) = tokio_tungstenite::client_async_with_config(
                     request,
+                    stream,
                     Some(client_config),
-                    true,
                 )
                 .await
                 .map_err(|e| e.to_string())?;

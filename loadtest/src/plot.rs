@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-const WIDTH: f64 = 760.0;
+const WIDTH: f64 = 820.0;
 const HEIGHT: f64 = 420.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 250.0;
+const RIGHT: f64 = 220.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 50.0;
 const COLOURS: [&str; 8] = [
@@ -27,7 +27,7 @@ struct Line {
     points: Vec<(f64, f64)>,
 }
 
-fn lines_of(path: &Path, run: &Value) -> Vec<Line> {
+fn lines_of(run: &Value) -> Vec<Line> {
     let name = format!(
         "{} {}",
         run["target"].as_str().unwrap_or("?"),
@@ -50,11 +50,7 @@ fn lines_of(path: &Path, run: &Value) -> Vec<Line> {
             .filter_map(|p| Some((nines(p["q"].as_f64()?), p["ms"].as_f64()?.max(0.001))))
             .collect();
         lines.push(Line {
-            label: format!(
-                "{} {phase} ({})",
-                name.trim(),
-                path.file_name().and_then(|n| n.to_str()).unwrap_or("")
-            ),
+            label: format!("{} {phase}", name.trim()),
             points,
         });
     }
@@ -67,7 +63,7 @@ pub fn run(files: &[PathBuf], out: &Path) -> Result<Value, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let run: Value =
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        lines.extend(lines_of(path, &run));
+        lines.extend(lines_of(&run));
     }
     if lines.is_empty() {
         return Err("no fan-out results with latency percentiles in the files given".into());

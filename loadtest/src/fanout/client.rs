@@ -156,7 +156,10 @@ pub(super) async fn run_client(
             tally.lost.fetch_add(seq - last - 1, Ordering::Relaxed);
         }
         last = seq;
-        let in_burst = emitted >= tally.burst_start.load(Ordering::Relaxed);
+        // burst events are stamped with the burst's start; the Socket.IO peer carries
+        // the stamp as a JavaScript number (a double), which rounds nanoseconds by up
+        // to 128, so the boundary gets 1 µs of slack (steady events are ≥ 1 ms apart)
+        let in_burst = emitted.saturating_add(1_000) >= tally.burst_start.load(Ordering::Relaxed);
         let (phase, local) = if in_burst {
             (&tally.burst, &mut burst)
         } else {

@@ -74,11 +74,11 @@ impl Drop for PrivateRedis {
 }
 
 pub(super) const SOCKETIO_SERVER: &str = r#"
-pub(super) const { Server } = require("socket.io");
-pub(super) const { createAdapter } = require("@socket.io/redis-adapter");
-pub(super) const { createClient } = require("redis");
-pub(super) const pub = createClient({ url: process.env.REDIS_URL });
-pub(super) const sub = pub.duplicate();
+const { Server } = require("socket.io");
+const { createAdapter } = require("@socket.io/redis-adapter");
+const { createClient } = require("redis");
+const pub = createClient({ url: process.env.REDIS_URL });
+const sub = pub.duplicate();
 Promise.all([pub.connect(), sub.connect()]).then(() => {
   const http = require("http").createServer();
   const io = new Server(http, { adapter: createAdapter(pub, sub), transports: ["websocket"], perMessageDeflate: false, httpCompression: false, serveClient: false });
@@ -103,7 +103,7 @@ pub(super) async fn install_socketio() -> Result<tempfile::TempDir, String> {
             "--prefix",
         ])
         .arg(dir.path())
-        .args(["socket.io@4", "@socket.io/redis-adapter@8", "redis@4"])
+        .args(["socket.io@4.8", "@socket.io/redis-adapter@8.3", "redis@4.7"])
         .status()
         .await
         .map_err(|e| format!("npm: {e}"))?;

@@ -34,23 +34,20 @@ fn body(n: usize) -> EventBody {
     }
 }
 
-/// Publishes `events` events from `concurrency` tasks; events per second.
-async fn engine_round(
-    engine: &Arc<hivesync::engine::redis::RedisEngine>,
-    o: &Options,
-) -> Result<f64, String> {
+/// Runs `publish(n)` for `events` events from `concurrency` tasks; events per second.
+async fn round<F, Fut>(o: &Options, publish: F) -> Result<f64, String>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
     let started = Instant::now();
     let per_task = o.events / o.concurrency;
     let tasks: Vec<_> = (0..o.concurrency)
         .map(|task| {
-            let engine = Arc::clone(engine);
+            let publish = publish.clone();
             tokio::spawn(async move {
                 for i in 0..per_task {
-                    let n = task * per_task + i;
-                    engine
-                        .publish(&format!("user-{}", n % 100), body(n))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    publish(task * per_task + i).await?;
                 }
                 Ok::<(), String>(())
             })
@@ -62,34 +59,45 @@ async fn engine_round(
     Ok((per_task * o.concurrency) as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Through the engine: what a worker's every stage and progress tick goes through.
+async fn engine_round(
+    engine: &Arc<hivesync::engine::redis::RedisEngine>,
+    o: &Options,
+) -> Result<f64, String> {
+    let engine = Arc::clone(engine);
+    round(o, move |n| {
+        let engine = Arc::clone(&engine);
+        async move {
+            engine
+                .publish(&format!("user-{}", n % 100), body(n))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await
+}
+
+/// The peer: one bare PUBLISH of the same payload per event.
 async fn peer_round(
     connection: &redis::aio::MultiplexedConnection,
     o: &Options,
 ) -> Result<f64, String> {
-    let started = Instant::now();
-    let per_task = o.events / o.concurrency;
-    let tasks: Vec<_> = (0..o.concurrency)
-        .map(|task| {
-            let mut connection = connection.clone();
-            tokio::spawn(async move {
-                for i in 0..per_task {
-                    let n = task * per_task + i;
-                    let payload = serde_json::to_string(&body(n)).map_err(|e| e.to_string())?;
-                    redis::cmd("PUBLISH")
-                        .arg(format!("peer:user-{}", n % 100))
-                        .arg(payload)
-                        .query_async::<i64>(&mut connection)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok::<(), String>(())
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.map_err(|e| e.to_string())??;
-    }
-    Ok((per_task * o.concurrency) as f64 / started.elapsed().as_secs_f64())
+    let connection = connection.clone();
+    round(o, move |n| {
+        let mut connection = connection.clone();
+        async move {
+            let payload = serde_json::to_string(&body(n)).map_err(|e| e.to_string())?;
+            redis::cmd("PUBLISH")
+                .arg(format!("peer:user-{}", n % 100))
+                .arg(payload)
+                .query_async::<i64>(&mut connection)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await
 }
 
 fn median(values: &mut [f64]) -> f64 {

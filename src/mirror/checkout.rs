@@ -193,43 +193,119 @@ pub(crate) fn stat_unchanged(file: &Path, recorded: &gix::index::Entry) -> bool 
 /// test: every file is in the index with the size and modification time recorded when
 /// it was written, and there is no other file. Anything planted, deleted or edited
 /// since fails it, and the sync writes a fresh snapshot.
+///
+/// One pass, one `stat` per file, relative to its directory (the directory listing
+/// says which entries are directories, so those are never stat'ed), with the top-level
+/// subtrees spread over a few threads: on a no-op sync of a large tree this check is
+/// most of the work.
 pub(crate) fn snapshot_is_exact(index: &gix::index::File, snapshot: &Path) -> bool {
+    let Ok(top) = std::fs::read_dir(snapshot) else {
+        return false;
+    };
+    let mut subtrees = Vec::new();
     let mut on_disk = 0usize;
-    let mut pending = vec![snapshot.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return false;
-        };
-        for entry in entries {
-            let Ok(entry) = entry else { return false };
-            let path = entry.path();
-            if dir == snapshot && entry.file_name() == ".git" {
-                continue;
-            }
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                return false;
-            };
-            if meta.is_dir() {
-                pending.push(path);
-                continue;
-            }
-            on_disk += 1;
-            let recorded = path
-                .strip_prefix(snapshot)
-                .ok()
-                .and_then(|relative| relative.to_str())
-                .and_then(|relative| index.entry_by_path(relative.into()));
-            if !recorded.is_some_and(|recorded| stat_unchanged(&path, recorded)) {
-                return false;
-            }
+    for entry in top {
+        let Ok(entry) = entry else { return false };
+        if entry.file_name() == ".git" {
+            continue;
+        }
+        match visit(index, snapshot, &entry) {
+            Visit::Dir(dir) => subtrees.push(dir),
+            Visit::File => on_disk += 1,
+            Visit::Mismatch => return false,
         }
     }
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4)
+        .min(subtrees.len().max(1));
+    let counted: Option<usize> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|worker| {
+                let mine: Vec<PathBuf> = subtrees
+                    .iter()
+                    .skip(worker)
+                    .step_by(threads)
+                    .cloned()
+                    .collect();
+                scope.spawn(move || files_if_exact(index, snapshot, mine))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().ok().flatten())
+            .sum()
+    });
+    let Some(counted) = counted else {
+        return false;
+    };
     let expected = index
         .entries()
         .iter()
         .filter(|entry| entry.mode != gix::index::entry::Mode::COMMIT)
         .count();
-    on_disk == expected
+    on_disk + counted == expected
+}
+
+enum Visit {
+    Dir(PathBuf),
+    File,
+    Mismatch,
+}
+
+/// One directory entry: a directory to descend into, a file the index recorded with
+/// this size and modification time, or anything else (a mismatch).
+fn visit(index: &gix::index::File, snapshot: &Path, entry: &std::fs::DirEntry) -> Visit {
+    let Ok(kind) = entry.file_type() else {
+        return Visit::Mismatch;
+    };
+    let path = entry.path();
+    if kind.is_dir() {
+        return Visit::Dir(path);
+    }
+    if !kind.is_file() {
+        // a snapshot holds links as small files: a real link was planted
+        return Visit::Mismatch;
+    }
+    let recorded = path
+        .strip_prefix(snapshot)
+        .ok()
+        .and_then(|relative| relative.to_str())
+        .and_then(|relative| index.entry_by_path(relative.into()));
+    // DirEntry::metadata stats relative to the open directory, without following links
+    let unchanged = recorded.is_some_and(|recorded| {
+        entry.metadata().ok().is_some_and(|meta| {
+            meta.is_file()
+                && meta.len() as u32 == recorded.stat.size
+                && meta
+                    .modified()
+                    .ok()
+                    .and_then(|modified| gix::index::entry::stat::Time::try_from(modified).ok())
+                    .is_some_and(|mtime| mtime == recorded.stat.mtime)
+        })
+    });
+    if unchanged {
+        Visit::File
+    } else {
+        Visit::Mismatch
+    }
+}
+
+/// The files under `dirs` when every one is as recorded; `None` at the first that is
+/// not.
+fn files_if_exact(index: &gix::index::File, snapshot: &Path, dirs: Vec<PathBuf>) -> Option<usize> {
+    let mut pending = dirs;
+    let mut files = 0usize;
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).ok()? {
+            match visit(index, snapshot, &entry.ok()?) {
+                Visit::Dir(dir) => pending.push(dir),
+                Visit::File => files += 1,
+                Visit::Mismatch => return None,
+            }
+        }
+    }
+    Some(files)
 }
 
 #[cfg(test)]

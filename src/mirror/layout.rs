@@ -34,6 +34,33 @@ impl Layout {
         self.data_dir.join("trees").join(project.as_str())
     }
 
+    /// Where replaced snapshots wait to be deleted: `DATA_DIR/trash`.
+    pub fn trash_dir(&self) -> PathBuf {
+        self.data_dir.join("trash")
+    }
+
+    /// Takes a replaced snapshot out of the way at once (one rename into the trash)
+    /// and deletes it on a thread of its own, so a sync does not wait for tens of
+    /// thousands of unlinks, and a reader still inside the old tree finishes its
+    /// read. The thread empties the whole trash, so what a crash left there goes too.
+    pub(crate) fn discard(&self, path: &Path) -> std::io::Result<()> {
+        let trash = self.trash_dir();
+        std::fs::create_dir_all(&trash)?;
+        let parked = trash.join(unique_suffix());
+        if std::fs::rename(path, &parked).is_err() {
+            // another filesystem or a vanished path: delete it here instead
+            return remove_if_exists(path);
+        }
+        let spawned = std::thread::Builder::new()
+            .name("hivesync-trash".into())
+            .spawn(move || empty_trash(&trash));
+        if spawned.is_err() {
+            // no thread to spare: the next discard empties the trash
+            tracing::debug!("could not start the trash thread; deleting later");
+        }
+        Ok(())
+    }
+
     /// The path builds and readers use: `DATA_DIR/repos/<id>`.
     pub fn worktree(&self, project: &ProjectId) -> PathBuf {
         self.data_dir.join("repos").join(project.as_str())
@@ -105,6 +132,22 @@ pub(crate) fn remove_if_exists(path: &Path) -> std::io::Result<()> {
         Ok(_) => std::fs::remove_file(path),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(err) => Err(err),
+    }
+}
+
+/// Deletes everything in `trash`. Best effort: several of these may run at once, so
+/// an entry another one is deleting may vanish under it; what is left stays for the
+/// next run.
+fn empty_trash(trash: &Path) {
+    let Ok(entries) = std::fs::read_dir(trash) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if let Err(err) = remove_if_exists(&entry.path())
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::debug!(path = %entry.path().display(), error = %err, "could not empty the trash yet");
+        }
     }
 }
 

@@ -245,7 +245,7 @@ fn sync_once(
     })?;
     swap_link(&worktree, &snapshot)?;
     if let Some(previous) = &previous_tree {
-        remove_if_exists(previous)?;
+        layout.discard(previous)?;
     }
     let files_in_tree = || {
         index

@@ -13,6 +13,8 @@ pub enum RepoUrlError {
     PrivateHost,
     #[error("repo_url has no host")]
     MissingHost,
+    #[error("a file repo_url must be absolute and written as one: file:///path/to/repo")]
+    RelativeFilePath,
     #[error("repo_url's host is not a valid host name or address")]
     InvalidHost,
     #[error(
@@ -50,6 +52,13 @@ impl RepoUrl {
                 scheme,
                 policy.allowed_schemes.join(","),
             ));
+        }
+        // a bare path parses as a file URL too; relative, it would name a directory
+        // relative to wherever the worker happens to run
+        if url.scheme == gix::url::Scheme::File
+            && (!input.starts_with("file:///") || !url.path.starts_with(b"/"))
+        {
+            return Err(RepoUrlError::RelativeFilePath);
         }
         if url.scheme != gix::url::Scheme::File {
             let host = url.host().ok_or(RepoUrlError::MissingHost)?;
@@ -209,6 +218,30 @@ mod tests {
             );
         }
         assert!(RepoUrl::parse("file:///tmp/repo", &policy(&["file"], false)).is_ok());
+    }
+
+    /// Found by schemathesis: with `file` allowed, "0" registered as a repository
+    /// relative to the worker's working directory.
+    #[test]
+    fn file_urls_must_be_absolute_file_urls() {
+        let files = policy(&["file"], false);
+        for refused in [
+            "0",
+            "repo",
+            "./repo",
+            "/tmp/repo",
+            "file://relative/repo",
+            "%",
+        ] {
+            assert!(
+                matches!(
+                    RepoUrl::parse(refused, &files),
+                    Err(RepoUrlError::RelativeFilePath) | Err(RepoUrlError::Unparseable)
+                ),
+                "{refused} must be refused"
+            );
+        }
+        assert!(RepoUrl::parse("file:///tmp/repo", &files).is_ok());
     }
 
     #[test]

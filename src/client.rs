@@ -155,21 +155,20 @@ impl Client {
         project_id: &str,
         mut on_update: impl FnMut(Update<'_>),
     ) -> Result<SyncRecord, ClientError> {
-        // subscribed before asking, so not one event of the sync can be missed
+        // the stream is open once the hub said hello, which it does after the socket
+        // is subscribed: not one event of the sync can be missed
         let mut events = self.events(&[project_id]).await?;
         let accepted = self.request_sync(project_id).await?;
         on_update(Update::Accepted(&accepted));
         let sync_id = accepted.sync_id;
         loop {
-            let next = tokio::time::timeout(QUIET_CHECK, events.next()).await;
-            let check = match next {
-                Err(_) => true,
-                Ok(Err(err)) => return Err(err),
-                Ok(Ok(Next::Resumed)) => {
+            let check = match events.next_within(Some(QUIET_CHECK)).await? {
+                Next::Quiet => true,
+                Next::Resumed => {
                     on_update(Update::Reconnected(events.reconnects));
                     true
                 }
-                Ok(Ok(Next::Frame(frame))) => match &*frame {
+                Next::Frame(frame) => match &*frame {
                     ServerFrame::Control(_) => true,
                     ServerFrame::Event(event) => match &event.body {
                         EventBody::SyncStage {
@@ -191,9 +190,12 @@ impl Client {
                 },
             };
             if check {
-                let record = self.sync_record(&sync_id).await?;
-                if record.status.is_terminal() {
-                    return Ok(record);
+                match self.sync_record(&sync_id).await {
+                    Ok(record) if record.status.is_terminal() => return Ok(record),
+                    Ok(_) => {}
+                    // the hub is away: the stream's reconnecting decides when to give up
+                    Err(ClientError::Connect(_)) => {}
+                    Err(err) => return Err(err),
                 }
             }
         }
@@ -220,7 +222,7 @@ pub struct EventStream {
     client: Client,
     projects: Vec<String>,
     socket: Option<Socket>,
-    /// the newest event id received (or the hello's, before any)
+    /// the newest event id received (or the first hello's, before any)
     last_event_id: Option<EventId>,
     /// how many times the socket was opened again
     pub reconnects: u32,
@@ -232,6 +234,8 @@ pub enum Next {
     Frame(Box<ServerFrame>),
     /// the socket dropped and is open again; events missed meanwhile follow
     Resumed,
+    /// no frame within the time asked for (the socket is open)
+    Quiet,
 }
 
 impl EventStream {
@@ -298,6 +302,34 @@ impl EventStream {
             }
             other => ClientError::Connect(other.to_string()),
         })?;
+        // the hub says hello once the socket is subscribed: from then on nothing
+        // published for the user is missed
+        let mut socket = socket;
+        let hello = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match socket.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        if let Ok(ServerFrame::Control(crate::protocol::ControlFrame::Hello {
+                            last_event_id,
+                            ..
+                        })) = serde_json::from_str::<ServerFrame>(text.as_str())
+                        {
+                            return Ok(last_event_id);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => return Err(ClientError::Connect(err.to_string())),
+                    None => {
+                        return Err(ClientError::Connect(
+                            "the hub closed the socket before its hello".into(),
+                        ));
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(|_| ClientError::Connect("no hello from the hub within 10 s".into()))??;
+        self.last_event_id.get_or_insert(hello);
         self.socket = Some(socket);
         Ok(())
     }
@@ -305,6 +337,12 @@ impl EventStream {
     /// The next frame; a dropped socket is opened again (resuming after the last
     /// event seen) for up to 30 s before giving up.
     pub async fn next(&mut self) -> Result<Next, ClientError> {
+        self.next_within(None).await
+    }
+
+    /// Like [`next`](Self::next), but `Next::Quiet` when the open socket brings no
+    /// frame within `quiet`. Reconnecting is not cut short by it.
+    pub async fn next_within(&mut self, quiet: Option<Duration>) -> Result<Next, ClientError> {
         loop {
             if self.socket.is_none() {
                 self.reconnect().await?;
@@ -313,21 +351,21 @@ impl EventStream {
             let Some(socket) = self.socket.as_mut() else {
                 continue;
             };
-            match socket.next().await {
+            let read = match quiet {
+                Some(limit) => match tokio::time::timeout(limit, socket.next()).await {
+                    Ok(read) => read,
+                    Err(_) => return Ok(Next::Quiet),
+                },
+                None => socket.next().await,
+            };
+            match read {
                 Some(Ok(Message::Text(text))) => {
                     let Ok(frame) = serde_json::from_str::<ServerFrame>(text.as_str()) else {
                         // a frame of a newer server: skipped, as the contract allows
                         continue;
                     };
-                    match &frame {
-                        ServerFrame::Event(event) => self.last_event_id = Some(event.id),
-                        ServerFrame::Control(crate::protocol::ControlFrame::Hello {
-                            last_event_id,
-                            ..
-                        }) if self.last_event_id.is_none() => {
-                            self.last_event_id = Some(*last_event_id);
-                        }
-                        ServerFrame::Control(_) => {}
+                    if let ServerFrame::Event(event) = &frame {
+                        self.last_event_id = Some(event.id);
                     }
                     return Ok(Next::Frame(Box::new(frame)));
                 }

@@ -17,7 +17,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SyncLabels {
-    /// `completed`, `failed` or `cancelled`
+    /// `completed` or `failed`
     pub outcome: &'static str,
     /// what started the sync: `api`, `webhook`, `schedule`, `repair`
     pub trigger: &'static str,
@@ -35,7 +35,8 @@ pub struct ReasonLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
-    pub method: String,
+    /// a standard method, or `other`
+    pub method: &'static str,
     /// the route's template (`/api/v1/projects/{id}`), never the raw path
     pub route: &'static str,
     pub status: u16,
@@ -132,7 +133,7 @@ impl Metrics {
         let ws_kicked = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "ws_kicked",
-            "WebSocket connections this hub closed on the client, by reason (slow_consumer: its queue was full; resume: its gap was past the kept history)",
+            "WebSocket connections this hub closed on the client, by reason (slow_consumer: its queue was full or its gap was past the kept history; idle; token_expired; protocol_error)",
             ws_kicked.clone(),
         );
         let events_published = Counter::default();
@@ -151,7 +152,7 @@ impl Metrics {
         let schedule_lag = Histogram::new(exponential_buckets(0.01, 2.0, 16));
         registry.register(
             "schedule_lag_seconds",
-            "Time from a project's due time to the start of its scheduled sync",
+            "Time from a project's due time to the scheduler starting its sync (queued, or joined to one waiting)",
             schedule_lag.clone(),
         );
         let http_requests = Family::<HttpLabels, Counter>::default();

@@ -37,9 +37,6 @@ pub enum ApiError {
     SyncNotFound,
     #[error("{0}")]
     NotFound(String),
-    /// A known path asked with a method it does not take; `allow` lists those it does.
-    #[error("{method} is not one of this route's methods ({allow})")]
-    MethodNotAllowed { method: String, allow: String },
     #[error("request body is over 64 KiB")]
     PayloadTooLarge,
     #[error("webhook body is over 5 MiB")]
@@ -70,9 +67,6 @@ impl ApiError {
             ApiError::ProjectNotFound => ("project_not_found", StatusCode::NOT_FOUND),
             ApiError::SyncNotFound => ("sync_not_found", StatusCode::NOT_FOUND),
             ApiError::NotFound(_) => ("not_found", StatusCode::NOT_FOUND),
-            ApiError::MethodNotAllowed { .. } => {
-                ("method_not_allowed", StatusCode::METHOD_NOT_ALLOWED)
-            }
             ApiError::PayloadTooLarge | ApiError::WebhookTooLarge => {
                 ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE)
             }
@@ -103,9 +97,6 @@ impl ApiError {
             ApiError::Unavailable(_) => {
                 warp::reply::with_header(reply, "retry-after", UNAVAILABLE_RETRY_S.to_string())
                     .into_response()
-            }
-            ApiError::MethodNotAllowed { allow, .. } => {
-                warp::reply::with_header(reply, "allow", allow.as_str()).into_response()
             }
             _ => reply.into_response(),
         }

@@ -103,20 +103,20 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/repo/diff"),
 ];
 
-/// For a path that is one of [`ROUTES`] asked with a method the route does not take:
-/// the 405 answer, naming the methods it does take.
-pub(crate) fn method_not_allowed(method: &str, route: &str) -> Option<ApiError> {
-    let mut allowed = ROUTES
-        .iter()
-        .filter(|(_, template)| *template == route)
-        .map(|(allowed, _)| *allowed)
-        .peekable();
-    allowed.peek()?;
-    let allowed: Vec<&str> = allowed.collect();
-    (!allowed.contains(&method)).then(|| ApiError::MethodNotAllowed {
-        method: method.to_owned(),
-        allow: allowed.join(", "),
-    })
+/// The `method` label of a request: the standard methods by name, anything else
+/// (hyper accepts any token as a method) as `other`, so clients cannot grow the
+/// label set.
+pub(crate) fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// The route template a request path matches (any method), `/api/v1/ws` for the

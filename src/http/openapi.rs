@@ -2,8 +2,8 @@
 //! the `#[utoipa::path]` on its handler, every schema from the wire type's
 //! `ToSchema`. What is the same for every operation is added here: the error answers
 //! any authenticated operation can give (401, and 500/503 when the backend fails) and
-//! the security schemes. `tests/api/openapi.rs` checks the document against the
-//! server's routes, both ways.
+//! the security schemes. `tests/api/operating.rs` checks the document against the
+//! routes the server answers, both ways.
 
 use std::sync::OnceLock;
 

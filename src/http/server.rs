@@ -54,13 +54,11 @@ pub async fn serve(
                 let shutdown = shutdown.clone();
                 let tracker = socket_tracker.clone();
                 async move {
-                    let method = request.method().as_str().to_owned();
+                    let method = super::method_label(request.method());
                     let route = super::route_of(request.uri().path());
                     let metrics = Arc::clone(&state.metrics);
                     let response = if request.uri().path() == ws::WS_PATH {
                         ws::upgrade(state, request, shutdown, tracker).await
-                    } else if let Some(refused) = super::method_not_allowed(&method, route) {
-                        refused.into_response()
                     } else {
                         match rest.call(request).await {
                             Ok(response) => response,

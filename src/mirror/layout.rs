@@ -41,8 +41,9 @@ impl Layout {
 
     /// Takes a replaced snapshot out of the way at once (one rename into the trash)
     /// and deletes it on a thread of its own, so a sync does not wait for tens of
-    /// thousands of unlinks, and a reader still inside the old tree finishes its
-    /// read. The thread empties the whole trash, so what a crash left there goes too.
+    /// thousands of unlinks. (A reader with a file of the old tree open keeps reading
+    /// it; one opening old paths after the swap fails, as it did before.) The thread
+    /// empties the whole trash, so what a crash left there goes at the next discard.
     pub(crate) fn discard(&self, path: &Path) -> std::io::Result<()> {
         let trash = self.trash_dir();
         std::fs::create_dir_all(&trash)?;

@@ -320,7 +320,7 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
         limit: usize,
         hold: Duration,
-    ) -> Result<Vec<String>, EngineError>;
+    ) -> Result<Vec<Claimed>, EngineError>;
     /// Records a webhook delivery id of `project`: `true` when it was already seen in
     /// the last 24 hours.
     async fn seen_delivery(&self, project: &ProjectId, delivery: &str)
@@ -381,6 +381,14 @@ pub trait EventLog: Send + Sync + 'static {
     -> Result<History, EngineError>;
     /// The id of `user`'s newest event (0 when none).
     async fn latest(&self, user: &str) -> Result<EventId, EngineError>;
+}
+
+/// A due project handed to one scheduler.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Claimed {
+    pub project_id: String,
+    /// when it was due (ms since the epoch), for the schedule-lag metric
+    pub due_ms: u64,
 }
 
 /// The three parts as one value that the hub, the HTTP layer and workers share.

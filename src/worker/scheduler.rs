@@ -43,8 +43,8 @@ pub async fn schedule_due(engine: &Engine, hold: Duration) -> Result<usize, Engi
     let mut started = 0;
     loop {
         let due = engine.store.claim_due(now, BATCH, hold).await?;
-        for id in &due {
-            let Some(project_id) = ProjectId::parse(id) else {
+        for claimed in &due {
+            let Some(project_id) = ProjectId::parse(&claimed.project_id) else {
                 continue;
             };
             let Some(project) = engine.store.project(&project_id).await? else {
@@ -62,10 +62,10 @@ pub async fn schedule_due(engine: &Engine, hold: Duration) -> Result<usize, Engi
             match engine.start_sync(&project, Trigger::Schedule).await {
                 Ok(_) => {
                     started += 1;
-                    if let Some(due_ms) = project.next_sync_ms {
-                        let lag_ms = now_epoch_ms().saturating_sub(due_ms);
-                        engine.metrics.schedule_lag.observe(lag_ms as f64 / 1000.0);
-                    }
+                    // from the due time the claim saw (the project's own next time
+                    // already says "held" by now)
+                    let lag_ms = now_epoch_ms().saturating_sub(claimed.due_ms);
+                    engine.metrics.schedule_lag.observe(lag_ms as f64 / 1000.0);
                 }
                 Err(EngineError::ProjectGone) => {}
                 Err(err) => return Err(err),

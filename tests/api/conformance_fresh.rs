@@ -105,11 +105,23 @@ pub(crate) async fn a_sync_end_moves_status_schedule_and_pause_once(engine: Engi
         .expect("update")
         .expect("exists");
     assert!(!resumed.paused && resumed.consecutive_failures == 0);
+    let before = read(store, &p)
+        .await
+        .next_sync_ms
+        .expect("resumed: scheduled");
     let due = store
         .claim_due(now_epoch_ms() + 1, 100, HOLD)
         .await
         .expect("claim");
-    assert_eq!(due, vec![p.project_id.clone()], "resumed: due now");
+    let ids: Vec<String> = due
+        .iter()
+        .map(|claimed| claimed.project_id.clone())
+        .collect();
+    assert_eq!(ids, vec![p.project_id.clone()], "resumed: due now");
+    assert_eq!(
+        due[0].due_ms, before,
+        "the claim reports when the project was due (the schedule-lag metric's start)"
+    );
 
     assert_eq!(
         one_sync(store, &p, SyncStatus::Completed).await,
@@ -172,7 +184,7 @@ pub(crate) async fn due_projects_are_claimed_once_across_schedulers(engine: Engi
                     if claimed.is_empty() {
                         return mine;
                     }
-                    mine.extend(claimed);
+                    mine.extend(claimed.into_iter().map(|claimed| claimed.project_id));
                 }
             })
         })

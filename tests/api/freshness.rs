@@ -336,6 +336,28 @@ async fn scheduled_syncs_run_back_off_pause_notify_and_resume() {
     .await
     .expect("two scheduled syncs completed");
     assert_eq!(synced["commit"], commit.as_str());
+    // each scheduled start is timed from its due time (the embedded claim used to
+    // overwrite that before it was read, so every lag was 0)
+    let metrics = app
+        .get_public("/metrics")
+        .await
+        .text()
+        .await
+        .expect("metrics");
+    let sample = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        sample("hivesync_schedule_lag_seconds_count ") >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        sample("hivesync_schedule_lag_seconds_sum ") > 0.0,
+        "scheduled syncs start after their due time, not at it"
+    );
     let status = project(&app, &id).await;
     assert!(status["last_success_at"].is_string(), "{status}");
     assert!(status["last_error"].is_null());

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::domain::{ProjectId, SyncId, now_epoch_ms};
 use crate::engine::schedule::{apply_change, apply_end, at_registration, jitter};
-use crate::engine::{EngineError, Project, ProjectChange, ProjectLock, Put, Store};
+use crate::engine::{Claimed, EngineError, Project, ProjectChange, ProjectLock, Put, Store};
 use crate::protocol::{Job, SyncRecord, SyncStatus};
 
 /// A delivery id is a duplicate for this long.
@@ -380,7 +380,7 @@ impl Store for EmbeddedEngine {
         now_ms: u64,
         limit: usize,
         hold: Duration,
-    ) -> Result<Vec<String>, EngineError> {
+    ) -> Result<Vec<Claimed>, EngineError> {
         let until = now_ms + hold.as_millis() as u64;
         self.blocking(move |db| {
             let tx = db.begin_write().map_err(redb::Error::from)?;
@@ -419,7 +419,10 @@ impl Store for EmbeddedEngine {
                             .map_err(redb::Error::from)?;
                     }
                 }
-                found.into_iter().map(|(_, id)| id).collect()
+                found
+                    .into_iter()
+                    .map(|(due_ms, project_id)| Claimed { project_id, due_ms })
+                    .collect()
             };
             db.commit(tx)?;
             Ok(claimed)

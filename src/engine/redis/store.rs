@@ -8,7 +8,7 @@ use redis::AsyncCommands;
 use super::{RedisEngine, project_from_fields};
 use crate::domain::{ProjectId, SyncId, now_epoch_ms};
 use crate::engine::schedule::{apply_change, apply_end, at_registration, jitter};
-use crate::engine::{EngineError, Project, ProjectChange, ProjectLock, Put, Store};
+use crate::engine::{Claimed, EngineError, Project, ProjectChange, ProjectLock, Put, Store};
 use crate::protocol::{Job, SyncRecord};
 
 /// How often a write checked against the project's revision is tried before giving up
@@ -256,9 +256,10 @@ impl Store for RedisEngine {
         now_ms: u64,
         limit: usize,
         hold: Duration,
-    ) -> Result<Vec<String>, EngineError> {
+    ) -> Result<Vec<Claimed>, EngineError> {
         let mut conn = self.conn().await?;
-        Ok(self
+        // id, due time, id, due time, …
+        let flat: Vec<String> = self
             .scripts
             .claim_due
             .key(self.keys.due())
@@ -266,7 +267,14 @@ impl Store for RedisEngine {
             .arg(limit)
             .arg(now_ms + hold.as_millis() as u64)
             .invoke_async(&mut conn)
-            .await?)
+            .await?;
+        Ok(flat
+            .chunks_exact(2)
+            .map(|pair| Claimed {
+                project_id: pair[0].clone(),
+                due_ms: pair[1].parse::<f64>().map_or(now_ms, |due| due as u64),
+            })
+            .collect())
     }
 
     async fn seen_delivery(

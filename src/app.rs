@@ -228,6 +228,7 @@ impl Application {
                 })?;
         let hub = Hub::new(Arc::clone(&engine.events), config.ws_queue);
         let layout = Layout::new(config.data_dir.clone());
+        layout.empty_trash_in_background();
         let serve_workers = config.effective_serve_workers();
         let reader = Arc::new(Reader::new(layout.clone()));
         let state = Arc::new(AppState {
@@ -384,6 +385,7 @@ pub async fn run_workers(
         interrupt: CancellationToken::new(),
     };
     let layout = Layout::new(config.data_dir.clone());
+    layout.empty_trash_in_background();
     worker::spawn(
         config.workers,
         engine.clone(),

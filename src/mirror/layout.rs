@@ -43,7 +43,7 @@ impl Layout {
     /// and deletes it on a thread of its own, so a sync does not wait for tens of
     /// thousands of unlinks. (A reader with a file of the old tree open keeps reading
     /// it; one opening old paths after the swap fails, as it did before.) The thread
-    /// empties the whole trash, so what a crash left there goes at the next discard.
+    /// empties the whole trash.
     pub(crate) fn discard(&self, path: &Path) -> std::io::Result<()> {
         let trash = self.trash_dir();
         std::fs::create_dir_all(&trash)?;
@@ -52,6 +52,14 @@ impl Layout {
             // another filesystem or a vanished path: delete it here instead
             return remove_if_exists(path);
         }
+        self.empty_trash_in_background();
+        Ok(())
+    }
+
+    /// Empties the trash on a thread of its own: after each discard, and at start
+    /// (snapshots a stopped or crashed process left there).
+    pub fn empty_trash_in_background(&self) {
+        let trash = self.trash_dir();
         let spawned = std::thread::Builder::new()
             .name("hivesync-trash".into())
             .spawn(move || empty_trash(&trash));
@@ -59,7 +67,6 @@ impl Layout {
             // no thread to spare: the next discard empties the trash
             tracing::debug!("could not start the trash thread; deleting later");
         }
-        Ok(())
     }
 
     /// The path builds and readers use: `DATA_DIR/repos/<id>`.

@@ -343,6 +343,9 @@ pub enum EventBody {
         /// success notifications: what the sync brought (null on the others)
         #[serde(default)]
         changes: Option<Changes>,
+        /// what started the sync (absent in events stored before it was sent)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trigger: Option<Trigger>,
     },
 }
 

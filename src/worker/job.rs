@@ -319,6 +319,7 @@ impl Worker {
             changes: (kind == NotificationKind::RepoSyncSuccess)
                 .then_some(record.changes)
                 .flatten(),
+            trigger: Some(record.trigger),
         };
         self.persist(true, || self.engine.events.publish(ctx.owner, body.clone()))
             .await?;

@@ -358,6 +358,12 @@ async fn scheduled_syncs_run_back_off_pause_notify_and_resume() {
         sample("hivesync_schedule_lag_seconds_sum ") > 0.0,
         "scheduled syncs start after their due time, not at it"
     );
+    let note = socket
+        .until(|frame| crate::helpers::is_notification(frame, "repo_sync_success"))
+        .await
+        .pop()
+        .expect("a success notification");
+    assert_eq!(note["trigger"], "schedule", "{note}");
     let status = project(&app, &id).await;
     assert!(status["last_success_at"].is_string(), "{status}");
     assert!(status["last_error"].is_null());
@@ -539,6 +545,10 @@ async fn syncs_and_notifications_say_what_changed_including_rewrites() {
         .expect("frame");
     assert_eq!(note["previous_commit"], base.as_str());
     assert_eq!(note["changes"], second["changes"]);
+    assert_eq!(
+        note["trigger"], "api",
+        "notifications say what started the sync"
+    );
 
     // history rewritten upstream: back to base, one new commit
     repo.git(&["reset", "-q", "--hard", &base]);

@@ -373,3 +373,23 @@ async fn an_incremental_sync_writes_what_changed_and_restores_what_was_tampered_
     assert_eq!(std::fs::read_link(&worktree).expect("link"), before);
     app.stop().await;
 }
+
+/// A snapshot a stopped or crashed process left in the trash is deleted at the next
+/// start, not only after the next sync.
+#[tokio::test]
+async fn the_trash_a_stopped_process_left_is_emptied_at_start() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let left = data.path().join("trash").join("left-by-a-crash");
+    std::fs::create_dir_all(left.join("src")).expect("dirs");
+    std::fs::write(left.join("src/lib.rs"), "fn main() {}\n").expect("write");
+    let app = TestApp::spawn_on(data.path(), |_| {}).await;
+    let emptied = crate::helpers::wait_until(crate::helpers::WAIT, || async {
+        let remaining = std::fs::read_dir(data.path().join("trash"))
+            .map(|entries| entries.count())
+            .unwrap_or(0);
+        (remaining == 0).then_some(())
+    })
+    .await;
+    assert!(emptied.is_some(), "the trash is emptied at start");
+    app.stop().await;
+}

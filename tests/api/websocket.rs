@@ -318,6 +318,7 @@ async fn a_client_that_cannot_keep_up_is_closed_with_4008_and_resumes_without_lo
                     at: now_rfc3339(),
                     previous_commit: None,
                     changes: None,
+                    trigger: None,
                 },
             )
             .await

@@ -211,6 +211,7 @@ mod tests {
                 error: None,
                 previous_commit: None,
                 changes: None,
+                trigger: None,
                 at: "2026-01-01T00:00:00Z".into(),
             },
         };

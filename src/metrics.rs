@@ -167,8 +167,7 @@ impl Metrics {
             "Times the Redis pub/sub subscription was lost and made again",
             redis_reconnects.clone(),
         );
-        // 100 µs … ~3.3 s
-        let store_commit = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let store_commit = Self::commit_histogram();
         registry.register(
             "store_commit_seconds",
             "Commit latency of the embedded store's write transactions",
@@ -204,6 +203,12 @@ impl Metrics {
             redis_reconnects,
             store_commit,
         }
+    }
+
+    /// The embedded store's commit-latency histogram, unregistered (100 µs … ~3.3 s):
+    /// [`Metrics::new`] registers one; an engine opened without metrics gets its own.
+    pub fn commit_histogram() -> Histogram {
+        Histogram::new(exponential_buckets(0.0001, 2.0, 16))
     }
 
     /// Counts one ended sync.

@@ -126,16 +126,18 @@ pub fn route_of(path: &str) -> &'static str {
     if path == ws::WS_PATH {
         return ws::WS_PATH;
     }
-    let segments: Vec<&str> = path.split('/').collect();
-    let matched = ROUTES.iter().find(|(_, template)| {
-        let parts: Vec<&str> = template.split('/').collect();
-        parts.len() == segments.len()
-            && parts
-                .iter()
-                .zip(&segments)
-                .all(|(part, segment)| part.starts_with('{') || part == segment)
-    });
-    match matched {
+    // every request passes here: segment by segment, no allocation
+    let fits = |template: &str| {
+        let (mut parts, mut segments) = (template.split('/'), path.split('/'));
+        loop {
+            match (parts.next(), segments.next()) {
+                (None, None) => return true,
+                (Some(part), Some(segment)) if part.starts_with('{') || part == segment => {}
+                _ => return false,
+            }
+        }
+    };
+    match ROUTES.iter().find(|(_, template)| fits(template)) {
         Some((_, template)) => template,
         None if !path.starts_with("/api/") => "static",
         None => "unmatched",

@@ -108,7 +108,7 @@ impl EmbeddedEngine {
         sync_rate: (u32, Duration),
         history_len: u64,
     ) -> Result<Arc<Self>, EngineError> {
-        let commit_seconds = crate::metrics::Metrics::new().store_commit;
+        let commit_seconds = crate::metrics::Metrics::commit_histogram();
         Self::open_with(
             dir,
             sync_rate,

@@ -73,6 +73,7 @@ pub async fn open_engine(
     };
     let settings = RedisSettings {
         url: url.clone(),
+        cluster: config.redis_cluster,
         prefix: config.redis_prefix.clone(),
         reclaim_after: config.reclaim_after,
         history_len: config.event_history,
@@ -86,7 +87,7 @@ pub async fn open_engine(
             url: redacted_redis_url(url),
             source,
         })?;
-    tracing::info!(redis = %redacted_redis_url(url), prefix = %config.redis_prefix, "using the redis engine");
+    tracing::info!(redis = %redacted_redis_url(url), prefix = %config.redis_prefix, cluster = config.redis_cluster, "using the redis engine");
     redis.count_reconnects_in(metrics.redis_reconnects.clone());
     let engine = Engine {
         store: redis.clone(),
@@ -97,8 +98,16 @@ pub async fn open_engine(
     Ok((engine, Some(redis)))
 }
 
-/// The Redis URL without its password, for logs and errors.
+/// The Redis URL (or a cluster's comma-separated URLs) without passwords, for logs and
+/// errors.
 pub fn redacted_redis_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| redacted_one_url(one.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redacted_one_url(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
             Some((_, host)) => format!("{scheme}://***@{host}"),

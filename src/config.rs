@@ -24,6 +24,8 @@ pub struct Config {
     /// in-process workers of `serve`; `None` = the contract's default for the engine
     pub serve_workers: Option<usize>,
     pub redis_prefix: String,
+    /// `redis_url` names nodes of a Redis Cluster
+    pub redis_cluster: bool,
     pub reclaim_after: Duration,
     pub allowed_schemes: Vec<String>,
     pub allow_private_hosts: bool,
@@ -82,6 +84,7 @@ impl Default for Config {
             workers: 2,
             serve_workers: None,
             redis_prefix: "hivesync".to_owned(),
+            redis_cluster: false,
             reclaim_after: Duration::from_millis(60_000),
             allowed_schemes: vec!["https".to_owned(), "ssh".to_owned()],
             allow_private_hosts: false,
@@ -183,6 +186,9 @@ pub struct ConfigArgs {
     /// prefix of every Redis key [default: hivesync]
     #[arg(long, env = "HIVESYNC_REDIS_PREFIX")]
     pub redis_prefix: Option<String>,
+    /// 1 = HIVESYNC_REDIS_URL lists nodes of a Redis Cluster, comma-separated [default: 0]
+    #[arg(long, env = "HIVESYNC_REDIS_CLUSTER")]
+    pub redis_cluster: Option<String>,
     /// a job silent this long is taken over [default: 60000]
     #[arg(long, env = "HIVESYNC_RECLAIM_AFTER_MS")]
     pub reclaim_after_ms: Option<u64>,
@@ -274,6 +280,9 @@ impl ConfigArgs {
         config.serve_workers = self.serve_workers;
         if let Some(v) = self.redis_prefix {
             config.redis_prefix = v;
+        }
+        if let Some(v) = self.redis_cluster {
+            config.redis_cluster = matches!(v.trim(), "1" | "true" | "yes");
         }
         if let Some(v) = self.reclaim_after_ms {
             config.reclaim_after = Duration::from_millis(v);

@@ -109,6 +109,7 @@ pub async fn run(o: Options) -> Result<Value, String> {
     let redis = PrivateRedis::start().await?;
     let engine =
         hivesync::engine::redis::RedisEngine::connect(hivesync::engine::redis::RedisSettings {
+            cluster: false,
             url: redis.url(),
             prefix: "publish".into(),
             reclaim_after: Duration::from_secs(60),

@@ -38,6 +38,32 @@ macro_rules! uuid_id {
 uuid_id!(ProjectId, "A project's id; names its mirror directory.");
 uuid_id!(SyncId, "A sync's id; sorts by the time it was requested.");
 
+impl SyncId {
+    /// A fresh id for a sync of `project`: a UUID v7 whose last byte (random in v7) is
+    /// the project id's last byte, so a store partitioned by that byte (the Redis
+    /// engine on a cluster) finds the sync beside its project from the id alone.
+    pub fn generate_for(project: &str) -> Self {
+        let mut bytes = *uuid::Uuid::now_v7().as_bytes();
+        bytes[15] = partition_byte(project);
+        Self(uuid::Uuid::from_bytes(bytes).hyphenated().to_string())
+    }
+}
+
+/// The byte an id is partitioned by: the last byte of a canonical UUID, else (ids
+/// that did not come from here) a hash of the whole string.
+pub fn partition_byte(id: &str) -> u8 {
+    let tail = id.get(id.len().saturating_sub(2)..).unwrap_or("");
+    match (id.len(), u8::from_str_radix(tail, 16)) {
+        (36, Ok(byte)) if !tail.starts_with('+') => byte,
+        _ => id
+            .bytes()
+            .fold(0x811c_9dc5_u32, |hash, byte| {
+                (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+            })
+            .to_le_bytes()[0],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,6 +75,24 @@ mod tests {
         let second = SyncId::generate();
         assert_eq!(SyncId::parse(first.as_str()), Some(first.clone()));
         assert!(first < second);
+    }
+
+    #[test]
+    fn a_sync_id_carries_its_projects_partition_byte_and_still_sorts_by_time() {
+        let project = ProjectId::generate();
+        let first = SyncId::generate_for(project.as_str());
+        let second = SyncId::generate_for(project.as_str());
+        assert_eq!(SyncId::parse(first.as_str()), Some(first.clone()));
+        assert!(first < second);
+        assert_eq!(
+            partition_byte(first.as_str()),
+            partition_byte(project.as_str())
+        );
+        let parsed = uuid::Uuid::parse_str(first.as_str()).expect("a uuid");
+        assert_eq!(parsed.get_version_num(), 7);
+        // ids of another shape still get a stable byte
+        assert_eq!(partition_byte("alice"), partition_byte("alice"));
+        assert_ne!(partition_byte("alice"), partition_byte("bob"));
     }
 
     #[test]

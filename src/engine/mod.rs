@@ -51,6 +51,9 @@ pub enum EngineError {
     /// A checked write lost to concurrent changes of the same project too many times.
     #[error("the project kept changing under a write")]
     Contended,
+    /// A sync id that was not made by `SyncId::generate_for` its project.
+    #[error("sync id {0} does not belong to its project's partition")]
+    ForeignSyncId(String),
 }
 
 /// A worker's exclusive hold on one project's mirror. `fence` grows with every grant,
@@ -288,6 +291,8 @@ pub trait Store: Send + Sync + 'static {
     /// `record` as the follow-up (queued when the running one ends) and returns `true`;
     /// with nothing active, stores `record` as the active sync, puts `job` on the queue
     /// and returns `true`. `Err(ProjectGone)` when the project does not exist.
+    /// `record.sync_id` comes from `SyncId::generate_for` the project (a partitioned
+    /// store keeps the sync beside its project); the Redis engine refuses others.
     async fn begin_sync(
         &self,
         record: SyncRecord,
@@ -381,6 +386,15 @@ pub trait EventLog: Send + Sync + 'static {
     -> Result<History, EngineError>;
     /// The id of `user`'s newest event (0 when none).
     async fn latest(&self, user: &str) -> Result<EventId, EngineError>;
+    /// Makes sure `user`'s events reach [`EventLog::live`] on this node from the moment
+    /// this returns, until a matching [`EventLog::unwatch`]. Calls nest. Engines that
+    /// hand every node every event need nothing here; on a Redis Cluster it subscribes
+    /// the user's group channel.
+    async fn watch(&self, _user: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
+    /// Undoes one [`EventLog::watch`].
+    fn unwatch(&self, _user: &str) {}
 }
 
 /// A due project handed to one scheduler.
@@ -411,7 +425,7 @@ impl Engine {
         trigger: Trigger,
     ) -> Result<(SyncRecord, bool), EngineError> {
         let record = SyncRecord {
-            sync_id: SyncId::generate().to_string(),
+            sync_id: SyncId::generate_for(&project.project_id).to_string(),
             project_id: project.project_id.clone(),
             status: SyncStatus::Queued,
             progress: None,

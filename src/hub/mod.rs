@@ -228,6 +228,9 @@ impl Hub {
         resume_from: Option<EventId>,
         projects: Option<Vec<String>>,
     ) -> Result<Attachment, EngineError> {
+        // the user's events reach this node from here on (a no-op but on a cluster,
+        // where it subscribes their group's channel); undone by the detach
+        self.events.watch(user).await?;
         let internal_id = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let (sender, queue) = mpsc::channel(self.queue_capacity);
         let kicked = CancellationToken::new();
@@ -337,9 +340,13 @@ impl Hub {
             .write()
             .expect("hub lock is never poisoned");
         if let Some(of_user) = connections.get_mut(user) {
+            let before = of_user.list.len();
             of_user
                 .list
                 .retain(|connection| connection.id != internal_id);
+            if of_user.list.len() < before {
+                self.events.unwatch(user);
+            }
             if of_user.list.is_empty() {
                 connections.remove(user);
             }

@@ -12,7 +12,7 @@ use hivesync::engine::{Engine, EngineError, Live, Project, Store};
 use hivesync::protocol::{EventBody, Job, SyncRecord, SyncStatus};
 use tokio_util::sync::CancellationToken;
 
-use crate::redis_server::{RedisServer, redis_or_skip, unique_prefix};
+use crate::redis_server::{RedisServer, redis_cluster_or_skip, redis_or_skip, unique_prefix};
 
 /// Engine settings the checks rely on.
 const RATE: (u32, Duration) = (3, Duration::from_secs(60));
@@ -54,6 +54,7 @@ struct OnRedis {
 impl OnRedis {
     async fn connect(&self, prefix: &str, reclaim_after: Duration) -> std::sync::Arc<RedisEngine> {
         let engine = RedisEngine::connect(RedisSettings {
+            cluster: self.server.cluster,
             url: self.server.url(),
             prefix: prefix.to_owned(),
             reclaim_after,
@@ -122,6 +123,14 @@ async fn redis_engine_conforms() {
     all_checks(&OnRedis { server }).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_engine_on_a_cluster_conforms() {
+    let Some(server) = redis_cluster_or_skip() else {
+        return;
+    };
+    all_checks(&OnRedis { server }).await;
+}
+
 pub(crate) fn project(owner: &str) -> Project {
     crate::helpers::stored_project(
         owner,
@@ -132,7 +141,7 @@ pub(crate) fn project(owner: &str) -> Project {
 
 pub(crate) fn record(project: &Project) -> SyncRecord {
     SyncRecord {
-        sync_id: SyncId::generate().to_string(),
+        sync_id: SyncId::generate_for(&project.project_id).to_string(),
         project_id: project.project_id.clone(),
         status: SyncStatus::Queued,
         progress: None,
@@ -316,6 +325,11 @@ async fn events_are_numbered_per_user_kept_and_live(engine: Engine, networked: b
         let ready = tokio::time::timeout(Duration::from_secs(5), live.recv()).await;
         assert!(matches!(ready, Ok(Ok(Live::Reconnected))), "{ready:?}");
     }
+    // what a hub does for the users it holds sockets for (on a cluster, this
+    // subscribes their groups' channels)
+    for user in ["erin", "frank", "gina"] {
+        events.watch(user).await.expect("watch");
+    }
     assert_eq!(events.latest("erin").await.expect("latest"), 0);
     let mut ids = Vec::new();
     for n in 1..=3 {
@@ -343,6 +357,8 @@ async fn events_are_numbered_per_user_kept_and_live(engine: Engine, networked: b
             other => panic!("live feed ended early: {other:?}"),
         }
     }
+    // in order per user (users on different cluster nodes may interleave)
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(
         seen,
         vec![
@@ -560,9 +576,19 @@ async fn jobs_locks_and_fences(engine: Engine) {
 /// worker's lock is then worthless.
 #[tokio::test]
 async fn a_silent_workers_job_is_taken_over_and_its_lock_fenced() {
-    let Some(server) = redis_or_skip() else {
-        return;
-    };
+    if let Some(server) = redis_or_skip() {
+        silent_worker_is_replaced(server).await;
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_silent_workers_job_is_taken_over_and_its_lock_fenced() {
+    if let Some(server) = redis_cluster_or_skip() {
+        silent_worker_is_replaced(server).await;
+    }
+}
+
+async fn silent_worker_is_replaced(server: RedisServer) {
     let redis = OnRedis { server };
     let prefix = unique_prefix();
     let reclaim = Duration::from_millis(1000);

@@ -326,6 +326,7 @@ async fn a_job_that_kills_every_worker_is_failed_not_retried_forever() {
     for expected in 1..=hivesync::engine::MAX_DELIVERIES {
         let doomed =
             hivesync::engine::redis::RedisEngine::connect(hivesync::engine::redis::RedisSettings {
+                cluster: false,
                 url: redis.url(),
                 prefix: prefix.clone(),
                 reclaim_after: reclaim,

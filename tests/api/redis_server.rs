@@ -1,6 +1,6 @@
-//! A private `redis-server` per test, on a free port with AOF on (so a restart keeps its
-//! data, as in `compose.yaml`), and `hivesync worker` processes against it. Never the
-//! machine's own Redis on 6379.
+//! A private `redis-server` per test (or a private Redis Cluster of several), on free
+//! ports with AOF on (so a restart keeps its data, as in `compose.yaml`), and `hivesync
+//! worker` processes against it. Never the machine's own Redis on 6379.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -8,25 +8,71 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A private Redis: one server, or a cluster of several (each node its own process,
+/// directory and ports).
 pub struct RedisServer {
-    pub port: u16,
+    nodes: Vec<Node>,
+    /// a Redis Cluster (every node runs `--cluster-enabled yes`)
+    pub cluster: bool,
+}
+
+struct Node {
+    port: u16,
+    /// the cluster bus port (`cluster-port`), on a cluster
+    bus_port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+}
+
+fn have_redis(tools: &[&str]) -> bool {
+    for tool in tools {
+        if Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
+            crate::skips::skip(&format!(
+                "{tool} is not on PATH (apt-get install redis-server redis-tools)"
+            ));
+            return false;
+        }
+    }
+    true
 }
 
 /// Starts a private server, or: fails the test in CI when `redis-server` is missing,
 /// and skips it with a loud notice on a developer's machine.
 pub fn redis_or_skip() -> Option<RedisServer> {
-    if Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_err()
-    {
-        crate::skips::skip("redis-server is not on PATH (apt-get install redis-server)");
-        return None;
+    have_redis(&["redis-server"]).then(|| RedisServer::start(1, 0))
+}
+
+/// A private 3-master Redis Cluster (`redis-server --cluster-enabled yes` and
+/// `redis-cli --cluster create`), or a skip as [`redis_or_skip`].
+pub fn redis_cluster_or_skip() -> Option<RedisServer> {
+    have_redis(&["redis-server", "redis-cli"]).then(|| RedisServer::start(3, 0))
+}
+
+/// As [`redis_cluster_or_skip`], with a replica for each master (6 nodes), for failover.
+pub fn redis_cluster_with_replicas_or_skip() -> Option<RedisServer> {
+    have_redis(&["redis-server", "redis-cli"]).then(|| RedisServer::start(3, 1))
+}
+
+/// The engine under test: every test that takes a `Backend` runs once on a single
+/// Redis and once on a cluster.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Single,
+    Cluster,
+}
+
+impl Backend {
+    pub fn start(self) -> Option<RedisServer> {
+        match self {
+            Backend::Single => redis_or_skip(),
+            Backend::Cluster => redis_cluster_or_skip(),
+        }
     }
-    Some(RedisServer::start())
 }
 
 fn free_port() -> u16 {
@@ -37,69 +83,214 @@ fn free_port() -> u16 {
 }
 
 impl RedisServer {
-    fn start() -> Self {
+    fn start(masters: usize, replicas_each: usize) -> Self {
+        let count = masters * (1 + replicas_each);
+        let cluster = masters > 1;
         let mut server = Self {
-            port: free_port(),
-            dir: tempfile::tempdir().expect("temp dir"),
-            child: None,
+            nodes: (0..count)
+                .map(|_| Node {
+                    port: free_port(),
+                    bus_port: free_port(),
+                    dir: tempfile::tempdir().expect("temp dir"),
+                    child: None,
+                })
+                .collect(),
+            cluster,
         };
-        server.launch();
+        for index in 0..count {
+            server.launch(index);
+        }
+        if cluster {
+            server.create_cluster(replicas_each);
+        }
         server
     }
 
-    fn launch(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+    fn launch(&mut self, index: usize) {
+        let cluster = self.cluster;
+        let node = &mut self.nodes[index];
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &node.port.to_string()])
             .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
             .arg("--dir")
-            .arg(self.dir.path())
+            .arg(node.dir.path())
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .args(["--save", ""])
             .arg("--logfile")
-            .arg(self.dir.path().join("redis.log"))
+            .arg(node.dir.path().join("redis.log"));
+        if cluster {
+            command
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-port", &node.bus_port.to_string()])
+                // a dead master is failed over after ~1 s
+                .args(["--cluster-node-timeout", "1000"])
+                .args(["--cluster-replica-validity-factor", "0"]);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        self.child = Some(child);
+        node.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.answers() {
+            if answers(node.port) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server did not answer on port {}", self.port);
+        panic!("redis-server did not answer on port {}", node.port);
     }
 
-    fn answers(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut reply = [0u8; 7];
-        stream.write_all(b"PING\r\n").is_ok()
-            && stream.read_exact(&mut reply).is_ok()
-            && &reply == b"+PONG\r\n"
+    fn create_cluster(&self, replicas_each: usize) {
+        let output = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(
+                self.nodes
+                    .iter()
+                    .map(|node| format!("127.0.0.1:{}", node.port)),
+            )
+            .args(["--cluster-replicas", &replicas_each.to_string()])
+            .arg("--cluster-yes")
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        self.wait_until_healthy();
     }
 
+    /// Waits until every running node says the cluster is ok and knows every slot.
+    pub fn wait_until_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let healthy = self
+                .nodes
+                .iter()
+                .filter(|node| node.child.is_some())
+                .all(|node| {
+                    let info = cli(node.port, &["CLUSTER", "INFO"]);
+                    info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+                });
+            if healthy {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the test cluster did not become healthy"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One URL, or on a cluster every node's, comma-separated.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        self.nodes
+            .iter()
+            .map(|node| format!("redis://127.0.0.1:{}/", node.port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
-    /// `kill -9`: no shutdown save; what survives is what the AOF already holds.
+    /// The URL of one node (the server's own on a single Redis).
+    pub fn node_url(&self, index: usize) -> String {
+        format!("redis://127.0.0.1:{}/", self.nodes[index].port)
+    }
+
+    /// Sets a hub's config to use this Redis.
+    pub fn configure(&self, config: &mut hivesync::config::Config) {
+        config.redis_url = Some(self.url());
+        config.redis_cluster = self.cluster;
+    }
+
+    /// `kill -9` of every node: no shutdown save; what survives is what the AOF holds.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        for index in 0..self.nodes.len() {
+            self.kill_node(index);
+        }
+    }
+
+    /// `kill -9` of one node.
+    pub fn kill_node(&mut self, index: usize) {
+        if let Some(mut child) = self.nodes[index].child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    /// Starts again on the same port and data.
+    /// Starts every node again on the same ports and data (a cluster's nodes find each
+    /// other again from their `nodes.conf`).
     pub fn restart(&mut self) {
         self.kill();
-        self.launch();
+        for index in 0..self.nodes.len() {
+            self.launch(index);
+        }
+        if self.cluster {
+            self.wait_until_healthy();
+        }
     }
+
+    /// Starts one killed node again.
+    pub fn restart_node(&mut self, index: usize) {
+        self.kill_node(index);
+        self.launch(index);
+    }
+
+    /// The index of the master serving `key`'s slot.
+    pub fn master_of(&self, key: &str) -> usize {
+        let slot: u16 = cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("a slot number");
+        let shards = cli(self.nodes[0].port, &["CLUSTER", "SLOTS"]);
+        // lines: start, end, ip, port, id, (replicas…), next range…
+        let lines: Vec<&str> = shards.lines().map(str::trim).collect();
+        let mut index = 0;
+        while index + 3 < lines.len() {
+            if let (Ok(start), Ok(end)) =
+                (lines[index].parse::<u16>(), lines[index + 1].parse::<u16>())
+                && lines[index + 2] == "127.0.0.1"
+                && (start..=end).contains(&slot)
+            {
+                let port: u16 = lines[index + 3].parse().expect("a port");
+                return self
+                    .nodes
+                    .iter()
+                    .position(|node| node.port == port)
+                    .expect("a node of this cluster");
+            }
+            index += 1;
+        }
+        panic!("no master serves slot {slot}:\n{shards}");
+    }
+}
+
+fn answers(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+/// What `redis-cli -p PORT ARGS…` prints (empty when it fails).
+fn cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 impl Drop for RedisServer {
@@ -123,6 +314,10 @@ pub fn spawn_worker(
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "hivesync=debug,info")
         .env("HIVESYNC_REDIS_URL", redis.url())
+        .env(
+            "HIVESYNC_REDIS_CLUSTER",
+            if redis.cluster { "1" } else { "0" },
+        )
         .env("HIVESYNC_REDIS_PREFIX", prefix)
         .env("HIVESYNC_DATA_DIR", data_dir)
         .env("HIVESYNC_RECLAIM_AFTER_MS", reclaim_after_ms.to_string())

@@ -194,6 +194,7 @@ pub(super) async fn start(hub_binary: &Path, load: &Load) -> Result<Rig, String>
             }
             let engine = hivesync::engine::redis::RedisEngine::connect(
                 hivesync::engine::redis::RedisSettings {
+                    cluster: false,
                     url: redis.url(),
                     prefix: "fanout".into(),
                     reclaim_after: Duration::from_secs(60),

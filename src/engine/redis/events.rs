@@ -11,6 +11,7 @@ use redis::streams::StreamRangeReply;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use super::cluster::Push;
 use super::{PUBSUB_PING, RedisEngine};
 use crate::backoff::Backoff;
 use crate::engine::{EngineError, EventLog, History, Live};
@@ -27,10 +28,15 @@ impl EventLog for RedisEngine {
             .publish
             .key(self.keys.event_seq(user))
             .key(self.keys.events(user))
-            .key(self.keys.channel())
+            .key(self.keys.channel(user))
             .arg(json)
             .arg(channel_prefix(user))
             .arg(self.settings.history_len.max(1))
+            .arg(if self.keys.cluster {
+                "SPUBLISH"
+            } else {
+                "PUBLISH"
+            })
             .invoke_async(&mut conn)
             .await?;
         Ok(Event {
@@ -85,6 +91,23 @@ impl EventLog for RedisEngine {
         let latest: Option<u64> = conn.get(self.keys.event_seq(user)).await?;
         Ok(latest.unwrap_or(0))
     }
+
+    async fn watch(&self, user: &str) -> Result<(), EngineError> {
+        match self.sharded() {
+            Some(pubsub) => {
+                pubsub
+                    .subscribe(&self.keys.group_channel(self.keys.group_of(user)))
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn unwatch(&self, user: &str) {
+        if let Some(pubsub) = self.sharded() {
+            pubsub.unsubscribe(&self.keys.group_channel(self.keys.group_of(user)));
+        }
+    }
 }
 
 impl RedisEngine {
@@ -94,9 +117,126 @@ impl RedisEngine {
         let engine = Arc::clone(self);
         self.subscriber.get_or_init(|| {
             let stop = CancellationToken::new();
-            tokio::spawn(Arc::clone(&engine).subscribe_loop(stop.clone()));
+            if engine.sharded().is_some() {
+                tokio::spawn(Arc::clone(&engine).sharded_loop(stop.clone()));
+            } else {
+                tokio::spawn(Arc::clone(&engine).subscribe_loop(stop.clone()));
+            }
             stop
         });
+    }
+}
+
+/// How long after a resubscription the engine waits for more before recovering the
+/// gap once (a failover resubscribes every channel of a node at once).
+const RESUBSCRIBE_SETTLE: Duration = Duration::from_millis(30);
+/// How often each wanted channel's node is touched, so a dead one is noticed.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+impl RedisEngine {
+    /// On a cluster: reads the sharded subscription's pushes until `stop`. Messages on
+    /// a user group's channel feed [`EventLog::live`], a shard bell wakes the workers
+    /// waiting for jobs, and after a resubscription (a node restarted or failed over)
+    /// the hub is told to recover what it missed from the histories, once the
+    /// resubscriptions have settled.
+    async fn sharded_loop(self: Arc<Self>, stop: CancellationToken) {
+        let Some(pubsub) = self.sharded() else { return };
+        let Some(mut pushes) = pubsub.take_pushes() else {
+            return;
+        };
+        // connected, the feed is ready (nothing is subscribed before a user is watched)
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        while let Err(err) = pubsub.connect().await {
+            let wait = backoff.next_wait();
+            tracing::warn!(error = %error_chain(&err), retry_in_ms = wait.as_millis() as u64, "redis cluster pub/sub unreachable; retrying");
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        let _ = self.live.send(Live::Reconnected);
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut recover_at: Option<tokio::time::Instant> = None;
+        let is_bell =
+            |channel: &str| (0..self.keys.shards()).any(|shard| channel == self.keys.bell(shard));
+        loop {
+            let settle = async {
+                match recover_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                push = pushes.recv() => {
+                    let Some(push) = push else { return };
+                    match pubsub.classify(push) {
+                        Some(Push::Message { channel, payload }) => {
+                            if is_bell(&channel) {
+                                self.bell.notify_waiters();
+                            } else {
+                                match parse_channel_payload(&payload) {
+                                    Some(event) => {
+                                        let _ = self.live.send(Live::Event(event));
+                                    }
+                                    None => tracing::warn!("dropping an unreadable event from redis"),
+                                }
+                            }
+                        }
+                        Some(Push::Resubscribed { channel }) => {
+                            tracing::info!(%channel, "resubscribed to a sharded channel; recovering what was missed");
+                            if is_bell(&channel) {
+                                self.bell.notify_waiters();
+                            } else {
+                                recover_at.get_or_insert_with(|| tokio::time::Instant::now() + RESUBSCRIBE_SETTLE);
+                            }
+                        }
+                        Some(Push::Dropped { channel }) => {
+                            tracing::info!(%channel, "a sharded channel's slot moved; subscribing again");
+                            let engine = Arc::clone(&self);
+                            tokio::spawn(async move {
+                                if let Some(pubsub) = engine.sharded()
+                                    && let Err(err) = pubsub.resubscribe(&channel).await
+                                {
+                                    tracing::warn!(%channel, error = %error_chain(&err), "could not subscribe again; retrying on the next probe");
+                                }
+                            });
+                        }
+                        Some(Push::Disconnected) => {
+                            if let Some(reconnects) = self.reconnects.get() {
+                                reconnects.inc();
+                            }
+                            tracing::warn!("a redis cluster node's pub/sub connection dropped; reconnecting");
+                        }
+                        None => {}
+                    }
+                }
+                _ = settle => {
+                    recover_at = None;
+                    let _ = self.live.send(Live::Reconnected);
+                }
+                _ = probe.tick() => {
+                    let engine = Arc::clone(&self);
+                    tokio::spawn(async move { engine.probe_channels().await });
+                }
+            }
+        }
+    }
+
+    /// Touches the node of every wanted channel (see [`cluster::ShardedPubSub::probe`]).
+    async fn probe_channels(&self) {
+        let Some(pubsub) = self.sharded() else { return };
+        let channels = pubsub.wanted_channels();
+        let probes = channels.iter().map(|channel| pubsub.probe(channel));
+        for (channel, outcome) in channels
+            .iter()
+            .zip(futures_util::future::join_all(probes).await)
+        {
+            if let Err(err) = outcome {
+                tracing::debug!(%channel, error = %error_chain(&err), "a sharded channel's node did not answer");
+            }
+        }
     }
 }
 
@@ -133,11 +273,14 @@ impl RedisEngine {
         first: &mut bool,
         backoff: &mut Backoff,
     ) -> Result<(), EngineError> {
-        let pubsub = tokio::time::timeout(Duration::from_secs(3), self.client.get_async_pubsub())
+        let super::Topology::Single { client, .. } = &self.topology else {
+            return Err(EngineError::Pool("plain pub/sub is for one Redis".into()));
+        };
+        let pubsub = tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub())
             .await
             .map_err(|_| EngineError::Pool("pub/sub connect timed out".into()))??;
         let (mut sink, mut stream) = pubsub.split();
-        sink.subscribe(self.keys.channel()).await?;
+        sink.subscribe(self.keys.group_channel(0)).await?;
         backoff.reset();
         if *first {
             *first = false;

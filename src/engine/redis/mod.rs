@@ -15,9 +15,18 @@
 //!   limit are Lua, so every node gives the same answer.
 //!
 //! Every key is under the configured prefix ([`keys`]); the Lua scripts are the files in
-//! `lua/`, each headed by its KEYS/ARGV contract. This engine runs on one Redis (with
-//! replicas); Redis Cluster is not supported yet.
+//! `lua/`, each headed by its KEYS/ARGV contract, and every key a script touches is in
+//! its KEYS.
+//!
+//! **On a Redis Cluster** (`cluster` in the settings) the same scripts run with hash
+//! tags that keep each script's keys in one slot ([`keys`]): jobs, due times and
+//! projects are split over [`keys::SHARDS`] shards, each a stream, a due set and the
+//! projects whose id falls in it; a worker reads every shard's stream in turn and
+//! sleeps on the shards' sharded "bell" channels when all are empty ([`queue`]).
+//! Events go out with `SPUBLISH` on the channel of the user's group, and a hub
+//! subscribes only to the groups of users it holds sockets for ([`cluster`]).
 
+mod cluster;
 mod events;
 mod keys;
 mod queue;
@@ -28,7 +37,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_redis::{Manager, Pool, Runtime};
-use redis::{AsyncCommands, AsyncConnectionConfig};
+use redis::aio::ConnectionLike;
+use redis::{AsyncCommands, AsyncConnectionConfig, RedisFuture};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +55,10 @@ const PUBSUB_PING: Duration = Duration::from_secs(5);
 /// What the Redis engine is configured with.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
+    /// one URL; on a cluster, any number of its nodes' URLs, comma-separated
     pub url: String,
+    /// run on a Redis Cluster
+    pub cluster: bool,
     pub prefix: String,
     pub reclaim_after: Duration,
     pub history_len: u64,
@@ -56,14 +69,55 @@ pub struct RedisSettings {
     pub pool_size: usize,
 }
 
-/// See [`RedisEngine::conn`].
-pub(super) type Conn = redis::aio::ConnectionManager;
+pub use keys::{SHARDS, USER_GROUPS};
+
+/// See [`RedisEngine::conn`]: one multiplexed connection, to a single Redis or to every
+/// node of a cluster (which follows `MOVED`/`ASK` and re-reads the slot map itself).
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// How the engine reaches Redis.
+enum Topology {
+    /// one server: blocking reads from a pool, events on one plain pub/sub channel
+    Single { pool: Pool, client: redis::Client },
+    /// a cluster: no blocking commands; sharded pub/sub on a connection of its own
+    Cluster { pubsub: Arc<cluster::ShardedPubSub> },
+}
 
 pub struct RedisEngine {
-    /// connections for blocking reads only
-    pool: Pool,
+    topology: Topology,
     shared: Conn,
-    client: redis::Client,
     keys: Keys,
     settings: RedisSettings,
     /// this process's consumer name in the job group
@@ -74,11 +128,24 @@ pub struct RedisEngine {
     /// counts the subscription's reconnects, once the process's metrics are known
     reconnects: OnceLock<prometheus_client::metrics::counter::Counter>,
     scripts: Scripts,
+    /// rung when a cluster shard's bell rings (a job was queued)
+    bell: tokio::sync::Notify,
+    /// whether this process listens for the shards' bells yet
+    bells: tokio::sync::OnceCell<()>,
+    /// where the next round over the shards starts
+    shard_cursor: std::sync::atomic::AtomicU16,
+    /// when (ms since the engine started) a round of `XAUTOCLAIM` last ran on a cluster
+    last_reclaim_ms: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
 }
 
 impl RedisEngine {
-    /// Connects, checks the server answers and creates the job group.
+    /// Connects, checks the server answers and creates the job group (on a cluster,
+    /// one per shard).
     pub async fn connect(settings: RedisSettings) -> Result<Arc<Self>, EngineError> {
+        if settings.cluster {
+            return Self::connect_cluster(settings).await;
+        }
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             // above the blocking read's wait, so a `take` is not cut short
@@ -92,12 +159,6 @@ impl RedisEngine {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|err| EngineError::Pool(err.to_string()))?;
-        let consumer = format!(
-            "{}-{}-{}",
-            hostname(),
-            std::process::id(),
-            &uuid::Uuid::new_v4().simple().to_string()[..6]
-        );
         let (live, _) = broadcast::channel(16 * 1024);
         let shared_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -108,12 +169,66 @@ impl RedisEngine {
             .set_max_delay(Duration::from_millis(500));
         let shared =
             redis::aio::ConnectionManager::new_with_config(client.clone(), shared_config).await?;
-        let engine = Arc::new(Self {
-            pool,
+        let engine = Self::assemble(
+            Topology::Single { pool, client },
+            Conn::Single(shared),
+            settings,
+            live,
+        );
+        engine.ensure_group().await?;
+        engine.fill_project_sets().await?;
+        Ok(engine)
+    }
+
+    async fn connect_cluster(settings: RedisSettings) -> Result<Arc<Self>, EngineError> {
+        if settings.prefix.contains(['{', '}']) {
+            return Err(EngineError::Pool(
+                "on a cluster the key prefix may not contain { or }: they mark hash tags".into(),
+            ));
+        }
+        let nodes: Vec<&str> = settings
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect();
+        let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+            .connection_timeout(Duration::from_secs(2))
+            .response_timeout(Duration::from_secs(5))
+            .retries(3)
+            .max_retry_wait(500)
+            .build()?;
+        let shared = client.get_async_connection().await?;
+        let (live, _) = broadcast::channel(16 * 1024);
+        let pubsub = Arc::new(cluster::ShardedPubSub::new(&nodes)?);
+        let engine = Self::assemble(
+            Topology::Cluster { pubsub },
+            Conn::Cluster(shared),
+            settings,
+            live,
+        );
+        engine.ensure_group().await?;
+        Ok(engine)
+    }
+
+    fn assemble(
+        topology: Topology,
+        shared: Conn,
+        settings: RedisSettings,
+        live: broadcast::Sender<Live>,
+    ) -> Arc<Self> {
+        let consumer = format!(
+            "{}-{}-{}",
+            hostname(),
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..6]
+        );
+        Arc::new(Self {
+            topology,
             shared,
-            client,
             keys: Keys {
                 prefix: settings.prefix.clone(),
+                cluster: settings.cluster,
             },
             settings,
             consumer,
@@ -121,9 +236,72 @@ impl RedisEngine {
             subscriber: OnceLock::new(),
             reconnects: OnceLock::new(),
             scripts: Scripts::new(),
-        });
-        engine.ensure_group().await?;
-        Ok(engine)
+            bell: tokio::sync::Notify::new(),
+            bells: tokio::sync::OnceCell::new(),
+            shard_cursor: Default::default(),
+            last_reclaim_ms: Default::default(),
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// The sharded subscription, on a cluster.
+    fn sharded(&self) -> Option<&Arc<cluster::ShardedPubSub>> {
+        match &self.topology {
+            Topology::Cluster { pubsub } => Some(pubsub),
+            Topology::Single { .. } => None,
+        }
+    }
+
+    /// Whether the engine runs on a cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.keys.cluster
+    }
+
+    /// `'1'` when a queued job should ring its shard's bell (a cluster's workers sleep
+    /// on it; one Redis's block in `XREADGROUP` instead).
+    pub(super) fn ring(&self) -> &'static str {
+        if self.keys.cluster { "1" } else { "0" }
+    }
+
+    /// A shard to start a round at, a different one each call.
+    pub(super) fn next_shard(&self, shards: u16) -> u16 {
+        self.shard_cursor
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % shards.max(1)
+    }
+
+    /// Projects registered before the per-shard project sets existed (the watchdog reads
+    /// those sets) are added to them once, on one Redis.
+    async fn fill_project_sets(&self) -> Result<(), EngineError> {
+        let mut conn = self.conn().await?;
+        let marker = format!("{}:projects-filled", self.settings.prefix);
+        if conn.exists(&marker).await? {
+            return Ok(());
+        }
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:project:*", self.settings.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            let ids: Vec<&str> = keys
+                .iter()
+                .filter_map(|key| key.rsplit(':').next())
+                .collect();
+            if !ids.is_empty() {
+                conn.sadd::<_, _, ()>(self.keys.projects(0), ids).await?;
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        conn.set::<_, _, ()>(&marker, 1).await?;
+        Ok(())
     }
 
     /// The connection for every command that does not block: one multiplexed
@@ -134,29 +312,38 @@ impl RedisEngine {
     }
 
     /// A connection of its own, for the blocking `XREADGROUP` (which would stall
-    /// every other command on the shared one).
+    /// every other command on the shared one); one Redis only.
     pub(super) async fn blocking_conn(&self) -> Result<deadpool_redis::Connection, EngineError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|err| EngineError::Pool(err.to_string()))
+        match &self.topology {
+            Topology::Single { pool, .. } => pool
+                .get()
+                .await
+                .map_err(|err| EngineError::Pool(err.to_string())),
+            Topology::Cluster { .. } => Err(EngineError::Pool(
+                "no blocking commands on a cluster".into(),
+            )),
+        }
     }
 
+    /// Creates the job group on every shard's stream (a no-op where it exists).
     pub(super) async fn ensure_group(&self) -> Result<(), EngineError> {
         let mut conn = self.conn().await?;
-        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(self.keys.jobs())
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        match created {
-            Ok(()) => Ok(()),
-            Err(err) if err.code() == Some("BUSYGROUP") => Ok(()),
-            Err(err) => Err(err.into()),
+        for shard in 0..self.keys.shards() {
+            let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(self.keys.jobs(shard))
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            match created {
+                Ok(()) => {}
+                Err(err) if err.code() == Some("BUSYGROUP") => {}
+                Err(err) => return Err(err.into()),
+            }
         }
+        Ok(())
     }
 
     pub(super) fn lock_ttl_ms(&self) -> u64 {

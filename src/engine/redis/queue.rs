@@ -8,7 +8,7 @@ use redis::AsyncCommands;
 use redis::streams::{StreamAutoClaimReply, StreamRangeReply, StreamReadReply};
 use tokio_util::sync::CancellationToken;
 
-use super::{GROUP, READ_BLOCK, RedisEngine};
+use super::{Conn, GROUP, READ_BLOCK, RedisEngine};
 use crate::engine::{EngineError, JobQueue, Lease, Project, ProjectLock};
 use crate::protocol::{Job, SyncRecord};
 
@@ -17,12 +17,20 @@ impl JobQueue for RedisEngine {
     async fn enqueue(&self, job: Job) -> Result<(), EngineError> {
         let json = serde_json::to_string(&job)?;
         let mut conn = self.conn().await?;
-        conn.xadd::<_, _, _, _, ()>(self.keys.jobs(), "*", &[("job", json)])
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .xadd(self.keys.jobs_of(&job.project_id), "*", &[("job", json)])
+            .ignore();
+        self.ring_in(&mut pipe, &job.project_id);
+        pipe.query_async::<()>(&mut conn).await?;
         Ok(())
     }
 
     async fn take(&self, shutdown: &CancellationToken) -> Result<Option<Lease>, EngineError> {
+        if self.keys.cluster {
+            return self.take_from_shards(shutdown).await;
+        }
+        let jobs = self.keys.jobs(0);
         loop {
             if shutdown.is_cancelled() {
                 return Ok(None);
@@ -30,7 +38,7 @@ impl JobQueue for RedisEngine {
             let mut conn = self.blocking_conn().await?;
             // first, jobs whose worker stopped heartbeating
             let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(self.keys.jobs())
+                .arg(&jobs)
                 .arg(GROUP)
                 .arg(&self.consumer)
                 .arg(self.lock_ttl_ms())
@@ -42,7 +50,7 @@ impl JobQueue for RedisEngine {
             if let Some(entry) = claimed.claimed.into_iter().next() {
                 match job_of(&entry) {
                     Some(job) => {
-                        let deliveries = self.deliveries(&mut conn, &entry.id).await?;
+                        let deliveries = self.deliveries(&mut conn, &jobs, &entry.id).await?;
                         tracing::warn!(sync_id = %job.sync_id, entry = %entry.id, deliveries, "took over a job whose worker stopped heartbeating");
                         return Ok(Some(Lease {
                             job,
@@ -51,7 +59,7 @@ impl JobQueue for RedisEngine {
                         }));
                     }
                     None => {
-                        self.drop_entry(&mut conn, &entry.id).await?;
+                        self.drop_entry(&mut conn, &jobs, &entry.id).await?;
                         continue;
                     }
                 }
@@ -66,7 +74,7 @@ impl JobQueue for RedisEngine {
                 .arg("BLOCK")
                 .arg(READ_BLOCK.as_millis() as u64)
                 .arg("STREAMS")
-                .arg(self.keys.jobs())
+                .arg(&jobs)
                 .arg(">");
             // awaited to the end, never abandoned: Redis hands an entry to a blocked
             // read even after its caller stopped listening, and an entry handed to a
@@ -107,7 +115,7 @@ impl JobQueue for RedisEngine {
                 }
                 None => {
                     tracing::warn!(entry = %entry.id, "dropping an unreadable job");
-                    self.drop_entry(&mut conn, &entry.id).await?;
+                    self.drop_entry(&mut conn, &jobs, &entry.id).await?;
                 }
             }
         }
@@ -115,43 +123,54 @@ impl JobQueue for RedisEngine {
 
     async fn complete(&self, lease: &Lease) -> Result<(), EngineError> {
         let mut conn = self.conn().await?;
-        self.drop_entry(&mut conn, &lease.token).await
+        self.drop_entry(
+            &mut conn,
+            &self.keys.jobs_of(&lease.job.project_id),
+            &lease.token,
+        )
+        .await
     }
 
     async fn depth(&self) -> Result<u64, EngineError> {
         // entries leave the stream when completed or released, so what is in it and
         // not pending with a consumer is waiting
         let mut conn = self.conn().await?;
-        let (length, pending): (u64, redis::Value) = redis::pipe()
-            .xlen(self.keys.jobs())
-            .cmd("XPENDING")
-            .arg(self.keys.jobs())
-            .arg(GROUP)
-            .query_async(&mut conn)
-            .await?;
-        let pending = match pending {
-            redis::Value::Array(summary) => match summary.first() {
-                Some(redis::Value::Int(count)) => u64::try_from(*count).unwrap_or(0),
+        let mut waiting = 0u64;
+        for shard in 0..self.keys.shards() {
+            let jobs = self.keys.jobs(shard);
+            let (length, pending): (u64, redis::Value) = redis::pipe()
+                .xlen(&jobs)
+                .cmd("XPENDING")
+                .arg(&jobs)
+                .arg(GROUP)
+                .query_async(&mut conn)
+                .await?;
+            let pending = match pending {
+                redis::Value::Array(summary) => match summary.first() {
+                    Some(redis::Value::Int(count)) => u64::try_from(*count).unwrap_or(0),
+                    _ => 0,
+                },
                 _ => 0,
-            },
-            _ => 0,
-        };
-        Ok(length.saturating_sub(pending))
+            };
+            waiting += length.saturating_sub(pending);
+        }
+        Ok(waiting)
     }
 
     async fn release(&self, lease: Lease) -> Result<(), EngineError> {
         let json = serde_json::to_string(&lease.job)?;
+        let jobs = self.keys.jobs_of(&lease.job.project_id);
         let mut conn = self.conn().await?;
-        redis::pipe()
-            .atomic()
-            .xadd(self.keys.jobs(), "*", &[("job", json)])
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .xadd(&jobs, "*", &[("job", json)])
             .ignore()
-            .xack(self.keys.jobs(), GROUP, &[&lease.token])
+            .xack(&jobs, GROUP, &[&lease.token])
             .ignore()
-            .xdel(self.keys.jobs(), &[&lease.token])
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await?;
+            .xdel(&jobs, &[&lease.token])
+            .ignore();
+        self.ring_in(&mut pipe, &lease.job.project_id);
+        pipe.query_async::<()>(&mut conn).await?;
         Ok(())
     }
 
@@ -180,7 +199,7 @@ impl JobQueue for RedisEngine {
             .scripts
             .heartbeat
             .key(self.keys.lock(&lock.project_id))
-            .key(self.keys.jobs())
+            .key(self.keys.jobs_of(&lease.job.project_id))
             .arg(lock.fence.to_string())
             .arg(self.lock_ttl_ms())
             .arg(GROUP)
@@ -208,75 +227,11 @@ impl JobQueue for RedisEngine {
 
     async fn stranded_syncs(&self) -> Result<Vec<(SyncRecord, String)>, EngineError> {
         let mut conn = self.conn().await?;
-        // every project's active sync (a SCAN: the watchdog runs rarely)
-        let mut project_keys: Vec<String> = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(self.keys.projects_pattern())
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            project_keys.extend(keys);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
         let mut candidates = Vec::new();
-        for key in &project_keys {
-            let (active, json): (Option<String>, Option<String>) = redis::cmd("HMGET")
-                .arg(key)
-                .arg("active_sync")
-                .arg("json")
-                .query_async(&mut conn)
-                .await?;
-            let (Some(active), Some(json)) = (active, json) else {
-                continue;
-            };
-            let project: Project = serde_json::from_str(&json)?;
-            let raw: Option<String> = conn.get(self.keys.sync(&active)).await?;
-            let Some(raw) = raw else { continue };
-            let record: SyncRecord = serde_json::from_str(&raw)?;
-            if record.status.is_terminal() {
-                continue;
-            }
-            let locked: bool = conn.exists(self.keys.lock(&project.project_id)).await?;
-            if !locked {
-                candidates.push((record, project.owner));
-            }
+        for shard in 0..self.keys.shards() {
+            candidates.extend(self.stranded_in(&mut conn, shard).await?);
         }
-        if candidates.is_empty() {
-            return Ok(candidates);
-        }
-        // and the jobs on the stream, pending or not
-        let mut queued = std::collections::HashSet::new();
-        let mut start = "-".to_owned();
-        loop {
-            let page: StreamRangeReply = redis::cmd("XRANGE")
-                .arg(self.keys.jobs())
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            let Some(last) = page.ids.last().map(|entry| entry.id.clone()) else {
-                break;
-            };
-            queued.extend(page.ids.iter().filter_map(job_of).map(|job| job.sync_id));
-            if page.ids.len() < 1000 {
-                break;
-            }
-            start = format!("({last}");
-        }
-        Ok(candidates
-            .into_iter()
-            .filter(|(record, _)| !queued.contains(&record.sync_id))
-            .collect())
+        Ok(candidates)
     }
 
     async fn claim_watchdog(&self, period: Duration) -> Result<bool, EngineError> {
@@ -294,14 +249,254 @@ impl JobQueue for RedisEngine {
 }
 
 impl RedisEngine {
-    /// How many times the group has delivered entry `id` (XPENDING's counter).
+    /// The unfinished active syncs of a shard's projects that no worker holds and no
+    /// job on the shard's stream names (a cursor over the shard's project set: the
+    /// watchdog runs rarely).
+    async fn stranded_in(
+        &self,
+        conn: &mut Conn,
+        shard: u16,
+    ) -> Result<Vec<(SyncRecord, String)>, EngineError> {
+        let mut candidates = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(self.keys.projects(shard))
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await?;
+            for id in &ids {
+                let (active, json): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                    .arg(self.keys.project(id))
+                    .arg("active_sync")
+                    .arg("json")
+                    .query_async(conn)
+                    .await?;
+                let (Some(active), Some(json)) = (active, json) else {
+                    continue;
+                };
+                let project: Project = serde_json::from_str(&json)?;
+                let raw: Option<String> = conn.get(self.keys.sync(&active)).await?;
+                let Some(raw) = raw else { continue };
+                let record: SyncRecord = serde_json::from_str(&raw)?;
+                if record.status.is_terminal() {
+                    continue;
+                }
+                let locked: bool = conn.exists(self.keys.lock(&project.project_id)).await?;
+                if !locked {
+                    candidates.push((record, project.owner));
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(candidates);
+        }
+        // and the jobs on the stream, pending or not
+        let jobs = self.keys.jobs(shard);
+        let mut queued = std::collections::HashSet::new();
+        let mut start = "-".to_owned();
+        loop {
+            let page: StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&jobs)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await?;
+            let Some(last) = page.ids.last().map(|entry| entry.id.clone()) else {
+                break;
+            };
+            queued.extend(page.ids.iter().filter_map(job_of).map(|job| job.sync_id));
+            if page.ids.len() < 1000 {
+                break;
+            }
+            start = format!("({last}");
+        }
+        Ok(candidates
+            .into_iter()
+            .filter(|(record, _)| !queued.contains(&record.sync_id))
+            .collect())
+    }
+
+    /// On a cluster, adds the ring of `project`'s shard bell to `pipe` (after its XADD).
+    fn ring_in(&self, pipe: &mut redis::Pipeline, project: &str) {
+        if self.keys.cluster {
+            pipe.cmd("SPUBLISH")
+                .arg(self.keys.bell_of(project))
+                .arg("1")
+                .ignore();
+        }
+    }
+
+    /// `take` on a cluster: no blocking command (each shard's stream is on its own
+    /// slot, perhaps its own node). A round reads every shard once without blocking,
+    /// starting at a different shard each time so none waits behind the others; when
+    /// all are empty the worker sleeps until a shard's bell rings (a job was queued)
+    /// or `READ_BLOCK` passes. Jobs whose worker went silent are taken over by a round
+    /// of `XAUTOCLAIM`, at most twice per lock lifetime per process.
+    async fn take_from_shards(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Lease>, EngineError> {
+        self.listen_for_bells().await?;
+        let shards = self.keys.shards();
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(None);
+            }
+            // armed before the round: a bell that rings during it is not lost
+            let bell = self.bell.notified();
+            tokio::pin!(bell);
+            bell.as_mut().enable();
+            let mut conn = self.conn().await?;
+            let start = self.next_shard(shards);
+            if self.reclaim_round_due() {
+                for offset in 0..shards {
+                    let jobs = self.keys.jobs((start + offset) % shards);
+                    if let Some(lease) = self.reclaim_from(&mut conn, &jobs).await? {
+                        return Ok(Some(lease));
+                    }
+                }
+            }
+            for offset in 0..shards {
+                let jobs = self.keys.jobs((start + offset) % shards);
+                let read: Result<Option<StreamReadReply>, redis::RedisError> =
+                    redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg(GROUP)
+                        .arg(&self.consumer)
+                        .arg("COUNT")
+                        .arg(1)
+                        .arg("STREAMS")
+                        .arg(&jobs)
+                        .arg(">")
+                        .query_async(&mut conn)
+                        .await;
+                let read = match read {
+                    Ok(read) => read,
+                    Err(err) if err.code() == Some("NOGROUP") => {
+                        // a node lost its data (restarted without persistence)
+                        self.ensure_group().await?;
+                        continue;
+                    }
+                    Err(err) => return Err(err.into()),
+                };
+                let Some(entry) = read
+                    .and_then(|reply| reply.keys.into_iter().next())
+                    .and_then(|key| key.ids.into_iter().next())
+                else {
+                    continue;
+                };
+                let Some(job) = job_of(&entry) else {
+                    tracing::warn!(entry = %entry.id, "dropping an unreadable job");
+                    self.drop_entry(&mut conn, &jobs, &entry.id).await?;
+                    continue;
+                };
+                let lease = Lease {
+                    job,
+                    token: entry.id,
+                    deliveries: 1,
+                };
+                if shutdown.is_cancelled() {
+                    self.release(lease).await?;
+                    return Ok(None);
+                }
+                return Ok(Some(lease));
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = &mut bell => {}
+                _ = tokio::time::sleep(READ_BLOCK) => {}
+            }
+        }
+    }
+
+    /// Subscribes (once per process) to every shard's bell.
+    async fn listen_for_bells(&self) -> Result<(), EngineError> {
+        let Some(pubsub) = self.sharded() else {
+            return Ok(());
+        };
+        self.bells
+            .get_or_try_init(|| async {
+                for shard in 0..self.keys.shards() {
+                    pubsub.subscribe(&self.keys.bell(shard)).await?;
+                }
+                Ok::<(), EngineError>(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Whether this process should look for abandoned jobs now (and notes that it did).
+    fn reclaim_round_due(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        let every = (self.lock_ttl_ms() / 2).max(50);
+        let last = self
+            .last_reclaim_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= every)
+            && self
+                .last_reclaim_ms
+                .compare_exchange(
+                    last,
+                    now.max(1),
+                    std::sync::atomic::Ordering::AcqRel,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// One job of `jobs` whose worker stopped heartbeating, taken over.
+    async fn reclaim_from(
+        &self,
+        conn: &mut Conn,
+        jobs: &str,
+    ) -> Result<Option<Lease>, EngineError> {
+        loop {
+            let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(jobs)
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg(self.lock_ttl_ms())
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(conn)
+                .await?;
+            let Some(entry) = claimed.claimed.into_iter().next() else {
+                return Ok(None);
+            };
+            match job_of(&entry) {
+                Some(job) => {
+                    let deliveries = self.deliveries(conn, jobs, &entry.id).await?;
+                    tracing::warn!(sync_id = %job.sync_id, entry = %entry.id, deliveries, "took over a job whose worker stopped heartbeating");
+                    return Ok(Some(Lease {
+                        job,
+                        token: entry.id,
+                        deliveries,
+                    }));
+                }
+                None => self.drop_entry(conn, jobs, &entry.id).await?,
+            }
+        }
+    }
+
+    /// How many times the group has delivered entry `id` of `jobs` (XPENDING's counter).
     async fn deliveries(
         &self,
         conn: &mut (impl redis::aio::ConnectionLike + Send),
+        jobs: &str,
         id: &str,
     ) -> Result<u32, EngineError> {
         let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-            .arg(self.keys.jobs())
+            .arg(jobs)
             .arg(GROUP)
             .arg(id)
             .arg(id)
@@ -316,13 +511,14 @@ impl RedisEngine {
     async fn drop_entry(
         &self,
         conn: &mut (impl redis::aio::ConnectionLike + Send),
+        jobs: &str,
         id: &str,
     ) -> Result<(), EngineError> {
         redis::pipe()
             .atomic()
-            .xack(self.keys.jobs(), GROUP, &[id])
+            .xack(jobs, GROUP, &[id])
             .ignore()
-            .xdel(self.keys.jobs(), &[id])
+            .xdel(jobs, &[id])
             .ignore()
             .query_async::<()>(conn)
             .await?;

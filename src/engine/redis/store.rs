@@ -37,19 +37,25 @@ impl Store for RedisEngine {
         at_registration(&mut project, now_epoch_ms());
         let json = registration_json(&project)?;
         let fresh = serde_json::to_string(&project.freshness())?;
+        let id = &project.project_id;
         let mut conn = self.conn().await?;
+        // the owner's list lives in the owner's slot, the project in its shard's, so
+        // these are two steps: the list first, because listing skips an id whose
+        // project does not exist, while a project no list names would never be seen
+        // (nor deleted) by anyone
+        conn.zadd::<_, _, _, ()>(self.keys.owner(&project.owner), id, 0)
+            .await?;
         let mut pipe = redis::pipe();
         pipe.atomic()
             .hset_multiple(
-                self.keys.project(&project.project_id),
+                self.keys.project(id),
                 &[("json", json), ("fresh", fresh), ("rev", "0".to_owned())],
             )
             .ignore()
-            .zadd(self.keys.owner(&project.owner), &project.project_id, 0)
+            .sadd(self.keys.projects(self.keys.shard_of(id)), id)
             .ignore();
         if let Some(due) = project.next_sync_ms {
-            pipe.zadd(self.keys.due(), &project.project_id, due)
-                .ignore();
+            pipe.zadd(self.keys.due_of(id), id, due).ignore();
         }
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
@@ -66,12 +72,15 @@ impl Store for RedisEngine {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.hgetall(self.keys.project(id));
-        }
+        // one request each (a cluster pipeline must stay in one slot), sent together
+        // on the multiplexed connection
         let all: Vec<std::collections::HashMap<String, String>> =
-            pipe.query_async(&mut conn).await?;
+            futures_util::future::try_join_all(ids.iter().map(|id| {
+                let mut conn = conn.clone();
+                let key = self.keys.project(id);
+                async move { conn.hgetall(key).await }
+            }))
+            .await?;
         let mut out = Vec::with_capacity(all.len());
         for fields in all {
             if let Some(project) = project_from_fields(fields)? {
@@ -86,17 +95,30 @@ impl Store for RedisEngine {
         let Some(project) = self.read_project(&mut conn, id.as_str()).await? else {
             return Ok(());
         };
-        self.scripts
-            .delete_project
-            .key(self.keys.project(id.as_str()))
-            .key(self.keys.project_syncs(id.as_str()))
-            .key(self.keys.owner(&project.owner))
-            .key(self.keys.due())
-            .arg(id.as_str())
-            .arg(self.keys.sync(""))
-            .invoke_async::<i64>(&mut conn)
-            .await?;
-        Ok(())
+        let id = id.as_str();
+        for _ in 0..REV_RETRIES {
+            // every key the script deletes is named in KEYS, so the sync records are
+            // read first; the script refuses if a sync was added meanwhile
+            let syncs: Vec<String> = conn.zrange(self.keys.project_syncs(id), 0, -1).await?;
+            let mut script = self.scripts.delete_project.prepare_invoke();
+            script
+                .key(self.keys.project(id))
+                .key(self.keys.project_syncs(id))
+                .key(self.keys.due_of(id))
+                .key(self.keys.projects(self.keys.shard_of(id)))
+                .arg(id);
+            for sync in &syncs {
+                script.key(self.keys.sync(sync));
+            }
+            let deleted: i64 = script.invoke_async(&mut conn).await?;
+            if deleted == -2 {
+                continue;
+            }
+            conn.zrem::<_, _, ()>(self.keys.owner(&project.owner), id)
+                .await?;
+            return Ok(());
+        }
+        Err(EngineError::Contended)
     }
 
     async fn begin_sync(
@@ -104,28 +126,57 @@ impl Store for RedisEngine {
         record: SyncRecord,
         job: Job,
     ) -> Result<(SyncRecord, bool), EngineError> {
+        let project = &record.project_id;
+        if self.keys.shard_of(&record.sync_id) != self.keys.shard_of(project) {
+            return Err(EngineError::ForeignSyncId(record.sync_id));
+        }
         let json = serde_json::to_string(&record)?;
         let job = serde_json::to_string(&job)?;
+        let project_key = self.keys.project(project);
         let mut conn = self.conn().await?;
-        let reply: Vec<redis::Value> = self
-            .scripts
-            .begin_sync
-            .key(self.keys.project(&record.project_id))
-            .key(self.keys.sync(&record.sync_id))
-            .key(self.keys.project_syncs(&record.project_id))
-            .key(self.keys.jobs())
-            .arg(json)
-            .arg(&record.sync_id)
-            .arg(self.keys.sync(""))
-            .arg(job)
-            .invoke_async(&mut conn)
-            .await?;
+        let mut reply: Vec<redis::Value> = Vec::new();
+        for _ in 0..REV_RETRIES {
+            // the running and follow-up syncs are read first so that the script names
+            // their records in KEYS; it refuses if either changed meanwhile
+            let (active, follow_up): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(&project_key)
+                .arg("active_sync")
+                .arg("follow_up")
+                .query_async(&mut conn)
+                .await?;
+            let record_key = |id: &Option<String>| match id {
+                Some(id) => self.keys.sync(id),
+                None => project_key.clone(),
+            };
+            reply = self
+                .scripts
+                .begin_sync
+                .key(&project_key)
+                .key(self.keys.sync(&record.sync_id))
+                .key(self.keys.project_syncs(project))
+                .key(self.keys.jobs_of(project))
+                .key(self.keys.bell_of(project))
+                .key(record_key(&active))
+                .key(record_key(&follow_up))
+                .arg(&json)
+                .arg(&record.sync_id)
+                .arg(&job)
+                .arg(active.as_deref().unwrap_or(""))
+                .arg(follow_up.as_deref().unwrap_or(""))
+                .arg(self.ring())
+                .invoke_async(&mut conn)
+                .await?;
+            if !matches!(reply.first(), Some(redis::Value::Int(-2))) {
+                break;
+            }
+        }
         let code: i64 = match reply.first() {
             Some(value) => redis::from_redis_value_ref(value)?,
             None => return Err(EngineError::Closed),
         };
         match code {
             1 | 2 => Ok((record, true)),
+            -2 => Err(EngineError::Contended),
             0 => {
                 let raw: String = match reply.get(1) {
                     Some(value) => redis::from_redis_value_ref(value)?,
@@ -182,8 +233,9 @@ impl Store for RedisEngine {
                 .key(self.keys.sync(&record.sync_id))
                 .key(self.keys.project(&record.project_id))
                 .key(self.keys.lock(&record.project_id))
-                .key(self.keys.jobs())
-                .key(self.keys.due())
+                .key(self.keys.jobs_of(&record.project_id))
+                .key(self.keys.due_of(&record.project_id))
+                .key(self.keys.bell_of(&record.project_id))
                 .arg(&json)
                 .arg(if record.status.is_terminal() {
                     "1"
@@ -199,6 +251,7 @@ impl Store for RedisEngine {
                 .arg(&fresh)
                 .arg(&due)
                 .arg(&record.project_id)
+                .arg(self.ring())
                 .invoke_async(&mut conn)
                 .await?;
             return match stored {
@@ -229,7 +282,7 @@ impl Store for RedisEngine {
                 .scripts
                 .update_project
                 .key(self.keys.project(id.as_str()))
-                .key(self.keys.due())
+                .key(self.keys.due_of(id.as_str()))
                 .arg(&rev)
                 .arg(registration_json(&project)?)
                 .arg(serde_json::to_string(&project.freshness())?)
@@ -258,23 +311,32 @@ impl Store for RedisEngine {
         hold: Duration,
     ) -> Result<Vec<Claimed>, EngineError> {
         let mut conn = self.conn().await?;
-        // id, due time, id, due time, …
-        let flat: Vec<String> = self
-            .scripts
-            .claim_due
-            .key(self.keys.due())
-            .arg(now_ms)
-            .arg(limit)
-            .arg(now_ms + hold.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(flat
-            .chunks_exact(2)
-            .map(|pair| Claimed {
+        let mut claimed = Vec::new();
+        // a cluster keeps one due set per shard: each is claimed from in turn, starting
+        // at a different one each time so no shard waits behind the others
+        let shards = self.keys.shards();
+        let start = self.next_shard(shards);
+        for offset in 0..shards {
+            if claimed.len() >= limit {
+                break;
+            }
+            let shard = (start + offset) % shards;
+            // id, due time, id, due time, …
+            let flat: Vec<String> = self
+                .scripts
+                .claim_due
+                .key(self.keys.due(shard))
+                .arg(now_ms)
+                .arg(limit - claimed.len())
+                .arg(now_ms + hold.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await?;
+            claimed.extend(flat.chunks_exact(2).map(|pair| Claimed {
                 project_id: pair[0].clone(),
                 due_ms: pair[1].parse::<f64>().map_or(now_ms, |due| due as u64),
-            })
-            .collect())
+            }));
+        }
+        Ok(claimed)
     }
 
     async fn seen_delivery(

@@ -1,11 +1,13 @@
 -- Numbers an event in its user's sequence, keeps it in the user's history and
 -- publishes it, in one step so ids reach the history and the channel in order.
 -- KEYS[1] the user's event sequence, KEYS[2] the user's event stream, KEYS[3] channel
--- ARGV[1] body json (an object), ARGV[2] channel payload prefix, ARGV[3] history length
+-- (on a cluster, the sharded channel of the user's group, in the same slot)
+-- ARGV[1] body json (an object), ARGV[2] channel payload prefix, ARGV[3] history length,
+-- ARGV[4] 'SPUBLISH' on a cluster, else 'PUBLISH'
 -- Returns the event id.
 local id = redis.call('INCR', KEYS[1])
 local sid = string.format('%d', id)
 local event = '{"id":' .. sid .. ',' .. string.sub(ARGV[1], 2)
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '0-' .. sid, 'e', event)
-redis.call('PUBLISH', KEYS[3], ARGV[2] .. event)
+redis.call(ARGV[4], KEYS[3], ARGV[2] .. event)
 return id

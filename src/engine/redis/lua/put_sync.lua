@@ -4,11 +4,12 @@
 -- `fresh` field, computed by the caller from the project at revision ARGV[8]) are
 -- written too, and its place in the due set moves.
 -- KEYS[1] sync record, KEYS[2] project hash, KEYS[3] project lock, KEYS[4] jobs stream,
--- KEYS[5] due set
+-- KEYS[5] due set, KEYS[6] the stream's bell channel
 -- ARGV[1] record json, ARGV[2] terminal ('1'/'0'), ARGV[3] sync id, ARGV[4] status,
 -- ARGV[5] finished_at ('' = none), ARGV[6] commit ('' = none), ARGV[7] fence ('' = unfenced),
 -- ARGV[8] the project's rev the caller read ('' = no project), ARGV[9] fresh json,
--- ARGV[10] next due ms ('' = not scheduled), ARGV[11] project id
+-- ARGV[10] next due ms ('' = not scheduled), ARGV[11] project id, ARGV[12] '1' to
+-- ring the bell when a follow-up's job is queued
 -- Returns 2 stored with the project's status (its first end), 1 stored, 0 record gone (project deleted), -1 fenced (the lock is not ours),
 -- -2 the project changed since the caller read it (read again and retry).
 if ARGV[7] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[7] then return -1 end
@@ -28,7 +29,10 @@ if ARGV[2] == '1' and project_exists then
             local job = redis.call('HGET', KEYS[2], 'follow_up_job')
             redis.call('HSET', KEYS[2], 'active_sync', follow_up)
             redis.call('HDEL', KEYS[2], 'follow_up', 'follow_up_job')
-            if job then redis.call('XADD', KEYS[4], '*', 'job', job) end
+            if job then
+                redis.call('XADD', KEYS[4], '*', 'job', job)
+                if ARGV[12] == '1' then redis.call('SPUBLISH', KEYS[6], '1') end
+            end
         else
             redis.call('HDEL', KEYS[2], 'active_sync')
         end

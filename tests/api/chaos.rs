@@ -21,9 +21,10 @@ use hivesync::auth::ClientKind;
 const RECLAIM_MS: u64 = 800;
 
 async fn hub(redis: &RedisServer, prefix: &str, data: &std::path::Path) -> TestApp {
-    let (url, prefix) = (redis.url(), prefix.to_owned());
+    let (url, cluster, prefix) = (redis.url(), redis.cluster, prefix.to_owned());
     TestApp::spawn_on(data, move |config| {
         config.redis_url = Some(url);
+        config.redis_cluster = cluster;
         config.redis_prefix = prefix;
         config.serve_workers = Some(0);
         config.reclaim_after = Duration::from_millis(RECLAIM_MS);
@@ -96,9 +97,22 @@ fn pick(round: u64, salt: u64, modulo: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_once() {
-    let Some(mut redis) = redis_or_skip() else {
-        return;
-    };
+    if let Some(redis) = redis_or_skip() {
+        syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_once_on(redis).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_cluster_syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_once()
+{
+    if let Some(redis) = crate::redis_server::redis_cluster_or_skip() {
+        syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_once_on(redis).await;
+    }
+}
+
+async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_once_on(
+    mut redis: RedisServer,
+) {
     let rounds: u64 = std::env::var("HIVESYNC_CHAOS_ROUNDS")
         .ok()
         .and_then(|n| n.parse().ok())

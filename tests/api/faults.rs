@@ -366,14 +366,27 @@ async fn malformed_trees_fail_once_cleanly_and_write_nothing() {
 
 #[tokio::test]
 async fn a_sync_whose_job_was_lost_is_requeued_by_the_watchdog_and_completes() {
-    let Some(redis) = redis_or_skip() else {
-        return;
-    };
+    if let Some(redis) = redis_or_skip() {
+        a_sync_whose_job_was_lost_is_requeued_by_the_watchdog_and_completes_on(redis).await;
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_sync_whose_job_was_lost_is_requeued_by_the_watchdog_and_completes() {
+    if let Some(redis) = crate::redis_server::redis_cluster_or_skip() {
+        a_sync_whose_job_was_lost_is_requeued_by_the_watchdog_and_completes_on(redis).await;
+    }
+}
+
+async fn a_sync_whose_job_was_lost_is_requeued_by_the_watchdog_and_completes_on(
+    redis: crate::redis_server::RedisServer,
+) {
     let prefix = unique_prefix();
     let hub = |workers: usize| {
-        let (url, prefix) = (redis.url(), prefix.clone());
+        let (url, cluster, prefix) = (redis.url(), redis.cluster, prefix.clone());
         TestApp::spawn_with(move |config| {
             config.redis_url = Some(url);
+            config.redis_cluster = cluster;
             config.redis_prefix = prefix;
             config.serve_workers = Some(workers);
             config.sync_timeout = Duration::from_secs(2);
@@ -392,18 +405,14 @@ async fn a_sync_whose_job_was_lost_is_requeued_by_the_watchdog_and_completes() {
         .expect("id")
         .to_owned();
     // ...and the job is lost (what a Redis losing data or a bug would do)
-    let client = redis::Client::open(redis.url()).expect("client");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let trimmed: u64 = redis::cmd("XTRIM")
-        .arg(format!("{prefix}:jobs"))
-        .arg("MAXLEN")
-        .arg(0)
-        .query_async(&mut conn)
-        .await
-        .expect("xtrim");
+    let trimmed: u64 = redis
+        .query(
+            redis::cmd("XTRIM")
+                .arg(redis.jobs_key(&prefix, id.as_str()))
+                .arg("MAXLEN")
+                .arg(0),
+        )
+        .await;
     assert_eq!(trimmed, 1, "the sync's job was on the stream");
     // two nodes with workers: their watchdogs find it once, and it runs
     let (first, second) = (hub(1).await, hub(1).await);

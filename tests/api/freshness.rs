@@ -606,14 +606,27 @@ async fn metadata_is_for_every_client_class_and_has_no_contents() {
 
 #[tokio::test]
 async fn two_hubs_on_one_redis_sync_each_due_project_once() {
-    let Some(redis) = crate::redis_server::redis_or_skip() else {
-        return;
-    };
+    if let Some(redis) = crate::redis_server::redis_or_skip() {
+        two_hubs_on_one_redis_sync_each_due_project_once_on(redis).await;
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_two_hubs_on_one_redis_sync_each_due_project_once() {
+    if let Some(redis) = crate::redis_server::redis_cluster_or_skip() {
+        two_hubs_on_one_redis_sync_each_due_project_once_on(redis).await;
+    }
+}
+
+async fn two_hubs_on_one_redis_sync_each_due_project_once_on(
+    redis: crate::redis_server::RedisServer,
+) {
     let prefix = crate::redis_server::unique_prefix();
     let hub = || {
-        let (url, prefix) = (redis.url(), prefix.clone());
+        let (url, cluster, prefix) = (redis.url(), redis.cluster, prefix.clone());
         TestApp::spawn_with(move |config| {
             config.redis_url = Some(url);
+            config.redis_cluster = cluster;
             config.redis_prefix = prefix;
             config.serve_workers = Some(2);
             config.min_sync_interval = Duration::from_secs(60);

@@ -7,15 +7,18 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::helpers::{GitRepo, TestApp, WAIT, assert_exact_tree, is_notification, wait_until};
-use crate::redis_server::{RedisServer, redis_or_skip, spawn_worker, unique_prefix};
+use crate::redis_server::{
+    RedisServer, redis_cluster_or_skip, redis_or_skip, spawn_worker, unique_prefix,
+};
 
 const RECLAIM_MS: u64 = 1000;
 
 async fn hub(redis: &RedisServer, prefix: &str, data: &std::path::Path, workers: usize) -> TestApp {
-    let url = redis.url();
+    let (url, cluster) = (redis.url(), redis.cluster);
     let prefix = prefix.to_owned();
     TestApp::spawn_on(data, move |config| {
         config.redis_url = Some(url);
+        config.redis_cluster = cluster;
         config.redis_prefix = prefix;
         config.serve_workers = Some(workers);
         config.reclaim_after = Duration::from_millis(RECLAIM_MS);
@@ -37,9 +40,24 @@ fn assert_contiguous(ids: &[u64], after: u64) {
 
 #[tokio::test]
 async fn a_socket_on_hub_b_follows_a_sync_requested_on_hub_a_and_run_by_a_worker_process() {
-    let Some(redis) = redis_or_skip() else {
-        return;
-    };
+    if let Some(redis) = redis_or_skip() {
+        a_socket_on_hub_b_follows_a_sync_requested_on_hub_a_and_run_by_a_worker_process_on(redis)
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_socket_on_hub_b_follows_a_sync_requested_on_hub_a_and_run_by_a_worker_process()
+ {
+    if let Some(redis) = redis_cluster_or_skip() {
+        a_socket_on_hub_b_follows_a_sync_requested_on_hub_a_and_run_by_a_worker_process_on(redis)
+            .await;
+    }
+}
+
+async fn a_socket_on_hub_b_follows_a_sync_requested_on_hub_a_and_run_by_a_worker_process_on(
+    redis: RedisServer,
+) {
     let prefix = unique_prefix();
     let data = tempfile::tempdir().expect("temp dir");
     let logs = tempfile::tempdir().expect("temp dir");
@@ -111,9 +129,19 @@ async fn a_socket_on_hub_b_follows_a_sync_requested_on_hub_a_and_run_by_a_worker
 
 #[tokio::test]
 async fn a_worker_killed_mid_clone_leaves_its_job_to_another_worker() {
-    let Some(redis) = redis_or_skip() else {
-        return;
-    };
+    if let Some(redis) = redis_or_skip() {
+        a_worker_killed_mid_clone_leaves_its_job_to_another_worker_on(redis).await;
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_worker_killed_mid_clone_leaves_its_job_to_another_worker() {
+    if let Some(redis) = redis_cluster_or_skip() {
+        a_worker_killed_mid_clone_leaves_its_job_to_another_worker_on(redis).await;
+    }
+}
+
+async fn a_worker_killed_mid_clone_leaves_its_job_to_another_worker_on(redis: RedisServer) {
     let prefix = unique_prefix();
     let data = tempfile::tempdir().expect("temp dir");
     let logs = tempfile::tempdir().expect("temp dir");
@@ -180,9 +208,21 @@ async fn a_worker_killed_mid_clone_leaves_its_job_to_another_worker() {
 
 #[tokio::test]
 async fn after_a_redis_restart_hubs_resubscribe_and_clients_lose_and_repeat_nothing() {
-    let Some(mut redis) = redis_or_skip() else {
-        return;
-    };
+    if let Some(redis) = redis_or_skip() {
+        after_a_redis_restart_hubs_resubscribe_and_clients_lose_and_repeat_nothing_on(redis).await;
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_after_a_redis_restart_hubs_resubscribe_and_clients_lose_and_repeat_nothing() {
+    if let Some(redis) = redis_cluster_or_skip() {
+        after_a_redis_restart_hubs_resubscribe_and_clients_lose_and_repeat_nothing_on(redis).await;
+    }
+}
+
+async fn after_a_redis_restart_hubs_resubscribe_and_clients_lose_and_repeat_nothing_on(
+    mut redis: RedisServer,
+) {
     let prefix = unique_prefix();
     let data = tempfile::tempdir().expect("temp dir");
     let hub = hub(&redis, &prefix, data.path(), 1).await;
@@ -269,15 +309,29 @@ async fn after_a_redis_restart_hubs_resubscribe_and_clients_lose_and_repeat_noth
 /// `hivesync ready`: the health check of worker containers.
 #[tokio::test]
 async fn ready_answers_for_the_engine_a_worker_would_use() {
-    let Some(mut redis) = redis_or_skip() else {
-        return;
-    };
+    if let Some(redis) = redis_or_skip() {
+        ready_answers_for_the_engine_a_worker_would_use_on(redis).await;
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_ready_answers_for_the_engine_a_worker_would_use() {
+    if let Some(redis) = redis_cluster_or_skip() {
+        ready_answers_for_the_engine_a_worker_would_use_on(redis).await;
+    }
+}
+
+async fn ready_answers_for_the_engine_a_worker_would_use_on(mut redis: RedisServer) {
     let data = tempfile::tempdir().expect("temp dir");
     let ready = |redis: &RedisServer| {
         std::process::Command::new(env!("CARGO_BIN_EXE_hivesync"))
             .arg("ready")
             .env_clear()
             .env("HIVESYNC_REDIS_URL", redis.url())
+            .env(
+                "HIVESYNC_REDIS_CLUSTER",
+                if redis.cluster { "1" } else { "0" },
+            )
             .env("HIVESYNC_REDIS_PREFIX", unique_prefix())
             .env("HIVESYNC_DATA_DIR", data.path())
             .output()
@@ -295,17 +349,28 @@ async fn ready_answers_for_the_engine_a_worker_would_use() {
 /// MAX_DELIVERIES hand-outs instead of taking down workers forever.
 #[tokio::test]
 async fn a_job_that_kills_every_worker_is_failed_not_retried_forever() {
-    let Some(redis) = redis_or_skip() else {
-        return;
-    };
+    if let Some(redis) = redis_or_skip() {
+        a_job_that_kills_every_worker_is_failed_not_retried_forever_on(redis).await;
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_job_that_kills_every_worker_is_failed_not_retried_forever() {
+    if let Some(redis) = redis_cluster_or_skip() {
+        a_job_that_kills_every_worker_is_failed_not_retried_forever_on(redis).await;
+    }
+}
+
+async fn a_job_that_kills_every_worker_is_failed_not_retried_forever_on(redis: RedisServer) {
     let prefix = unique_prefix();
     let data = tempfile::tempdir().expect("temp dir");
     let logs = tempfile::tempdir().expect("temp dir");
     let hub = TestApp::spawn_on(data.path(), {
-        let url = redis.url();
+        let (url, cluster) = (redis.url(), redis.cluster);
         let prefix = prefix.clone();
         move |config| {
             config.redis_url = Some(url);
+            config.redis_cluster = cluster;
             config.redis_prefix = prefix;
             config.serve_workers = Some(0);
         }
@@ -326,7 +391,7 @@ async fn a_job_that_kills_every_worker_is_failed_not_retried_forever() {
     for expected in 1..=hivesync::engine::MAX_DELIVERIES {
         let doomed =
             hivesync::engine::redis::RedisEngine::connect(hivesync::engine::redis::RedisSettings {
-                cluster: false,
+                cluster: redis.cluster,
                 url: redis.url(),
                 prefix: prefix.clone(),
                 reclaim_after: reclaim,
@@ -364,4 +429,88 @@ async fn a_job_that_kills_every_worker_is_failed_not_retried_forever() {
     );
     let _ = worker.kill();
     let _ = worker.wait();
+}
+
+/// A cluster master dies and its replica takes over: the hub's sharded subscription
+/// moves to the new master, a sync afterwards reaches the socket that stayed open with
+/// no gap or duplicate, and a client that was away resumes exactly.
+#[tokio::test]
+async fn on_a_cluster_a_failed_over_master_loses_no_event_and_repeats_none() {
+    let Some(mut redis) = crate::redis_server::redis_cluster_with_replicas_or_skip() else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let data = tempfile::tempdir().expect("temp dir");
+    let hub = hub(&redis, &prefix, data.path(), 1).await;
+    let repo = GitRepo::new();
+    repo.write("a.txt", "one\n");
+    repo.commit("one");
+    let project = hub.register(&repo).await;
+
+    let mut steady = hub.ws(&hub.token, "").await;
+    let start = steady.next_json().await["last_event_id"]
+        .as_u64()
+        .expect("id");
+    let first = hub.request_sync(&project).await["sync_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let before = steady
+        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == first.as_str())
+        .await;
+    assert_contiguous(&ids_of(&before), start);
+    let seen = *ids_of(&before).last().expect("events");
+
+    // the master holding this user's events (and their group's channel) dies
+    let victim = redis
+        .master_holding(&format!("{prefix}:*:events:*"))
+        .expect("a master holds the user's history");
+    redis.wait_for_replicas();
+    redis.kill_node(victim);
+    redis.wait_until_healthy();
+
+    repo.write("b.txt", "two\n");
+    let commit = repo.commit("two");
+    let second = wait_until(WAIT, || async {
+        let response = hub
+            .post(
+                "/api/v1/repo/sync",
+                &hub.token,
+                serde_json::json!({"project_id": project}),
+            )
+            .await;
+        if response.status() != 202 {
+            return None;
+        }
+        let body: Value = response.json().await.ok()?;
+        body["sync_id"].as_str().map(str::to_owned)
+    })
+    .await
+    .expect("the hub accepts syncs once the replica took over");
+    let after = steady
+        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == second.as_str())
+        .await;
+    assert_contiguous(&ids_of(&after), seen);
+    assert!(
+        after
+            .iter()
+            .any(|f| f["stage"] == "running" && f["sync_id"] == second.as_str()),
+        "every stage of the sync arrived: {after:?}"
+    );
+    assert_eq!(hub.wait_for_sync(&second).await["commit"], commit.as_str());
+
+    let mut returning = hub.ws(&hub.token, &format!("?last_event_id={seen}")).await;
+    assert_eq!(returning.next_json().await["type"], "hello");
+    let replay = returning
+        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == second.as_str())
+        .await;
+    assert_eq!(
+        ids_of(&replay),
+        ids_of(&after),
+        "resume replays exactly what was missed"
+    );
+    assert!(
+        steady.is_silent_for(Duration::from_millis(300)).await,
+        "no duplicate (and no close frame) arrives late"
+    );
 }

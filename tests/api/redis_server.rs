@@ -58,23 +58,6 @@ pub fn redis_cluster_with_replicas_or_skip() -> Option<RedisServer> {
     have_redis(&["redis-server", "redis-cli"]).then(|| RedisServer::start(3, 1))
 }
 
-/// The engine under test: every test that takes a `Backend` runs once on a single
-/// Redis and once on a cluster.
-#[derive(Debug, Clone, Copy)]
-pub enum Backend {
-    Single,
-    Cluster,
-}
-
-impl Backend {
-    pub fn start(self) -> Option<RedisServer> {
-        match self {
-            Backend::Single => redis_or_skip(),
-            Backend::Cluster => redis_cluster_or_skip(),
-        }
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -203,10 +186,37 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.nodes[index].port)
     }
 
-    /// Sets a hub's config to use this Redis.
-    pub fn configure(&self, config: &mut hivesync::config::Config) {
-        config.redis_url = Some(self.url());
-        config.redis_cluster = self.cluster;
+    /// Runs one command (routed by its key on a cluster).
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        if self.cluster {
+            let client = redis::cluster::ClusterClient::new(
+                self.nodes
+                    .iter()
+                    .map(|node| format!("redis://127.0.0.1:{}/", node.port))
+                    .collect::<Vec<_>>(),
+            )
+            .expect("cluster client");
+            let mut conn = client.get_async_connection().await.expect("connect");
+            cmd.query_async(&mut conn).await.expect("redis command")
+        } else {
+            let client = redis::Client::open(self.url()).expect("client");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            cmd.query_async(&mut conn).await.expect("redis command")
+        }
+    }
+
+    /// The job stream a project's jobs go on, under `prefix`.
+    pub fn jobs_key(&self, prefix: &str, project_id: &str) -> String {
+        if self.cluster {
+            let shard = u16::from(hivesync::domain::partition_byte(project_id))
+                % hivesync::engine::redis::SHARDS;
+            format!("{prefix}:{{s{shard}}}:jobs")
+        } else {
+            format!("{prefix}:jobs")
+        }
     }
 
     /// `kill -9` of every node: no shutdown save; what survives is what the AOF holds.
@@ -242,33 +252,48 @@ impl RedisServer {
         self.launch(index);
     }
 
-    /// The index of the master serving `key`'s slot.
-    pub fn master_of(&self, key: &str) -> usize {
-        let slot: u16 = cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key])
-            .trim()
-            .parse()
-            .expect("a slot number");
-        let shards = cli(self.nodes[0].port, &["CLUSTER", "SLOTS"]);
-        // lines: start, end, ip, port, id, (replicas…), next range…
-        let lines: Vec<&str> = shards.lines().map(str::trim).collect();
-        let mut index = 0;
-        while index + 3 < lines.len() {
-            if let (Ok(start), Ok(end)) =
-                (lines[index].parse::<u16>(), lines[index + 1].parse::<u16>())
-                && lines[index + 2] == "127.0.0.1"
-                && (start..=end).contains(&slot)
-            {
-                let port: u16 = lines[index + 3].parse().expect("a port");
-                return self
-                    .nodes
-                    .iter()
-                    .position(|node| node.port == port)
-                    .expect("a node of this cluster");
-            }
-            index += 1;
-        }
-        panic!("no master serves slot {slot}:\n{shards}");
+    /// The index of the running master that holds a key matching `pattern`.
+    pub fn master_holding(&self, pattern: &str) -> Option<usize> {
+        self.nodes.iter().position(|node| {
+            node.child.is_some()
+                && cli(node.port, &["ROLE"]).starts_with("master")
+                && !cli(node.port, &["--scan", "--pattern", pattern])
+                    .trim()
+                    .is_empty()
+        })
     }
+
+    /// Waits until every replica of a running master has everything it wrote, so a
+    /// failover loses nothing that was acknowledged before it.
+    pub fn wait_for_replicas(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for node in self.nodes.iter().filter(|node| node.child.is_some()) {
+            loop {
+                let info = cli(node.port, &["INFO", "replication"]);
+                if !info.contains("role:master") {
+                    break;
+                }
+                let offset = field(&info, "master_repl_offset:");
+                let behind = info
+                    .lines()
+                    .filter(|line| line.starts_with("slave"))
+                    .filter_map(|line| line.split("offset=").nth(1))
+                    .filter_map(|rest| rest.split(',').next())
+                    .any(|replica| Some(replica.trim()) != offset.as_deref());
+                if !behind {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "replicas did not catch up");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn field(info: &str, name: &str) -> Option<String> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name))
+        .map(|value| value.trim().to_owned())
 }
 
 fn answers(port: u16) -> bool {

@@ -158,6 +158,10 @@ impl RedisEngine {
         let mut probe = tokio::time::interval(PROBE_EVERY);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut recover_at: Option<tokio::time::Instant> = None;
+        // set when a node's connection dropped: the next probe subscribes every wanted
+        // channel again (redis-rs resubscribes after a reconnect too, but not after
+        // every node was down at once), until that succeeds
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let is_bell =
             |channel: &str| (0..self.keys.shards()).any(|shard| channel == self.keys.bell(shard));
         loop {
@@ -171,6 +175,7 @@ impl RedisEngine {
                 _ = stop.cancelled() => return,
                 push = pushes.recv() => {
                     let Some(push) = push else { return };
+                    tracing::trace!(kind = ?push.kind, "cluster pub/sub push");
                     match pubsub.classify(push) {
                         Some(Push::Message { channel, payload }) => {
                             if is_bell(&channel) {
@@ -185,7 +190,7 @@ impl RedisEngine {
                             }
                         }
                         Some(Push::Resubscribed { channel }) => {
-                            tracing::info!(%channel, "resubscribed to a sharded channel; recovering what was missed");
+                            tracing::debug!(%channel, "resubscribed to a sharded channel");
                             if is_bell(&channel) {
                                 self.bell.notify_waiters();
                             } else {
@@ -204,6 +209,7 @@ impl RedisEngine {
                             });
                         }
                         Some(Push::Disconnected) => {
+                            broken.store(true, std::sync::atomic::Ordering::Release);
                             if let Some(reconnects) = self.reconnects.get() {
                                 reconnects.inc();
                             }
@@ -214,14 +220,42 @@ impl RedisEngine {
                 }
                 _ = settle => {
                     recover_at = None;
+                    tracing::info!("resubscribed to redis cluster events; recovering missed ones");
                     let _ = self.live.send(Live::Reconnected);
                 }
                 _ = probe.tick() => {
                     let engine = Arc::clone(&self);
-                    tokio::spawn(async move { engine.probe_channels().await });
+                    let broken = Arc::clone(&broken);
+                    tokio::spawn(async move {
+                        if broken.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                            if !engine.resubscribe_all().await {
+                                broken.store(true, std::sync::atomic::Ordering::Release);
+                            }
+                        } else {
+                            engine.probe_channels().await;
+                        }
+                    });
                 }
             }
         }
+    }
+
+    /// Subscribes every wanted channel again (after a connection dropped); their
+    /// confirmations come back as resubscriptions, which start the recovery. False
+    /// when one failed (the cluster is not back yet).
+    async fn resubscribe_all(&self) -> bool {
+        let Some(pubsub) = self.sharded() else {
+            return true;
+        };
+        let mut all = true;
+        for channel in pubsub.wanted_channels() {
+            if let Err(err) = pubsub.resubscribe(&channel).await {
+                tracing::debug!(%channel, error = %error_chain(&err), "could not subscribe again yet");
+                all = false;
+                break;
+            }
+        }
+        all
     }
 
     /// Touches the node of every wanted channel (see [`cluster::ShardedPubSub::probe`]).

@@ -231,6 +231,19 @@ pub(crate) fn token_for(user: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A process's CPU time so far (user + system), from `/proc/PID/stat`.
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // fields after the command name, which is in parentheses and may hold spaces
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) / ticks as f64)
+}
+
 pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
@@ -433,20 +446,21 @@ async fn main() -> std::process::ExitCode {
             burst,
             durable,
         } => {
-            fanout::run(
-                &cli.hub,
-                fanout::Load {
-                    target: *target,
-                    sockets: *sockets,
-                    users: (*users).clamp(1, (*sockets).max(1)),
-                    hubs: (*hubs).max(1),
-                    rate: (*rate).max(1),
-                    seconds: *seconds,
-                    burst: *burst,
-                    durable: *durable,
-                },
-            )
-            .await
+            let load = fanout::Load {
+                target: *target,
+                sockets: *sockets,
+                users: (*users).clamp(1, (*sockets).max(1)),
+                hubs: (*hubs).max(1),
+                rate: (*rate).max(1),
+                seconds: *seconds,
+                burst: *burst,
+                durable: *durable,
+            };
+            if load.target == fanout::Target::RedisCluster {
+                fanout::run_beside_single(&cli.hub, load).await
+            } else {
+                fanout::run(&cli.hub, load).await
+            }
         }
         Scenario::Reads {
             source,

@@ -143,7 +143,20 @@ impl Hub {
                 received = live.recv() => received,
             };
             match received {
-                Ok(Live::Event(event)) => self.dispatch(&event),
+                Ok(Live::Event(event)) => {
+                    // ids are contiguous per user: one past the next expected means the
+                    // feed skipped some (a resubscription raced a publish); they are in
+                    // the history, and go out first
+                    // (0: a connection is still attaching and has not read where the
+                    // user's ids stand; its opening covers what came before)
+                    if let Some(known) = self.known_of(&event.user)
+                        && known > 0
+                        && event.id > known + 1
+                    {
+                        self.fill_gap(&event.user, known).await;
+                    }
+                    self.dispatch(&event)
+                }
                 Ok(Live::Reconnected) => self.catch_up().await,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "hub fell behind the event stream; catching up");
@@ -188,6 +201,37 @@ impl Hub {
                 recovered,
                 "delivered events missed during a break in the live feed"
             );
+        }
+    }
+
+    /// The newest event id this node has handed to `user`'s connections (None when it
+    /// holds none of theirs).
+    fn known_of(&self, user: &str) -> Option<EventId> {
+        self.connections
+            .read()
+            .expect("hub lock is never poisoned")
+            .get(user)
+            .map(|of_user| of_user.known.load(Ordering::Acquire))
+    }
+
+    /// Sends `user` what their history holds after `known` (see [`Hub::catch_up`]).
+    async fn fill_gap(&self, user: &str, known: EventId) {
+        match self.events.after(user, known, MAX_REPLAY).await {
+            Ok(history) if !history.gap && history.events.len() < MAX_REPLAY => {
+                tracing::info!(
+                    user,
+                    recovered = history.events.len(),
+                    "the live feed skipped events; delivered them from the history"
+                );
+                for event in &history.events {
+                    self.dispatch(event);
+                }
+            }
+            Ok(_) => self.kick_user(user),
+            Err(err) => {
+                tracing::warn!(error = %crate::error::error_chain(&err), "gap read failed; the user's connections will resume");
+                self.kick_user(user);
+            }
         }
     }
 
@@ -429,6 +473,90 @@ mod tests {
             project_id: project.into(),
             json: Bytes::new(),
         }
+    }
+
+    /// An event log whose live feed loses the events `skip` names, as a feed does when
+    /// a resubscription races a publish.
+    struct Skipping {
+        inner: Arc<crate::engine::embedded::EmbeddedEngine>,
+        live: broadcast::Sender<Live>,
+    }
+
+    #[async_trait::async_trait]
+    impl EventLog for Skipping {
+        async fn publish(
+            &self,
+            user: &str,
+            body: crate::protocol::EventBody,
+        ) -> Result<Event, EngineError> {
+            self.inner.publish(user, body).await
+        }
+        fn live(&self) -> broadcast::Receiver<Live> {
+            self.live.subscribe()
+        }
+        async fn after(
+            &self,
+            user: &str,
+            after: EventId,
+            limit: usize,
+        ) -> Result<crate::engine::History, EngineError> {
+            self.inner.after(user, after, limit).await
+        }
+        async fn latest(&self, user: &str) -> Result<EventId, EngineError> {
+            self.inner.latest(user).await
+        }
+    }
+
+    fn stage(n: u64) -> crate::protocol::EventBody {
+        crate::protocol::EventBody::SyncStage {
+            sync_id: format!("s{n}"),
+            project_id: "p".into(),
+            stage: crate::protocol::SyncStatus::Running,
+            progress: None,
+            at: crate::domain::now_rfc3339(),
+            retry: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn events_the_live_feed_skipped_are_sent_from_the_history_in_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let inner = crate::engine::embedded::EmbeddedEngine::open(
+            dir.path(),
+            (100, std::time::Duration::from_secs(1)),
+            100,
+        )
+        .expect("engine");
+        let (live, _) = broadcast::channel(64);
+        let log = Arc::new(Skipping {
+            inner: Arc::clone(&inner),
+            live: live.clone(),
+        });
+        let hub = Hub::new(log.clone(), 64);
+        let stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&hub).run_dispatch(stop.clone()));
+        log.publish("u", stage(1)).await.expect("publish");
+        let mut attachment = hub.attach("u", None, None).await.expect("attach");
+        for n in 2..=5 {
+            let event = log.publish("u", stage(n)).await.expect("publish");
+            // the feed loses ids 3 and 4
+            if !(3..=4).contains(&event.id) {
+                let _ = live.send(Live::Event(event));
+            }
+        }
+        let mut ids = Vec::new();
+        while ids.len() < 4 {
+            let frame =
+                tokio::time::timeout(std::time::Duration::from_secs(5), attachment.queue.recv())
+                    .await
+                    .expect("in time")
+                    .expect("a frame");
+            if attachment.subscription.admit(&frame) {
+                ids.push(frame.id);
+            }
+        }
+        assert_eq!(ids, vec![2, 3, 4, 5]);
+        stop.cancel();
     }
 
     #[test]

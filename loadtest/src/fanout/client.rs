@@ -25,7 +25,7 @@ pub(super) fn number_after(text: &str, key: &str) -> Option<u64> {
 /// (sequence number, emit time in ns) of one event frame.
 pub(super) fn parse_frame(target: Target, text: &str) -> Option<(u64, u64)> {
     match target {
-        Target::Embedded | Target::Redis => Some((
+        Target::Embedded | Target::Redis | Target::RedisCluster => Some((
             number_after(text, "{\"id\":")?,
             number_after(text, "\"sync_id\":\"t")?,
         )),
@@ -50,7 +50,7 @@ pub(super) async fn open_client(target: Target, url: &str) -> Result<(Socket, u6
         .map_err(|e| format!("connect {url}: {e}"))?;
     let first = next_text(&mut socket).await?;
     match target {
-        Target::Embedded | Target::Redis => {
+        Target::Embedded | Target::Redis | Target::RedisCluster => {
             let hello: Value = serde_json::from_str(&first).map_err(|e| e.to_string())?;
             let last = hello["last_event_id"]
                 .as_u64()

@@ -37,6 +37,8 @@ use tally::{Tally, now_nanos};
 pub enum Target {
     Embedded,
     Redis,
+    /// a 3-master Redis Cluster; the run also measures a single Redis beside it
+    RedisCluster,
     Socketio,
 }
 
@@ -65,6 +67,60 @@ fn sample_rss(pids: Vec<u32>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<
         }
         samples
     })
+}
+
+/// The target as the command line spells it.
+pub fn target_name(target: Target) -> &'static str {
+    match target {
+        Target::Embedded => "embedded",
+        Target::Redis => "redis",
+        Target::RedisCluster => "redis-cluster",
+        Target::Socketio => "socketio",
+    }
+}
+
+/// `--target redis-cluster`: the same load on one Redis, then on a 3-master cluster,
+/// in one invocation, with the cluster's figures as ratios of the single Redis's.
+pub async fn run_beside_single(hub_binary: &Path, load: Load) -> Result<Value, String> {
+    let single = run(
+        hub_binary,
+        Load {
+            target: Target::Redis,
+            ..load.clone()
+        },
+    )
+    .await?;
+    let cluster = run(hub_binary, load).await?;
+    let ratio = |path: &[&str]| -> Value {
+        let get = |value: &Value| {
+            path.iter()
+                .try_fold(value, |value, key| value.get(*key))
+                .and_then(Value::as_f64)
+        };
+        match (get(&cluster), get(&single)) {
+            (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+            _ => Value::Null,
+        }
+    };
+    let ratios = json!({
+        "steady_deliveries_per_s": ratio(&["phases", "steady", "deliveries_per_s"]),
+        "steady_p99": ratio(&["phases", "steady", "latency_ms", "p99"]),
+        "burst_deliveries_per_s": ratio(&["phases", "burst", "deliveries_per_s"]),
+        "burst_p99": ratio(&["phases", "burst", "latency_ms", "p99"]),
+        "deliveries_per_server_cpu_s": ratio(&["deliveries_per_server_cpu_s"]),
+    });
+    println!("\ncluster / single Redis: {ratios}");
+    let lost = single["lost"].as_u64().unwrap_or(0) + cluster["lost"].as_u64().unwrap_or(0);
+    let duplicated =
+        single["duplicated"].as_u64().unwrap_or(0) + cluster["duplicated"].as_u64().unwrap_or(0);
+    Ok(json!({
+        "scenario": "fanout",
+        "target": "redis-cluster",
+        "runs": [single, cluster],
+        "cluster_over_single": ratios,
+        "lost": lost,
+        "duplicated": duplicated,
+    }))
 }
 
 pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
@@ -136,7 +192,16 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
     let pids: Vec<u32> = rig.children.iter().filter_map(|child| child.id()).collect();
     let rss_open: u64 = pids.iter().map(|pid| rss_of(*pid)).sum();
     let sampling_stop = Arc::new(AtomicBool::new(false));
-    let sampler = sample_rss(pids, Arc::clone(&sampling_stop));
+    let sampler = sample_rss(pids.clone(), Arc::clone(&sampling_stop));
+    // CPU the servers (and Redis) spend from the first event to the drain's end
+    let redis_pids = rig
+        .redis
+        .as_ref()
+        .map(rig::Backing::pids)
+        .unwrap_or_default();
+    let cpu_of =
+        |pids: &[u32]| -> f64 { pids.iter().filter_map(|pid| crate::cpu_seconds(*pid)).sum() };
+    let (hub_cpu_start, redis_cpu_start) = (cpu_of(&pids), cpu_of(&redis_pids));
 
     // publish: steady rounds, then a burst
     let publisher = Arc::new(rig.publisher);
@@ -230,6 +295,8 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         "\r  published {published:>9} events, delivered {:>10}",
         tally.received()
     );
+    let hub_cpu = cpu_of(&pids) - hub_cpu_start;
+    let redis_cpu = cpu_of(&redis_pids) - redis_cpu_start;
     sampling_stop.store(true, Ordering::Relaxed);
     let rss_samples = sampler.await.map_err(|e| e.to_string())?;
     let rss_peak = rss_samples
@@ -294,7 +361,7 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         );
         rows.push(format!(
             "| {} | {name} | {} | {} | {count} | {per_sec:.0} | {:.2} | {:.2} | {max:.2} |",
-            format!("{:?}", load.target).to_lowercase(),
+            target_name(load.target),
             rig.urls.len(),
             load.sockets,
             ms(0.5),
@@ -303,7 +370,7 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
     }
     let result = json!({
         "scenario": "fanout",
-        "target": format!("{:?}", load.target).to_lowercase(),
+        "target": target_name(load.target),
         "servers": rig.urls.len(),
         "sockets": load.sockets,
         "users": load.users,
@@ -326,6 +393,11 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         "server_rss_open_bytes": rss_open,
         "server_rss_peak_bytes": rss_peak,
         "server_rss_samples": rss_samples.len(),
+        "server_cpu_seconds": hub_cpu,
+        "redis_cpu_seconds": redis_cpu,
+        "redis_processes": redis_pids.len(),
+        "deliveries_per_server_cpu_s": if hub_cpu > 0.0 { received as f64 / hub_cpu } else { 0.0 },
+        "events_per_server_cpu_s": if hub_cpu > 0.0 { published as f64 / hub_cpu } else { 0.0 },
     });
     println!();
     println!(
@@ -337,6 +409,15 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
     }
     println!(
         "events published: {published}, deliveries: {received} of {expected}, lost: {lost}, duplicated: {duplicated}, sockets resumed after a close: {resumed}"
+    );
+    println!(
+        "CPU: servers {hub_cpu:.1} s ({:.0} deliveries per server CPU-second), redis {redis_cpu:.1} s over {} process(es)",
+        if hub_cpu > 0.0 {
+            received as f64 / hub_cpu
+        } else {
+            0.0
+        },
+        redis_pids.len()
     );
     println!(
         "server RSS: {:.1} MiB with every socket open, {:.1} MiB peak under load; publisher {}",

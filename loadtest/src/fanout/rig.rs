@@ -141,13 +141,141 @@ pub(super) async fn start_printing_port(
     Ok((child, found))
 }
 
+/// A private Redis Cluster of `masters` nodes without persistence or replicas
+/// (`redis-server --cluster-enabled yes`, then `redis-cli --cluster create`); killed on
+/// drop.
+pub struct PrivateCluster {
+    nodes: Vec<(tokio::process::Child, u16)>,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateCluster {
+    pub async fn start(masters: usize) -> Result<Self, String> {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|addr| addr.port())
+                .map_err(|e| e.to_string())
+        };
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut nodes = Vec::new();
+        for n in 0..masters {
+            let (port, bus) = (free()?, free()?);
+            let node_dir = dir.path().join(format!("node-{n}"));
+            std::fs::create_dir_all(&node_dir).map_err(|e| e.to_string())?;
+            let child = tokio::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
+                .args(["--cluster-port", &bus.to_string()])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| format!("redis-server: {e} (apt-get install redis-server)"))?;
+            nodes.push((child, port));
+        }
+        let cluster = Self { nodes, _dir: dir };
+        for (_, port) in &cluster.nodes {
+            wait_for_ping(&format!("redis://127.0.0.1:{port}/")).await?;
+        }
+        let output = tokio::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(
+                cluster
+                    .nodes
+                    .iter()
+                    .map(|(_, port)| format!("127.0.0.1:{port}")),
+            )
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("redis-cli: {e} (apt-get install redis-tools)"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&output.stdout)
+            ));
+        }
+        for _ in 0..200 {
+            let mut ok = true;
+            for (_, port) in &cluster.nodes {
+                let info = tokio::process::Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "CLUSTER", "INFO"])
+                    .output()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ok &= String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok");
+            }
+            if ok {
+                return Ok(cluster);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err("the cluster did not become healthy".into())
+    }
+
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|(_, port)| format!("redis://127.0.0.1:{port}/"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|(child, _)| child.id())
+            .collect()
+    }
+}
+
+async fn wait_for_ping(url: &str) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    for _ in 0..100 {
+        if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+            && redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("redis-server at {url} did not start"))
+}
+
+/// The Redis behind a run: one server or a cluster.
+pub(super) enum Backing {
+    One(PrivateRedis),
+    Cluster(PrivateCluster),
+}
+
+impl Backing {
+    pub(super) fn pids(&self) -> Vec<u32> {
+        match self {
+            Backing::One(redis) => redis.child.id().into_iter().collect(),
+            Backing::Cluster(cluster) => cluster.pids(),
+        }
+    }
+}
+
 /// What the clients connect to and how events get in.
 pub(super) struct Rig {
     pub(super) urls: Vec<String>,
     pub(super) publisher: Publisher,
     /// processes (hubs, node servers) and their pids, for CPU and RSS
     pub(super) children: Vec<tokio::process::Child>,
-    pub(super) _redis: Option<PrivateRedis>,
+    pub(super) redis: Option<Backing>,
     pub(super) _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -167,12 +295,21 @@ pub(super) async fn start(hub_binary: &Path, load: &Load) -> Result<Rig, String>
                 urls: vec![format!("ws://{addr}/api/v1/ws")],
                 publisher: Publisher::Pipe(Mutex::new(stdin)),
                 children: vec![child],
-                _redis: None,
+                redis: None,
                 _dirs: Vec::new(),
             })
         }
-        Target::Redis => {
-            let redis = PrivateRedis::start().await?;
+        Target::Redis | Target::RedisCluster => {
+            let cluster = load.target == Target::RedisCluster;
+            let backing = if cluster {
+                Backing::Cluster(PrivateCluster::start(3).await?)
+            } else {
+                Backing::One(PrivateRedis::start().await?)
+            };
+            let url = match &backing {
+                Backing::One(redis) => redis.url(),
+                Backing::Cluster(cluster) => cluster.url(),
+            };
             let data = tempfile::tempdir().map_err(|e| e.to_string())?;
             let mut children = Vec::new();
             let mut urls = Vec::new();
@@ -183,7 +320,8 @@ pub(super) async fn start(hub_binary: &Path, load: &Load) -> Result<Rig, String>
                     .env("HIVESYNC_LISTEN", "127.0.0.1:0")
                     .env("HIVESYNC_DATA_DIR", data.path())
                     .env("HIVESYNC_JWT_SECRET", crate::SECRET)
-                    .env("HIVESYNC_REDIS_URL", redis.url())
+                    .env("HIVESYNC_REDIS_URL", &url)
+                    .env("HIVESYNC_REDIS_CLUSTER", if cluster { "1" } else { "0" })
                     .env("HIVESYNC_REDIS_PREFIX", "fanout")
                     .env("HIVESYNC_MIN_FREE_BYTES", "0")
                     .env("RUST_LOG", "warn");
@@ -194,8 +332,8 @@ pub(super) async fn start(hub_binary: &Path, load: &Load) -> Result<Rig, String>
             }
             let engine = hivesync::engine::redis::RedisEngine::connect(
                 hivesync::engine::redis::RedisSettings {
-                    cluster: false,
-                    url: redis.url(),
+                    cluster,
+                    url,
                     prefix: "fanout".into(),
                     reclaim_after: Duration::from_secs(60),
                     history_len: 1000,
@@ -210,7 +348,7 @@ pub(super) async fn start(hub_binary: &Path, load: &Load) -> Result<Rig, String>
                 urls,
                 publisher: Publisher::Engine(engine),
                 children,
-                _redis: Some(redis),
+                redis: Some(backing),
                 _dirs: vec![data],
             })
         }
@@ -240,7 +378,7 @@ pub(super) async fn start(hub_binary: &Path, load: &Load) -> Result<Rig, String>
                 urls,
                 publisher: Publisher::SocketIo { redis: connection },
                 children,
-                _redis: Some(redis),
+                redis: Some(Backing::One(redis)),
                 _dirs: vec![install],
             })
         }

@@ -367,7 +367,11 @@ pub async fn run_workers(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     prepare_data_dir(&mut config)?;
-    let (engine, _) = open_engine(&config).await?;
+    let (engine, redis) = open_engine(&config).await?;
+    if let Some(redis) = redis.filter(|redis| redis.is_cluster()) {
+        // on a cluster, workers sleep on the shards' sharded bell channels
+        redis.start_subscriber();
+    }
     let ops_listener = TcpListener::bind(config.metrics_listen)
         .await
         .map_err(|source| StartError::Bind {

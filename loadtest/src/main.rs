@@ -67,6 +67,9 @@ enum Scenario {
         /// ticks (which the embedded engine may commit without an fsync)
         #[arg(long)]
         durable: bool,
+        /// redis-cluster only: alternated rounds of (single Redis, cluster); medians
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// Sync cost next to git in the same run: first, no-op and incremental syncs, many
     /// small projects at once, and sync-status polling throughput
@@ -445,6 +448,7 @@ async fn main() -> std::process::ExitCode {
             seconds,
             burst,
             durable,
+            rounds,
         } => {
             let load = fanout::Load {
                 target: *target,
@@ -457,7 +461,7 @@ async fn main() -> std::process::ExitCode {
                 durable: *durable,
             };
             if load.target == fanout::Target::RedisCluster {
-                fanout::run_beside_single(&cli.hub, load).await
+                fanout::run_beside_single(&cli.hub, load, *rounds).await
             } else {
                 fanout::run(&cli.hub, load).await
             }

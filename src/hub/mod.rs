@@ -56,6 +56,9 @@ struct Connection {
 struct UserConnections {
     list: Vec<Connection>,
     known: AtomicU64,
+    /// connections still reading where the user's ids stand; `known` is not settled
+    /// while any is
+    attaching: AtomicU64,
 }
 
 pub struct Hub {
@@ -147,10 +150,9 @@ impl Hub {
                     // ids are contiguous per user: one past the next expected means the
                     // feed skipped some (a resubscription raced a publish); they are in
                     // the history, and go out first
-                    // (0: a connection is still attaching and has not read where the
-                    // user's ids stand; its opening covers what came before)
+                    // (not while a connection is still attaching: its opening covers
+                    // what came before, and `known` is set when it is done)
                     if let Some(known) = self.known_of(&event.user)
-                        && known > 0
                         && event.id > known + 1
                     {
                         self.fill_gap(&event.user, known).await;
@@ -205,12 +207,13 @@ impl Hub {
     }
 
     /// The newest event id this node has handed to `user`'s connections (None when it
-    /// holds none of theirs).
+    /// holds none of theirs, or one of them is still attaching).
     fn known_of(&self, user: &str) -> Option<EventId> {
         self.connections
             .read()
             .expect("hub lock is never poisoned")
             .get(user)
+            .filter(|of_user| of_user.attaching.load(Ordering::Acquire) == 0)
             .map(|of_user| of_user.known.load(Ordering::Acquire))
     }
 
@@ -280,19 +283,39 @@ impl Hub {
         let kicked = CancellationToken::new();
         // registered before history is read: an event published meanwhile is in the
         // history, the queue or both, and the subscription drops the second copy
-        self.connections
-            .write()
-            .expect("hub lock is never poisoned")
-            .entry(user.to_owned())
-            .or_default()
-            .list
-            .push(Connection {
+        {
+            let mut connections = self
+                .connections
+                .write()
+                .expect("hub lock is never poisoned");
+            let of_user = connections.entry(user.to_owned()).or_default();
+            of_user.attaching.fetch_add(1, Ordering::AcqRel);
+            of_user.list.push(Connection {
                 id: internal_id,
                 queue: sender,
                 kicked: kicked.clone(),
             });
+        }
         let connection_id = format!("{}-{internal_id}", self.node);
         let attachment = self.opening(user, &connection_id, resume_from).await;
+        // what this connection is covered up to: its replay runs to where the live
+        // stream took over
+        let covered = attachment.as_ref().ok().map(|(_, replay, subscription)| {
+            replay
+                .as_ref()
+                .map_or(subscription.last_sent, |replay| replay.until)
+        });
+        if let Some(of_user) = self
+            .connections
+            .read()
+            .expect("hub lock is never poisoned")
+            .get(user)
+        {
+            if let Some(covered) = covered {
+                of_user.known.fetch_max(covered, Ordering::AcqRel);
+            }
+            of_user.attaching.fetch_sub(1, Ordering::AcqRel);
+        }
         let (opening, replay, mut subscription) = match attachment {
             Ok(parts) => parts,
             Err(err) => {
@@ -300,16 +323,6 @@ impl Hub {
                 return Err(err);
             }
         };
-        if let Some(of_user) = self
-            .connections
-            .read()
-            .expect("hub lock is never poisoned")
-            .get(user)
-        {
-            of_user
-                .known
-                .fetch_max(subscription.last_sent, Ordering::AcqRel);
-        }
         if let Some(projects) = projects {
             subscription.narrow_to(projects);
         }
@@ -556,6 +569,43 @@ mod tests {
             }
         }
         assert_eq!(ids, vec![2, 3, 4, 5]);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_resume_from_far_back_is_not_mistaken_for_a_gap_in_the_live_feed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let inner = crate::engine::embedded::EmbeddedEngine::open(
+            dir.path(),
+            (100, std::time::Duration::from_secs(1)),
+            5000,
+        )
+        .expect("engine");
+        let (live, _) = broadcast::channel(64);
+        let log = Arc::new(Skipping {
+            inner: Arc::clone(&inner),
+            live: live.clone(),
+        });
+        let hub = Hub::new(log.clone(), 64);
+        let stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&hub).run_dispatch(stop.clone()));
+        for n in 1..=1500 {
+            log.publish("u", stage(n)).await.expect("publish");
+        }
+        // resumes from the start: the replay covers 1..=1500, page by page
+        let mut attachment = hub.attach("u", Some(0), None).await.expect("attach");
+        assert!(attachment.replay.is_some());
+        let event = log.publish("u", stage(1501)).await.expect("publish");
+        let _ = live.send(Live::Event(event));
+        let frame =
+            tokio::time::timeout(std::time::Duration::from_secs(5), attachment.queue.recv())
+                .await
+                .expect("in time")
+                .expect("a frame");
+        assert_eq!(frame.id, 1501, "the live event, not a refill of the replay");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(attachment.queue.try_recv().is_err(), "nothing else queued");
+        assert!(!attachment.kicked.is_cancelled());
         stop.cancel();
     }
 

@@ -181,11 +181,6 @@ impl RedisServer {
             .join(",")
     }
 
-    /// The URL of one node (the server's own on a single Redis).
-    pub fn node_url(&self, index: usize) -> String {
-        format!("redis://127.0.0.1:{}/", self.nodes[index].port)
-    }
-
     /// Runs one command (routed by its key on a cluster).
     pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
         if self.cluster {
@@ -244,12 +239,6 @@ impl RedisServer {
         if self.cluster {
             self.wait_until_healthy();
         }
-    }
-
-    /// Starts one killed node again.
-    pub fn restart_node(&mut self, index: usize) {
-        self.kill_node(index);
-        self.launch(index);
     }
 
     /// The index of the running master that holds a key matching `pattern`.

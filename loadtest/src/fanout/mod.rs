@@ -79,44 +79,104 @@ pub fn target_name(target: Target) -> &'static str {
     }
 }
 
-/// `--target redis-cluster`: the same load on one Redis, then on a 3-master cluster,
-/// in one invocation, with the cluster's figures as ratios of the single Redis's.
-pub async fn run_beside_single(hub_binary: &Path, load: Load) -> Result<Value, String> {
-    let single = run(
-        hub_binary,
-        Load {
-            target: Target::Redis,
-            ..load.clone()
-        },
-    )
-    .await?;
-    let cluster = run(hub_binary, load).await?;
-    let ratio = |path: &[&str]| -> Value {
-        let get = |value: &Value| {
-            path.iter()
-                .try_fold(value, |value, key| value.get(*key))
-                .and_then(Value::as_f64)
-        };
-        match (get(&cluster), get(&single)) {
-            (Some(a), Some(b)) if b > 0.0 => json!(a / b),
-            _ => Value::Null,
-        }
+/// `--target redis-cluster`: the same load on one Redis and on a 3-master cluster in
+/// one invocation, alternating (single, cluster, single, …) for `rounds` rounds, with
+/// the cluster's medians as ratios of the single Redis's medians.
+pub async fn run_beside_single(
+    hub_binary: &Path,
+    load: Load,
+    rounds: usize,
+) -> Result<Value, String> {
+    let mut singles = Vec::new();
+    let mut clusters = Vec::new();
+    for round in 1..=rounds.max(1) {
+        eprintln!("round {round} of {rounds}: single Redis, then the cluster");
+        singles.push(
+            run(
+                hub_binary,
+                Load {
+                    target: Target::Redis,
+                    ..load.clone()
+                },
+            )
+            .await?,
+        );
+        clusters.push(run(hub_binary, load.clone()).await?);
+    }
+    let median = |runs: &[Value], path: &[&str]| -> Option<f64> {
+        let mut values: Vec<f64> = runs
+            .iter()
+            .filter_map(|run| {
+                path.iter()
+                    .try_fold(run, |value, key| value.get(*key))
+                    .and_then(Value::as_f64)
+            })
+            .collect();
+        values.sort_by(f64::total_cmp);
+        (!values.is_empty()).then(|| {
+            let mid = values.len() / 2;
+            if values.len() % 2 == 0 {
+                (values[mid - 1] + values[mid]) / 2.0
+            } else {
+                values[mid]
+            }
+        })
     };
-    let ratios = json!({
-        "steady_deliveries_per_s": ratio(&["phases", "steady", "deliveries_per_s"]),
-        "steady_p99": ratio(&["phases", "steady", "latency_ms", "p99"]),
-        "burst_deliveries_per_s": ratio(&["phases", "burst", "deliveries_per_s"]),
-        "burst_p99": ratio(&["phases", "burst", "latency_ms", "p99"]),
-        "deliveries_per_server_cpu_s": ratio(&["deliveries_per_server_cpu_s"]),
-    });
-    println!("\ncluster / single Redis: {ratios}");
-    let lost = single["lost"].as_u64().unwrap_or(0) + cluster["lost"].as_u64().unwrap_or(0);
-    let duplicated =
-        single["duplicated"].as_u64().unwrap_or(0) + cluster["duplicated"].as_u64().unwrap_or(0);
+    let metrics: [(&str, &[&str]); 7] = [
+        (
+            "steady_deliveries_per_s",
+            &["phases", "steady", "deliveries_per_s"],
+        ),
+        ("steady_p50_ms", &["phases", "steady", "latency_ms", "p50"]),
+        ("steady_p99_ms", &["phases", "steady", "latency_ms", "p99"]),
+        (
+            "burst_deliveries_per_s",
+            &["phases", "burst", "deliveries_per_s"],
+        ),
+        ("burst_p99_ms", &["phases", "burst", "latency_ms", "p99"]),
+        (
+            "deliveries_per_server_cpu_s",
+            &["deliveries_per_server_cpu_s"],
+        ),
+        ("redis_cpu_seconds", &["redis_cpu_seconds"]),
+    ];
+    let mut single_medians = serde_json::Map::new();
+    let mut cluster_medians = serde_json::Map::new();
+    let mut ratios = serde_json::Map::new();
+    for (name, path) in metrics {
+        let (a, b) = (median(&clusters, path), median(&singles, path));
+        single_medians.insert(name.into(), json!(b));
+        cluster_medians.insert(name.into(), json!(a));
+        ratios.insert(
+            name.into(),
+            match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+                _ => Value::Null,
+            },
+        );
+    }
+    println!("\nmedians of {rounds} alternated round(s)");
+    println!("| metric | single Redis | 3-master cluster | cluster / single |");
+    println!("|---|---|---|---|");
+    for (name, _) in metrics {
+        println!(
+            "| {name} | {} | {} | {} |",
+            single_medians[name], cluster_medians[name], ratios[name]
+        );
+    }
+    let total = |runs: &[Value], key: &str| -> u64 {
+        runs.iter().filter_map(|run| run[key].as_u64()).sum()
+    };
+    let lost = total(&singles, "lost") + total(&clusters, "lost");
+    let duplicated = total(&singles, "duplicated") + total(&clusters, "duplicated");
     Ok(json!({
         "scenario": "fanout",
         "target": "redis-cluster",
-        "runs": [single, cluster],
+        "rounds": rounds,
+        "single_redis_runs": singles,
+        "cluster_runs": clusters,
+        "single_redis_medians": single_medians,
+        "cluster_medians": cluster_medians,
         "cluster_over_single": ratios,
         "lost": lost,
         "duplicated": duplicated,

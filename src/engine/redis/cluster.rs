@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use redis::cluster_async::ClusterConnection;
 use redis::{PushInfo, PushKind};
-use tokio::sync::mpsc;
+use tokio::sync::broadcast;
 
 use crate::engine::EngineError;
 
@@ -44,7 +44,9 @@ struct Wanted {
 pub(super) struct ShardedPubSub {
     client: redis::cluster::ClusterClient,
     connection: tokio::sync::OnceCell<ClusterConnection>,
-    pushes: Mutex<Option<mpsc::UnboundedReceiver<PushInfo>>>,
+    /// bounded, and nothing is kept while no loop listens (a process that never reads
+    /// its pushes does not accumulate them); a reader that falls behind learns it
+    pushes: broadcast::Sender<PushInfo>,
     wanted: Mutex<HashMap<String, Wanted>>,
     /// one subscribe or unsubscribe of a channel at a time
     changing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<bool>>>>,
@@ -52,10 +54,10 @@ pub(super) struct ShardedPubSub {
 
 impl ShardedPubSub {
     pub(super) fn new(nodes: &[&str]) -> Result<Self, EngineError> {
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, _) = broadcast::channel(16 * 1024);
         let client = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
             .use_protocol(redis::ProtocolVersion::RESP3)
-            .push_sender(sender)
+            .push_sender(sender.clone())
             .connection_timeout(std::time::Duration::from_secs(2))
             .response_timeout(std::time::Duration::from_secs(5))
             .retries(3)
@@ -64,7 +66,7 @@ impl ShardedPubSub {
         Ok(Self {
             client,
             connection: tokio::sync::OnceCell::new(),
-            pushes: Mutex::new(Some(receiver)),
+            pushes: sender,
             wanted: Mutex::new(HashMap::new()),
             changing: Mutex::new(HashMap::new()),
         })
@@ -83,10 +85,9 @@ impl ShardedPubSub {
         self.connection().await.map(drop)
     }
 
-    /// The pushes of the subscription connection, once (for the one task that reads
-    /// them).
-    pub(super) fn take_pushes(&self) -> Option<mpsc::UnboundedReceiver<PushInfo>> {
-        self.pushes.lock().expect("pushes lock").take()
+    /// The pushes of the subscription connection from now on.
+    pub(super) fn pushes(&self) -> broadcast::Receiver<PushInfo> {
+        self.pushes.subscribe()
     }
 
     fn gate(&self, channel: &str) -> Arc<tokio::sync::Mutex<bool>> {

@@ -141,9 +141,7 @@ impl RedisEngine {
     /// resubscriptions have settled.
     async fn sharded_loop(self: Arc<Self>, stop: CancellationToken) {
         let Some(pubsub) = self.sharded() else { return };
-        let Some(mut pushes) = pubsub.take_pushes() else {
-            return;
-        };
+        let mut pushes = pubsub.pushes();
         // connected, the feed is ready (nothing is subscribed before a user is watched)
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         while let Err(err) = pubsub.connect().await {
@@ -174,7 +172,19 @@ impl RedisEngine {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 push = pushes.recv() => {
-                    let Some(push) = push else { return };
+                    let push = match push {
+                        Ok(push) => push,
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            // pushes were dropped: subscriptions may have changed
+                            // unseen, and messages were lost
+                            tracing::warn!(missed, "fell behind the cluster pub/sub pushes; recovering");
+                            broken.store(true, std::sync::atomic::Ordering::Release);
+                            self.bell.notify_waiters();
+                            let _ = self.live.send(Live::Reconnected);
+                            continue;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
                     tracing::trace!(kind = ?push.kind, "cluster pub/sub push");
                     match pubsub.classify(push) {
                         Some(Push::Message { channel, payload }) => {
@@ -200,11 +210,13 @@ impl RedisEngine {
                         Some(Push::Dropped { channel }) => {
                             tracing::info!(%channel, "a sharded channel's slot moved; subscribing again");
                             let engine = Arc::clone(&self);
+                            let broken = Arc::clone(&broken);
                             tokio::spawn(async move {
                                 if let Some(pubsub) = engine.sharded()
                                     && let Err(err) = pubsub.resubscribe(&channel).await
                                 {
                                     tracing::warn!(%channel, error = %error_chain(&err), "could not subscribe again; retrying on the next probe");
+                                    broken.store(true, std::sync::atomic::Ordering::Release);
                                 }
                             });
                         }

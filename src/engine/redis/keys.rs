@@ -139,6 +139,19 @@ impl Keys {
             format!("{}:events", self.prefix)
         }
     }
+    /// The SCAN pattern of every project hash on one Redis (the prefix's glob
+    /// characters escaped).
+    pub(super) fn projects_pattern(&self) -> String {
+        let mut pattern = String::new();
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push_str(":project:*");
+        pattern
+    }
     /// Every project of a shard, for the watchdog.
     pub(super) fn projects(&self, shard: u16) -> String {
         format!("{}:projects", self.in_shard(shard))

@@ -176,7 +176,6 @@ impl RedisEngine {
             live,
         );
         engine.ensure_group().await?;
-        engine.fill_project_sets().await?;
         Ok(engine)
     }
 
@@ -268,40 +267,6 @@ impl RedisEngine {
         self.shard_cursor
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             % shards.max(1)
-    }
-
-    /// Projects registered before the per-shard project sets existed (the watchdog reads
-    /// those sets) are added to them once, on one Redis.
-    async fn fill_project_sets(&self) -> Result<(), EngineError> {
-        let mut conn = self.conn().await?;
-        let marker = format!("{}:projects-filled", self.settings.prefix);
-        if conn.exists(&marker).await? {
-            return Ok(());
-        }
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}:project:*", self.settings.prefix))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            let ids: Vec<&str> = keys
-                .iter()
-                .filter_map(|key| key.rsplit(':').next())
-                .collect();
-            if !ids.is_empty() {
-                conn.sadd::<_, _, ()>(self.keys.projects(0), ids).await?;
-            }
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-        conn.set::<_, _, ()>(&marker, 1).await?;
-        Ok(())
     }
 
     /// The connection for every command that does not block: one multiplexed

@@ -260,13 +260,33 @@ impl RedisEngine {
         let mut candidates = Vec::new();
         let mut cursor: u64 = 0;
         loop {
-            let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
-                .arg(self.keys.projects(shard))
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(conn)
-                .await?;
+            // a cluster keeps each shard's projects in a set; one Redis is scanned (its
+            // projects may predate the sets)
+            let (next, ids): (u64, Vec<String>) = if self.keys.cluster {
+                redis::cmd("SSCAN")
+                    .arg(self.keys.projects(shard))
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(conn)
+                    .await?
+            } else {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(self.keys.projects_pattern())
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(conn)
+                    .await?;
+                let prefix = self.keys.project("");
+                let ids = keys
+                    .iter()
+                    .filter_map(|key| key.strip_prefix(&prefix))
+                    .map(str::to_owned)
+                    .collect();
+                (next, ids)
+            };
             for id in &ids {
                 let (active, json): (Option<String>, Option<String>) = redis::cmd("HMGET")
                     .arg(self.keys.project(id))
@@ -453,39 +473,50 @@ impl RedisEngine {
                 .is_ok()
     }
 
-    /// One job of `jobs` whose worker stopped heartbeating, taken over.
+    /// One job of `jobs` whose worker stopped heartbeating, taken over: follows
+    /// `XAUTOCLAIM`'s cursor over the whole pending list (each call looks at a few
+    /// entries only).
     async fn reclaim_from(
         &self,
         conn: &mut Conn,
         jobs: &str,
     ) -> Result<Option<Lease>, EngineError> {
-        loop {
+        let mut cursor = "0-0".to_owned();
+        // bounded: each step moves the cursor on, or ends the list
+        for _ in 0..10_000 {
             let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
                 .arg(jobs)
                 .arg(GROUP)
                 .arg(&self.consumer)
                 .arg(self.lock_ttl_ms())
-                .arg("0-0")
+                .arg(&cursor)
                 .arg("COUNT")
                 .arg(1)
                 .query_async(conn)
                 .await?;
-            let Some(entry) = claimed.claimed.into_iter().next() else {
-                return Ok(None);
-            };
-            match job_of(&entry) {
-                Some(job) => {
-                    let deliveries = self.deliveries(conn, jobs, &entry.id).await?;
-                    tracing::warn!(sync_id = %job.sync_id, entry = %entry.id, deliveries, "took over a job whose worker stopped heartbeating");
-                    return Ok(Some(Lease {
-                        job,
-                        token: entry.id,
-                        deliveries,
-                    }));
+            if let Some(entry) = claimed.claimed.into_iter().next() {
+                match job_of(&entry) {
+                    Some(job) => {
+                        let deliveries = self.deliveries(conn, jobs, &entry.id).await?;
+                        tracing::warn!(sync_id = %job.sync_id, entry = %entry.id, deliveries, "took over a job whose worker stopped heartbeating");
+                        // a dead worker may have left more: look again at the next take
+                        self.last_reclaim_ms
+                            .store(0, std::sync::atomic::Ordering::Relaxed);
+                        return Ok(Some(Lease {
+                            job,
+                            token: entry.id,
+                            deliveries,
+                        }));
+                    }
+                    None => self.drop_entry(conn, jobs, &entry.id).await?,
                 }
-                None => self.drop_entry(conn, jobs, &entry.id).await?,
             }
+            if claimed.next_stream_id == "0-0" {
+                return Ok(None);
+            }
+            cursor = claimed.next_stream_id;
         }
+        Ok(None)
     }
 
     /// How many times the group has delivered entry `id` of `jobs` (XPENDING's counter).

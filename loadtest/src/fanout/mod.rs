@@ -115,7 +115,7 @@ pub async fn run_beside_single(
         values.sort_by(f64::total_cmp);
         (!values.is_empty()).then(|| {
             let mid = values.len() / 2;
-            if values.len() % 2 == 0 {
+            if values.len().is_multiple_of(2) {
                 (values[mid - 1] + values[mid]) / 2.0
             } else {
                 values[mid]

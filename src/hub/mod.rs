@@ -520,6 +520,36 @@ mod tests {
         }
     }
 
+    /// A hub dispatching from a [`Skipping`] log over an embedded engine that keeps
+    /// `history` events per user; events reach the live feed only when the test sends
+    /// them on the returned sender.
+    fn skipping_hub(
+        history: u64,
+    ) -> (
+        tempfile::TempDir,
+        Arc<Skipping>,
+        broadcast::Sender<Live>,
+        Arc<Hub>,
+        CancellationToken,
+    ) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let inner = crate::engine::embedded::EmbeddedEngine::open(
+            dir.path(),
+            (100, std::time::Duration::from_secs(1)),
+            history,
+        )
+        .expect("engine");
+        let (live, _) = broadcast::channel(64);
+        let log = Arc::new(Skipping {
+            inner,
+            live: live.clone(),
+        });
+        let hub = Hub::new(log.clone(), 64);
+        let stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&hub).run_dispatch(stop.clone()));
+        (dir, log, live, hub, stop)
+    }
+
     fn stage(n: u64) -> crate::protocol::EventBody {
         crate::protocol::EventBody::SyncStage {
             sync_id: format!("s{n}"),
@@ -533,21 +563,7 @@ mod tests {
 
     #[tokio::test]
     async fn events_the_live_feed_skipped_are_sent_from_the_history_in_order() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let inner = crate::engine::embedded::EmbeddedEngine::open(
-            dir.path(),
-            (100, std::time::Duration::from_secs(1)),
-            100,
-        )
-        .expect("engine");
-        let (live, _) = broadcast::channel(64);
-        let log = Arc::new(Skipping {
-            inner: Arc::clone(&inner),
-            live: live.clone(),
-        });
-        let hub = Hub::new(log.clone(), 64);
-        let stop = CancellationToken::new();
-        tokio::spawn(Arc::clone(&hub).run_dispatch(stop.clone()));
+        let (_dir, log, live, hub, stop) = skipping_hub(100);
         log.publish("u", stage(1)).await.expect("publish");
         let mut attachment = hub.attach("u", None, None).await.expect("attach");
         for n in 2..=5 {
@@ -574,21 +590,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_resume_from_far_back_is_not_mistaken_for_a_gap_in_the_live_feed() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let inner = crate::engine::embedded::EmbeddedEngine::open(
-            dir.path(),
-            (100, std::time::Duration::from_secs(1)),
-            5000,
-        )
-        .expect("engine");
-        let (live, _) = broadcast::channel(64);
-        let log = Arc::new(Skipping {
-            inner: Arc::clone(&inner),
-            live: live.clone(),
-        });
-        let hub = Hub::new(log.clone(), 64);
-        let stop = CancellationToken::new();
-        tokio::spawn(Arc::clone(&hub).run_dispatch(stop.clone()));
+        let (_dir, log, live, hub, stop) = skipping_hub(5000);
         for n in 1..=1500 {
             log.publish("u", stage(n)).await.expect("publish");
         }

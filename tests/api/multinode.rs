@@ -225,29 +225,11 @@ async fn after_a_redis_restart_hubs_resubscribe_and_clients_lose_and_repeat_noth
 ) {
     let prefix = unique_prefix();
     let data = tempfile::tempdir().expect("temp dir");
-    let hub = hub(&redis, &prefix, data.path(), 1).await;
-    let repo = GitRepo::new();
-    repo.write("a.txt", "one\n");
-    repo.commit("one");
-    let project = hub.register(&repo).await;
-
-    let mut steady = hub.ws(&hub.token, "").await;
-    let start = steady.next_json().await["last_event_id"]
-        .as_u64()
-        .expect("id");
-    let first = hub.request_sync(&project).await["sync_id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
-    let before = steady
-        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == first.as_str())
-        .await;
-    assert_contiguous(&ids_of(&before), start);
-    let seen = *ids_of(&before).last().expect("events");
+    let mut watched = Watched::start(&redis, &prefix, data.path()).await;
 
     redis.kill();
     let down = wait_until(WAIT, || async {
-        let response = hub.get_public("/readyz").await;
+        let response = watched.hub.get_public("/readyz").await;
         (response.status() == 503).then_some(())
     })
     .await;
@@ -256,54 +238,106 @@ async fn after_a_redis_restart_hubs_resubscribe_and_clients_lose_and_repeat_noth
 
     // a sync right after the restart: its first events may well be published before
     // the hub has resubscribed; the hub must recover them from the history
-    repo.write("b.txt", "two\n");
-    let commit = repo.commit("two");
-    let second = wait_until(WAIT, || async {
-        let response = hub
-            .post(
-                "/api/v1/repo/sync",
-                &hub.token,
-                serde_json::json!({"project_id": project}),
-            )
-            .await;
-        if response.status() != 202 {
-            return None;
-        }
-        let body: Value = response.json().await.ok()?;
-        body["sync_id"].as_str().map(str::to_owned)
-    })
-    .await
-    .expect("the hub accepts syncs again once redis is back");
-    let after = steady
-        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == second.as_str())
-        .await;
-    assert_contiguous(&ids_of(&after), seen);
-    assert!(
-        after
-            .iter()
-            .any(|f| f["stage"] == "running" && f["sync_id"] == second.as_str()),
-        "the early stages of the sync arrived too"
-    );
-    assert_eq!(hub.wait_for_sync(&second).await["commit"], commit.as_str());
-    let ready = hub.get_public("/readyz").await;
+    watched.a_sync_now_reaches_every_client_once().await;
+    let ready = watched.hub.get_public("/readyz").await;
     assert_eq!(ready.status(), 200);
+}
 
-    // a client that was away for all of it resumes from where it stopped
-    let mut returning = hub.ws(&hub.token, &format!("?last_event_id={seen}")).await;
-    let hello = returning.next_json().await;
-    assert_eq!(hello["type"], "hello");
-    let replay = returning
-        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == second.as_str())
-        .await;
-    assert_eq!(
-        ids_of(&replay),
-        ids_of(&after),
-        "resume replays exactly what was missed"
-    );
-    assert!(
-        steady.is_silent_for(Duration::from_millis(300)).await,
-        "no duplicate (and no close frame) arrives late"
-    );
+/// A hub with one in-process worker, a synced project, and a socket that saw the
+/// first sync: what an outage test breaks and then checks.
+struct Watched {
+    hub: TestApp,
+    repo: GitRepo,
+    project: String,
+    steady: crate::helpers::WsClient,
+    /// the last event id the socket saw before the outage
+    seen: u64,
+}
+
+impl Watched {
+    async fn start(redis: &RedisServer, prefix: &str, data: &std::path::Path) -> Self {
+        let hub = hub(redis, prefix, data, 1).await;
+        let repo = GitRepo::new();
+        repo.write("a.txt", "one\n");
+        repo.commit("one");
+        let project = hub.register(&repo).await;
+        let mut steady = hub.ws(&hub.token, "").await;
+        let start = steady.next_json().await["last_event_id"]
+            .as_u64()
+            .expect("id");
+        let first = hub.request_sync(&project).await["sync_id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        let before = steady
+            .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == first.as_str())
+            .await;
+        assert_contiguous(&ids_of(&before), start);
+        let seen = *ids_of(&before).last().expect("events");
+        Self {
+            hub,
+            repo,
+            project,
+            steady,
+            seen,
+        }
+    }
+
+    /// A sync requested once the hub accepts requests again reaches the socket that
+    /// stayed open with no gap or duplicate since `seen`, and a client that was away
+    /// resumes with exactly the same events.
+    async fn a_sync_now_reaches_every_client_once(&mut self) {
+        self.repo.write("b.txt", "two\n");
+        let commit = self.repo.commit("two");
+        let (hub, project) = (&self.hub, &self.project);
+        let second = wait_until(WAIT, || async {
+            let response = hub
+                .post(
+                    "/api/v1/repo/sync",
+                    &hub.token,
+                    serde_json::json!({"project_id": project}),
+                )
+                .await;
+            if response.status() != 202 {
+                return None;
+            }
+            let body: Value = response.json().await.ok()?;
+            body["sync_id"].as_str().map(str::to_owned)
+        })
+        .await
+        .expect("the hub accepts syncs again once redis is back");
+        let after = self
+            .steady
+            .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == second.as_str())
+            .await;
+        assert_contiguous(&ids_of(&after), self.seen);
+        assert!(
+            after
+                .iter()
+                .any(|f| f["stage"] == "running" && f["sync_id"] == second.as_str()),
+            "the early stages of the sync arrived too: {after:?}"
+        );
+        assert_eq!(hub.wait_for_sync(&second).await["commit"], commit.as_str());
+
+        // a client that was away for all of it resumes from where it stopped
+        let mut returning = hub
+            .ws(&hub.token, &format!("?last_event_id={}", self.seen))
+            .await;
+        let hello = returning.next_json().await;
+        assert_eq!(hello["type"], "hello");
+        let replay = returning
+            .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == second.as_str())
+            .await;
+        assert_eq!(
+            ids_of(&replay),
+            ids_of(&after),
+            "resume replays exactly what was missed"
+        );
+        assert!(
+            self.steady.is_silent_for(Duration::from_millis(300)).await,
+            "no duplicate (and no close frame) arrives late"
+        );
+    }
 }
 
 /// `hivesync ready`: the health check of worker containers.
@@ -441,25 +475,7 @@ async fn on_a_cluster_a_failed_over_master_loses_no_event_and_repeats_none() {
     };
     let prefix = unique_prefix();
     let data = tempfile::tempdir().expect("temp dir");
-    let hub = hub(&redis, &prefix, data.path(), 1).await;
-    let repo = GitRepo::new();
-    repo.write("a.txt", "one\n");
-    repo.commit("one");
-    let project = hub.register(&repo).await;
-
-    let mut steady = hub.ws(&hub.token, "").await;
-    let start = steady.next_json().await["last_event_id"]
-        .as_u64()
-        .expect("id");
-    let first = hub.request_sync(&project).await["sync_id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
-    let before = steady
-        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == first.as_str())
-        .await;
-    assert_contiguous(&ids_of(&before), start);
-    let seen = *ids_of(&before).last().expect("events");
+    let mut watched = Watched::start(&redis, &prefix, data.path()).await;
 
     // the master holding this user's events (and their group's channel) dies
     let victim = redis
@@ -469,48 +485,5 @@ async fn on_a_cluster_a_failed_over_master_loses_no_event_and_repeats_none() {
     redis.kill_node(victim);
     redis.wait_until_healthy();
 
-    repo.write("b.txt", "two\n");
-    let commit = repo.commit("two");
-    let second = wait_until(WAIT, || async {
-        let response = hub
-            .post(
-                "/api/v1/repo/sync",
-                &hub.token,
-                serde_json::json!({"project_id": project}),
-            )
-            .await;
-        if response.status() != 202 {
-            return None;
-        }
-        let body: Value = response.json().await.ok()?;
-        body["sync_id"].as_str().map(str::to_owned)
-    })
-    .await
-    .expect("the hub accepts syncs once the replica took over");
-    let after = steady
-        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == second.as_str())
-        .await;
-    assert_contiguous(&ids_of(&after), seen);
-    assert!(
-        after
-            .iter()
-            .any(|f| f["stage"] == "running" && f["sync_id"] == second.as_str()),
-        "every stage of the sync arrived: {after:?}"
-    );
-    assert_eq!(hub.wait_for_sync(&second).await["commit"], commit.as_str());
-
-    let mut returning = hub.ws(&hub.token, &format!("?last_event_id={seen}")).await;
-    assert_eq!(returning.next_json().await["type"], "hello");
-    let replay = returning
-        .until(|f| is_notification(f, "repo_sync_success") && f["sync_id"] == second.as_str())
-        .await;
-    assert_eq!(
-        ids_of(&replay),
-        ids_of(&after),
-        "resume replays exactly what was missed"
-    );
-    assert!(
-        steady.is_silent_for(Duration::from_millis(300)).await,
-        "no duplicate (and no close frame) arrives late"
-    );
+    watched.a_sync_now_reaches_every_client_once().await;
 }

@@ -42,24 +42,13 @@ impl PrivateRedis {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("redis-server: {e} (apt-get install redis-server)"))?;
-        let url = format!("redis://127.0.0.1:{port}/");
-        let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
-        for _ in 0..100 {
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-            {
-                return Ok(Self {
-                    child,
-                    port,
-                    _dir: dir,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Err("redis-server did not start".into())
+        let redis = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        wait_for_ping(&redis.url()).await?;
+        Ok(redis)
     }
 
     pub fn url(&self) -> String {

@@ -37,65 +37,14 @@ impl JobQueue for RedisEngine {
             }
             let mut conn = self.blocking_conn().await?;
             // first, jobs whose worker stopped heartbeating
-            let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(&jobs)
-                .arg(GROUP)
-                .arg(&self.consumer)
-                .arg(self.lock_ttl_ms())
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut conn)
-                .await?;
-            if let Some(entry) = claimed.claimed.into_iter().next() {
-                match job_of(&entry) {
-                    Some(job) => {
-                        let deliveries = self.deliveries(&mut conn, &jobs, &entry.id).await?;
-                        tracing::warn!(sync_id = %job.sync_id, entry = %entry.id, deliveries, "took over a job whose worker stopped heartbeating");
-                        return Ok(Some(Lease {
-                            job,
-                            token: entry.id,
-                            deliveries,
-                        }));
-                    }
-                    None => {
-                        self.drop_entry(&mut conn, &jobs, &entry.id).await?;
-                        continue;
-                    }
-                }
+            if let Some(lease) = self.reclaim_from(&mut conn, &jobs).await? {
+                return Ok(Some(lease));
             }
-            let mut read_cmd = redis::cmd("XREADGROUP");
-            read_cmd
-                .arg("GROUP")
-                .arg(GROUP)
-                .arg(&self.consumer)
-                .arg("COUNT")
-                .arg(1)
-                .arg("BLOCK")
-                .arg(READ_BLOCK.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(&jobs)
-                .arg(">");
             // awaited to the end, never abandoned: Redis hands an entry to a blocked
             // read even after its caller stopped listening, and an entry handed to a
             // reply nobody reads sits pending until it is reclaimed (READ_BLOCK bounds
             // how long shutdown waits for this)
-            let read: Result<Option<StreamReadReply>, redis::RedisError> =
-                read_cmd.query_async(&mut conn).await;
-            let read = match read {
-                Ok(read) => read,
-                Err(err) if err.code() == Some("NOGROUP") => {
-                    // Redis lost its data (restarted without persistence): start over
-                    drop(conn);
-                    self.ensure_group().await?;
-                    continue;
-                }
-                Err(err) => return Err(err.into()),
-            };
-            let Some(entry) = read
-                .and_then(|reply| reply.keys.into_iter().next())
-                .and_then(|key| key.ids.into_iter().next())
-            else {
+            let Some(entry) = self.read_one(&mut conn, &jobs, Some(READ_BLOCK)).await? else {
                 continue;
             };
             match job_of(&entry) {
@@ -387,31 +336,7 @@ impl RedisEngine {
             }
             for offset in 0..shards {
                 let jobs = self.keys.jobs((start + offset) % shards);
-                let read: Result<Option<StreamReadReply>, redis::RedisError> =
-                    redis::cmd("XREADGROUP")
-                        .arg("GROUP")
-                        .arg(GROUP)
-                        .arg(&self.consumer)
-                        .arg("COUNT")
-                        .arg(1)
-                        .arg("STREAMS")
-                        .arg(&jobs)
-                        .arg(">")
-                        .query_async(&mut conn)
-                        .await;
-                let read = match read {
-                    Ok(read) => read,
-                    Err(err) if err.code() == Some("NOGROUP") => {
-                        // a node lost its data (restarted without persistence)
-                        self.ensure_group().await?;
-                        continue;
-                    }
-                    Err(err) => return Err(err.into()),
-                };
-                let Some(entry) = read
-                    .and_then(|reply| reply.keys.into_iter().next())
-                    .and_then(|key| key.ids.into_iter().next())
-                else {
+                let Some(entry) = self.read_one(&mut conn, &jobs, None).await? else {
                     continue;
                 };
                 let Some(job) = job_of(&entry) else {
@@ -478,7 +403,7 @@ impl RedisEngine {
     /// entries only).
     async fn reclaim_from(
         &self,
-        conn: &mut Conn,
+        conn: &mut (impl redis::aio::ConnectionLike + Send),
         jobs: &str,
     ) -> Result<Option<Lease>, EngineError> {
         let mut cursor = "0-0".to_owned();
@@ -517,6 +442,39 @@ impl RedisEngine {
             cursor = claimed.next_stream_id;
         }
         Ok(None)
+    }
+
+    /// One new entry of `jobs` for this consumer, waiting up to `block` for one
+    /// (`None`: not at all). A stream that lost its group (Redis restarted without
+    /// persistence) gets it back and reads as empty.
+    async fn read_one(
+        &self,
+        conn: &mut (impl redis::aio::ConnectionLike + Send),
+        jobs: &str,
+        block: Option<Duration>,
+    ) -> Result<Option<redis::streams::StreamId>, EngineError> {
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(1);
+        if let Some(block) = block {
+            read.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        read.arg("STREAMS").arg(jobs).arg(">");
+        let reply: Result<Option<StreamReadReply>, redis::RedisError> =
+            read.query_async(conn).await;
+        match reply {
+            Ok(reply) => Ok(reply
+                .and_then(|reply| reply.keys.into_iter().next())
+                .and_then(|key| key.ids.into_iter().next())),
+            Err(err) if err.code() == Some("NOGROUP") => {
+                self.ensure_group().await?;
+                Ok(None)
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// How many times the group has delivered entry `id` of `jobs` (XPENDING's counter).

@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::helpers::{GitRepo, TestApp, WAIT, assert_exact_tree, is_notification, wait_until};
+use hivesync::auth::ClientKind;
+
 use crate::redis_server::{
     RedisServer, redis_cluster_or_skip, redis_or_skip, spawn_worker, unique_prefix,
 };
@@ -486,4 +488,68 @@ async fn on_a_cluster_a_failed_over_master_loses_no_event_and_repeats_none() {
     redis.wait_until_healthy();
 
     watched.a_sync_now_reaches_every_client_once().await;
+}
+
+/// A hub subscribes to the sharded channel of a user's group only while it holds a
+/// socket of that user, once however many sockets, and to nothing else.
+#[tokio::test]
+async fn on_a_cluster_a_hub_subscribes_only_to_the_groups_of_its_users() {
+    let Some(redis) = redis_cluster_or_skip() else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let data = tempfile::tempdir().expect("temp dir");
+    // no workers in this hub: no job bells either
+    let hub = hub(&redis, &prefix, data.path(), 0).await;
+    let pattern = format!("{prefix}:*");
+    assert_eq!(redis.shard_channels(&pattern), Vec::<String>::new());
+
+    let mut first = hub.ws(&hub.token, "").await;
+    first.next_json().await;
+    let mut second = hub.ws(&hub.token, "").await;
+    second.next_json().await;
+    let subscribed = redis.shard_channels(&pattern);
+    assert_eq!(subscribed.len(), 1, "one group channel: {subscribed:?}");
+    assert!(
+        subscribed[0].ends_with(":events-of-group"),
+        "{subscribed:?}"
+    );
+
+    // a user of another group adds their group's channel (users of alice's group,
+    // tried on the way, add none)
+    let mut other = None;
+    for n in 0..50 {
+        let user_token = crate::helpers::token(&format!("user-{n}"), ClientKind::Desktop);
+        let mut socket = hub.ws(&user_token, "").await;
+        socket.next_json().await;
+        let now = redis.shard_channels(&pattern);
+        if now.len() == 2 {
+            other = Some(socket);
+            break;
+        }
+        assert_eq!(now, subscribed, "a user of the same group adds nothing");
+        drop(socket);
+    }
+    let other = other.expect("a user of another group among 50");
+
+    // the last socket of a user gives its group up
+    drop(other);
+    let left = wait_until(WAIT, || async {
+        (redis.shard_channels(&pattern) == subscribed).then_some(())
+    })
+    .await;
+    assert!(left.is_some(), "{:?}", redis.shard_channels(&pattern));
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        redis.shard_channels(&pattern),
+        subscribed,
+        "one socket is left"
+    );
+    drop(second);
+    let none = wait_until(WAIT, || async {
+        redis.shard_channels(&pattern).is_empty().then_some(())
+    })
+    .await;
+    assert!(none.is_some(), "{:?}", redis.shard_channels(&pattern));
 }

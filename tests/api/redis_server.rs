@@ -252,6 +252,27 @@ impl RedisServer {
         })
     }
 
+    /// The sharded channels matching `pattern` that some client subscribes to, on any
+    /// running node, sorted.
+    pub fn shard_channels(&self, pattern: &str) -> Vec<String> {
+        let mut channels: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|node| node.child.is_some())
+            .flat_map(|node| {
+                cli(node.port, &["PUBSUB", "SHARDCHANNELS", pattern])
+                    .lines()
+                    .map(str::trim)
+                    .filter(|line| !line.is_empty())
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        channels.sort();
+        channels.dedup();
+        channels
+    }
+
     /// Waits until every replica of a running master has everything it wrote, so a
     /// failover loses nothing that was acknowledged before it.
     pub fn wait_for_replicas(&self) {

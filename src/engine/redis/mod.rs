@@ -1,5 +1,7 @@
 //! The engine on Redis, shared by any number of hub and worker processes.
 //!
+//! On one Redis:
+//!
 //! - **Jobs** ([`queue`]) ride a Stream (`P:jobs`) read by the consumer group `workers`.
 //!   A worker's heartbeat keeps its pending entry fresh; an entry idle for
 //!   `reclaim_after` (its worker died or hung) is taken over with `XAUTOCLAIM`. A

@@ -238,6 +238,9 @@ impl Application {
         let hub = Hub::new(Arc::clone(&engine.events), config.ws_queue);
         let layout = Layout::new(config.data_dir.clone());
         layout.empty_trash_in_background();
+        if let Some(budget) = config.snapshot_watches {
+            crate::mirror::watch::set_budget(budget);
+        }
         let serve_workers = config.effective_serve_workers();
         let reader = Arc::new(Reader::new(layout.clone()));
         let state = Arc::new(AppState {
@@ -399,6 +402,9 @@ pub async fn run_workers(
     };
     let layout = Layout::new(config.data_dir.clone());
     layout.empty_trash_in_background();
+    if let Some(budget) = config.snapshot_watches {
+        crate::mirror::watch::set_budget(budget);
+    }
     worker::spawn(
         config.workers,
         engine.clone(),

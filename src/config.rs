@@ -69,6 +69,9 @@ pub struct Config {
     pub webhook_key: Option<String>,
     /// how often the scheduler looks for due projects
     pub scheduler_tick: Duration,
+    /// snapshot directories one process watches with inotify so no-op syncs need not
+    /// stat every file; `None` = half the user's `max_user_watches`, 0 = off
+    pub snapshot_watches: Option<usize>,
 }
 
 impl Default for Config {
@@ -111,6 +114,7 @@ impl Default for Config {
             webhook_rate: (60, Duration::from_secs(60)),
             webhook_key: None,
             scheduler_tick: Duration::from_secs(1),
+            snapshot_watches: None,
         }
     }
 }
@@ -258,6 +262,10 @@ pub struct ConfigArgs {
     /// where `hivesync worker` serves /metrics, /healthz and /readyz [default: 127.0.0.1:9090]
     #[arg(long, env = "HIVESYNC_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// snapshot directories watched so no-op syncs skip the stat pass, 0 = off
+    /// [default: half of fs.inotify.max_user_watches]
+    #[arg(long, env = "HIVESYNC_SNAPSHOT_WATCHES")]
+    pub snapshot_watches: Option<usize>,
 }
 
 impl ConfigArgs {
@@ -337,6 +345,7 @@ impl ConfigArgs {
         if let Some(v) = self.metrics_listen {
             config.metrics_listen = v;
         }
+        config.snapshot_watches = self.snapshot_watches;
         if let Some(v) = self.drain_timeout_s {
             config.drain_timeout = Duration::from_secs(v);
         }

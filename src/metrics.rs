@@ -76,6 +76,8 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     pub redis_reconnects: Counter,
     pub store_commit: Histogram,
+    pub snapshot_checks: Family<ResultLabel, Counter>,
+    pub snapshot_watches: Gauge,
 }
 
 impl Default for Metrics {
@@ -173,6 +175,18 @@ impl Metrics {
             "Commit latency of the embedded store's write transactions",
             store_commit.clone(),
         );
+        let snapshot_checks = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "snapshot_checks",
+            "Syncs with nothing new upstream, by how the mirror's tree was found exact or not: watched (its inotify watch saw no change), stat_pass (every file stat'ed: exact), touched (the watch saw a change), changed (the stat pass found one)",
+            snapshot_checks.clone(),
+        );
+        let snapshot_watches = Gauge::default();
+        registry.register(
+            "snapshot_watched_directories",
+            "Directories of mirror trees this process watches with inotify (read when scraped)",
+            snapshot_watches.clone(),
+        );
         // every bounded label combination starts at zero, so each family is in the
         // exposition from the first scrape and rates start from a real zero
         for outcome in ["completed", "failed"] {
@@ -185,6 +199,11 @@ impl Metrics {
         }
         for reason in KICK_REASONS {
             let _ = ws_kicked.get_or_create(&ReasonLabel { reason });
+        }
+        for check in crate::mirror::SnapshotCheck::ALL {
+            let _ = snapshot_checks.get_or_create(&ResultLabel {
+                result: check.as_str(),
+            });
         }
         Self {
             registry,
@@ -202,6 +221,8 @@ impl Metrics {
             http_requests,
             redis_reconnects,
             store_commit,
+            snapshot_checks,
+            snapshot_watches,
         }
     }
 
@@ -234,6 +255,8 @@ impl Metrics {
     /// Every family in the OpenMetrics text format (which Prometheus reads). Gauges
     /// read from elsewhere (queue depth, sockets) are set by the caller first.
     pub fn render(&self) -> String {
+        self.snapshot_watches
+            .set(i64::try_from(crate::mirror::watch::watched_directories()).unwrap_or(i64::MAX));
         let mut text = String::new();
         // writing into a String cannot fail
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);

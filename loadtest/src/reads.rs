@@ -70,18 +70,91 @@ pub(crate) async fn sync_and_wait(
     }
 }
 
-pub(crate) fn default_source() -> Result<PathBuf, String> {
+/// The files a benchmark repository is made of: `paths` under `root`.
+pub(crate) struct Source {
+    root: PathBuf,
+    paths: Vec<String>,
+    /// how the README and the JSON name it
+    pub(crate) described: String,
+}
+
+impl Source {
+    /// Every file under `dir`.
+    pub(crate) fn dir(dir: PathBuf) -> Self {
+        Self {
+            described: dir.display().to_string(),
+            root: dir,
+            paths: vec![".".to_owned()],
+        }
+    }
+}
+
+/// The sources of the crates this workspace's `Cargo.lock` names, as cargo unpacked
+/// them when it built the project: the same files on every machine that built the
+/// same commit for the same platform (crates for other platforms are not unpacked).
+pub(crate) fn default_source() -> Result<Source, String> {
+    const LOCKFILE: &str = include_str!("../../Cargo.lock");
     let home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .map_err(|_| "set --source")?;
     let registry = home.join("registry").join("src");
-    std::fs::read_dir(&registry)
-        .map_err(|e| format!("{}: {e}; pass --source", registry.display()))?
+    let indexes: Vec<PathBuf> = std::fs::read_dir(&registry)
+        .map_err(|e| {
+            format!(
+                "{}: {e}; build the project first, or pass --source",
+                registry.display()
+            )
+        })?
         .filter_map(Result::ok)
         .map(|entry| entry.path())
-        .find(|path| path.is_dir())
-        .ok_or_else(|| "no registry sources; pass --source".to_owned())
+        .filter(|path| path.is_dir())
+        .collect();
+    let mut locked = Vec::new();
+    let (mut name, mut version) = (None, None);
+    for line in LOCKFILE.lines() {
+        let value = |line: &str, key: &str| {
+            line.strip_prefix(key)
+                .map(|rest| rest.trim_matches(|c| c == '"' || c == ' ').to_owned())
+        };
+        if line == "[[package]]" {
+            (name, version) = (None, None);
+        } else if let Some(v) = value(line, "name = ") {
+            name = Some(v);
+        } else if let Some(v) = value(line, "version = ") {
+            version = Some(v);
+        } else if line.starts_with("source = \"registry+")
+            && let (Some(name), Some(version)) = (&name, &version)
+        {
+            locked.push(format!("{name}-{version}"));
+        }
+    }
+    // the index directory holding most of them (one per registry URL)
+    let (root, paths) = indexes
+        .into_iter()
+        .map(|index| {
+            let present: Vec<String> = locked
+                .iter()
+                .filter(|krate| index.join(krate).is_dir())
+                .cloned()
+                .collect();
+            (index, present)
+        })
+        .max_by_key(|(_, present)| present.len())
+        .filter(|(_, present)| !present.is_empty())
+        .ok_or(
+            "none of Cargo.lock's crates are unpacked; run `cargo build` first, or pass --source",
+        )?;
+    let described = format!(
+        "the sources of the {} crates of Cargo.lock unpacked in {}",
+        paths.len(),
+        root.display()
+    );
+    Ok(Source {
+        root,
+        paths,
+        described,
+    })
 }
 
 pub(crate) fn median(mut values: Vec<f64>) -> f64 {
@@ -93,13 +166,22 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Commits every file under `source` into a packed bare repository `work/origin.git`
+/// Commits every file of `source` into a packed bare repository `work/origin.git`
 /// (as a real remote serves it); returns its `file://` URL, the commit and the file count.
-pub(crate) fn build_origin(work: &Path, source: &Path) -> Result<(String, String, usize), String> {
+/// A benchmark repository: its URL, head commit, root tree (the same for the same
+/// files, wherever it was built) and file count.
+pub(crate) struct Origin {
+    pub(crate) url: String,
+    pub(crate) commit: String,
+    pub(crate) tree: String,
+    pub(crate) files: usize,
+}
+
+pub(crate) fn build_origin(work: &Path, source: &Source) -> Result<Origin, String> {
     let origin = work.join("origin.git");
-    eprintln!("building a repository from {}", source.display());
+    eprintln!("building a repository from {}", source.described);
     git(work, &["init", "-q", "--bare", "-b", "main", "origin.git"])?;
-    let worktree = source.to_string_lossy().into_owned();
+    let worktree = source.root.to_string_lossy().into_owned();
     let git_dir = origin.to_string_lossy().into_owned();
     // git on the origin's objects, with `source` as its work tree
     let in_origin = |args: &[&str]| {
@@ -107,16 +189,25 @@ pub(crate) fn build_origin(work: &Path, source: &Path) -> Result<(String, String
         full.extend_from_slice(args);
         git(work, &full)
     };
-    in_origin(&["add", "-A", "-f", "."])?;
+    let mut add = vec!["add", "-A", "-f", "--"];
+    add.extend(source.paths.iter().map(String::as_str));
+    in_origin(&add)?;
     in_origin(&["commit", "-q", "-m", "snapshot"])?;
     // a real remote serves packed objects
     in_origin(&["repack", "-adq"])?;
     let commit = in_origin(&["rev-parse", "HEAD"])?;
+    let tree = in_origin(&["rev-parse", "HEAD^{tree}"])?;
     let files = in_origin(&["ls-tree", "-r", "--name-only", "HEAD"])?
         .lines()
         .count();
     let url = format!("file://{}", origin.display());
-    Ok((url, commit, files))
+    eprintln!("{files} files, tree {tree}");
+    Ok(Origin {
+        url,
+        commit,
+        tree,
+        files,
+    })
 }
 
 pub async fn run(
@@ -126,11 +217,12 @@ pub async fn run(
     seconds: u64,
 ) -> Result<Value, String> {
     let source = match source {
-        Some(source) => source,
+        Some(source) => Source::dir(source),
         None => default_source()?,
     };
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let (url, commit, files) = build_origin(work.path(), &source)?;
+    let origin = build_origin(work.path(), &source)?;
+    let (url, commit, files) = (origin.url.clone(), origin.commit.clone(), origin.files);
     // peer: git clone of the same repository (objects and checkout)
     let started = Instant::now();
     git(work.path(), &["clone", "-q", &url, "peer-clone"])?;
@@ -285,7 +377,7 @@ pub async fn run(
     println!();
     println!(
         "repository: {files} files from {} (commit {})",
-        source.display(),
+        source.described,
         &commit[..12]
     );
     println!("| measure | hub | git peer | hub / git |");
@@ -309,7 +401,7 @@ pub async fn run(
         "| tree/file over 512 paths, {concurrency} concurrent readers, {seconds} s | p50 {p50:.2} ms, p99 {p99:.2} ms, {rps:.0} req/s | | |"
     );
     Ok(json!({
-        "scenario": "reads", "files": files, "commit": commit,
+        "scenario": "reads", "source": source.described, "tree": origin.tree, "files": files, "commit": commit,
         "first_sync_s": hub_sync_s, "git_clone_s": git_clone_s,
         "search": search_rows,
         "tree_file": {"concurrency": concurrency, "requests": latencies.len(), "p50_ms": p50, "p99_ms": p99, "rps": rps},

@@ -15,12 +15,15 @@ use super::progress::{CHECKOUT_BYTES, CHECKOUT_FILES};
 pub(crate) struct Reuse<'a> {
     pub dir: &'a Path,
     pub index: &'a gix::index::File,
+    /// the previous tree was verified exact under a watch that has seen no change
+    /// since ([`super::watch`]): its files are as recorded without a `stat` each
+    pub untouched: bool,
 }
 
 impl Reuse<'_> {
     /// Whether the previous tree holds `entry` unchanged since it was written: same
     /// blob and mode in the index, and the file still has the size and modification
-    /// time recorded then (git's stat test).
+    /// time recorded then (git's stat test, or the watch's word for the whole tree).
     /// Returns the previous file and the stat it was written with.
     fn unchanged(
         &self,
@@ -32,7 +35,7 @@ impl Reuse<'_> {
             return None;
         }
         let file = self.dir.join(path.to_str().ok()?);
-        stat_unchanged(&file, old).then_some((file, old.stat))
+        (self.untouched || stat_unchanged(&file, old)).then_some((file, old.stat))
     }
 }
 
@@ -295,18 +298,28 @@ fn visit(index: &gix::index::File, snapshot: &Path, entry: &std::fs::DirEntry) -
         return Visit::Mismatch;
     };
     let path = entry.path();
+    let relative = path
+        .strip_prefix(snapshot)
+        .ok()
+        .and_then(|relative| relative.to_str());
     if kind.is_dir() {
-        return Visit::Dir(path);
+        // a directory holds a file of the index, or it was planted (an empty one too)
+        let holds_files = relative.is_some_and(|relative| {
+            index
+                .prefixed_entries_range(format!("{relative}/").as_str().into())
+                .is_some_and(|range| !range.is_empty())
+        });
+        return if holds_files {
+            Visit::Dir(path)
+        } else {
+            Visit::Mismatch
+        };
     }
     if !kind.is_file() {
         // a snapshot holds links as small files: a real link was planted
         return Visit::Mismatch;
     }
-    let recorded = path
-        .strip_prefix(snapshot)
-        .ok()
-        .and_then(|relative| relative.to_str())
-        .and_then(|relative| index.entry_by_path(relative.into()));
+    let recorded = relative.and_then(|relative| index.entry_by_path(relative.into()));
     // DirEntry::metadata stats relative to the open directory, without following links
     let unchanged = recorded.is_some_and(|recorded| {
         entry.metadata().ok().is_some_and(|meta| {
@@ -397,6 +410,16 @@ mod tests {
     fn a_planted_file_breaks_exactness() {
         let (_dir, snapshot, index) = checked_out();
         std::fs::write(snapshot.join("src/planted"), "x").expect("plant");
+        assert!(!snapshot_is_exact(&index, &snapshot));
+    }
+
+    #[test]
+    fn a_planted_empty_directory_breaks_exactness() {
+        let (_dir, snapshot, index) = checked_out();
+        std::fs::create_dir(snapshot.join("src/empty")).expect("mkdir");
+        assert!(!snapshot_is_exact(&index, &snapshot));
+        let (_dir, snapshot, index) = checked_out();
+        std::fs::create_dir(snapshot.join("empty")).expect("mkdir");
         assert!(!snapshot_is_exact(&index, &snapshot));
     }
 

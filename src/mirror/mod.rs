@@ -12,6 +12,7 @@ pub mod progress;
 pub mod read;
 pub mod search;
 mod snapshot;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -29,6 +30,7 @@ use checkout::{Reuse, checkout, snapshot_is_exact};
 use fetch::{fetch, open_or_init};
 use layout::{check_fence, claim_fence, remove_if_exists, unique_suffix};
 use snapshot::{current_snapshot, point_head_at, remove_other_snapshots, swap_link};
+use watch::Seen;
 
 /// Where a step of a sync is; the worker turns these into stage events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +90,41 @@ pub struct SyncOutcome {
     pub bytes: u64,
     /// what changed since `previous_commit`
     pub changes: crate::protocol::Changes,
+    /// how the current tree was found still exact or not, when the commit had not
+    /// changed (`None`: it had, or there was no tree)
+    pub snapshot_check: Option<SnapshotCheck>,
+}
+
+/// How a sync with nothing new upstream told whether the current tree is still
+/// exactly the commit's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotCheck {
+    /// the tree's watch had seen no change since a stat pass verified it
+    Watched,
+    /// a stat pass of every file found it exact (its watch is set from now on)
+    StatPass,
+    /// the watch saw a change: a fresh tree was written
+    Touched,
+    /// the stat pass found a difference: a fresh tree was written
+    Changed,
+}
+
+impl SnapshotCheck {
+    pub const ALL: [SnapshotCheck; 4] = [
+        SnapshotCheck::Watched,
+        SnapshotCheck::StatPass,
+        SnapshotCheck::Touched,
+        SnapshotCheck::Changed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotCheck::Watched => "watched",
+            SnapshotCheck::StatPass => "stat_pass",
+            SnapshotCheck::Touched => "touched",
+            SnapshotCheck::Changed => "changed",
+        }
+    }
 }
 
 /// Brings the mirror of `spec.project` to exactly the head of `spec.branch`: fetch (a
@@ -176,13 +213,25 @@ fn sync_once(
         repo.open_index().ok()
     };
     let commit_hex = commit.to_string();
-    if previous_commit.as_deref() == Some(commit_hex.as_str())
-        && let (Some(current), Some(index)) = (&previous_tree, &previous_index)
-        && current
-            .file_name()
-            .and_then(|name| name.to_str())
-            .is_some_and(|name| name.starts_with(&commit_hex[..12]))
-        && snapshot_is_exact(index, current)
+    let check = match (&previous_tree, &previous_index) {
+        (Some(current), Some(index))
+            if previous_commit.as_deref() == Some(commit_hex.as_str())
+                && current
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(|name| name.starts_with(&commit_hex[..12])) =>
+        {
+            Some(match watched(current) {
+                Seen::Untouched => SnapshotCheck::Watched,
+                Seen::Touched => SnapshotCheck::Touched,
+                Seen::Unknown if verify_under_watch(index, current) => SnapshotCheck::StatPass,
+                Seen::Unknown => SnapshotCheck::Changed,
+            })
+        }
+        _ => None,
+    };
+    if let (Some(SnapshotCheck::Watched | SnapshotCheck::StatPass), Some(current)) =
+        (check, &previous_tree)
     {
         on_phase(Phase::UpdatingFiles);
         on_phase(Phase::Cleaning);
@@ -196,6 +245,7 @@ fn sync_once(
             repaired,
             objects: transfer.objects,
             bytes: transfer.bytes,
+            snapshot_check: check,
         });
     }
 
@@ -203,10 +253,19 @@ fn sync_once(
     layout.check_floor(spec.min_free_bytes)?;
     std::fs::create_dir_all(&trees_dir)?;
     let snapshot = trees_dir.join(format!("{}-{}", &commit_hex[..12], unique_suffix()));
+    // a previous tree touched since its watch was set is not a source at all (an edit
+    // can keep a file's size and time); one untouched since it was verified needs no
+    // stat of its files; one not watched is trusted file by file, by git's stat test
     let reuse = previous_index
         .as_ref()
         .zip(previous_tree.as_deref())
-        .map(|(index, dir)| Reuse { dir, index });
+        .map(|(index, dir)| (index, dir, watched(dir)))
+        .filter(|(_, _, seen)| *seen != Seen::Touched)
+        .map(|(index, dir, seen)| Reuse {
+            dir,
+            index,
+            untouched: seen == Seen::Untouched,
+        });
     let written = checkout(
         &repo, commit, &snapshot, &git_dir, reuse, progress, interrupt,
     );
@@ -245,6 +304,9 @@ fn sync_once(
     })?;
     swap_link(&worktree, &snapshot)?;
     if let Some(previous) = &previous_tree {
+        if let Some(watcher) = watch::watcher() {
+            watcher.forget(previous);
+        }
         layout.discard(previous)?;
     }
     let files_in_tree = || {
@@ -261,7 +323,30 @@ fn sync_once(
         repaired,
         objects: transfer.objects,
         bytes: transfer.bytes,
+        snapshot_check: check,
     })
+}
+
+/// What this process's watch knows of `snapshot` ([`watch::Seen`]).
+fn watched(snapshot: &std::path::Path) -> Seen {
+    watch::watcher().map_or(Seen::Unknown, |watcher| watcher.seen(snapshot))
+}
+
+/// The stat pass, with the snapshot's directories watched from before it starts: when
+/// it finds the snapshot exact, later no-op syncs in this process need only ask the
+/// watch ([`watched`]).
+fn verify_under_watch(index: &gix::index::File, snapshot: &std::path::Path) -> bool {
+    let watcher = watch::watcher()
+        .filter(|watcher| watcher.arm(snapshot, &watch::directories(index, snapshot)));
+    let exact = snapshot_is_exact(index, snapshot);
+    if let Some(watcher) = watcher {
+        if exact {
+            watcher.verified(snapshot);
+        } else {
+            watcher.forget(snapshot);
+        }
+    }
+    exact
 }
 
 fn check_interrupt(interrupt: &AtomicBool) -> Result<(), MirrorError> {

@@ -247,6 +247,15 @@ impl Worker {
         outcome: SyncOutcome,
     ) -> Result<(), EngineError> {
         stop_clock(record);
+        if let Some(check) = outcome.snapshot_check {
+            self.engine
+                .metrics
+                .snapshot_checks
+                .get_or_create(&crate::metrics::ResultLabel {
+                    result: check.as_str(),
+                })
+                .inc();
+        }
         record.commit = Some(outcome.commit.clone());
         record.previous_commit = outcome.previous_commit.clone();
         record.changes = Some(outcome.changes);

@@ -15,12 +15,12 @@ use crate::redis_server::{redis_or_skip, unique_prefix};
 
 /// A Prometheus text exposition, parsed: family → (help, type), and every sample as
 /// (name, labels, value).
-struct Exposition {
+pub(crate) struct Exposition {
     families: BTreeMap<String, (Option<String>, Option<String>)>,
     samples: Vec<(String, BTreeMap<String, String>, f64)>,
 }
 
-fn parse_exposition(text: &str) -> Exposition {
+pub(crate) fn parse_exposition(text: &str) -> Exposition {
     let mut families: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
     let mut samples = Vec::new();
     for line in text.lines().filter(|line| !line.is_empty()) {
@@ -76,7 +76,7 @@ impl Exposition {
         }
     }
 
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    pub(crate) fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         self.samples
             .iter()
             .find(|(sample, sample_labels, _)| {

@@ -338,6 +338,72 @@ async fn a_no_op_sync_keeps_an_exact_tree_and_replaces_a_tampered_one() {
     app.stop().await;
 }
 
+/// After a no-op sync has verified a snapshot, later no-op syncs ask the snapshot's
+/// inotify watch instead of stat'ing every file. The watch must still see what the
+/// stat test would, and more: an edit that keeps the file's size and modification
+/// time (which git's stat test, the only check before the watch, lets through).
+#[tokio::test]
+async fn a_watched_snapshot_is_kept_until_touched_even_by_an_edit_the_stat_test_misses() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.write("src/main.rs", "fn main() {}\n")
+        .write("README.md", "hello\n");
+    let commit = repo.commit("first");
+    let id = app.register(&repo).await;
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    let worktree = app.worktree(&id);
+    let snapshot = || std::fs::read_link(&worktree).expect("worktree link");
+    let written = snapshot();
+    // the first no-op verifies the snapshot under watch, the next ones take its word
+    for _ in 0..3 {
+        assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+        assert_eq!(snapshot(), written, "an untouched tree is kept");
+    }
+
+    let file = worktree.join("README.md");
+    let modified = std::fs::metadata(&file)
+        .and_then(|meta| meta.modified())
+        .expect("mtime");
+    std::fs::write(&file, "HELLO\n").expect("same size");
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_modified(modified))
+        .expect("time put back");
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    assert_ne!(snapshot(), written, "the touched tree is rewritten");
+    assert_exact_tree(&app, &id, &repo, &commit);
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("read"),
+        "hello\n",
+        "the edit is gone, not carried over into the new snapshot"
+    );
+    // how each of those four syncs told, as the metrics count it
+    let text = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let metrics = crate::operating::parse_exposition(&text);
+    let checks =
+        |result: &str| metrics.value("hivesync_snapshot_checks_total", &[("result", result)]);
+    assert_eq!(checks("stat_pass"), Some(1.0));
+    assert_eq!(checks("watched"), Some(2.0));
+    assert_eq!(checks("touched"), Some(1.0));
+    assert_eq!(checks("changed"), Some(0.0));
+    assert!(
+        metrics
+            .value("hivesync_snapshot_watched_directories", &[])
+            .is_some(),
+        "the watched directories are exported"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn an_incremental_sync_writes_what_changed_and_restores_what_was_tampered_with() {
     use std::os::unix::fs::MetadataExt;

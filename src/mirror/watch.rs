@@ -1,0 +1,501 @@
+//! Knowing a snapshot is untouched without looking at every file in it, as git's
+//! fsmonitor does: one inotify instance per process watches every directory of the
+//! snapshots this process has verified. A snapshot counts as untouched only when its
+//! watches were set *before* the stat pass that found it exact and no event has come
+//! from any of them since, so a sync with nothing new upstream can skip the pass.
+//!
+//! Anything else falls back to the pass: no inotify (the instance limit was reached,
+//! or another OS), a snapshot with more directories than the watch budget, a queue
+//! overflow (every snapshot then counts as touched), a watch the kernel dropped.
+//! What a watch cannot see, and the pass would: a change made through a hard link
+//! outside the snapshot, a write through a shared `mmap`, a change made by another
+//! host to a network filesystem. Snapshots are written once and never edited by
+//! HiveSync itself, so these take a hand inside `DATA_DIR`.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+
+/// `usize::MAX`: the default, half the user's `max_user_watches`
+static BUDGET: AtomicUsize = AtomicUsize::new(usize::MAX);
+static WATCHER: OnceLock<Option<Watcher>> = OnceLock::new();
+
+/// Sets the most directories this process watches (`HIVESYNC_SNAPSHOT_WATCHES`;
+/// 0 turns watching off and every no-op sync makes the stat pass).
+pub fn set_budget(directories: usize) {
+    BUDGET.store(directories, Ordering::Relaxed);
+}
+
+/// The process's watcher; `None` when inotify is unavailable (said once in the log).
+pub(crate) fn watcher() -> Option<&'static Watcher> {
+    WATCHER
+        .get_or_init(|| match Watcher::new() {
+            Ok(watcher) => Some(watcher),
+            Err(err) => {
+                tracing::info!(error = %err, "no inotify: every no-op sync checks its snapshot file by file");
+                None
+            }
+        })
+        .as_ref()
+}
+
+/// Directories this process watches now (0 without inotify).
+pub fn watched_directories() -> usize {
+    WATCHER
+        .get()
+        .and_then(Option::as_ref)
+        .map_or(0, Watcher::watching)
+}
+
+fn budget() -> usize {
+    match BUDGET.load(Ordering::Relaxed) {
+        usize::MAX => std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+            .ok()
+            .and_then(|text| text.trim().parse::<usize>().ok())
+            .map_or(8192, |limit| limit / 2),
+        set => set,
+    }
+}
+
+/// What changes a snapshot: entries made, removed, renamed, written or re-moded in a
+/// watched directory, and the directory itself removed or moved.
+fn mask() -> WatchFlags {
+    WatchFlags::MODIFY
+        | WatchFlags::ATTRIB
+        | WatchFlags::CREATE
+        | WatchFlags::DELETE
+        | WatchFlags::MOVED_FROM
+        | WatchFlags::MOVED_TO
+        | WatchFlags::DELETE_SELF
+        | WatchFlags::MOVE_SELF
+        | WatchFlags::ONLYDIR
+        | WatchFlags::DONT_FOLLOW
+        // one directory reached by two paths would share a watch; refuse it instead
+        | WatchFlags::MASK_CREATE
+}
+
+/// What the watch says of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// verified exact under watch, and no change since: exact without a look
+    Untouched,
+    /// something in it was written, made, removed, renamed or re-moded since its watch
+    /// was set: not to be trusted, even where a file's size and time still match
+    Touched,
+    /// not watched by this process (or no longer): only a stat pass can tell
+    Unknown,
+}
+
+pub(crate) struct Watcher {
+    fd: OwnedFd,
+    state: Mutex<State>,
+    /// the process-wide budget when `None`
+    budget: Option<usize>,
+}
+
+#[derive(Default)]
+struct State {
+    snapshots: HashMap<PathBuf, Watched>,
+    /// watch descriptor → the snapshot it belongs to
+    owners: HashMap<i32, PathBuf>,
+    in_use: usize,
+    /// a counter for least-recently-used eviction
+    clock: u64,
+}
+
+struct Watched {
+    wds: Vec<i32>,
+    /// a stat pass found the snapshot exact after these watches were set
+    verified: bool,
+    /// an event came from one of them since they were set
+    touched: bool,
+    used: u64,
+}
+
+impl Watcher {
+    fn new() -> std::io::Result<Self> {
+        let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)?;
+        Ok(Self {
+            fd,
+            state: Mutex::new(State::default()),
+            budget: None,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // the state stays consistent at every await-free step; a panic elsewhere
+        // while holding it leaves nothing half-done that matters more than a re-check
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What the watch knows of `snapshot`. Every event the kernel queued before this
+    /// call is read first, so a change that finished before it is seen.
+    pub(crate) fn seen(&self, snapshot: &Path) -> Seen {
+        let mut state = self.lock();
+        self.drain(&mut state);
+        state.clock += 1;
+        let now = state.clock;
+        match state.snapshots.get_mut(snapshot) {
+            Some(watched) if watched.touched => Seen::Touched,
+            Some(watched) if watched.verified => {
+                watched.used = now;
+                Seen::Untouched
+            }
+            _ => Seen::Unknown,
+        }
+    }
+
+    #[cfg(test)]
+    fn untouched(&self, snapshot: &Path) -> bool {
+        self.seen(snapshot) == Seen::Untouched
+    }
+
+    /// Sets a watch on each of `dirs` (every directory of `snapshot`, itself included)
+    /// before the caller's stat pass, dropping any earlier watch of it. `false` when
+    /// they could not all be set (over the budget, or the kernel's limit): nothing is
+    /// left watched then.
+    pub(crate) fn arm(&self, snapshot: &Path, dirs: &[PathBuf]) -> bool {
+        let mut state = self.lock();
+        self.drain(&mut state);
+        self.remove(&mut state, snapshot);
+        let budget = self.budget.unwrap_or_else(budget);
+        if dirs.is_empty() || dirs.len() > budget {
+            return false;
+        }
+        while state.in_use + dirs.len() > budget {
+            let Some(oldest) = state
+                .snapshots
+                .iter()
+                .min_by_key(|(_, watched)| watched.used)
+                .map(|(path, _)| path.clone())
+            else {
+                break;
+            };
+            self.remove(&mut state, &oldest);
+        }
+        let mut wds = Vec::with_capacity(dirs.len());
+        for dir in dirs {
+            match inotify::add_watch(&self.fd, dir.as_path(), mask()) {
+                Ok(wd) => wds.push(wd),
+                Err(err) => {
+                    tracing::debug!(dir = %dir.display(), error = %err, "could not watch a snapshot directory; checking it file by file");
+                    for wd in wds {
+                        let _ = inotify::remove_watch(&self.fd, wd);
+                    }
+                    return false;
+                }
+            }
+        }
+        state.clock += 1;
+        let used = state.clock;
+        state.in_use += wds.len();
+        for wd in &wds {
+            state.owners.insert(*wd, snapshot.to_path_buf());
+        }
+        state.snapshots.insert(
+            snapshot.to_path_buf(),
+            Watched {
+                wds,
+                verified: false,
+                touched: false,
+                used,
+            },
+        );
+        true
+    }
+
+    /// The stat pass after [`Watcher::arm`] found `snapshot` exact: from now on it is
+    /// untouched until an event says otherwise (one that came during the pass counts).
+    pub(crate) fn verified(&self, snapshot: &Path) {
+        let mut state = self.lock();
+        self.drain(&mut state);
+        if let Some(watched) = state.snapshots.get_mut(snapshot) {
+            watched.verified = true;
+        }
+    }
+
+    /// Stops watching `snapshot` (replaced, found changed, or deleted).
+    pub(crate) fn forget(&self, snapshot: &Path) {
+        let mut state = self.lock();
+        self.remove(&mut state, snapshot);
+    }
+
+    /// Directories watched now, over every snapshot.
+    pub(crate) fn watching(&self) -> usize {
+        let mut state = self.lock();
+        self.drain(&mut state);
+        state.in_use
+    }
+
+    fn remove(&self, state: &mut State, snapshot: &Path) {
+        if let Some(watched) = state.snapshots.remove(snapshot) {
+            state.in_use -= watched.wds.len();
+            for wd in watched.wds {
+                state.owners.remove(&wd);
+                // fails for a directory already gone, whose watch the kernel dropped
+                let _ = inotify::remove_watch(&self.fd, wd);
+            }
+        }
+    }
+
+    /// Reads every queued event and marks the snapshots they came from as touched.
+    fn drain(&self, state: &mut State) {
+        let mut buffer = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+        let mut reader = inotify::Reader::new(&self.fd, &mut buffer);
+        loop {
+            let (wd, flags) = match reader.next() {
+                Ok(event) => (event.wd(), event.events()),
+                Err(rustix::io::Errno::AGAIN) => return,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(err) => {
+                    // unreadable: nothing can be vouched for any more
+                    tracing::warn!(error = %err, "reading inotify events failed; every snapshot is checked file by file");
+                    touch_all(state);
+                    return;
+                }
+            };
+            if flags.contains(ReadFlags::QUEUE_OVERFLOW) {
+                // events were lost: any snapshot may have changed
+                touch_all(state);
+                continue;
+            }
+            let Some(snapshot) = state.owners.get(&wd).cloned() else {
+                // a watch this process already removed
+                continue;
+            };
+            if let Some(watched) = state.snapshots.get_mut(&snapshot) {
+                watched.touched = true;
+                if flags.contains(ReadFlags::IGNORED) {
+                    // the kernel dropped the watch (its directory is gone)
+                    watched.wds.retain(|kept| *kept != wd);
+                    let none_left = watched.wds.is_empty();
+                    state.in_use -= 1;
+                    state.owners.remove(&wd);
+                    if none_left {
+                        state.snapshots.remove(&snapshot);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn touch_all(state: &mut State) {
+    for watched in state.snapshots.values_mut() {
+        watched.touched = true;
+    }
+}
+
+/// Every directory of a snapshot written from `index`: the snapshot itself and each
+/// parent of an entry, parents first.
+pub(crate) fn directories(index: &gix::index::File, snapshot: &Path) -> Vec<PathBuf> {
+    use gix::bstr::ByteSlice;
+    let mut seen: std::collections::BTreeSet<&[u8]> = std::collections::BTreeSet::new();
+    for entry in index.entries() {
+        let path: &[u8] = entry.path(index).as_bytes();
+        let mut end = 0;
+        while let Some(slash) = path[end..].find_byte(b'/') {
+            end += slash;
+            seen.insert(&path[..end]);
+            end += 1;
+        }
+    }
+    let mut dirs = Vec::with_capacity(seen.len() + 1);
+    dirs.push(snapshot.to_path_buf());
+    dirs.extend(
+        seen.into_iter()
+            .filter_map(|dir| dir.to_str().ok())
+            .map(|dir| snapshot.join(dir)),
+    );
+    dirs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> (tempfile::TempDir, PathBuf, Vec<PathBuf>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let snapshot = dir.path().join("snap");
+        std::fs::create_dir_all(snapshot.join("src/deep")).expect("dirs");
+        std::fs::write(snapshot.join("README"), "hello\n").expect("write");
+        std::fs::write(snapshot.join("src/deep/lib.rs"), "fn x() {}\n").expect("write");
+        let dirs = vec![
+            snapshot.clone(),
+            snapshot.join("src"),
+            snapshot.join("src/deep"),
+        ];
+        (dir, snapshot, dirs)
+    }
+
+    fn watched(snapshot: &Path, dirs: &[PathBuf]) -> Watcher {
+        let watcher = Watcher::new().expect("inotify");
+        assert!(watcher.arm(snapshot, dirs));
+        assert!(
+            !watcher.untouched(snapshot),
+            "armed but not verified is not untouched"
+        );
+        watcher.verified(snapshot);
+        assert!(watcher.untouched(snapshot));
+        watcher
+    }
+
+    #[test]
+    fn reading_leaves_a_snapshot_untouched() {
+        let (_dir, snapshot, dirs) = tree();
+        let watcher = watched(&snapshot, &dirs);
+        std::fs::read_to_string(snapshot.join("src/deep/lib.rs")).expect("read");
+        let _ = std::fs::read_dir(snapshot.join("src"))
+            .expect("list")
+            .count();
+        assert!(watcher.untouched(&snapshot));
+    }
+
+    #[test]
+    fn every_kind_of_change_is_seen() {
+        type Change = fn(&Path);
+        let changes: [(&str, Change); 9] = [
+            ("plant a file", |s| {
+                std::fs::write(s.join("src/deep/planted"), "x").expect("plant")
+            }),
+            ("plant a directory", |s| {
+                std::fs::create_dir(s.join("src/empty")).expect("mkdir")
+            }),
+            ("edit in place", |s| {
+                use std::io::Write;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(s.join("src/deep/lib.rs"))
+                    .expect("open");
+                file.write_all(b"X").expect("write");
+            }),
+            ("truncate", |s| {
+                std::fs::File::create(s.join("README")).expect("truncate");
+            }),
+            ("delete", |s| {
+                std::fs::remove_file(s.join("README")).expect("delete")
+            }),
+            ("rename", |s| {
+                std::fs::rename(s.join("README"), s.join("src/README")).expect("rename")
+            }),
+            ("touch", |s| {
+                let file = std::fs::File::options()
+                    .write(true)
+                    .open(s.join("README"))
+                    .expect("open");
+                file.set_modified(std::time::SystemTime::UNIX_EPOCH)
+                    .expect("utimes");
+            }),
+            ("chmod", |s| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(s.join("README"), std::fs::Permissions::from_mode(0o755))
+                    .expect("chmod")
+            }),
+            ("remove a directory", |s| {
+                std::fs::remove_dir_all(s.join("src/deep")).expect("rm -r")
+            }),
+        ];
+        for (what, change) in changes {
+            let (_dir, snapshot, dirs) = tree();
+            let watcher = watched(&snapshot, &dirs);
+            change(&snapshot);
+            assert!(!watcher.untouched(&snapshot), "{what} went unseen");
+        }
+    }
+
+    #[test]
+    fn an_edit_that_keeps_size_and_time_is_seen() {
+        let (_dir, snapshot, dirs) = tree();
+        let watcher = watched(&snapshot, &dirs);
+        let file = snapshot.join("README");
+        let modified = std::fs::metadata(&file)
+            .and_then(|meta| meta.modified())
+            .expect("mtime");
+        std::fs::write(&file, "HELLO\n").expect("same size");
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .and_then(|f| f.set_modified(modified))
+            .expect("time put back");
+        assert_eq!(watcher.seen(&snapshot), Seen::Touched);
+    }
+
+    /// An incremental sync links the old snapshot's files into the new one, then the
+    /// old one is deleted: neither changes the link count of a watched snapshot's
+    /// files in a way its directory watches report.
+    #[test]
+    fn links_made_and_removed_elsewhere_leave_a_snapshot_untouched() {
+        let (dir, snapshot, dirs) = tree();
+        let watcher = watched(&snapshot, &dirs);
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).expect("dir");
+        std::fs::hard_link(snapshot.join("README"), elsewhere.join("README")).expect("link");
+        assert!(watcher.untouched(&snapshot), "linking out of it");
+        std::fs::remove_file(elsewhere.join("README")).expect("unlink");
+        assert!(watcher.untouched(&snapshot), "removing the other link");
+        let (_dir2, second, second_dirs) = tree();
+        std::fs::remove_file(second.join("README")).expect("unlink");
+        std::fs::hard_link(snapshot.join("README"), second.join("README")).expect("link");
+        let watcher = watched(&second, &second_dirs);
+        std::fs::remove_dir_all(&snapshot).expect("the old snapshot deleted");
+        assert!(
+            watcher.untouched(&second),
+            "the old snapshot's links removed"
+        );
+    }
+
+    #[test]
+    fn a_change_between_arming_and_verifying_still_counts() {
+        let (_dir, snapshot, dirs) = tree();
+        let watcher = Watcher::new().expect("inotify");
+        assert!(watcher.arm(&snapshot, &dirs));
+        std::fs::write(snapshot.join("planted"), "x").expect("plant");
+        watcher.verified(&snapshot);
+        assert!(!watcher.untouched(&snapshot));
+    }
+
+    #[test]
+    fn over_budget_nothing_is_watched_and_the_oldest_snapshot_makes_room() {
+        let (_dir, first, first_dirs) = tree();
+        let (_dir2, second, second_dirs) = tree();
+        let watcher = Watcher {
+            budget: Some(4),
+            ..Watcher::new().expect("inotify")
+        };
+        assert!(watcher.arm(&first, &first_dirs));
+        watcher.verified(&first);
+        assert_eq!(watcher.watching(), 3);
+        // three more do not fit beside the first three: the first is evicted
+        assert!(watcher.arm(&second, &second_dirs));
+        watcher.verified(&second);
+        assert!(!watcher.untouched(&first), "evicted");
+        assert!(watcher.untouched(&second));
+        assert_eq!(watcher.watching(), 3);
+        let mut six = second_dirs.clone();
+        six.extend(first_dirs.iter().cloned());
+        assert!(
+            !watcher.arm(&first, &six),
+            "more directories than the budget"
+        );
+        assert!(!watcher.untouched(&first));
+    }
+
+    #[test]
+    fn a_forgotten_or_deleted_snapshot_gives_its_watches_back() {
+        let (_dir, snapshot, dirs) = tree();
+        let watcher = watched(&snapshot, &dirs);
+        assert_eq!(watcher.watching(), 3);
+        watcher.forget(&snapshot);
+        assert_eq!(watcher.watching(), 0);
+        let watcher = watched(&snapshot, &dirs);
+        std::fs::remove_dir_all(&snapshot).expect("delete");
+        assert_eq!(watcher.watching(), 0, "the kernel dropped every watch");
+        assert!(!watcher.untouched(&snapshot));
+    }
+}

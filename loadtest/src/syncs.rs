@@ -85,10 +85,54 @@ impl Api {
     }
 }
 
+/// The hub process, to wait for it to be quiet between timed runs.
+pub(crate) struct Quiet {
+    pid: Option<u32>,
+    /// CPU seconds the hub used while being waited for
+    background: std::cell::Cell<f64>,
+}
+
+impl Quiet {
+    pub(crate) fn new(pid: Option<u32>) -> Self {
+        Self {
+            pid,
+            background: std::cell::Cell::new(0.0),
+        }
+    }
+
+    /// Waits until the hub is quiet: under 2 ms of CPU in each of two 50 ms windows
+    /// in a row (or 10 s have passed). Work a sync leaves running after it ends (the
+    /// old tree's deletion, the new tree's verification) must not be timed as part of
+    /// the peer's run that follows; the CPU it took is added to `background`.
+    pub(crate) async fn settle(&self) {
+        let Some(pid) = self.pid else { return };
+        let Some(start) = crate::cpu_seconds(pid) else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (mut last, mut quiet) = (start, 0);
+        while quiet < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let Some(now) = crate::cpu_seconds(pid) else {
+                return;
+            };
+            quiet = if now - last < 0.002 { quiet + 1 } else { 0 };
+            last = now;
+        }
+        self.background.set(self.background.get() + (last - start));
+    }
+
+    pub(crate) fn background(&self) -> f64 {
+        self.background.get()
+    }
+}
+
 /// Runs `hub` and `peer` for a warm-up round (discarded) and `rounds` more,
-/// alternating which goes first: the medians, and every sample.
+/// alternating which goes first, with the hub settled before each: the medians, and
+/// every sample.
 async fn alternate<H, P, HF, PF>(
     rounds: usize,
+    quiet: &Quiet,
     mut hub: H,
     mut peer: P,
 ) -> Result<(f64, f64, Vec<f64>, Vec<f64>), String>
@@ -101,10 +145,14 @@ where
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for round in 0..=rounds {
         let (a, b) = if round % 2 == 0 {
+            quiet.settle().await;
             let a = hub(round).await?;
+            quiet.settle().await;
             (a, peer(round).await?)
         } else {
+            quiet.settle().await;
             let b = peer(round).await?;
+            quiet.settle().await;
             (hub(round).await?, b)
         };
         if round > 0 {
@@ -175,12 +223,14 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         events: tokio::sync::Mutex::new(events),
     };
     const ROUNDS: usize = 5;
+    let quiet = Quiet::new(hub.child.id());
 
     // first sync vs git clone: a new project and a new clone each round
     eprintln!("first sync of {files} files vs git clone, warm-up + {ROUNDS} alternated");
     let projects = std::sync::Mutex::new(Vec::new());
     let (first_s, git_clone_s, first_samples, clone_samples) = alternate(
         ROUNDS,
+        &quiet,
         |_| {
             let (api, url, projects) = (&api, url.clone(), &projects);
             async move {
@@ -211,6 +261,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
     eprintln!("no-op syncs vs no-op git fetch, warm-up + {ROUNDS} alternated");
     let (noop_hub_median, noop_git_median, noop_hub, noop_git) = alternate(
         ROUNDS,
+        &quiet,
         |_| api.sync(&project),
         |_| {
             let peer = peer.clone();
@@ -245,6 +296,9 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         Ok(())
     };
     let (mut incremental_hub, mut incremental_git) = (Vec::new(), Vec::new());
+    // the hub's CPU after each incremental sync ended, until it was quiet: the old
+    // tree's deletion and the new tree's verification, off the sync's path
+    let mut after_incremental_cpu = Vec::new();
     for round in 0..=ROUNDS {
         push_round(round)?;
         let git_side = || {
@@ -253,36 +307,43 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
                 git(&peer, &["reset", "-q", "--hard", "origin/main"])
             })
         };
+        quiet.settle().await;
+        let before = quiet.background();
         let (ours, theirs) = if round % 2 == 0 {
             let ours = api.sync(&project).await?;
+            quiet.settle().await;
+            after_incremental_cpu.push(quiet.background() - before);
             (ours, git_side()?)
         } else {
             let theirs = git_side()?;
-            (api.sync(&project).await?, theirs)
+            quiet.settle().await;
+            let before = quiet.background();
+            let ours = api.sync(&project).await?;
+            quiet.settle().await;
+            after_incremental_cpu.push(quiet.background() - before);
+            (ours, theirs)
         };
         if round > 0 {
             incremental_hub.push(ours);
             incremental_git.push(theirs);
+        } else {
+            after_incremental_cpu.clear();
         }
     }
-    // the first no-op sync after a sync that wrote a tree: no watch vouches for the
-    // new tree yet, so this one stat's every file (and sets the watch the later no-ops
-    // above were answered by)
-    eprintln!("first no-op sync after a changed one vs no-op git fetch");
+    // a no-op sync requested the moment a changed one ended: the new tree's
+    // verification (its stat pass) has not run yet, so the sync makes it itself —
+    // what the later no-op syncs above were spared; the peer's fetch runs settled
+    eprintln!("no-op syncs straight after a changed one vs no-op git fetch");
     let (mut first_noop_hub, mut first_noop_git) = (Vec::new(), Vec::new());
     for round in 0..=ROUNDS {
         push_round(ROUNDS + 1 + round)?;
-        api.sync(&project).await?;
         git(&peer, &["fetch", "-q", "origin"])?;
         git(&peer, &["reset", "-q", "--hard", "origin/main"])?;
-        let fetch = || timed(|| git(&peer, &["fetch", "-q", "origin"]));
-        let (ours, theirs) = if round % 2 == 0 {
-            let ours = api.sync(&project).await?;
-            (ours, fetch()?)
-        } else {
-            let theirs = fetch()?;
-            (api.sync(&project).await?, theirs)
-        };
+        quiet.settle().await;
+        api.sync(&project).await?;
+        let ours = api.sync(&project).await?;
+        quiet.settle().await;
+        let theirs = timed(|| git(&peer, &["fetch", "-q", "origin"]))?;
         if round > 0 {
             first_noop_hub.push(ours);
             first_noop_git.push(theirs);
@@ -402,7 +463,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         median(first_noop_git.clone()),
     );
     println!(
-        "| first no-op sync after a changed one (stat pass) vs no-op `git fetch` (median of {ROUNDS}) | {:.1} ms | {:.1} ms | {:.2} |",
+        "| no-op sync straight after a changed one (its own stat pass) vs no-op `git fetch` (median of {ROUNDS}) | {:.1} ms | {:.1} ms | {:.2} |",
         first_noop.0 * 1000.0,
         first_noop.1 * 1000.0,
         first_noop.0 / first_noop.1
@@ -412,6 +473,10 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         incremental.0,
         incremental.1,
         incremental.0 / incremental.1
+    );
+    println!(
+        "| hub CPU after an incremental sync ended (old tree deleted, new one verified; median) | {:.1} ms | — | — |",
+        median(after_incremental_cpu.clone()) * 1000.0
     );
     println!(
         "| {} small projects, {} workers, vs `git clone` {} at a time | {:.2} s ({:.1} syncs/s per worker) | {:.2} s | {:.2} |",
@@ -439,6 +504,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         "first_noop_after_change_s": first_noop.0,
         "first_noop_after_change_git_fetch_s": first_noop.1,
         "incremental_sync_s": incremental.0,
+        "after_incremental_hub_cpu_s": median(after_incremental_cpu.clone()),
         "incremental_git_s": incremental.1,
         "small_projects": options.projects,
         "workers": options.workers,
@@ -448,12 +514,13 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         "sync_status_polls_per_s": polls_per_s,
         "sync_status_p50_ms": p50,
         "sync_status_p99_ms": p99,
-        "method": "warm-up round discarded, then rounds alternating which side goes first; a sync's end is its `completed` event on a WebSocket",
+        "method": "warm-up round discarded, then rounds alternating which side goes first, the hub settled (CPU quiet) before each timed run; a sync's end is its `completed` event on a WebSocket",
         "samples_s": {
             "first_sync": first_samples, "git_clone": clone_samples,
             "noop_sync": noop_hub, "noop_git_fetch": noop_git,
             "incremental_sync": incremental_hub, "incremental_git": incremental_git,
             "first_noop_after_change": first_noop_hub, "first_noop_after_change_git_fetch": first_noop_git,
+            "after_incremental_hub_cpu": after_incremental_cpu,
         },
     }))
 }

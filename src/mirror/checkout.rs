@@ -15,9 +15,16 @@ use super::progress::{CHECKOUT_BYTES, CHECKOUT_FILES};
 pub(crate) struct Reuse<'a> {
     pub dir: &'a Path,
     pub index: &'a gix::index::File,
-    /// the previous tree was verified exact under a watch that has seen no change
-    /// since ([`super::watch`]): its files are as recorded without a `stat` each
-    pub untouched: bool,
+    pub trust: Trust,
+}
+
+/// How the previous tree's files are known to be as recorded.
+pub(crate) enum Trust {
+    /// verified exact under a watch ([`super::watch`]) that has since seen only these
+    /// paths touched: every other file is as recorded without a `stat` each
+    Watched(std::collections::BTreeSet<String>),
+    /// each file by git's stat test (size and modification time)
+    StatTest,
 }
 
 impl Reuse<'_> {
@@ -34,8 +41,13 @@ impl Reuse<'_> {
         if old.id != entry.id || old.mode != entry.mode {
             return None;
         }
-        let file = self.dir.join(path.to_str().ok()?);
-        (self.untouched || stat_unchanged(&file, old)).then_some((file, old.stat))
+        let relative = path.to_str().ok()?;
+        let file = self.dir.join(relative);
+        let unchanged = match &self.trust {
+            Trust::Watched(touched) => !super::watch::is_touched(touched, relative),
+            Trust::StatTest => stat_unchanged(&file, old),
+        };
+        unchanged.then_some((file, old.stat))
     }
 }
 

@@ -26,7 +26,7 @@ pub use health::{health_check, inspect};
 pub use layout::Layout;
 pub use progress::{Counters, sample_progress};
 
-use checkout::{Reuse, checkout, snapshot_is_exact};
+use checkout::{Reuse, Trust, checkout, snapshot_is_exact};
 use fetch::{fetch, open_or_init};
 use layout::{check_fence, claim_fence, remove_if_exists, unique_suffix};
 use snapshot::{current_snapshot, point_head_at, remove_other_snapshots, swap_link};
@@ -223,7 +223,7 @@ fn sync_once(
         {
             Some(match watched(current) {
                 Seen::Untouched => SnapshotCheck::Watched,
-                Seen::Touched => SnapshotCheck::Touched,
+                Seen::Touched(_) => SnapshotCheck::Touched,
                 Seen::Unknown if verify_under_watch(index, current) => SnapshotCheck::StatPass,
                 Seen::Unknown => SnapshotCheck::Changed,
             })
@@ -253,18 +253,20 @@ fn sync_once(
     layout.check_floor(spec.min_free_bytes)?;
     std::fs::create_dir_all(&trees_dir)?;
     let snapshot = trees_dir.join(format!("{}-{}", &commit_hex[..12], unique_suffix()));
-    // a previous tree touched since its watch was set is not a source at all (an edit
-    // can keep a file's size and time); one untouched since it was verified needs no
-    // stat of its files; one not watched is trusted file by file, by git's stat test
+    // the previous tree's unchanged files are linked, not written: on the watch's word
+    // where it vouches for them (no stat each; a path it saw touched is written anew,
+    // as an edit can keep a file's size and time), else by git's stat test
     let reuse = previous_index
         .as_ref()
         .zip(previous_tree.as_deref())
-        .map(|(index, dir)| (index, dir, watched(dir)))
-        .filter(|(_, _, seen)| *seen != Seen::Touched)
-        .map(|(index, dir, seen)| Reuse {
+        .map(|(index, dir)| Reuse {
             dir,
             index,
-            untouched: seen == Seen::Untouched,
+            trust: match watched(dir) {
+                Seen::Untouched => Trust::Watched(Default::default()),
+                Seen::Touched(paths) => Trust::Watched(paths),
+                Seen::Unknown => Trust::StatTest,
+            },
         });
     let written = checkout(
         &repo, commit, &snapshot, &git_dir, reuse, progress, interrupt,
@@ -309,16 +311,15 @@ fn sync_once(
         }
         layout.discard(previous)?;
     }
-    let files_in_tree = || {
-        index
-            .entries()
-            .iter()
-            .filter(|entry| !entry.mode.is_sparse())
-            .count() as u64
-    };
+    let files_in_tree = index
+        .entries()
+        .iter()
+        .filter(|entry| !entry.mode.is_sparse())
+        .count() as u64;
+    verify_in_background(index, snapshot);
     Ok(SyncOutcome {
         commit: commit_hex,
-        changes: changes::changes(&repo, previous_commit.as_deref(), commit, files_in_tree),
+        changes: changes::changes(&repo, previous_commit.as_deref(), commit, || files_in_tree),
         previous_commit,
         repaired,
         objects: transfer.objects,
@@ -336,17 +337,50 @@ fn watched(snapshot: &std::path::Path) -> Seen {
 /// it finds the snapshot exact, later no-op syncs in this process need only ask the
 /// watch ([`watched`]).
 fn verify_under_watch(index: &gix::index::File, snapshot: &std::path::Path) -> bool {
-    let watcher = watch::watcher()
-        .filter(|watcher| watcher.arm(snapshot, &watch::directories(index, snapshot)));
+    let armed = watch::watcher().and_then(|watcher| {
+        watcher
+            .arm(snapshot, &watch::directories(index, snapshot))
+            .map(|armed| (watcher, armed))
+    });
     let exact = snapshot_is_exact(index, snapshot);
-    if let Some(watcher) = watcher {
+    if let Some((watcher, armed)) = armed {
         if exact {
-            watcher.verified(snapshot);
+            watcher.verified(snapshot, armed);
         } else {
-            watcher.forget(snapshot);
+            watcher.failed(snapshot, armed);
         }
     }
     exact
+}
+
+/// After a sync wrote a tree: [`verify_under_watch`] on a thread of its own, off the
+/// sync's path, so the next no-op sync finds the tree vouched for (and the next
+/// incremental one links its unchanged files without a `stat` each). One thread for
+/// the process, a few trees waiting at most; past that, the next no-op sync makes the
+/// pass itself, as it does when a sync comes before the pass is done.
+fn verify_in_background(index: gix::index::File, snapshot: PathBuf) {
+    type Job = (gix::index::File, PathBuf);
+    static QUEUE: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<Job>>> =
+        std::sync::OnceLock::new();
+    if watch::watcher().is_none() {
+        return;
+    }
+    let queue = QUEUE.get_or_init(|| {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Job>(4);
+        std::thread::Builder::new()
+            .name("hivesync-verify".into())
+            .spawn(move || {
+                for (index, snapshot) in receiver {
+                    verify_under_watch(&index, &snapshot);
+                }
+            })
+            .ok()
+            .map(|_| sender)
+    });
+    if let Some(queue) = queue {
+        // full: the next no-op sync verifies it
+        let _ = queue.try_send((index, snapshot));
+    }
 }
 
 fn check_interrupt(interrupt: &AtomicBool) -> Result<(), MirrorError> {

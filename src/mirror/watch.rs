@@ -12,7 +12,7 @@
 //! host to a network filesystem. Snapshots are written once and never edited by
 //! HiveSync itself, so these take a hand inside `DATA_DIR`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -79,16 +79,63 @@ fn mask() -> WatchFlags {
 }
 
 /// What the watch says of a snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Seen {
     /// verified exact under watch, and no change since: exact without a look
     Untouched,
-    /// something in it was written, made, removed, renamed or re-moded since its watch
-    /// was set: not to be trusted, even where a file's size and time still match
-    Touched,
-    /// not watched by this process (or no longer): only a stat pass can tell
+    /// verified under watch, then these paths (relative, `/`-separated; a directory
+    /// stands for everything under it) were written, made, removed, renamed or
+    /// re-moded: they are not to be trusted even where size and time still match,
+    /// and everything else is as verified
+    Touched(BTreeSet<String>),
+    /// not watched by this process, not verified yet, or changed in ways the watch
+    /// cannot place (events lost): only a stat pass can tell
     Unknown,
 }
+
+/// More touched paths than this and the snapshot counts as changed anywhere.
+const MAX_TOUCHED: usize = 1024;
+
+/// What changed in a snapshot since its watches were set.
+#[derive(Debug, Default)]
+enum Changes {
+    #[default]
+    None,
+    Paths(BTreeSet<String>),
+    /// events were lost, or could not be placed
+    Anywhere,
+}
+
+impl Changes {
+    fn add(&mut self, path: Option<String>) {
+        match (std::mem::take(self), path) {
+            (Changes::Anywhere, _) | (_, None) => *self = Changes::Anywhere,
+            (Changes::None, Some(path)) => *self = Changes::Paths(BTreeSet::from([path])),
+            (Changes::Paths(mut paths), Some(path)) => {
+                paths.insert(path);
+                *self = if paths.len() > MAX_TOUCHED {
+                    Changes::Anywhere
+                } else {
+                    Changes::Paths(paths)
+                };
+            }
+        }
+    }
+}
+
+/// Whether `path` (relative, `/`-separated) is one of `touched` or under one of them.
+pub(crate) fn is_touched(touched: &BTreeSet<String>, path: &str) -> bool {
+    touched.contains("")
+        || path
+            .match_indices('/')
+            .map(|(at, _)| &path[..at])
+            .chain(std::iter::once(path))
+            .any(|prefix| touched.contains(prefix))
+}
+
+/// One arming of a snapshot's watches, as [`Watcher::arm`] returned it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Armed(u64);
 
 pub(crate) struct Watcher {
     fd: OwnedFd,
@@ -100,8 +147,9 @@ pub(crate) struct Watcher {
 #[derive(Default)]
 struct State {
     snapshots: HashMap<PathBuf, Watched>,
-    /// watch descriptor → the snapshot it belongs to
-    owners: HashMap<i32, PathBuf>,
+    /// watch descriptor → the snapshot it belongs to, and the directory it watches
+    /// (relative to the snapshot, `/`-separated, empty for the snapshot itself)
+    owners: HashMap<i32, (PathBuf, String)>,
     in_use: usize,
     /// a counter for least-recently-used eviction
     clock: u64,
@@ -109,10 +157,13 @@ struct State {
 
 struct Watched {
     wds: Vec<i32>,
+    /// which arming these watches are: a pass that began under another one does not
+    /// vouch for these
+    armed: Armed,
     /// a stat pass found the snapshot exact after these watches were set
     verified: bool,
-    /// an event came from one of them since they were set
-    touched: bool,
+    /// what events said changed since they were set
+    changes: Changes,
     used: u64,
 }
 
@@ -142,10 +193,13 @@ impl Watcher {
         state.clock += 1;
         let now = state.clock;
         match state.snapshots.get_mut(snapshot) {
-            Some(watched) if watched.touched => Seen::Touched,
             Some(watched) if watched.verified => {
                 watched.used = now;
-                Seen::Untouched
+                match &watched.changes {
+                    Changes::None => Seen::Untouched,
+                    Changes::Paths(paths) => Seen::Touched(paths.clone()),
+                    Changes::Anywhere => Seen::Unknown,
+                }
             }
             _ => Seen::Unknown,
         }
@@ -157,16 +211,16 @@ impl Watcher {
     }
 
     /// Sets a watch on each of `dirs` (every directory of `snapshot`, itself included)
-    /// before the caller's stat pass, dropping any earlier watch of it. `false` when
+    /// before the caller's stat pass, dropping any earlier watch of it. `None` when
     /// they could not all be set (over the budget, or the kernel's limit): nothing is
     /// left watched then.
-    pub(crate) fn arm(&self, snapshot: &Path, dirs: &[PathBuf]) -> bool {
+    pub(crate) fn arm(&self, snapshot: &Path, dirs: &[PathBuf]) -> Option<Armed> {
         let mut state = self.lock();
         self.drain(&mut state);
         self.remove(&mut state, snapshot);
         let budget = self.budget.unwrap_or_else(budget);
         if dirs.is_empty() || dirs.len() > budget {
-            return false;
+            return None;
         }
         while state.in_use + dirs.len() > budget {
             let Some(oldest) = state
@@ -188,39 +242,63 @@ impl Watcher {
                     for wd in wds {
                         let _ = inotify::remove_watch(&self.fd, wd);
                     }
-                    return false;
+                    return None;
                 }
             }
         }
         state.clock += 1;
         let used = state.clock;
+        let armed = Armed(used);
         state.in_use += wds.len();
-        for wd in &wds {
-            state.owners.insert(*wd, snapshot.to_path_buf());
+        for (wd, dir) in wds.iter().zip(dirs) {
+            let relative = dir
+                .strip_prefix(snapshot)
+                .ok()
+                .and_then(Path::to_str)
+                .unwrap_or_default()
+                .to_owned();
+            state.owners.insert(*wd, (snapshot.to_path_buf(), relative));
         }
         state.snapshots.insert(
             snapshot.to_path_buf(),
             Watched {
                 wds,
+                armed,
                 verified: false,
-                touched: false,
+                changes: Changes::None,
                 used,
             },
         );
-        true
+        Some(armed)
     }
 
-    /// The stat pass after [`Watcher::arm`] found `snapshot` exact: from now on it is
+    /// The stat pass begun after `armed` found `snapshot` exact: from now on it is
     /// untouched until an event says otherwise (one that came during the pass counts).
-    pub(crate) fn verified(&self, snapshot: &Path) {
+    /// Nothing happens when the snapshot was armed again since.
+    pub(crate) fn verified(&self, snapshot: &Path, armed: Armed) {
         let mut state = self.lock();
         self.drain(&mut state);
-        if let Some(watched) = state.snapshots.get_mut(snapshot) {
+        if let Some(watched) = state.snapshots.get_mut(snapshot)
+            && watched.armed == armed
+        {
             watched.verified = true;
         }
     }
 
-    /// Stops watching `snapshot` (replaced, found changed, or deleted).
+    /// The stat pass begun after `armed` found `snapshot` changed: stop watching it
+    /// (unless it was armed again since).
+    pub(crate) fn failed(&self, snapshot: &Path, armed: Armed) {
+        let mut state = self.lock();
+        if state
+            .snapshots
+            .get(snapshot)
+            .is_some_and(|watched| watched.armed == armed)
+        {
+            self.remove(&mut state, snapshot);
+        }
+    }
+
+    /// Stops watching `snapshot` (replaced, or deleted).
     pub(crate) fn forget(&self, snapshot: &Path) {
         let mut state = self.lock();
         self.remove(&mut state, snapshot);
@@ -244,51 +322,69 @@ impl Watcher {
         }
     }
 
-    /// Reads every queued event and marks the snapshots they came from as touched.
+    /// Reads every queued event and notes, for the snapshot it came from, the path it
+    /// names.
     fn drain(&self, state: &mut State) {
         let mut buffer = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
         let mut reader = inotify::Reader::new(&self.fd, &mut buffer);
         loop {
-            let (wd, flags) = match reader.next() {
-                Ok(event) => (event.wd(), event.events()),
+            let (wd, flags, name) = match reader.next() {
+                Ok(event) => (
+                    event.wd(),
+                    event.events(),
+                    event
+                        .file_name()
+                        .map(|name| name.to_str().map(str::to_owned).ok()),
+                ),
                 Err(rustix::io::Errno::AGAIN) => return,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(err) => {
                     // unreadable: nothing can be vouched for any more
                     tracing::warn!(error = %err, "reading inotify events failed; every snapshot is checked file by file");
-                    touch_all(state);
+                    changed_anywhere(state);
                     return;
                 }
             };
             if flags.contains(ReadFlags::QUEUE_OVERFLOW) {
-                // events were lost: any snapshot may have changed
-                touch_all(state);
+                // events were lost: any snapshot may have changed anywhere
+                changed_anywhere(state);
                 continue;
             }
-            let Some(snapshot) = state.owners.get(&wd).cloned() else {
+            let Some((snapshot, dir)) = state.owners.get(&wd).cloned() else {
                 // a watch this process already removed
                 continue;
             };
-            if let Some(watched) = state.snapshots.get_mut(&snapshot) {
-                watched.touched = true;
-                if flags.contains(ReadFlags::IGNORED) {
-                    // the kernel dropped the watch (its directory is gone)
-                    watched.wds.retain(|kept| *kept != wd);
-                    let none_left = watched.wds.is_empty();
-                    state.in_use -= 1;
-                    state.owners.remove(&wd);
-                    if none_left {
-                        state.snapshots.remove(&snapshot);
-                    }
+            let Some(watched) = state.snapshots.get_mut(&snapshot) else {
+                continue;
+            };
+            // an entry of the directory, or the directory itself (removed, moved,
+            // re-moded); a name that is not UTF-8 cannot be placed
+            let path = match name {
+                Some(Some(name)) if dir.is_empty() => Some(name),
+                Some(Some(name)) => Some(format!("{dir}/{name}")),
+                Some(None) => None,
+                None => Some(dir),
+            };
+            if flags.contains(ReadFlags::IGNORED) {
+                // the kernel dropped the watch (its directory is gone: noted by the
+                // event before this one)
+                watched.wds.retain(|kept| *kept != wd);
+                let none_left = watched.wds.is_empty();
+                state.in_use -= 1;
+                state.owners.remove(&wd);
+                if none_left {
+                    state.snapshots.remove(&snapshot);
                 }
+                continue;
             }
+            watched.changes.add(path);
         }
     }
 }
 
-fn touch_all(state: &mut State) {
+fn changed_anywhere(state: &mut State) {
     for watched in state.snapshots.values_mut() {
-        watched.touched = true;
+        watched.changes = Changes::Anywhere;
     }
 }
 
@@ -336,12 +432,12 @@ mod tests {
 
     fn watched(snapshot: &Path, dirs: &[PathBuf]) -> Watcher {
         let watcher = Watcher::new().expect("inotify");
-        assert!(watcher.arm(snapshot, dirs));
+        let armed = watcher.arm(snapshot, dirs).expect("armed");
         assert!(
             !watcher.untouched(snapshot),
             "armed but not verified is not untouched"
         );
-        watcher.verified(snapshot);
+        watcher.verified(snapshot, armed);
         assert!(watcher.untouched(snapshot));
         watcher
     }
@@ -410,6 +506,33 @@ mod tests {
     }
 
     #[test]
+    fn a_touched_snapshot_names_what_was_touched() {
+        let (_dir, snapshot, dirs) = tree();
+        let watcher = watched(&snapshot, &dirs);
+        std::fs::write(snapshot.join("src/deep/lib.rs"), "edited").expect("edit");
+        std::fs::write(snapshot.join("planted"), "x").expect("plant");
+        let Seen::Touched(paths) = watcher.seen(&snapshot) else {
+            panic!("touched");
+        };
+        assert_eq!(
+            paths,
+            BTreeSet::from(["planted".to_owned(), "src/deep/lib.rs".to_owned()])
+        );
+        assert!(is_touched(&paths, "src/deep/lib.rs"));
+        assert!(!is_touched(&paths, "src/deep/lib.rs.orig"));
+        assert!(!is_touched(&paths, "README"));
+        std::fs::remove_dir_all(snapshot.join("src/deep")).expect("rm -r");
+        let Seen::Touched(paths) = watcher.seen(&snapshot) else {
+            panic!("touched");
+        };
+        assert!(
+            is_touched(&paths, "src/deep/anything"),
+            "a removed directory stands for all under it: {paths:?}"
+        );
+        assert!(!is_touched(&paths, "README"));
+    }
+
+    #[test]
     fn an_edit_that_keeps_size_and_time_is_seen() {
         let (_dir, snapshot, dirs) = tree();
         let watcher = watched(&snapshot, &dirs);
@@ -423,7 +546,10 @@ mod tests {
             .open(&file)
             .and_then(|f| f.set_modified(modified))
             .expect("time put back");
-        assert_eq!(watcher.seen(&snapshot), Seen::Touched);
+        assert_eq!(
+            watcher.seen(&snapshot),
+            Seen::Touched(BTreeSet::from(["README".to_owned()]))
+        );
     }
 
     /// An incremental sync links the old snapshot's files into the new one, then the
@@ -454,10 +580,26 @@ mod tests {
     fn a_change_between_arming_and_verifying_still_counts() {
         let (_dir, snapshot, dirs) = tree();
         let watcher = Watcher::new().expect("inotify");
-        assert!(watcher.arm(&snapshot, &dirs));
+        let armed = watcher.arm(&snapshot, &dirs).expect("armed");
         std::fs::write(snapshot.join("planted"), "x").expect("plant");
-        watcher.verified(&snapshot);
+        watcher.verified(&snapshot, armed);
         assert!(!watcher.untouched(&snapshot));
+    }
+
+    /// A pass begun under one arming (a background verification) that ends after the
+    /// snapshot was armed again (by a sync's own pass) vouches for nothing.
+    #[test]
+    fn a_pass_from_an_earlier_arming_does_not_vouch_for_a_later_one() {
+        let (_dir, snapshot, dirs) = tree();
+        let watcher = Watcher::new().expect("inotify");
+        let first = watcher.arm(&snapshot, &dirs).expect("armed");
+        let second = watcher.arm(&snapshot, &dirs).expect("armed again");
+        watcher.verified(&snapshot, first);
+        assert!(!watcher.untouched(&snapshot));
+        watcher.failed(&snapshot, first);
+        assert_eq!(watcher.watching(), 3, "the later arming stays");
+        watcher.verified(&snapshot, second);
+        assert!(watcher.untouched(&snapshot));
     }
 
     #[test]
@@ -468,19 +610,19 @@ mod tests {
             budget: Some(4),
             ..Watcher::new().expect("inotify")
         };
-        assert!(watcher.arm(&first, &first_dirs));
-        watcher.verified(&first);
+        let armed = watcher.arm(&first, &first_dirs).expect("armed");
+        watcher.verified(&first, armed);
         assert_eq!(watcher.watching(), 3);
         // three more do not fit beside the first three: the first is evicted
-        assert!(watcher.arm(&second, &second_dirs));
-        watcher.verified(&second);
+        let armed = watcher.arm(&second, &second_dirs).expect("armed");
+        watcher.verified(&second, armed);
         assert!(!watcher.untouched(&first), "evicted");
         assert!(watcher.untouched(&second));
         assert_eq!(watcher.watching(), 3);
         let mut six = second_dirs.clone();
         six.extend(first_dirs.iter().cloned());
         assert!(
-            !watcher.arm(&first, &six),
+            watcher.arm(&first, &six).is_none(),
             "more directories than the budget"
         );
         assert!(!watcher.untouched(&first));

@@ -354,7 +354,8 @@ async fn a_watched_snapshot_is_kept_until_touched_even_by_an_edit_the_stat_test_
     let worktree = app.worktree(&id);
     let snapshot = || std::fs::read_link(&worktree).expect("worktree link");
     let written = snapshot();
-    // the first no-op verifies the snapshot under watch, the next ones take its word
+    // the tree is verified under watch (after its sync, or by the first no-op), and
+    // the next no-op syncs take the watch's word
     for _ in 0..3 {
         assert_eq!(app.sync_to_end(&id).await["status"], "completed");
         assert_eq!(snapshot(), written, "an untouched tree is kept");
@@ -391,8 +392,17 @@ async fn a_watched_snapshot_is_kept_until_touched_even_by_an_edit_the_stat_test_
     let metrics = crate::operating::parse_exposition(&text);
     let checks =
         |result: &str| metrics.value("hivesync_snapshot_checks_total", &[("result", result)]);
-    assert_eq!(checks("stat_pass"), Some(1.0));
-    assert_eq!(checks("watched"), Some(2.0));
+    // the first no-op made the stat pass itself unless the verification that follows
+    // a written tree (on a thread of its own) had already vouched for it
+    let (passes, watched) = (
+        checks("stat_pass").unwrap_or_default(),
+        checks("watched").unwrap_or_default(),
+    );
+    assert_eq!(passes + watched, 3.0);
+    assert!(
+        watched >= 2.0,
+        "{watched} no-op syncs answered by the watch"
+    );
     assert_eq!(checks("touched"), Some(1.0));
     assert_eq!(checks("changed"), Some(0.0));
     assert!(

@@ -174,6 +174,17 @@ impl EmbeddedEngine {
         }))
     }
 
+    /// Runs a point read (one key, a read transaction) on the calling thread: it
+    /// takes microseconds from redb's page cache, which a hop to the blocking pool
+    /// and back (two thread wake-ups) would multiply. Anything that writes, scans or
+    /// may take longer goes through [`Self::blocking`].
+    fn point_read<T, F>(&self, work: F) -> Result<T, EngineError>
+    where
+        F: FnOnce(&Db) -> Result<T, EngineError>,
+    {
+        work(&self.db)
+    }
+
     /// Runs `work` with the database on the blocking pool.
     async fn blocking<T, F>(&self, work: F) -> Result<T, EngineError>
     where

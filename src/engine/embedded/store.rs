@@ -63,8 +63,7 @@ impl Store for EmbeddedEngine {
     }
 
     async fn project(&self, id: &ProjectId) -> Result<Option<Project>, EngineError> {
-        let id = id.as_str().to_owned();
-        self.blocking(move |db| get_project(db, &id)).await
+        self.point_read(|db| get_project(db, id.as_str()))
     }
 
     async fn projects_of(&self, owner: &str) -> Result<Vec<Project>, EngineError> {
@@ -210,14 +209,12 @@ impl Store for EmbeddedEngine {
     }
 
     async fn sync(&self, id: &SyncId) -> Result<Option<SyncRecord>, EngineError> {
-        let id = id.as_str().to_owned();
-        self.blocking(move |db| {
+        self.point_read(|db| {
             let tx = db.begin_read().map_err(redb::Error::from)?;
             let syncs = tx.open_table(SYNCS).map_err(redb::Error::from)?;
             let found = syncs.get(id.as_str()).map_err(redb::Error::from)?;
             found.map(|raw| read_json(raw.value())).transpose()
         })
-        .await
     }
 
     async fn put_sync(

@@ -143,6 +143,18 @@ enum Scenario {
     /// the events named on standard input
     #[command(hide = true)]
     EmbeddedHub,
+    /// (used by the Redis and Socket.IO fan-outs) a process of its own that publishes
+    /// the events named on standard input into Redis, as a worker process does
+    #[command(hide = true)]
+    RedisPublisher {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        cluster: bool,
+        /// publish as @socket.io/redis-emitter does, not through the engine
+        #[arg(long)]
+        socketio: bool,
+    },
     /// N idle sockets: the hub's RSS per connection
     Connections {
         #[arg(long, default_value_t = 10_000)]
@@ -376,6 +388,11 @@ async fn main() -> std::process::ExitCode {
     let result = match &cli.scenario {
         Scenario::Connections { count, batch } => connections(&cli, *count, *batch).await,
         Scenario::EmbeddedHub => fanout::embedded_hub().await,
+        Scenario::RedisPublisher {
+            url,
+            cluster,
+            socketio,
+        } => fanout::redis_publisher(url.clone(), *cluster, *socketio).await,
         Scenario::Plot { out, files } => plot::run(files, out),
         Scenario::Publish {
             events,

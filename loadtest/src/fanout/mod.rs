@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use client::{open_client, run_client};
-pub use publisher::embedded_hub;
 use publisher::user_name;
+pub use publisher::{embedded_hub, redis_publisher};
 pub use rig::PrivateRedis;
 use rig::rss_of;
 use tally::{Tally, now_nanos};
@@ -261,7 +261,14 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         .unwrap_or_default();
     let cpu_of =
         |pids: &[u32]| -> f64 { pids.iter().filter_map(|pid| crate::cpu_seconds(*pid)).sum() };
-    let (hub_cpu_start, redis_cpu_start) = (cpu_of(&pids), cpu_of(&redis_pids));
+    let publisher_pids: Vec<u32> = rig
+        .publisher_child
+        .as_ref()
+        .and_then(tokio::process::Child::id)
+        .into_iter()
+        .collect();
+    let (hub_cpu_start, redis_cpu_start, publisher_cpu_start) =
+        (cpu_of(&pids), cpu_of(&redis_pids), cpu_of(&publisher_pids));
 
     // publish: steady rounds, then a burst
     let publisher = Arc::new(rig.publisher);
@@ -357,6 +364,7 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
     );
     let hub_cpu = cpu_of(&pids) - hub_cpu_start;
     let redis_cpu = cpu_of(&redis_pids) - redis_cpu_start;
+    let publisher_cpu = cpu_of(&publisher_pids) - publisher_cpu_start;
     sampling_stop.store(true, Ordering::Relaxed);
     let rss_samples = sampler.await.map_err(|e| e.to_string())?;
     let rss_peak = rss_samples
@@ -456,6 +464,7 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         "server_cpu_seconds": hub_cpu,
         "redis_cpu_seconds": redis_cpu,
         "redis_processes": redis_pids.len(),
+        "publisher_process_cpu_seconds": (!publisher_pids.is_empty()).then_some(publisher_cpu),
         "deliveries_per_server_cpu_s": if hub_cpu > 0.0 { received as f64 / hub_cpu } else { 0.0 },
         "events_per_server_cpu_s": if hub_cpu > 0.0 { published as f64 / hub_cpu } else { 0.0 },
     });
@@ -471,13 +480,18 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         "events published: {published}, deliveries: {received} of {expected}, lost: {lost}, duplicated: {duplicated}, sockets resumed after a close: {resumed}"
     );
     println!(
-        "CPU: servers {hub_cpu:.1} s ({:.0} deliveries per server CPU-second), redis {redis_cpu:.1} s over {} process(es)",
+        "CPU: servers {hub_cpu:.1} s ({:.0} deliveries per server CPU-second), redis {redis_cpu:.1} s over {} process(es){}",
         if hub_cpu > 0.0 {
             received as f64 / hub_cpu
         } else {
             0.0
         },
-        redis_pids.len()
+        redis_pids.len(),
+        if publisher_pids.is_empty() {
+            String::new()
+        } else {
+            format!(", publisher process {publisher_cpu:.1} s")
+        }
     );
     println!(
         "server RSS: {:.1} MiB with every socket open, {:.1} MiB peak under load; publisher {}",

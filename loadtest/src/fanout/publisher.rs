@@ -14,7 +14,10 @@ use hivesync::protocol::{EventBody, Progress, SyncStatus};
 /// Publishes one event for `user` with sequence `seq` (the target's own numbering).
 pub(super) enum Publisher {
     Engine(Arc<dyn EventLog>),
-    /// the embedded hub runs in a child process and publishes what it reads here
+    /// a child process publishes what it reads here: the embedded hub itself, or for
+    /// the Redis targets `loadtest redis-publisher`, a process of its own as a worker
+    /// is (publishing from the process that also runs the 10,000 clients starved the
+    /// publisher: a burst took seconds to go out)
     Pipe(Mutex<tokio::process::ChildStdin>),
     SocketIo {
         redis: redis::aio::MultiplexedConnection,
@@ -190,6 +193,57 @@ pub async fn embedded_hub() -> Result<Value, String> {
     stop.cancel();
     let _ = running.await;
     Ok(json!({"scenario": "embedded-hub"}))
+}
+
+/// `loadtest redis-publisher`: publishes each `user seq intended_ns durable` line of
+/// standard input into the Redis at `url`, through the engine's publish as `hivesync
+/// worker` does, or (`socketio`) as `@socket.io/redis-emitter` does; every line at
+/// once, as concurrent workers would. Prints `publisher ready` when connected.
+pub async fn redis_publisher(url: String, cluster: bool, socketio: bool) -> Result<Value, String> {
+    let publisher = if socketio {
+        let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+        let connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        Publisher::SocketIo { redis: connection }
+    } else {
+        let engine =
+            hivesync::engine::redis::RedisEngine::connect(hivesync::engine::redis::RedisSettings {
+                cluster,
+                url,
+                prefix: "fanout".into(),
+                reclaim_after: std::time::Duration::from_secs(60),
+                history_len: 1000,
+                sync_rate: (30, std::time::Duration::from_secs(60)),
+                rules: Default::default(),
+                pool_size: 64,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Publisher::Engine(engine)
+    };
+    let publisher = Arc::new(publisher);
+    println!("publisher ready");
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut fields = line.split_whitespace().map(str::parse::<u64>);
+        let (Some(Ok(user)), Some(Ok(seq)), Some(Ok(emitted)), Some(Ok(durable))) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let publisher = Arc::clone(&publisher);
+        tokio::spawn(async move {
+            if let Err(err) = publisher
+                .publish(user as usize, seq, emitted, durable == 1)
+                .await
+            {
+                eprintln!("publish failed: {err}");
+            }
+        });
+    }
+    Ok(json!({"scenario": "redis-publisher"}))
 }
 
 pub(super) fn user_name(user: usize) -> String {

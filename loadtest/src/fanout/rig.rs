@@ -264,6 +264,8 @@ pub(super) struct Rig {
     pub(super) publisher: Publisher,
     /// processes (hubs, node servers) and their pids, for CPU and RSS
     pub(super) children: Vec<tokio::process::Child>,
+    /// `loadtest redis-publisher`, for the Redis targets: its CPU is reported apart
+    pub(super) publisher_child: Option<tokio::process::Child>,
     pub(super) redis: Option<Backing>,
     pub(super) _dirs: Vec<tempfile::TempDir>,
 }
@@ -284,6 +286,7 @@ pub(super) async fn start(hub_binary: &Path, load: &Load) -> Result<Rig, String>
                 urls: vec![format!("ws://{addr}/api/v1/ws")],
                 publisher: Publisher::Pipe(Mutex::new(stdin)),
                 children: vec![child],
+                publisher_child: None,
                 redis: None,
                 _dirs: Vec::new(),
             })
@@ -319,24 +322,12 @@ pub(super) async fn start(hub_binary: &Path, load: &Load) -> Result<Rig, String>
                 children.push(child);
                 urls.push(format!("ws://{addr}/api/v1/ws"));
             }
-            let engine = hivesync::engine::redis::RedisEngine::connect(
-                hivesync::engine::redis::RedisSettings {
-                    cluster,
-                    url,
-                    prefix: "fanout".into(),
-                    reclaim_after: Duration::from_secs(60),
-                    history_len: 1000,
-                    sync_rate: (30, Duration::from_secs(60)),
-                    rules: Default::default(),
-                    pool_size: 64,
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let (publisher_child, publisher) = start_publisher(&url, cluster, false).await?;
             Ok(Rig {
                 urls,
-                publisher: Publisher::Engine(engine),
+                publisher,
                 children,
+                publisher_child: Some(publisher_child),
                 redis: Some(backing),
                 _dirs: vec![data],
             })
@@ -358,20 +349,36 @@ pub(super) async fn start(hub_binary: &Path, load: &Load) -> Result<Rig, String>
                     "ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
                 ));
             }
-            let client = redis::Client::open(redis.url().as_str()).map_err(|e| e.to_string())?;
-            let connection = client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| e.to_string())?;
+            let (publisher_child, publisher) = start_publisher(&redis.url(), false, true).await?;
             Ok(Rig {
                 urls,
-                publisher: Publisher::SocketIo { redis: connection },
+                publisher,
                 children,
+                publisher_child: Some(publisher_child),
                 redis: Some(Backing::One(redis)),
                 _dirs: vec![install],
             })
         }
     }
+}
+
+/// `loadtest redis-publisher` on `url`, and the pipe to it.
+async fn start_publisher(
+    url: &str,
+    cluster: bool,
+    socketio: bool,
+) -> Result<(tokio::process::Child, Publisher), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .args(["--json", "/dev/null", "redis-publisher", "--url", url])
+        .args(cluster.then_some("--cluster"))
+        .args(socketio.then_some("--socketio"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped());
+    let (mut child, _) = start_printing_port(command, "publisher ready").await?;
+    let stdin = child.stdin.take().ok_or("no stdin")?;
+    Ok((child, Publisher::Pipe(Mutex::new(stdin))))
 }
 
 pub(super) fn rss_of(pid: u32) -> u64 {

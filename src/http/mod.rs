@@ -7,6 +7,7 @@ mod error;
 mod freshness;
 mod handlers;
 pub mod openapi;
+mod outbox;
 mod query;
 mod read;
 mod reject;

@@ -25,6 +25,12 @@ impl<S> JsonRejects<S> {
             pending: None,
         }
     }
+
+    /// The stream, once the connection is upgraded (hyper wrote its last response,
+    /// the 101, which is never rewritten).
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 /// The JSON response for one of hyper's automatic error heads, or `None` when `head`

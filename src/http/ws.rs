@@ -1,7 +1,9 @@
 //! `GET /api/v1/ws`: the upgrade is done here rather than by `warp::ws()`, whose fixed
 //! 128 KiB read buffer per socket would make 10k idle sockets cost over a gigabyte.
-//! The socket loop writes queued frames in batches with one flush, answers pings and
-//! `subscribe`, pings the peer, and closes with 4008 when the hub kicks it.
+//! Live frames are written into the socket by the hub's dispatcher ([`super::outbox`]);
+//! the socket's own loop writes the opening and the replay, writes what the socket
+//! could not take at once as the peer reads, answers pings and `subscribe`, pings the
+//! peer, and closes with 4008 when the hub kicks it or the peer stops reading.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::Reply;
 
+use super::outbox::{ConnIo, Outbox};
 use super::{ApiError, AppState, Response};
 use crate::engine::EngineError;
 use crate::hub::Attachment;
@@ -33,8 +36,6 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 /// How long one batch of writes may take before the peer counts as stuck.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Frames written before one flush.
-const WRITE_BATCH: usize = 64;
 /// Client frames are small; the read buffer grows for the rare larger one.
 const READ_BUFFER: usize = 2 * 1024;
 
@@ -107,8 +108,22 @@ pub async fn upgrade(
                 return;
             }
         };
-        let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(socket_config())).await;
-        let attachment = match hub.attach(&principal.user, resume_from, projects).await {
+        // the TCP stream itself, so the dispatcher can write to it directly
+        let (stream, prefix) = match upgraded
+            .downcast::<TokioIo<super::reject::JsonRejects<tokio::net::TcpStream>>>()
+        {
+            Ok(parts) => (parts.io.into_inner().into_inner(), parts.read_buf),
+            Err(_) => {
+                tracing::error!("a websocket upgrade over something other than the server's TCP stream");
+                return;
+            }
+        };
+        let outbox = Outbox::new(stream, hub.queue_capacity());
+        let io = ConnIo::new(Arc::clone(&outbox), prefix);
+        let socket =
+            WebSocketStream::from_raw_socket(io, Role::Server, Some(socket_config())).await;
+        let sink: Arc<dyn crate::hub::FrameSink> = outbox.clone();
+        let attachment = match hub.attach(&principal.user, resume_from, projects, sink).await {
             Ok(attachment) => attachment,
             Err(err) => {
                 tracing::error!(error = %crate::error::error_chain(&err), "could not attach a websocket");
@@ -124,7 +139,7 @@ pub async fn upgrade(
         // a token of its own: the loop looks at it on every wake-up, and looking at
         // one token shared by every socket takes one lock shared by every socket
         let shutdown = shutdown.child_token();
-        let end = drive(socket, attachment, idle_timeout, token_expires, &shutdown).await;
+        let end = drive(socket, &outbox, attachment, idle_timeout, token_expires, &shutdown).await;
         hub.detach(&handle);
         match end {
             End::SlowConsumer => metrics.kicked("slow_consumer"),
@@ -173,10 +188,6 @@ fn handshake_accept(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
 
-/// Any byte stream a WebSocket runs over: the upgraded connection, or a test's pipe.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
-
 /// How long a close waits for the peer's close reply.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -215,7 +226,8 @@ fn protocol_close(err: &WsError) -> Option<(CloseCode, &'static str)> {
 }
 
 async fn drive(
-    mut socket: WebSocketStream<impl Io>,
+    mut socket: WebSocketStream<ConnIo>,
+    outbox: &Outbox,
     attachment: Attachment,
     idle_timeout: Duration,
     token_expires: tokio::time::Instant,
@@ -224,21 +236,18 @@ async fn drive(
     let Attachment {
         opening,
         mut replay,
-        mut queue,
         kicked,
-        mut subscription,
+        subscription,
         ..
     } = attachment;
+    outbox.start(subscription);
     for frame in opening {
-        if socket.feed(text(frame)).await.is_err() {
+        if outbox.write_bytes(crate::hub::text_frame(&frame)).is_err() {
             return End::Broken;
         }
     }
-    if !matches!(
-        tokio::time::timeout(WRITE_TIMEOUT, socket.flush()).await,
-        Ok(Ok(()))
-    ) {
-        return End::Broken;
+    if replay.is_none() && outbox.release().is_err() {
+        kicked.cancel();
     }
 
     let mut pinger = tokio::time::interval(idle_timeout / 3);
@@ -246,12 +255,16 @@ async fn drive(
     // a silent peer is dropped when its idle time is up, not at the next ping after
     let idle = tokio::time::sleep(idle_timeout);
     // made once: a cancellation future registers with its token when created, and
-    // making them anew on every frame cost more than writing the frame
+    // making them anew on every wake-up costs more than the wake-up's work
     let shutting_down = shutdown.cancelled();
     let kicked_out = kicked.cancelled();
     let expired = tokio::time::sleep_until(token_expires);
     tokio::pin!(shutting_down, kicked_out, expired, idle);
     loop {
+        // frames the socket could not take at once wait in the outbox; past the write
+        // timeout without the peer reading them, it counts as stuck
+        let waiting_since = outbox.pending_since();
+        let stuck_at = waiting_since.map_or(token_expires, |since| since + WRITE_TIMEOUT);
         tokio::select! {
             biased;
             _ = &mut shutting_down => {
@@ -259,6 +272,8 @@ async fn drive(
                 return End::Shutdown;
             }
             _ = &mut kicked_out => {
+                // what waits is let go: the client resumes from the last id it got
+                outbox.abandon();
                 let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "client too slow; resume with last_event_id").await;
                 return End::SlowConsumer;
             }
@@ -288,7 +303,7 @@ async fn drive(
                                     return End::Broken;
                                 }
                             }
-                            Ok(ClientFrame::Subscribe { project_ids }) => subscription.narrow_to(project_ids),
+                            Ok(ClientFrame::Subscribe { project_ids }) => outbox.narrow_to(project_ids),
                             Err(_) => {
                                 let error = serde_json::json!({"type": "error", "error": "invalid_request", "message": "unknown or malformed frame"});
                                 if send_now(&mut socket, text(Bytes::from(error.to_string()))).await.is_err() {
@@ -307,24 +322,22 @@ async fn drive(
                     _ => {}
                 }
             }
-            // missed events of a resume, a page at a time, before any live frame;
-            // client frames are read first, so a subscribe applies to the rest
-            page = next_page(&mut replay), if replay.is_some() => {
+            // missed events of a resume, a page at a time, each written before the
+            // next is read; client frames are read first, so a subscribe applies to
+            // the rest; live frames are held until the last page is out
+            page = next_page(&mut replay), if replay.is_some() && waiting_since.is_none() => {
                 match page {
                     Ok(Some(events)) => {
-                        let texts: Vec<Bytes> = events
-                            .iter()
-                            .map(crate::hub::Frame::from_event)
-                            .filter(|frame| subscription.admit(frame))
-                            .map(|frame| frame.json.clone())
-                            .collect();
-                        let written =
-                            tokio::time::timeout(WRITE_TIMEOUT, write_texts(&mut socket, &texts)).await;
-                        if !matches!(written, Ok(Ok(()))) {
-                            return End::Broken;
+                        let frames: Vec<Arc<crate::hub::Frame>> =
+                            events.iter().map(crate::hub::Frame::from_event).collect();
+                        outbox.write_frames(&frames);
+                    }
+                    Ok(None) => {
+                        replay = None;
+                        if outbox.release().is_err() {
+                            kicked.cancel();
                         }
                     }
-                    Ok(None) => replay = None,
                     Err(EngineError::ReplayGap) => {
                         // the history moved past this replay: the client must resync
                         let resync = crate::hub::control_json(&ControlFrame::ResyncRequired);
@@ -341,35 +354,21 @@ async fn drive(
                     }
                 }
             }
+            drained = std::future::poll_fn(|cx| outbox.poll_drain(cx)), if waiting_since.is_some() => {
+                if drained.is_err() {
+                    return End::Broken;
+                }
+            }
+            // the dispatcher queued what the socket could not take: look again
+            _ = outbox.queued() => {}
+            _ = tokio::time::sleep_until(stuck_at), if waiting_since.is_some() => {
+                outbox.abandon();
+                let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "client too slow; resume with last_event_id").await;
+                return End::SlowConsumer;
+            }
             _ = &mut idle => {
                 let _ = close(&mut socket, CloseCode::Away, "no traffic from the client").await;
                 return End::Idle;
-            }
-            frame = queue.recv(), if replay.is_none() => {
-                let Some(frame) = frame else { return End::Broken };
-                let mut batch = Vec::with_capacity(WRITE_BATCH);
-                if subscription.admit(&frame) {
-                    batch.push(frame.json.clone());
-                }
-                while batch.len() < WRITE_BATCH {
-                    let Ok(more) = queue.try_recv() else { break };
-                    if subscription.admit(&more) {
-                        batch.push(more.json.clone());
-                    }
-                }
-                if batch.is_empty() {
-                    continue;
-                }
-                let written =
-                    tokio::time::timeout(WRITE_TIMEOUT, write_texts(&mut socket, &batch)).await;
-                match written {
-                    Ok(Ok(())) => {}
-                    Ok(Err(())) => return End::Broken,
-                    Err(_) => {
-                        let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "client too slow; resume with last_event_id").await;
-                        return End::SlowConsumer;
-                    }
-                }
             }
             _ = pinger.tick() => {
                 if send_now(&mut socket, Message::Ping(Bytes::new())).await.is_err() {
@@ -378,43 +377,6 @@ async fn drive(
             }
         }
     }
-}
-
-/// Writes `texts` as text frames in one write to the connection (and so, most of the
-/// time, one system call and one wake-up of the peer) instead of one each.
-/// Server frames are unmasked and the encoding is RFC 6455 §5.2's; tungstenite's own
-/// buffer (a pong it owes, say) is flushed first, so nothing goes out of order.
-async fn write_texts(socket: &mut WebSocketStream<impl Io>, texts: &[Bytes]) -> Result<(), ()> {
-    use tokio::io::AsyncWriteExt;
-    if texts.is_empty() {
-        return Ok(());
-    }
-    socket.flush().await.map_err(|_| ())?;
-    let mut out = Vec::with_capacity(texts.iter().map(|json| json.len() + 10).sum());
-    for json in texts {
-        put_text_frame(&mut out, json);
-    }
-    let stream = socket.get_mut();
-    stream.write_all(&out).await.map_err(|_| ())?;
-    stream.flush().await.map_err(|_| ())
-}
-
-/// One final, unmasked text frame carrying `payload`.
-fn put_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
-    // FIN, opcode 1 (text)
-    out.push(0x81);
-    match payload.len() {
-        len @ 0..=125 => out.push(len as u8),
-        len @ 126..=0xFFFF => {
-            out.push(126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        len => {
-            out.push(127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(payload);
 }
 
 async fn next_page(
@@ -426,7 +388,7 @@ async fn next_page(
     }
 }
 
-async fn send_now(socket: &mut WebSocketStream<impl Io>, message: Message) -> Result<(), ()> {
+async fn send_now(socket: &mut WebSocketStream<ConnIo>, message: Message) -> Result<(), ()> {
     match tokio::time::timeout(WRITE_TIMEOUT, socket.send(message)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
@@ -434,7 +396,7 @@ async fn send_now(socket: &mut WebSocketStream<impl Io>, message: Message) -> Re
 }
 
 async fn close(
-    socket: &mut WebSocketStream<impl Io>,
+    socket: &mut WebSocketStream<ConnIo>,
     code: CloseCode,
     reason: &'static str,
 ) -> Result<(), ()> {
@@ -463,44 +425,6 @@ mod tests {
     use crate::engine::embedded::EmbeddedEngine;
     use crate::hub::Hub;
 
-    /// Frames written together in one write arrive as the client's library reads
-    /// them: each its own text message, in order, whatever its length's encoding (7,
-    /// 16 or 64 bits), and a pong tungstenite owed goes out before them.
-    #[tokio::test]
-    async fn texts_written_in_one_go_are_separate_frames_to_a_client() {
-        let (server_io, client_io) = tokio::io::duplex(1 << 20);
-        let mut server = WebSocketStream::from_raw_socket(server_io, Role::Server, None).await;
-        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
-        client
-            .send(Message::Ping(Bytes::from_static(b"p")))
-            .await
-            .expect("ping");
-        // the server reads the ping: tungstenite queues the pong
-        let reader = tokio::spawn(async move {
-            let ping = server.next().await.expect("frame").expect("ok");
-            assert!(matches!(ping, Message::Ping(_)));
-            server
-        });
-        let mut server = reader.await.expect("server");
-        let texts: Vec<Bytes> = [0usize, 5, 125, 126, 200, 65_535, 65_536, 70_000]
-            .iter()
-            .map(|len| Bytes::from("x".repeat(*len)))
-            .collect();
-        write_texts(&mut server, &texts).await.expect("written");
-        let mut seen = Vec::new();
-        while seen.len() < texts.len() {
-            match client.next().await.expect("frame").expect("ok") {
-                Message::Pong(payload) => {
-                    assert!(seen.is_empty(), "the owed pong goes first");
-                    assert_eq!(&payload[..], b"p");
-                }
-                Message::Text(text) => seen.push(text.len()),
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        assert_eq!(seen, vec![0, 5, 125, 126, 200, 65_535, 65_536, 70_000]);
-    }
-
     /// On a paused clock (timers fire exactly when due): a peer that sends one frame
     /// and then stays silent is dropped `idle` after that frame, not at the next ping
     /// tick after it (which would be up to a third of `idle` later).
@@ -510,17 +434,26 @@ mod tests {
         let engine =
             EmbeddedEngine::open(dir.path(), (100, Duration::from_secs(60)), 10).expect("engine");
         let hub = Hub::new(engine, 16);
-        let attachment = hub.attach("alice", None, None).await.expect("attach");
-        let (server_io, client_io) = tokio::io::duplex(1 << 16);
-        let server = WebSocketStream::from_raw_socket(server_io, Role::Server, None).await;
-        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let (server_stream, client_stream) = super::super::outbox::tests::tcp_pair().await;
+        let outbox = Outbox::new(server_stream, 16);
+        let server = WebSocketStream::from_raw_socket(
+            ConnIo::new(Arc::clone(&outbox), Bytes::new()),
+            Role::Server,
+            None,
+        )
+        .await;
+        let mut client = WebSocketStream::from_raw_socket(client_stream, Role::Client, None).await;
+        let attachment = hub
+            .attach("alice", None, None, outbox.clone())
+            .await
+            .expect("attach");
 
         tokio::time::pause();
         let idle = Duration::from_secs(3);
         let far = tokio::time::Instant::now() + Duration::from_secs(3600);
         let driver = tokio::spawn(async move {
             let shutdown = CancellationToken::new();
-            drive(server, attachment, idle, far, &shutdown).await
+            drive(server, &outbox, attachment, idle, far, &shutdown).await
         });
         // half-way through the first idle period the peer speaks once, then never again
         // (it does not read either, so it answers none of the server's pings)

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{EngineError, EventLog, Live};
@@ -21,12 +21,13 @@ pub const MAX_REPLAY: usize = 10_000;
 /// Events a resume reads from the history at a time.
 const REPLAY_PAGE: usize = 500;
 
-/// An event as it goes on the wire, shared by every connection that gets it.
+/// An event as it goes on the wire — a whole WebSocket text frame — serialized once
+/// and shared by every connection that gets it.
 #[derive(Debug)]
 pub struct Frame {
     pub id: EventId,
     pub project_id: String,
-    pub json: Bytes,
+    pub wire: Bytes,
 }
 
 impl Frame {
@@ -35,10 +36,47 @@ impl Frame {
         Arc::new(Frame {
             id: event.id,
             project_id: event.project_id().to_owned(),
-            json: Bytes::from(json),
+            wire: text_frame(&json),
         })
     }
 }
+
+/// One final, unmasked WebSocket text frame carrying `payload` (RFC 6455 §5.2; a
+/// server's frames are never masked).
+pub fn text_frame(payload: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(payload.len() + 10);
+    // FIN, opcode 1 (text)
+    out.push(0x81);
+    match payload.len() {
+        len @ 0..=125 => out.push(len as u8),
+        len @ 126..=0xFFFF => {
+            out.push(126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            out.push(127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+/// Where a connection's live frames go. The socket layer's sink writes them to the
+/// connection at once when it can take them and queues the rest (bounded).
+pub trait FrameSink: Send + Sync {
+    /// `frames` (the user's, in id order) for this connection; `Err` when it is too
+    /// far behind to take more: the hub then kicks it (it resumes without loss).
+    fn offer(&self, frames: &[Arc<Frame>]) -> Result<(), SinkFull>;
+}
+
+/// A connection fell too far behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkFull;
+
+/// Events the dispatcher takes from the live feed at once: their frames go to each
+/// socket in one write.
+const DISPATCH_BATCH: usize = 64;
 
 pub fn control_json(frame: &ControlFrame) -> Bytes {
     Bytes::from(serde_json::to_vec(frame).expect("control frames always serialize"))
@@ -46,7 +84,7 @@ pub fn control_json(frame: &ControlFrame) -> Bytes {
 
 struct Connection {
     id: u64,
-    queue: mpsc::Sender<Arc<Frame>>,
+    sink: Arc<dyn FrameSink>,
     kicked: CancellationToken,
 }
 
@@ -69,12 +107,18 @@ pub struct Hub {
     node: String,
 }
 
+impl Hub {
+    /// Frames a connection may have waiting before it counts as too far behind.
+    pub fn queue_capacity(&self) -> usize {
+        self.queue_capacity
+    }
+}
+
 /// What a new connection starts with.
 pub struct Attachment {
     pub connection_id: String,
     internal_id: u64,
     user: String,
-    pub queue: mpsc::Receiver<Arc<Frame>>,
     /// fires when the connection fell too far behind; close it with 4008
     pub kicked: CancellationToken,
     /// the frames to send first, in order: hello, then resync_required if the resume
@@ -82,6 +126,8 @@ pub struct Attachment {
     pub opening: Vec<Bytes>,
     /// the missed events to send after the opening, read page by page
     pub replay: Option<Replay>,
+    /// which frames the connection still needs: the sink filters live frames by it
+    /// once the replay is out
     pub subscription: Subscription,
 }
 
@@ -140,24 +186,38 @@ impl Hub {
     /// Forwards every live event to the connections of its user until `shutdown`.
     pub async fn run_dispatch(self: Arc<Self>, shutdown: CancellationToken) {
         let mut live = self.events.live();
+        let mut next = None;
         loop {
-            let received = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                received = live.recv() => received,
+            let received = match next.take() {
+                Some(received) => received,
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    received = live.recv() => received,
+                },
             };
             match received {
                 Ok(Live::Event(event)) => {
-                    // ids are contiguous per user: one past the next expected means the
-                    // feed skipped some (a resubscription raced a publish); they are in
-                    // the history, and go out first
-                    // (not while a connection is still attaching: its opening covers
-                    // what came before, and `known` is set when it is done)
-                    if let Some(known) = self.known_of(&event.user)
-                        && event.id > known + 1
-                    {
-                        self.fill_gap(&event.user, known).await;
+                    // what else is waiting goes out with it: one write per socket
+                    let mut batch = vec![event];
+                    while batch.len() < DISPATCH_BATCH {
+                        match live.try_recv() {
+                            Ok(Live::Event(event)) => batch.push(event),
+                            Ok(other) => {
+                                next = Some(Ok(other));
+                                break;
+                            }
+                            Err(broadcast::error::TryRecvError::Empty) => break,
+                            Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                                next = Some(Err(broadcast::error::RecvError::Lagged(missed)));
+                                break;
+                            }
+                            Err(broadcast::error::TryRecvError::Closed) => {
+                                next = Some(Err(broadcast::error::RecvError::Closed));
+                                break;
+                            }
+                        }
                     }
-                    self.dispatch(&event)
+                    self.deliver(batch).await;
                 }
                 Ok(Live::Reconnected) => self.catch_up().await,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -167,6 +227,30 @@ impl Hub {
                 Err(broadcast::error::RecvError::Closed) => return,
             }
         }
+    }
+
+    /// Hands a batch of live events to their users' connections, in order. Ids are
+    /// contiguous per user: one past the next expected means the feed skipped some (a
+    /// resubscription raced a publish); they are in the history, and go out first
+    /// (not while a connection is still attaching: its opening covers what came
+    /// before, and `known` is set when it is done).
+    async fn deliver(&self, batch: Vec<Event>) {
+        let mut run: Vec<Event> = Vec::with_capacity(batch.len());
+        let mut in_run: HashMap<String, EventId> = HashMap::new();
+        for event in batch {
+            if let Some(known) = self.known_of(&event.user) {
+                let known = in_run.get(&event.user).copied().unwrap_or(0).max(known);
+                if event.id > known + 1 {
+                    self.dispatch_all(&run);
+                    run.clear();
+                    in_run.clear();
+                    self.fill_gap(&event.user, known).await;
+                }
+            }
+            in_run.insert(event.user.clone(), event.id);
+            run.push(event);
+        }
+        self.dispatch_all(&run);
     }
 
     /// After a break in the live feed (the hub lagged, or the engine's subscription
@@ -187,9 +271,7 @@ impl Hub {
             match self.events.after(&user, known, MAX_REPLAY).await {
                 Ok(history) if !history.gap && history.events.len() < MAX_REPLAY => {
                     recovered += history.events.len();
-                    for event in &history.events {
-                        self.dispatch(event);
-                    }
+                    self.dispatch_all(&history.events);
                 }
                 Ok(_) => self.kick_user(&user),
                 Err(err) => {
@@ -226,9 +308,7 @@ impl Hub {
                     recovered = history.events.len(),
                     "the live feed skipped events; delivered them from the history"
                 );
-                for event in &history.events {
-                    self.dispatch(event);
-                }
+                self.dispatch_all(&history.events);
             }
             Ok(_) => self.kick_user(user),
             Err(err) => {
@@ -248,18 +328,37 @@ impl Hub {
         }
     }
 
-    fn dispatch(&self, event: &Event) {
-        let connections = self.connections.read().expect("hub lock is never poisoned");
-        let Some(of_user) = connections.get(&event.user) else {
+    /// Offers `events` (in order) to the connections of their users: each event
+    /// serialized once, each connection offered all of its user's frames of the batch
+    /// at once. A connection too far behind is kicked.
+    fn dispatch_all(&self, events: &[Event]) {
+        if events.is_empty() {
             return;
-        };
-        of_user.known.fetch_max(event.id, Ordering::AcqRel);
-        let frame = Frame::from_event(event);
-        for connection in &of_user.list {
-            match connection.queue.try_send(Arc::clone(&frame)) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => connection.kicked.cancel(),
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+        let connections = self.connections.read().expect("hub lock is never poisoned");
+        // a batch holds few users: a short list keeps each user's events in order
+        let mut by_user: Vec<(&str, Vec<Arc<Frame>>)> = Vec::new();
+        for event in events {
+            if !connections.contains_key(&event.user) {
+                continue;
+            }
+            let frame = Frame::from_event(event);
+            match by_user.iter_mut().find(|(user, _)| *user == event.user) {
+                Some((_, frames)) => frames.push(frame),
+                None => by_user.push((event.user.as_str(), vec![frame])),
+            }
+        }
+        for (user, frames) in by_user {
+            let Some(of_user) = connections.get(user) else {
+                continue;
+            };
+            if let Some(last) = frames.last() {
+                of_user.known.fetch_max(last.id, Ordering::AcqRel);
+            }
+            for connection in &of_user.list {
+                if connection.sink.offer(&frames).is_err() {
+                    connection.kicked.cancel();
+                }
             }
         }
     }
@@ -269,20 +368,22 @@ impl Hub {
     /// many: page by page) and the live stream continues with no gap and no
     /// duplicate. With `projects`, the connection starts subscribed to those only,
     /// replay included.
+    /// Live frames go to `sink` from the moment it is registered, before the opening
+    /// is read: it holds them until the replay is out.
     pub async fn attach(
         &self,
         user: &str,
         resume_from: Option<EventId>,
         projects: Option<Vec<String>>,
+        sink: Arc<dyn FrameSink>,
     ) -> Result<Attachment, EngineError> {
         // the user's events reach this node from here on (a no-op but on a cluster,
         // where it subscribes their group's channel); undone by the detach
         self.events.watch(user).await?;
         let internal_id = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        let (sender, queue) = mpsc::channel(self.queue_capacity);
         let kicked = CancellationToken::new();
         // registered before history is read: an event published meanwhile is in the
-        // history, the queue or both, and the subscription drops the second copy
+        // history, the sink or both, and the subscription drops the second copy
         {
             let mut connections = self
                 .connections
@@ -292,7 +393,7 @@ impl Hub {
             of_user.attaching.fetch_add(1, Ordering::AcqRel);
             of_user.list.push(Connection {
                 id: internal_id,
-                queue: sender,
+                sink,
                 kicked: kicked.clone(),
             });
         }
@@ -330,7 +431,6 @@ impl Hub {
             connection_id,
             internal_id,
             user: user.to_owned(),
-            queue,
             kicked,
             opening,
             replay,
@@ -484,8 +584,28 @@ mod tests {
         Frame {
             id,
             project_id: project.into(),
-            json: Bytes::new(),
+            wire: Bytes::new(),
         }
+    }
+
+    /// A sink that hands every offered frame to the test.
+    struct ChannelSink(tokio::sync::mpsc::UnboundedSender<Arc<Frame>>);
+
+    impl FrameSink for ChannelSink {
+        fn offer(&self, frames: &[Arc<Frame>]) -> Result<(), SinkFull> {
+            for frame in frames {
+                let _ = self.0.send(Arc::clone(frame));
+            }
+            Ok(())
+        }
+    }
+
+    fn channel_sink() -> (
+        Arc<dyn FrameSink>,
+        tokio::sync::mpsc::UnboundedReceiver<Arc<Frame>>,
+    ) {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        (Arc::new(ChannelSink(sender)), receiver)
     }
 
     /// An event log whose live feed loses the events `skip` names, as a feed does when
@@ -565,7 +685,8 @@ mod tests {
     async fn events_the_live_feed_skipped_are_sent_from_the_history_in_order() {
         let (_dir, log, live, hub, stop) = skipping_hub(100);
         log.publish("u", stage(1)).await.expect("publish");
-        let mut attachment = hub.attach("u", None, None).await.expect("attach");
+        let (sink, mut queue) = channel_sink();
+        let mut attachment = hub.attach("u", None, None, sink).await.expect("attach");
         for n in 2..=5 {
             let event = log.publish("u", stage(n)).await.expect("publish");
             // the feed loses ids 3 and 4
@@ -575,11 +696,10 @@ mod tests {
         }
         let mut ids = Vec::new();
         while ids.len() < 4 {
-            let frame =
-                tokio::time::timeout(std::time::Duration::from_secs(5), attachment.queue.recv())
-                    .await
-                    .expect("in time")
-                    .expect("a frame");
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(5), queue.recv())
+                .await
+                .expect("in time")
+                .expect("a frame");
             if attachment.subscription.admit(&frame) {
                 ids.push(frame.id);
             }
@@ -595,18 +715,18 @@ mod tests {
             log.publish("u", stage(n)).await.expect("publish");
         }
         // resumes from the start: the replay covers 1..=1500, page by page
-        let mut attachment = hub.attach("u", Some(0), None).await.expect("attach");
+        let (sink, mut queue) = channel_sink();
+        let attachment = hub.attach("u", Some(0), None, sink).await.expect("attach");
         assert!(attachment.replay.is_some());
         let event = log.publish("u", stage(1501)).await.expect("publish");
         let _ = live.send(Live::Event(event));
-        let frame =
-            tokio::time::timeout(std::time::Duration::from_secs(5), attachment.queue.recv())
-                .await
-                .expect("in time")
-                .expect("a frame");
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(5), queue.recv())
+            .await
+            .expect("in time")
+            .expect("a frame");
         assert_eq!(frame.id, 1501, "the live event, not a refill of the replay");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert!(attachment.queue.try_recv().is_err(), "nothing else queued");
+        assert!(queue.try_recv().is_err(), "nothing else queued");
         assert!(!attachment.kicked.is_cancelled());
         stop.cancel();
     }

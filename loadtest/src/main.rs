@@ -67,9 +67,13 @@ enum Scenario {
         /// ticks (which the embedded engine may commit without an fsync)
         #[arg(long)]
         durable: bool,
-        /// redis-cluster only: alternated rounds of (single Redis, cluster); medians
+        /// rounds of (target, peer) alternating which goes first; medians and ratios
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// the same load on this target too, in the same invocation (redis-cluster's
+        /// peer is one Redis unless another is named)
+        #[arg(long, value_enum)]
+        peer: Option<fanout::Target>,
     },
     /// Sync cost next to git in the same run: first, no-op and incremental syncs, many
     /// small projects at once, and sync-status polling throughput
@@ -466,6 +470,7 @@ async fn main() -> std::process::ExitCode {
             burst,
             durable,
             rounds,
+            peer,
         } => {
             let load = fanout::Load {
                 target: *target,
@@ -477,10 +482,11 @@ async fn main() -> std::process::ExitCode {
                 burst: *burst,
                 durable: *durable,
             };
-            if load.target == fanout::Target::RedisCluster {
-                fanout::run_beside_single(&cli.hub, load, *rounds).await
-            } else {
-                fanout::run(&cli.hub, load).await
+            let peer = peer
+                .or((load.target == fanout::Target::RedisCluster).then_some(fanout::Target::Redis));
+            match peer {
+                Some(peer) => fanout::run_against_peer(&cli.hub, load, peer, *rounds).await,
+                None => fanout::run(&cli.hub, load).await,
             }
         }
         Scenario::Reads {

@@ -57,13 +57,34 @@ fn lines_of(run: &Value) -> Vec<Line> {
     lines
 }
 
+/// Of a list of runs, the one whose steady p99 is the median.
+fn median_run(runs: &Value) -> Option<&Value> {
+    let mut runs: Vec<&Value> = runs.as_array()?.iter().collect();
+    let p99 = |run: &Value| {
+        run["phases"]["steady"]["latency_ms"]["p99"]
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    runs.sort_by(|a, b| p99(a).total_cmp(&p99(b)));
+    runs.get(runs.len() / 2).copied()
+}
+
 pub fn run(files: &[PathBuf], out: &Path) -> Result<Value, String> {
     let mut lines = Vec::new();
     for path in files {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let run: Value =
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        lines.extend(lines_of(&run));
+        if run["target_runs"].is_array() {
+            // a run against a peer: each side's median run (by steady p99)
+            for side in ["target_runs", "peer_runs"] {
+                if let Some(median) = median_run(&run[side]) {
+                    lines.extend(lines_of(median));
+                }
+            }
+        } else {
+            lines.extend(lines_of(&run));
+        }
     }
     if lines.is_empty() {
         return Err("no fan-out results with latency percentiles in the files given".into());

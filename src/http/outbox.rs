@@ -24,6 +24,11 @@ use tokio::time::Instant;
 
 use crate::hub::{Frame, FrameSink, SinkFull, Subscription};
 
+/// Bytes that may wait in one outbox (as tungstenite's own write buffer allowed): past
+/// them the dispatcher's frames make the connection too far behind, and the socket's
+/// own writes (pongs) wait for the peer to read.
+const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
+
 pub struct Outbox {
     stream: TcpStream,
     state: Mutex<State>,
@@ -43,9 +48,11 @@ struct State {
     pending: VecDeque<(Bytes, usize)>,
     written_of_first: usize,
     pending_frames: usize,
-    /// when the oldest pending bytes were queued
-    pending_since: Option<Instant>,
-    /// the connection is ending: frames offered from now on are dropped
+    pending_bytes: usize,
+    /// when bytes last went out while some were waiting (or began to wait): the
+    /// connection is stuck when this gets old
+    progress_at: Option<Instant>,
+    /// the connection is closing: frames offered from now on are dropped
     closed: bool,
     /// a write failed: the connection is gone
     broken: bool,
@@ -61,7 +68,8 @@ impl Outbox {
                 pending: VecDeque::new(),
                 written_of_first: 0,
                 pending_frames: 0,
-                pending_since: None,
+                pending_bytes: 0,
+                progress_at: None,
                 closed: false,
                 broken: false,
             }),
@@ -90,12 +98,13 @@ impl Outbox {
 
     /// The replay is written: the live frames held meanwhile go out (those the replay
     /// already carried are dropped by the subscription), and from now on frames are
-    /// written as they are offered. `Err` when the connection is already too far behind.
+    /// written as they are offered. `Err` when the connection is already too far
+    /// behind (its backlog is then let go, as [`Outbox::abandon`] does).
     pub fn release(&self) -> Result<(), SinkFull> {
         let mut state = self.lock();
         let held = state.held.take().unwrap_or_default();
         self.admit_and_write(&mut state, held.iter());
-        self.within_capacity(&state)
+        self.within_capacity(&mut state)
     }
 
     /// Bytes of the connection's own (control frames, the opening frames).
@@ -112,14 +121,22 @@ impl Outbox {
         self.lock().subscription.narrow_to(project_ids);
     }
 
-    /// Whether bytes wait to be written, and since when.
-    pub fn pending_since(&self) -> Option<Instant> {
-        self.lock().pending_since
+    /// When bytes that still wait last made progress (`None`: nothing waits).
+    pub fn progress_at(&self) -> Option<Instant> {
+        self.lock().progress_at
     }
 
-    /// Resolves when bytes may wait to be written (check [`Outbox::pending_since`]).
+    /// Resolves when bytes may wait to be written (check [`Outbox::progress_at`]).
     pub async fn queued(&self) {
         self.wake.notified().await;
+    }
+
+    /// The connection is closing: no live frame is taken from now on, so none goes
+    /// out after the close frame; what already waits is still written.
+    pub fn closing(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.held = None;
     }
 
     /// The connection is being dropped: what waits is let go (but for the rest of a
@@ -127,14 +144,25 @@ impl Outbox {
     /// nothing more is taken.
     pub fn abandon(&self) {
         let mut state = self.lock();
+        Self::let_go(&mut state);
+    }
+
+    fn let_go(state: &mut State) {
         state.closed = true;
         state.held = None;
         let keep = usize::from(state.written_of_first > 0).min(state.pending.len());
         state.pending.truncate(keep);
         state.pending_frames = state.pending.iter().map(|(_, frames)| frames).sum();
+        state.pending_bytes = state.pending.iter().map(|(bytes, _)| bytes.len()).sum();
         if state.pending.is_empty() {
-            state.pending_since = None;
+            state.progress_at = None;
+            state.pending = VecDeque::new();
         }
+    }
+
+    /// Whether the socket's own writes must wait for the peer to read first.
+    fn over_byte_cap(&self) -> bool {
+        self.lock().pending_bytes > MAX_PENDING_BYTES
     }
 
     /// Writes what waits, as the socket takes it: `Ready(Ok)` once nothing waits.
@@ -147,18 +175,26 @@ impl Outbox {
                         return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
                     }
                     let Some((front, frames)) = state.pending.front() else {
-                        state.pending_since = None;
+                        state.progress_at = None;
+                        // a burst's backlog does not stay allocated
+                        state.pending = VecDeque::new();
                         return Poll::Ready(Ok(()));
                     };
                     let (front, frames) = (front.clone(), *frames);
                     let rest = &front[state.written_of_first..];
                     match self.stream.try_write(rest) {
-                        Ok(written) if written == rest.len() => {
-                            state.pending.pop_front();
-                            state.written_of_first = 0;
-                            state.pending_frames -= frames;
+                        Ok(0) => break,
+                        Ok(written) => {
+                            state.progress_at = Some(Instant::now());
+                            if written == rest.len() {
+                                state.pending.pop_front();
+                                state.written_of_first = 0;
+                                state.pending_frames -= frames;
+                                state.pending_bytes -= front.len();
+                            } else {
+                                state.written_of_first += written;
+                            }
                         }
-                        Ok(written) => state.written_of_first += written,
                         Err(err) if would_block(&err) => break,
                         Err(err) => {
                             state.broken = true;
@@ -172,8 +208,10 @@ impl Outbox {
         }
     }
 
-    fn within_capacity(&self, state: &State) -> Result<(), SinkFull> {
-        if state.pending_frames > self.capacity {
+    /// `Err` (the backlog let go) when more waits than the connection may have.
+    fn within_capacity(&self, state: &mut State) -> Result<(), SinkFull> {
+        if state.pending_frames > self.capacity || state.pending_bytes > MAX_PENDING_BYTES {
+            Self::let_go(state);
             Err(SinkFull)
         } else {
             Ok(())
@@ -184,18 +222,53 @@ impl Outbox {
         let admitted: Vec<&Arc<Frame>> = frames
             .filter(|frame| state.subscription.admit(frame))
             .collect();
-        match admitted.as_slice() {
-            [] => {}
-            [one] => self.push(state, one.wire.clone(), 1),
-            many => {
-                let mut joined =
-                    Vec::with_capacity(many.iter().map(|frame| frame.wire.len()).sum());
-                for frame in many {
-                    joined.extend_from_slice(&frame.wire);
-                }
-                self.push(state, Bytes::from(joined), many.len());
-            }
+        if admitted.is_empty() || state.broken {
+            return;
         }
+        if !state.pending.is_empty() {
+            for frame in admitted {
+                Self::queue(state, frame.wire.clone(), 1);
+            }
+            return;
+        }
+        // one write for all of them, from the shared frames (no copy)
+        let slices: Vec<io::IoSlice<'_>> = admitted
+            .iter()
+            .map(|frame| io::IoSlice::new(&frame.wire))
+            .collect();
+        let mut written = match self.stream.try_write_vectored(&slices) {
+            Ok(written) => written,
+            Err(err) if would_block(&err) => 0,
+            Err(_) => {
+                state.broken = true;
+                self.wake.notify_one();
+                return;
+            }
+        };
+        let mut queued = false;
+        for frame in admitted {
+            let len = frame.wire.len();
+            if written >= len {
+                written -= len;
+                continue;
+            }
+            if !queued {
+                state.written_of_first = written;
+                written = 0;
+                queued = true;
+            }
+            Self::queue(state, frame.wire.clone(), 1);
+        }
+        if queued {
+            state.progress_at = Some(Instant::now());
+            self.wake.notify_one();
+        }
+    }
+
+    fn queue(state: &mut State, bytes: Bytes, frames: usize) {
+        state.pending_bytes += bytes.len();
+        state.pending_frames += frames;
+        state.pending.push_back((bytes, frames));
     }
 
     /// Writes `bytes` now if nothing waits before them and the socket takes them,
@@ -205,8 +278,7 @@ impl Outbox {
             return;
         }
         if !state.pending.is_empty() {
-            state.pending.push_back((bytes, frames));
-            state.pending_frames += frames;
+            Self::queue(state, bytes, frames);
             return;
         }
         let written = match self.stream.try_write(&bytes) {
@@ -220,9 +292,8 @@ impl Outbox {
             }
         };
         state.written_of_first = written;
-        state.pending.push_back((bytes, frames));
-        state.pending_frames += frames;
-        state.pending_since = Some(Instant::now());
+        Self::queue(state, bytes, frames);
+        state.progress_at = Some(Instant::now());
         self.wake.notify_one();
     }
 }
@@ -240,16 +311,34 @@ impl FrameSink for Outbox {
         if state.closed || state.broken {
             return Ok(());
         }
-        if let Some(held) = &mut state.held {
-            held.extend(frames.iter().cloned());
-            return if held.len() > self.capacity {
-                Err(SinkFull)
-            } else {
-                Ok(())
-            };
+        let held_now = {
+            let State {
+                held, subscription, ..
+            } = &mut *state;
+            held.as_mut().map(|held| {
+                // only what the connection will want counts against its limit: frames
+                // the replay already starts past, and other projects', are left out
+                held.extend(
+                    frames
+                        .iter()
+                        .filter(|frame| {
+                            frame.id > subscription.last_sent
+                                && subscription.wants_project(&frame.project_id)
+                        })
+                        .cloned(),
+                );
+                held.len()
+            })
+        };
+        if let Some(held) = held_now {
+            if held > self.capacity {
+                Self::let_go(&mut state);
+                return Err(SinkFull);
+            }
+            return Ok(());
         }
         self.admit_and_write(&mut state, frames.iter());
-        self.within_capacity(&state)
+        self.within_capacity(&mut state)
     }
 }
 
@@ -313,9 +402,14 @@ impl AsyncRead for ConnIo {
 impl AsyncWrite for ConnIo {
     fn poll_write(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        // a peer that sends pings and never reads must not grow the outbox: past the
+        // cap, tungstenite waits (and keeps only the latest pong meanwhile)
+        if self.outbox.over_byte_cap() {
+            ready!(self.outbox.poll_drain(cx))?;
+        }
         self.outbox.write_bytes(Bytes::copy_from_slice(buf))?;
         Poll::Ready(Ok(buf.len()))
     }
@@ -423,25 +517,26 @@ pub(super) mod tests {
     }
 
     /// A peer that does not read: what the kernel will not take waits in the outbox,
-    /// in order behind a partly written frame; past the capacity the offer says the
-    /// connection is too far behind; once the peer reads, everything arrives in order,
-    /// a control frame written meanwhile in its place.
+    /// in order behind a partly written frame; once the peer reads, everything
+    /// arrives in order, a control frame written meanwhile in its place.
     #[tokio::test]
-    async fn a_peer_that_stops_reading_fills_the_outbox_then_gets_everything_in_order() {
+    async fn a_peer_that_stops_reading_gets_what_waited_in_order_once_it_reads() {
         let (server, client) = tcp_pair().await;
-        let outbox = Outbox::new(server, 64);
+        let outbox = Outbox::new(server, 100_000);
         outbox.start(Subscription::new(0));
         outbox.release().expect("released");
         let payload = "y".repeat(16 * 1024);
         let mut id = 0;
-        let full = loop {
+        // until the kernel's buffers are full and frames wait, then a few more
+        while outbox.progress_at().is_none() {
             id += 1;
-            if outbox.offer(&[frame(id, &payload)]).is_err() {
-                break id;
-            }
-            assert!(id < 100_000, "the outbox never filled");
-        };
-        assert!(outbox.pending_since().is_some(), "bytes wait");
+            outbox.offer(&[frame(id, &payload)]).expect("taken");
+            assert!(id < 100_000, "the socket never filled");
+        }
+        for _ in 0..5 {
+            id += 1;
+            outbox.offer(&[frame(id, &payload)]).expect("taken");
+        }
         outbox
             .write_bytes(crate::hub::text_frame(b"control"))
             .expect("queued");
@@ -450,13 +545,84 @@ pub(super) mod tests {
             let outbox = Arc::clone(&outbox);
             tokio::spawn(async move { std::future::poll_fn(|cx| outbox.poll_drain(cx)).await })
         };
-        for expected in 1..=full {
+        for expected in 1..=id {
             let text = next_text(&mut client).await;
             assert_eq!(text.len(), payload.len(), "frame {expected} whole");
         }
         assert_eq!(next_text(&mut client).await, "control");
         drain.await.expect("drain task").expect("drained");
-        assert!(outbox.pending_since().is_none());
+        assert!(outbox.progress_at().is_none());
+    }
+
+    /// Past its capacity a connection is too far behind: the offer says so, the
+    /// backlog is let go at once (memory does not grow while the socket's task gets to
+    /// the kick), and later frames are not taken.
+    #[tokio::test]
+    async fn past_the_capacity_the_backlog_is_let_go_and_nothing_more_is_taken() {
+        let (server, _client) = tcp_pair().await;
+        let outbox = Outbox::new(server, 8);
+        outbox.start(Subscription::new(0));
+        outbox.release().expect("released");
+        let payload = "w".repeat(64 * 1024);
+        let mut id = 0;
+        let refused = loop {
+            id += 1;
+            if outbox.offer(&[frame(id, &payload)]).is_err() {
+                break id;
+            }
+            assert!(id < 100_000, "never refused");
+        };
+        assert!(refused > 8);
+        let waiting = outbox.lock().pending_frames;
+        assert!(waiting <= 1, "{waiting} frames kept after the refusal");
+        outbox.offer(&[frame(id + 1, &payload)]).expect("ignored");
+        assert!(outbox.lock().pending_frames <= 1, "nothing more taken");
+    }
+
+    /// A peer that sends pings and never reads cannot grow the outbox without bound:
+    /// past the byte cap the socket's own writes wait.
+    #[tokio::test]
+    async fn the_sockets_own_writes_wait_past_the_byte_cap() {
+        use tokio::io::AsyncWriteExt;
+        let (server, _client) = tcp_pair().await;
+        let outbox = Outbox::new(server, 1_000_000);
+        let mut io = ConnIo::new(Arc::clone(&outbox), Bytes::new());
+        let pong = [0x8a, 0x00];
+        let mut accepted = 0usize;
+        loop {
+            match futures_util::FutureExt::now_or_never(io.write_all(&pong)) {
+                Some(Ok(())) => accepted += pong.len(),
+                Some(Err(err)) => panic!("write failed: {err}"),
+                None => break,
+            }
+            assert!(accepted < 64 * 1024 * 1024, "the writes never waited");
+        }
+        let waiting = outbox.lock().pending_bytes;
+        assert!(
+            waiting <= MAX_PENDING_BYTES + pong.len(),
+            "{waiting} bytes wait"
+        );
+    }
+
+    /// Once the connection is closing, no live frame goes out after the close frame.
+    #[tokio::test]
+    async fn nothing_is_taken_after_the_close_begins() {
+        let (server, client) = tcp_pair().await;
+        let outbox = Outbox::new(server, 100);
+        outbox.start(Subscription::new(0));
+        outbox.release().expect("released");
+        outbox.offer(&[frame(1, "before")]).expect("written");
+        outbox.closing();
+        outbox
+            .write_bytes(Bytes::from_static(&[0x88, 0x02, 0x03, 0xe9]))
+            .expect("close frame");
+        outbox.offer(&[frame(2, "after")]).expect("ignored");
+        let mut client = client_of(client).await;
+        assert_eq!(next_text(&mut client).await, "before");
+        match client.next().await.expect("open").expect("valid") {
+            Message::Close(Some(close)) => assert_eq!(u16::from(close.code), 1001),
+            other => panic!("expected the close, got {other:?}"),
+        }
     }
 
     /// Abandoning a connection lets its backlog go but finishes a frame already begun,
@@ -464,12 +630,20 @@ pub(super) mod tests {
     #[tokio::test]
     async fn an_abandoned_backlog_ends_on_a_whole_frame() {
         let (server, client) = tcp_pair().await;
-        let outbox = Outbox::new(server, 1_000_000);
+        let outbox = Outbox::new(server, 1_000);
         outbox.start(Subscription::new(0));
         outbox.release().expect("released");
         let payload = "z".repeat(100_000);
-        for id in 1..=50 {
-            outbox.offer(&[frame(id, &payload)]).expect("queued");
+        // until frames wait beyond what the kernel took, then a few more
+        let mut total = 0;
+        while outbox.progress_at().is_none() {
+            total += 1;
+            outbox.offer(&[frame(total, &payload)]).expect("queued");
+            assert!(total < 10_000, "the socket never filled");
+        }
+        for _ in 0..20 {
+            total += 1;
+            outbox.offer(&[frame(total, &payload)]).expect("queued");
         }
         outbox.abandon();
         let mut io = ConnIo::new(Arc::clone(&outbox), Bytes::new());
@@ -504,7 +678,10 @@ pub(super) mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
-        assert!(texts < 50, "the backlog was let go ({texts} of 50 arrived)");
+        assert!(
+            texts < total,
+            "the backlog was let go ({texts} of {total} arrived)"
+        );
         drain.await.expect("drain task").expect("drained");
     }
 }

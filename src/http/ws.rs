@@ -128,7 +128,7 @@ pub async fn upgrade(
             Err(err) => {
                 tracing::error!(error = %crate::error::error_chain(&err), "could not attach a websocket");
                 let mut socket = socket;
-                let _ = close(&mut socket, CloseCode::Error, "backend_error").await;
+                let _ = close(&mut socket, &outbox, CloseCode::Error, "backend_error").await;
                 return;
             }
         };
@@ -261,24 +261,23 @@ async fn drive(
     let expired = tokio::time::sleep_until(token_expires);
     tokio::pin!(shutting_down, kicked_out, expired, idle);
     loop {
-        // frames the socket could not take at once wait in the outbox; past the write
-        // timeout without the peer reading them, it counts as stuck
-        let waiting_since = outbox.pending_since();
+        // frames the socket could not take at once wait in the outbox; when the peer
+        // has read none of them for the write timeout, it counts as stuck (checked
+        // here too: a busy select might not get to its timer)
+        let waiting_since = outbox.progress_at();
         let stuck_at = waiting_since.map_or(token_expires, |since| since + WRITE_TIMEOUT);
+        if waiting_since.is_some() && tokio::time::Instant::now() >= stuck_at {
+            return kick(&mut socket, outbox).await;
+        }
         tokio::select! {
             biased;
             _ = &mut shutting_down => {
-                let _ = close(&mut socket, CloseCode::Away, "server shutting down").await;
+                let _ = close(&mut socket, outbox, CloseCode::Away, "server shutting down").await;
                 return End::Shutdown;
             }
-            _ = &mut kicked_out => {
-                // what waits is let go: the client resumes from the last id it got
-                outbox.abandon();
-                let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "client too slow; resume with last_event_id").await;
-                return End::SlowConsumer;
-            }
+            _ = &mut kicked_out => return kick(&mut socket, outbox).await,
             _ = &mut expired => {
-                let _ = close(&mut socket, CloseCode::from(CLOSE_TOKEN_EXPIRED), "token expired; reconnect with a fresh token and last_event_id").await;
+                let _ = close(&mut socket, outbox, CloseCode::from(CLOSE_TOKEN_EXPIRED), "token expired; reconnect with a fresh token and last_event_id").await;
                 return End::TokenExpired;
             }
             incoming = socket.next() => {
@@ -286,7 +285,7 @@ async fn drive(
                     Some(Ok(message)) => message,
                     Some(Err(err)) => {
                         if let Some((code, reason)) = protocol_close(&err) {
-                            let _ = close(&mut socket, code, reason).await;
+                            let _ = close(&mut socket, outbox, code, reason).await;
                             return End::ProtocolError;
                         }
                         return End::Broken;
@@ -299,22 +298,23 @@ async fn drive(
                         match serde_json::from_str::<ClientFrame>(raw.as_str()) {
                             Ok(ClientFrame::Ping) => {
                                 let pong = crate::hub::control_json(&ControlFrame::Pong);
-                                if send_now(&mut socket, text(pong)).await.is_err() {
-                                    return End::Broken;
+                                if let Err(failed) = send_now(&mut socket, &kicked, text(pong)).await {
+                                    return failed.end(&mut socket, outbox).await;
                                 }
                             }
                             Ok(ClientFrame::Subscribe { project_ids }) => outbox.narrow_to(project_ids),
                             Err(_) => {
                                 let error = serde_json::json!({"type": "error", "error": "invalid_request", "message": "unknown or malformed frame"});
-                                if send_now(&mut socket, text(Bytes::from(error.to_string()))).await.is_err() {
-                                    return End::Broken;
+                                if let Err(failed) = send_now(&mut socket, &kicked, text(Bytes::from(error.to_string()))).await {
+                                    return failed.end(&mut socket, outbox).await;
                                 }
                             }
                         }
                     }
                     Message::Close(_) => {
                         // tungstenite queued the reply (an echo, or 1002 for a close code
-                        // the peer may not send): send it before going
+                        // the peer may not send): send it before going, and nothing after
+                        outbox.closing();
                         let _ = tokio::time::timeout(WRITE_TIMEOUT, socket.flush()).await;
                         return End::ClientClosed;
                     }
@@ -341,15 +341,15 @@ async fn drive(
                     Err(EngineError::ReplayGap) => {
                         // the history moved past this replay: the client must resync
                         let resync = crate::hub::control_json(&ControlFrame::ResyncRequired);
-                        if send_now(&mut socket, text(resync)).await.is_err() {
-                            return End::Broken;
+                        if let Err(failed) = send_now(&mut socket, &kicked, text(resync)).await {
+                            return failed.end(&mut socket, outbox).await;
                         }
-                        let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "history moved on; resync").await;
+                        let _ = close(&mut socket, outbox, CloseCode::from(CLOSE_SLOW_CONSUMER), "history moved on; resync").await;
                         return End::SlowConsumer;
                     }
                     Err(err) => {
                         tracing::warn!(error = %crate::error::error_chain(&err), "replay read failed; the client resumes");
-                        let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "replay interrupted; resume with last_event_id").await;
+                        let _ = close(&mut socket, outbox, CloseCode::from(CLOSE_SLOW_CONSUMER), "replay interrupted; resume with last_event_id").await;
                         return End::SlowConsumer;
                     }
                 }
@@ -361,18 +361,14 @@ async fn drive(
             }
             // the dispatcher queued what the socket could not take: look again
             _ = outbox.queued() => {}
-            _ = tokio::time::sleep_until(stuck_at), if waiting_since.is_some() => {
-                outbox.abandon();
-                let _ = close(&mut socket, CloseCode::from(CLOSE_SLOW_CONSUMER), "client too slow; resume with last_event_id").await;
-                return End::SlowConsumer;
-            }
+            _ = tokio::time::sleep_until(stuck_at), if waiting_since.is_some() => {}
             _ = &mut idle => {
-                let _ = close(&mut socket, CloseCode::Away, "no traffic from the client").await;
+                let _ = close(&mut socket, outbox, CloseCode::Away, "no traffic from the client").await;
                 return End::Idle;
             }
             _ = pinger.tick() => {
-                if send_now(&mut socket, Message::Ping(Bytes::new())).await.is_err() {
-                    return End::Broken;
+                if let Err(failed) = send_now(&mut socket, &kicked, Message::Ping(Bytes::new())).await {
+                    return failed.end(&mut socket, outbox).await;
                 }
             }
         }
@@ -388,18 +384,64 @@ async fn next_page(
     }
 }
 
-async fn send_now(socket: &mut WebSocketStream<ConnIo>, message: Message) -> Result<(), ()> {
-    match tokio::time::timeout(WRITE_TIMEOUT, socket.send(message)).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
+/// Why a write of the socket's own did not go out.
+enum SendFailed {
+    /// the connection is gone
+    Broken,
+    /// the peer has not read for the write timeout, or the hub kicked it meanwhile
+    Stuck,
+}
+
+impl SendFailed {
+    async fn end(self, socket: &mut WebSocketStream<ConnIo>, outbox: &Outbox) -> End {
+        match self {
+            SendFailed::Broken => End::Broken,
+            SendFailed::Stuck => kick(socket, outbox).await,
+        }
     }
 }
 
+/// Writes `message` and waits until it is out (behind whatever waited before it),
+/// giving up when the hub kicks the connection meanwhile or the write times out.
+async fn send_now(
+    socket: &mut WebSocketStream<ConnIo>,
+    kicked: &CancellationToken,
+    message: Message,
+) -> Result<(), SendFailed> {
+    tokio::select! {
+        biased;
+        _ = kicked.cancelled() => Err(SendFailed::Stuck),
+        sent = tokio::time::timeout(WRITE_TIMEOUT, socket.send(message)) => match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(SendFailed::Broken),
+            Err(_) => Err(SendFailed::Stuck),
+        },
+    }
+}
+
+/// The connection fell too far behind (or stopped reading): what waits for it is let
+/// go and it is closed with 4008; it resumes from the last id it got.
+async fn kick(socket: &mut WebSocketStream<ConnIo>, outbox: &Outbox) -> End {
+    outbox.abandon();
+    let _ = close(
+        socket,
+        outbox,
+        CloseCode::from(CLOSE_SLOW_CONSUMER),
+        "client too slow; resume with last_event_id",
+    )
+    .await;
+    End::SlowConsumer
+}
+
+/// Sends a close frame (after what already waits, and with no live frame after it)
+/// and waits briefly for the peer's.
 async fn close(
     socket: &mut WebSocketStream<ConnIo>,
+    outbox: &Outbox,
     code: CloseCode,
     reason: &'static str,
 ) -> Result<(), ()> {
+    outbox.closing();
     let frame = CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),

@@ -232,8 +232,7 @@ impl Hub {
     /// Hands a batch of live events to their users' connections, in order. Ids are
     /// contiguous per user: one past the next expected means the feed skipped some (a
     /// resubscription raced a publish); they are in the history, and go out first
-    /// (not while a connection is still attaching: its opening covers what came
-    /// before, and `known` is set when it is done).
+    /// (see [`Hub::known_of`] for when the check applies).
     async fn deliver(&self, batch: Vec<Event>) {
         let mut run: Vec<Event> = Vec::with_capacity(batch.len());
         let mut in_run: HashMap<String, EventId> = HashMap::new();
@@ -288,14 +287,16 @@ impl Hub {
         }
     }
 
-    /// The newest event id this node has handed to `user`'s connections (None when it
-    /// holds none of theirs, or one of them is still attaching).
+    /// The newest event id this node has handed to `user`'s connections (None when
+    /// none of theirs is attached yet: a first connection's opening covers what came
+    /// before it, and `known` is set when it is done). A connection still attaching
+    /// beside live ones does not turn the check off for those.
     fn known_of(&self, user: &str) -> Option<EventId> {
         self.connections
             .read()
             .expect("hub lock is never poisoned")
             .get(user)
-            .filter(|of_user| of_user.attaching.load(Ordering::Acquire) == 0)
+            .filter(|of_user| of_user.list.len() as u64 > of_user.attaching.load(Ordering::Acquire))
             .map(|of_user| of_user.known.load(Ordering::Acquire))
     }
 
@@ -613,6 +614,8 @@ mod tests {
     struct Skipping {
         inner: Arc<crate::engine::embedded::EmbeddedEngine>,
         live: broadcast::Sender<Live>,
+        /// while set, `latest` waits for it (holds an attach in its opening)
+        hold_latest: std::sync::Mutex<Option<Arc<tokio::sync::Notify>>>,
     }
 
     #[async_trait::async_trait]
@@ -636,6 +639,14 @@ mod tests {
             self.inner.after(user, after, limit).await
         }
         async fn latest(&self, user: &str) -> Result<EventId, EngineError> {
+            let hold = self
+                .hold_latest
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone();
+            if let Some(hold) = hold {
+                hold.notified().await;
+            }
             self.inner.latest(user).await
         }
     }
@@ -663,6 +674,7 @@ mod tests {
         let log = Arc::new(Skipping {
             inner,
             live: live.clone(),
+            hold_latest: std::sync::Mutex::new(None),
         });
         let hub = Hub::new(log.clone(), 64);
         let stop = CancellationToken::new();
@@ -705,6 +717,47 @@ mod tests {
             }
         }
         assert_eq!(ids, vec![2, 3, 4, 5]);
+        stop.cancel();
+    }
+
+    /// A second connection attaching must not turn the gap check off for the first:
+    /// an id the live feed skips meanwhile still reaches the connection already live.
+    #[tokio::test]
+    async fn a_skipped_id_reaches_a_live_connection_while_another_attaches() {
+        let (_dir, log, live, hub, stop) = skipping_hub(100);
+        log.publish("u", stage(1)).await.expect("publish");
+        let (sink, mut first_queue) = channel_sink();
+        let mut first = hub.attach("u", None, None, sink).await.expect("attach");
+        // the second connection's attach waits inside its opening
+        let gate = Arc::new(tokio::sync::Notify::new());
+        *log.hold_latest.lock().expect("lock") = Some(Arc::clone(&gate));
+        let (second_sink, _second_queue) = channel_sink();
+        let attaching = {
+            let hub = Arc::clone(&hub);
+            tokio::spawn(async move { hub.attach("u", None, None, second_sink).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        for n in 2..=4 {
+            let event = log.publish("u", stage(n)).await.expect("publish");
+            // the feed loses id 3
+            if event.id != 3 {
+                let _ = live.send(Live::Event(event));
+            }
+        }
+        let mut ids = Vec::new();
+        while ids.len() < 3 {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(5), first_queue.recv())
+                .await
+                .expect("in time: no id lost")
+                .expect("a frame");
+            if first.subscription.admit(&frame) {
+                ids.push(frame.id);
+            }
+        }
+        assert_eq!(ids, vec![2, 3, 4]);
+        *log.hold_latest.lock().expect("lock") = None;
+        gate.notify_one();
+        attaching.await.expect("task").expect("attached");
         stop.cancel();
     }
 

@@ -221,7 +221,7 @@ fn sync_once(
                     .and_then(|name| name.to_str())
                     .is_some_and(|name| name.starts_with(&commit_hex[..12])) =>
         {
-            Some(match watched(current) {
+            Some(match watched(current, index) {
                 Seen::Untouched => SnapshotCheck::Watched,
                 Seen::Touched(_) => SnapshotCheck::Touched,
                 Seen::Unknown if verify_under_watch(index, current) => SnapshotCheck::StatPass,
@@ -256,21 +256,37 @@ fn sync_once(
     // the previous tree's unchanged files are linked, not written: on the watch's word
     // where it vouches for them (no stat each; a path it saw touched is written anew,
     // as an edit can keep a file's size and time), else by git's stat test
-    let reuse = previous_index
-        .as_ref()
-        .zip(previous_tree.as_deref())
-        .map(|(index, dir)| Reuse {
-            dir,
-            index,
-            trust: match watched(dir) {
-                Seen::Untouched => Trust::Watched(Default::default()),
-                Seen::Touched(paths) => Trust::Watched(paths),
-                Seen::Unknown => Trust::StatTest,
-            },
-        });
-    let written = checkout(
+    let source = previous_index.as_ref().zip(previous_tree.as_deref());
+    let trust_of = |index: &gix::index::File, dir: &std::path::Path| match watched(dir, index) {
+        Seen::Untouched => Trust::Watched(Default::default()),
+        Seen::Touched(paths) => Trust::Watched(paths),
+        Seen::Unknown => Trust::StatTest,
+    };
+    let reuse = source.map(|(index, dir)| Reuse {
+        dir,
+        index,
+        trust: trust_of(index, dir),
+    });
+    let linked_on_trust = reuse.as_ref().and_then(|reuse| match &reuse.trust {
+        Trust::Watched(touched) => Some(touched.clone()),
+        Trust::StatTest => None,
+    });
+    let mut written = checkout(
         &repo, commit, &snapshot, &git_dir, reuse, progress, interrupt,
     );
+    // files linked on the watch's word must not have changed before they were linked
+    // (a file replaced meanwhile would be linked as it is now): the watch is asked
+    // again, and if it saw anything new the tree is written without links
+    if written.is_ok()
+        && let (Some(touched), Some((index, dir))) = (&linked_on_trust, source)
+        && !matches!(trust_of(index, dir), Trust::Watched(now) if now == *touched)
+    {
+        tracing::warn!(project_id = %spec.project, "the mirror's tree changed during the sync; writing every file");
+        let _ = remove_if_exists(&snapshot);
+        written = checkout(
+            &repo, commit, &snapshot, &git_dir, None, progress, interrupt,
+        );
+    }
     if let Err(err) = written {
         let _ = remove_if_exists(&snapshot);
         return Err(err);
@@ -328,9 +344,12 @@ fn sync_once(
     })
 }
 
-/// What this process's watch knows of `snapshot` ([`watch::Seen`]).
-fn watched(snapshot: &std::path::Path) -> Seen {
-    watch::watcher().map_or(Seen::Unknown, |watcher| watcher.seen(snapshot))
+/// What this process's watch knows of `snapshot` as `index` records it
+/// ([`watch::Seen`]).
+fn watched(snapshot: &std::path::Path, index: &gix::index::File) -> Seen {
+    watch::watcher().map_or(Seen::Unknown, |watcher| {
+        watcher.seen(snapshot, index.checksum())
+    })
 }
 
 /// The stat pass, with the snapshot's directories watched from before it starts: when
@@ -339,7 +358,11 @@ fn watched(snapshot: &std::path::Path) -> Seen {
 fn verify_under_watch(index: &gix::index::File, snapshot: &std::path::Path) -> bool {
     let armed = watch::watcher().and_then(|watcher| {
         watcher
-            .arm(snapshot, &watch::directories(index, snapshot))
+            .arm(
+                snapshot,
+                &watch::directories(index, snapshot),
+                index.checksum(),
+            )
             .map(|armed| (watcher, armed))
     });
     let exact = snapshot_is_exact(index, snapshot);
@@ -371,7 +394,11 @@ fn verify_in_background(index: gix::index::File, snapshot: PathBuf) {
             .name("hivesync-verify".into())
             .spawn(move || {
                 for (index, snapshot) in receiver {
-                    verify_under_watch(&index, &snapshot);
+                    // a sync verified it itself while this waited: its watch stands
+                    let done = watch::watcher().is_some_and(|w| w.is_watched(&snapshot));
+                    if !done {
+                        verify_under_watch(&index, &snapshot);
+                    }
                 }
             })
             .ok()

@@ -97,7 +97,7 @@ pub(crate) enum Seen {
 const MAX_TOUCHED: usize = 1024;
 
 /// What changed in a snapshot since its watches were set.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 enum Changes {
     #[default]
     None,
@@ -157,6 +157,9 @@ struct State {
 
 struct Watched {
     wds: Vec<i32>,
+    /// the index (its checksum) the stat pass compared the snapshot with: the watch
+    /// vouches for the snapshot as that index records it, and no other
+    index: Option<gix::ObjectId>,
     /// which arming these watches are: a pass that began under another one does not
     /// vouch for these
     armed: Armed,
@@ -185,15 +188,17 @@ impl Watcher {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// What the watch knows of `snapshot`. Every event the kernel queued before this
-    /// call is read first, so a change that finished before it is seen.
-    pub(crate) fn seen(&self, snapshot: &Path) -> Seen {
+    /// What the watch knows of `snapshot`, as `index` (its checksum) records it: a
+    /// snapshot verified against another index (one a failed sync left written) is
+    /// not vouched for. Every event the kernel queued before this call is read first,
+    /// so a change that finished before it is seen.
+    pub(crate) fn seen(&self, snapshot: &Path, index: Option<gix::ObjectId>) -> Seen {
         let mut state = self.lock();
         self.drain(&mut state);
         state.clock += 1;
         let now = state.clock;
         match state.snapshots.get_mut(snapshot) {
-            Some(watched) if watched.verified => {
+            Some(watched) if watched.verified && index.is_some() && watched.index == index => {
                 watched.used = now;
                 match &watched.changes {
                     Changes::None => Seen::Untouched,
@@ -207,16 +212,34 @@ impl Watcher {
 
     #[cfg(test)]
     fn untouched(&self, snapshot: &Path) -> bool {
-        self.seen(snapshot) == Seen::Untouched
+        self.seen(snapshot, tests::INDEX) == Seen::Untouched
+    }
+
+    /// Whether `snapshot` has watches set (verified or being verified).
+    pub(crate) fn is_watched(&self, snapshot: &Path) -> bool {
+        let mut state = self.lock();
+        self.drain(&mut state);
+        state.snapshots.contains_key(snapshot)
     }
 
     /// Sets a watch on each of `dirs` (every directory of `snapshot`, itself included)
-    /// before the caller's stat pass, dropping any earlier watch of it. `None` when
-    /// they could not all be set (over the budget, or the kernel's limit): nothing is
-    /// left watched then.
-    pub(crate) fn arm(&self, snapshot: &Path, dirs: &[PathBuf]) -> Option<Armed> {
+    /// before the caller's stat pass against `index`, replacing any earlier watch of
+    /// it but keeping what that one saw change (a stat pass cannot unsee an edit that
+    /// kept a file's size and time). `None` when they could not all be set (over the
+    /// budget, or the kernel's limit): nothing is left watched then.
+    pub(crate) fn arm(
+        &self,
+        snapshot: &Path,
+        dirs: &[PathBuf],
+        index: Option<gix::ObjectId>,
+    ) -> Option<Armed> {
         let mut state = self.lock();
         self.drain(&mut state);
+        let carried = state
+            .snapshots
+            .get(snapshot)
+            .map(|watched| watched.changes.clone())
+            .unwrap_or_default();
         self.remove(&mut state, snapshot);
         let budget = self.budget.unwrap_or_else(budget);
         if dirs.is_empty() || dirs.len() > budget {
@@ -263,9 +286,10 @@ impl Watcher {
             snapshot.to_path_buf(),
             Watched {
                 wds,
+                index,
                 armed,
                 verified: false,
-                changes: Changes::None,
+                changes: carried,
                 used,
             },
         );
@@ -416,6 +440,10 @@ pub(crate) fn directories(index: &gix::index::File, snapshot: &Path) -> Vec<Path
 mod tests {
     use super::*;
 
+    /// The index the tests' snapshots are verified against.
+    pub(super) const INDEX: Option<gix::ObjectId> =
+        Some(gix::ObjectId::null(gix::hash::Kind::Sha1));
+
     fn tree() -> (tempfile::TempDir, PathBuf, Vec<PathBuf>) {
         let dir = tempfile::tempdir().expect("temp dir");
         let snapshot = dir.path().join("snap");
@@ -432,7 +460,7 @@ mod tests {
 
     fn watched(snapshot: &Path, dirs: &[PathBuf]) -> Watcher {
         let watcher = Watcher::new().expect("inotify");
-        let armed = watcher.arm(snapshot, dirs).expect("armed");
+        let armed = watcher.arm(snapshot, dirs, INDEX).expect("armed");
         assert!(
             !watcher.untouched(snapshot),
             "armed but not verified is not untouched"
@@ -511,7 +539,7 @@ mod tests {
         let watcher = watched(&snapshot, &dirs);
         std::fs::write(snapshot.join("src/deep/lib.rs"), "edited").expect("edit");
         std::fs::write(snapshot.join("planted"), "x").expect("plant");
-        let Seen::Touched(paths) = watcher.seen(&snapshot) else {
+        let Seen::Touched(paths) = watcher.seen(&snapshot, INDEX) else {
             panic!("touched");
         };
         assert_eq!(
@@ -522,7 +550,7 @@ mod tests {
         assert!(!is_touched(&paths, "src/deep/lib.rs.orig"));
         assert!(!is_touched(&paths, "README"));
         std::fs::remove_dir_all(snapshot.join("src/deep")).expect("rm -r");
-        let Seen::Touched(paths) = watcher.seen(&snapshot) else {
+        let Seen::Touched(paths) = watcher.seen(&snapshot, INDEX) else {
             panic!("touched");
         };
         assert!(
@@ -547,7 +575,7 @@ mod tests {
             .and_then(|f| f.set_modified(modified))
             .expect("time put back");
         assert_eq!(
-            watcher.seen(&snapshot),
+            watcher.seen(&snapshot, INDEX),
             Seen::Touched(BTreeSet::from(["README".to_owned()]))
         );
     }
@@ -580,10 +608,40 @@ mod tests {
     fn a_change_between_arming_and_verifying_still_counts() {
         let (_dir, snapshot, dirs) = tree();
         let watcher = Watcher::new().expect("inotify");
-        let armed = watcher.arm(&snapshot, &dirs).expect("armed");
+        let armed = watcher.arm(&snapshot, &dirs, INDEX).expect("armed");
         std::fs::write(snapshot.join("planted"), "x").expect("plant");
         watcher.verified(&snapshot, armed);
         assert!(!watcher.untouched(&snapshot));
+    }
+
+    /// A snapshot is vouched for only as the index it was verified against records it:
+    /// a sync that failed after writing a new index leaves the old tree current, and
+    /// the watch must not vouch for it against the new index.
+    #[test]
+    fn the_watch_vouches_only_against_the_index_it_verified_with() {
+        let (_dir, snapshot, dirs) = tree();
+        let watcher = watched(&snapshot, &dirs);
+        assert_eq!(watcher.seen(&snapshot, INDEX), Seen::Untouched);
+        let other = Some(gix::ObjectId::empty_tree(gix::hash::Kind::Sha1));
+        assert_eq!(watcher.seen(&snapshot, other), Seen::Unknown);
+        assert_eq!(watcher.seen(&snapshot, None), Seen::Unknown);
+    }
+
+    /// Arming again (a background pass queued behind a sync's own) keeps what the
+    /// earlier arming saw change: its stat pass could not see an edit that kept size
+    /// and time.
+    #[test]
+    fn arming_again_keeps_what_was_seen_changed() {
+        let (_dir, snapshot, dirs) = tree();
+        let watcher = watched(&snapshot, &dirs);
+        std::fs::write(snapshot.join("README"), "HELLO\n").expect("same size");
+        assert!(matches!(watcher.seen(&snapshot, INDEX), Seen::Touched(_)));
+        let armed = watcher.arm(&snapshot, &dirs, INDEX).expect("armed again");
+        watcher.verified(&snapshot, armed);
+        assert_eq!(
+            watcher.seen(&snapshot, INDEX),
+            Seen::Touched(BTreeSet::from(["README".to_owned()]))
+        );
     }
 
     /// A pass begun under one arming (a background verification) that ends after the
@@ -592,8 +650,8 @@ mod tests {
     fn a_pass_from_an_earlier_arming_does_not_vouch_for_a_later_one() {
         let (_dir, snapshot, dirs) = tree();
         let watcher = Watcher::new().expect("inotify");
-        let first = watcher.arm(&snapshot, &dirs).expect("armed");
-        let second = watcher.arm(&snapshot, &dirs).expect("armed again");
+        let first = watcher.arm(&snapshot, &dirs, INDEX).expect("armed");
+        let second = watcher.arm(&snapshot, &dirs, INDEX).expect("armed again");
         watcher.verified(&snapshot, first);
         assert!(!watcher.untouched(&snapshot));
         watcher.failed(&snapshot, first);
@@ -610,11 +668,11 @@ mod tests {
             budget: Some(4),
             ..Watcher::new().expect("inotify")
         };
-        let armed = watcher.arm(&first, &first_dirs).expect("armed");
+        let armed = watcher.arm(&first, &first_dirs, INDEX).expect("armed");
         watcher.verified(&first, armed);
         assert_eq!(watcher.watching(), 3);
         // three more do not fit beside the first three: the first is evicted
-        let armed = watcher.arm(&second, &second_dirs).expect("armed");
+        let armed = watcher.arm(&second, &second_dirs, INDEX).expect("armed");
         watcher.verified(&second, armed);
         assert!(!watcher.untouched(&first), "evicted");
         assert!(watcher.untouched(&second));
@@ -622,7 +680,7 @@ mod tests {
         let mut six = second_dirs.clone();
         six.extend(first_dirs.iter().cloned());
         assert!(
-            watcher.arm(&first, &six).is_none(),
+            watcher.arm(&first, &six, INDEX).is_none(),
             "more directories than the budget"
         );
         assert!(!watcher.untouched(&first));

@@ -14,7 +14,7 @@
 //! [`client`] is one socket, [`publisher`] how events get in, [`rig`] the processes
 //! under test, [`tally`] what the clients add up.
 
-mod client;
+mod lean;
 mod publisher;
 mod rig;
 mod tally;
@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use client::{open_client, run_client};
 use publisher::user_name;
 pub use publisher::{embedded_hub, redis_publisher};
 pub use rig::PrivateRedis;
@@ -79,29 +78,42 @@ pub fn target_name(target: Target) -> &'static str {
     }
 }
 
-/// `--target redis-cluster`: the same load on one Redis and on a 3-master cluster in
-/// one invocation, alternating (single, cluster, single, …) for `rounds` rounds, with
-/// the cluster's medians as ratios of the single Redis's medians.
-pub async fn run_beside_single(
+/// The same load on `load.target` and on `peer`, in one invocation, for `rounds`
+/// rounds, alternating which goes first (target then peer, then peer then target, …),
+/// with the target's medians as ratios of the peer's. `--target redis-cluster` alone
+/// has one Redis as its peer.
+pub async fn run_against_peer(
     hub_binary: &Path,
     load: Load,
+    peer: Target,
     rounds: usize,
 ) -> Result<Value, String> {
-    let mut singles = Vec::new();
-    let mut clusters = Vec::new();
-    for round in 1..=rounds.max(1) {
-        eprintln!("round {round} of {rounds}: single Redis, then the cluster");
-        singles.push(
-            run(
-                hub_binary,
-                Load {
-                    target: Target::Redis,
-                    ..load.clone()
-                },
-            )
-            .await?,
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    let peer_load = Load {
+        target: peer,
+        ..load.clone()
+    };
+    let rounds = rounds.max(1);
+    for round in 1..=rounds {
+        let (first, second) = if round % 2 == 1 {
+            (&load, &peer_load)
+        } else {
+            (&peer_load, &load)
+        };
+        eprintln!(
+            "round {round} of {rounds}: {}, then {}",
+            target_name(first.target),
+            target_name(second.target)
         );
-        clusters.push(run(hub_binary, load.clone()).await?);
+        for one in [first, second] {
+            let result = run(hub_binary, one.clone()).await?;
+            if std::ptr::eq(one, &load) {
+                ours.push(result);
+            } else {
+                theirs.push(result);
+            }
+        }
     }
     let median = |runs: &[Value], path: &[&str]| -> Option<f64> {
         let mut values: Vec<f64> = runs
@@ -140,13 +152,13 @@ pub async fn run_beside_single(
         ),
         ("redis_cpu_seconds", &["redis_cpu_seconds"]),
     ];
-    let mut single_medians = serde_json::Map::new();
-    let mut cluster_medians = serde_json::Map::new();
+    let mut peer_medians = serde_json::Map::new();
+    let mut target_medians = serde_json::Map::new();
     let mut ratios = serde_json::Map::new();
     for (name, path) in metrics {
-        let (a, b) = (median(&clusters, path), median(&singles, path));
-        single_medians.insert(name.into(), json!(b));
-        cluster_medians.insert(name.into(), json!(a));
+        let (a, b) = (median(&ours, path), median(&theirs, path));
+        peer_medians.insert(name.into(), json!(b));
+        target_medians.insert(name.into(), json!(a));
         ratios.insert(
             name.into(),
             match (a, b) {
@@ -155,29 +167,39 @@ pub async fn run_beside_single(
             },
         );
     }
+    let (ours_name, peer_name) = (target_name(load.target), target_name(peer));
     println!("\nmedians of {rounds} alternated round(s)");
-    println!("| metric | single Redis | 3-master cluster | cluster / single |");
+    println!("| metric | {peer_name} | {ours_name} | {ours_name} / {peer_name} |");
     println!("|---|---|---|---|");
+    let shown = |value: &Value| match value.as_f64() {
+        Some(number) if number.abs() >= 100.0 => format!("{number:.0}"),
+        Some(number) => format!("{number:.3}"),
+        None => "—".to_owned(),
+    };
     for (name, _) in metrics {
         println!(
             "| {name} | {} | {} | {} |",
-            single_medians[name], cluster_medians[name], ratios[name]
+            shown(&peer_medians[name]),
+            shown(&target_medians[name]),
+            shown(&ratios[name])
         );
     }
     let total = |runs: &[Value], key: &str| -> u64 {
         runs.iter().filter_map(|run| run[key].as_u64()).sum()
     };
-    let lost = total(&singles, "lost") + total(&clusters, "lost");
-    let duplicated = total(&singles, "duplicated") + total(&clusters, "duplicated");
+    let lost = total(&ours, "lost") + total(&theirs, "lost");
+    let duplicated = total(&ours, "duplicated") + total(&theirs, "duplicated");
     Ok(json!({
         "scenario": "fanout",
-        "target": "redis-cluster",
+        "target": ours_name,
+        "peer": peer_name,
         "rounds": rounds,
-        "single_redis_runs": singles,
-        "cluster_runs": clusters,
-        "single_redis_medians": single_medians,
-        "cluster_medians": cluster_medians,
-        "cluster_over_single": ratios,
+        "order": "target first in odd rounds, peer first in even rounds",
+        "target_runs": ours,
+        "peer_runs": theirs,
+        "target_medians": target_medians,
+        "peer_medians": peer_medians,
+        "target_over_peer": ratios,
         "lost": lost,
         "duplicated": duplicated,
     }))
@@ -199,54 +221,31 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         load.users,
         rig.urls.len()
     );
-    let client_urls: Vec<String> = (0..load.sockets)
+    let specs: Vec<lean::Spec> = (0..load.sockets)
         .map(|i| {
-            let user = i % load.users;
-            let base = &rig.urls[i % rig.urls.len()];
-            match load.target {
-                Target::Socketio => format!("{base}&user={user}"),
-                _ => format!("{base}?access_token={}", tokens[user]),
-            }
-        })
-        .collect();
-    let mut clients = Vec::with_capacity(load.sockets);
-    let mut start_seq = vec![u64::MAX; load.users];
-    let mut opened = 0;
-    while opened < load.sockets {
-        let wave = 250.min(load.sockets - opened);
-        let batch = futures_util::future::join_all((opened..opened + wave).map(|i| {
             let user = i % load.users;
             let base = &rig.urls[i % rig.urls.len()];
             let url = match load.target {
                 Target::Socketio => format!("{base}&user={user}"),
                 _ => format!("{base}?access_token={}", tokens[user]),
             };
-            async move {
-                open_client(load.target, &url)
-                    .await
-                    .map(|opened| (i, user, opened))
-            }
-        }))
-        .await;
-        for result in batch {
-            let (i, user, (socket, last)) = result?;
-            start_seq[user] = start_seq[user].min(last);
-            let tally = Arc::clone(&tally);
-            let stop = Arc::clone(&stop);
-            clients.push(tokio::spawn(run_client(
-                load.target,
-                client_urls[i].clone(),
-                socket,
-                last,
-                i,
-                tally,
-                stop,
-            )));
-        }
-        opened += wave;
-        eprint!("\r  sockets open: {opened:>6} / {}", load.sockets);
+            lean::Spec { url, user }
+        })
+        .collect();
+    // the clients run on threads of their own, off this runtime, so the publisher's
+    // schedule is kept to the moment
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let started = {
+        let (tally, stop, target) = (Arc::clone(&tally), Arc::clone(&stop), load.target);
+        tokio::task::spawn_blocking(move || lean::start(target, specs, threads, tally, stop))
+            .await
+            .map_err(|e| e.to_string())??
+    };
+    let mut start_seq = vec![u64::MAX; load.users];
+    for (user, last) in &started.opened_last {
+        start_seq[*user] = start_seq[*user].min(*last);
     }
-    eprintln!();
+    let clients = started.threads;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // memory with every socket open, before any event, then sampled under the load
     let pids: Vec<u32> = rig.children.iter().filter_map(|child| child.id()).collect();
@@ -374,9 +373,19 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         .unwrap_or(rss_open)
         .max(rss_open);
     stop.store(true, Ordering::Relaxed);
-    let mut finals = Vec::with_capacity(clients.len());
-    for client in clients {
-        finals.push(client.await.unwrap_or(0));
+    let mut finals = vec![0u64; load.sockets];
+    let joined = tokio::task::spawn_blocking(move || {
+        clients
+            .into_iter()
+            .flat_map(|client| client.join().unwrap_or_default())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    for (index, last) in joined {
+        if let Some(slot) = finals.get_mut(index) {
+            *slot = last;
+        }
     }
 
     let received = tally.received();

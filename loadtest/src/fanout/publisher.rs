@@ -225,6 +225,44 @@ pub async fn redis_publisher(url: String, cluster: bool, socketio: bool) -> Resu
     };
     let publisher = Arc::new(publisher);
     println!("publisher ready");
+    // every line that is waiting goes out at once (one connection pipelines them),
+    // each user's in the order they came: Socket.IO clients check our numbering
+    let (lines_tx, mut lines_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(usize, u64, u64, bool)>();
+    let sender = tokio::spawn(async move {
+        while let Some(first) = lines_rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < 4096 {
+                match lines_rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            // one user's events one after another (their order is what a client
+            // checks), the users' side by side
+            let mut by_user: Vec<(usize, Vec<Line>)> = Vec::new();
+            for (user, seq, emitted, durable) in batch {
+                match by_user.iter_mut().find(|(of, _)| *of == user) {
+                    Some((_, events)) => events.push((seq, emitted, durable)),
+                    None => by_user.push((user, vec![(seq, emitted, durable)])),
+                }
+            }
+            let sends = by_user.into_iter().map(|(user, events)| {
+                let publisher = Arc::clone(&publisher);
+                async move {
+                    for (seq, emitted, durable) in events {
+                        publisher.publish(user, seq, emitted, durable).await?;
+                    }
+                    Ok::<(), String>(())
+                }
+            });
+            for result in futures_util::future::join_all(sends).await {
+                if let Err(err) = result {
+                    eprintln!("publish failed: {err}");
+                }
+            }
+        }
+    });
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let mut fields = line.split_whitespace().map(str::parse::<u64>);
@@ -233,18 +271,20 @@ pub async fn redis_publisher(url: String, cluster: bool, socketio: bool) -> Resu
         else {
             continue;
         };
-        let publisher = Arc::clone(&publisher);
-        tokio::spawn(async move {
-            if let Err(err) = publisher
-                .publish(user as usize, seq, emitted, durable == 1)
-                .await
-            {
-                eprintln!("publish failed: {err}");
-            }
-        });
+        if lines_tx
+            .send((user as usize, seq, emitted, durable == 1))
+            .is_err()
+        {
+            break;
+        }
     }
+    drop(lines_tx);
+    let _ = sender.await;
     Ok(json!({"scenario": "redis-publisher"}))
 }
+
+/// One event to publish: sequence, intended emit time, durable.
+type Line = (u64, u64, bool);
 
 pub(super) fn user_name(user: usize) -> String {
     format!("fan-{user}")

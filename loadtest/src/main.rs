@@ -54,9 +54,10 @@ enum Scenario {
         /// servers (hub or Socket.IO processes) on one Redis; redis and socketio only
         #[arg(long, default_value_t = 2)]
         hubs: usize,
-        /// rounds per second in the steady phase
-        #[arg(long, default_value_t = 50)]
-        rate: u64,
+        /// rounds per second in the steady phase (fractions allowed: 0.1 is one round
+        /// every 10 s)
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
         /// seconds of the steady phase
         #[arg(long, default_value_t = 10)]
         seconds: u64,
@@ -67,6 +68,9 @@ enum Scenario {
         /// ticks (which the embedded engine may commit without an fsync)
         #[arg(long)]
         durable: bool,
+        /// the run ends when every event arrived, or none did for this many seconds
+        #[arg(long, default_value_t = 3)]
+        drain_quiet_s: u64,
         /// rounds of (target, peer) alternating which goes first; medians and ratios
         #[arg(long, default_value_t = 1)]
         rounds: usize,
@@ -272,7 +276,7 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
 
 /// Raises this process's open-file limit (and so its children's) to `wanted`, or as
 /// far as it may: every socket is a file on both ends of a connection test.
-fn raise_fd_limit(wanted: u64) -> u64 {
+pub(crate) fn raise_fd_limit(wanted: u64) -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -325,9 +329,11 @@ async fn connections(cli: &Cli, count: usize, batch: usize) -> Result<serde_json
                 .addr
                 .parse()
                 .map_err(|_| format!("hub address {}", hub.addr));
-            // one loopback source address per 25,000 sockets: each (source, hub)
-            // pair has only the ephemeral port range (~28k) to use
-            let source = std::net::Ipv4Addr::new(127, 0, 0, 1 + ((first + n) / 25_000) as u8);
+            // one loopback source address per 10,000 sockets: each source has only
+            // the ephemeral port range (~28k) to bind from, less what the last run
+            // left in TIME_WAIT
+            let source =
+                std::net::Ipv4Addr::new(127, 0, 0, 1 + ((first + n) / 10_000).min(250) as u8);
             async move {
                 let request = url.into_client_request().map_err(|e| e.to_string())?;
                 let tcp = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
@@ -471,22 +477,29 @@ async fn main() -> std::process::ExitCode {
             durable,
             rounds,
             peer,
+            drain_quiet_s,
         } => {
             let load = fanout::Load {
                 target: *target,
                 sockets: *sockets,
                 users: (*users).clamp(1, (*sockets).max(1)),
                 hubs: (*hubs).max(1),
-                rate: (*rate).max(1),
+                rate: if rate.is_finite() {
+                    rate.max(0.001)
+                } else {
+                    1.0
+                },
                 seconds: *seconds,
                 burst: *burst,
                 durable: *durable,
+                drain_quiet: Duration::from_secs((*drain_quiet_s).max(1)),
             };
             let peer = peer
                 .or((load.target == fanout::Target::RedisCluster).then_some(fanout::Target::Redis));
-            match peer {
-                Some(peer) => fanout::run_against_peer(&cli.hub, load, peer, *rounds).await,
-                None => fanout::run(&cli.hub, load).await,
+            if peer.is_some() || *rounds > 1 {
+                fanout::run_rounds(&cli.hub, load, peer, *rounds).await
+            } else {
+                fanout::run(&cli.hub, load).await
             }
         }
         Scenario::Reads {

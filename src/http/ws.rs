@@ -37,7 +37,7 @@ pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 /// How long one batch of writes may take before the peer counts as stuck.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Client frames are small; the read buffer grows for the rare larger one.
-const READ_BUFFER: usize = 2 * 1024;
+const READ_BUFFER: usize = 512;
 
 fn socket_config() -> WebSocketConfig {
     WebSocketConfig::default()

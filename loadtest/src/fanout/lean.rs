@@ -45,12 +45,20 @@ pub(super) struct Spec {
     pub(super) user: usize,
 }
 
+/// The loopback source address of the `index`th socket: one per 10,000, since each
+/// source has only the ephemeral port range to bind from (less what the last run left
+/// in TIME_WAIT).
+fn source_of(index: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, 0, 0, 1 + (index / 10_000).min(250) as u8)
+}
+
 /// Frames of a socket this many bytes long at most are read whole at once.
 const READ_CHUNK: usize = 4096;
 
 struct Conn {
     stream: TcpStream,
     url: String,
+    source: std::net::Ipv4Addr,
     /// bytes read and not yet parsed, from `start`
     buf: Vec<u8>,
     start: usize,
@@ -140,12 +148,24 @@ fn split_url(url: &str) -> Result<(SocketAddr, String, String), String> {
     ))
 }
 
-/// Connects and upgrades, blocking; returns the socket, the bytes read past the
-/// response, and the last event id the server says the user has (0 for Socket.IO).
-fn open(target: Target, url: &str) -> Result<(std::net::TcpStream, Vec<u8>, u64), String> {
+/// Connects from `source` and upgrades, blocking; returns the socket, the bytes read
+/// past the response, and the last event id the server says the user has (0 for
+/// Socket.IO).
+fn open(
+    target: Target,
+    url: &str,
+    source: std::net::Ipv4Addr,
+) -> Result<(std::net::TcpStream, Vec<u8>, u64), String> {
     let (addr, host, path) = split_url(url)?;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(30))
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| e.to_string())?;
+    socket
+        .bind(&SocketAddr::from((source, 0)).into())
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    socket
+        .connect_timeout(&addr.into(), Duration::from_secs(30))
         .map_err(|e| format!("connect {url}: {e}"))?;
+    let mut stream: std::net::TcpStream = socket.into();
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -304,52 +324,64 @@ fn run_thread(
     };
     let mut conns: Vec<Conn> = Vec::with_capacity(share.len());
     let mut indexes = Vec::with_capacity(share.len());
+    let mut latencies = Latencies::new(shard);
+    let mut events = Events::with_capacity(1024);
     for (index, spec) in share {
-        match open(target, &spec.url).and_then(|(stream, buf, last)| {
+        let source = source_of(index);
+        match open(target, &spec.url, source).and_then(|(stream, buf, last)| {
             register(&poll, stream, conns.len()).map(|stream| (stream, buf, last))
         }) {
             Ok((stream, buf, last)) => {
                 let _ = opened.send(Ok((index, spec.user, last)));
+                let token = conns.len();
                 conns.push(Conn {
                     stream,
                     url: spec.url,
+                    source,
                     buf,
                     start: 0,
                     last,
                     done: false,
                 });
                 indexes.push(index);
+                // frames that came with the handshake
+                if let Some(conn) = conns.last_mut() {
+                    consume(target, conn, token, &poll, &tally, &mut latencies);
+                }
             }
             Err(err) => {
                 let _ = opened.send(Err(err));
                 return Vec::new();
             }
         }
+        // the sockets already open are served while the rest open (on a slow machine
+        // opening takes minutes, and a socket that answers no ping is dropped)
+        if conns.len() % 64 == 0 {
+            serve(
+                target,
+                &mut poll,
+                &mut events,
+                Duration::ZERO,
+                &mut conns,
+                &tally,
+                &mut latencies,
+                &stop,
+            );
+        }
     }
     drop(opened);
-    let mut latencies = Latencies::new(shard);
-    // frames already read with the handshake
-    for (token, conn) in conns.iter_mut().enumerate() {
-        consume(target, conn, token, &poll, &tally, &mut latencies);
-    }
-    let mut events = Events::with_capacity(1024);
     while !stop.load(Ordering::Relaxed) {
-        if let Err(err) = poll.poll(&mut events, Some(Duration::from_millis(100))) {
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            eprintln!("client poll failed: {err}");
+        if !serve(
+            target,
+            &mut poll,
+            &mut events,
+            Duration::from_millis(100),
+            &mut conns,
+            &tally,
+            &mut latencies,
+            &stop,
+        ) {
             break;
-        }
-        for event in events.iter() {
-            let token = event.token().0;
-            let Some(conn) = conns.get_mut(token) else {
-                continue;
-            };
-            if conn.done {
-                continue;
-            }
-            read_ready(target, conn, token, &poll, &tally, &mut latencies, &stop);
         }
     }
     latencies.flush(&tally);
@@ -358,6 +390,39 @@ fn run_thread(
         .zip(conns)
         .map(|(index, conn)| (index, conn.last))
         .collect()
+}
+
+/// One wait for ready sockets (at most `timeout`) and a read of each; `false` when
+/// polling failed.
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    target: Target,
+    poll: &mut Poll,
+    events: &mut Events,
+    timeout: Duration,
+    conns: &mut [Conn],
+    tally: &Tally,
+    latencies: &mut Latencies,
+    stop: &AtomicBool,
+) -> bool {
+    if let Err(err) = poll.poll(events, Some(timeout)) {
+        if err.kind() == io::ErrorKind::Interrupted {
+            return true;
+        }
+        eprintln!("client poll failed: {err}");
+        return false;
+    }
+    for event in events.iter() {
+        let token = event.token().0;
+        let Some(conn) = conns.get_mut(token) else {
+            continue;
+        };
+        if conn.done {
+            continue;
+        }
+        read_ready(target, conn, token, poll, tally, latencies, stop);
+    }
+    true
 }
 
 fn register(poll: &Poll, stream: std::net::TcpStream, token: usize) -> Result<TcpStream, String> {
@@ -503,7 +568,7 @@ fn closed(
         return;
     }
     let url = format!("{}&last_event_id={}", conn.url, conn.last);
-    match open(target, &url).and_then(|(stream, buf, from)| {
+    match open(target, &url, conn.source).and_then(|(stream, buf, from)| {
         register(poll, stream, token).map(|stream| (stream, buf, from))
     }) {
         Ok((stream, buf, from)) => {

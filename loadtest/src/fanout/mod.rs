@@ -48,12 +48,14 @@ pub struct Load {
     pub users: usize,
     pub hubs: usize,
     /// rounds per second in the steady phase; each round is one event per user
-    pub rate: u64,
+    pub rate: f64,
     pub seconds: u64,
     /// rounds published back to back after the steady phase
     pub burst: u64,
     /// stage changes (durably committed) instead of progress ticks
     pub durable: bool,
+    /// the drain ends when nothing arrived for this long
+    pub drain_quiet: Duration,
 }
 
 /// The servers' summed RSS, sampled every 200 ms while the sockets are open.
@@ -78,35 +80,32 @@ pub fn target_name(target: Target) -> &'static str {
     }
 }
 
-/// The same load on `load.target` and on `peer`, in one invocation, for `rounds`
-/// rounds, alternating which goes first (target then peer, then peer then target, …),
-/// with the target's medians as ratios of the peer's. `--target redis-cluster` alone
-/// has one Redis as its peer.
-pub async fn run_against_peer(
+/// The same load on `load.target` (and on `peer`, if one is named) for `rounds` rounds
+/// in one invocation, alternating which goes first (target then peer, then peer then
+/// target, …): the medians of each side, and the target's as ratios of the peer's.
+/// `--target redis-cluster` alone has one Redis as its peer.
+pub async fn run_rounds(
     hub_binary: &Path,
     load: Load,
-    peer: Target,
+    peer: Option<Target>,
     rounds: usize,
 ) -> Result<Value, String> {
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
-    let peer_load = Load {
+    let peer_load = peer.map(|peer| Load {
         target: peer,
         ..load.clone()
-    };
+    });
     let rounds = rounds.max(1);
     for round in 1..=rounds {
-        let (first, second) = if round % 2 == 1 {
-            (&load, &peer_load)
-        } else {
-            (&peer_load, &load)
+        let order: Vec<&Load> = match &peer_load {
+            Some(peer_load) if round % 2 == 1 => vec![&load, peer_load],
+            Some(peer_load) => vec![peer_load, &load],
+            None => vec![&load],
         };
-        eprintln!(
-            "round {round} of {rounds}: {}, then {}",
-            target_name(first.target),
-            target_name(second.target)
-        );
-        for one in [first, second] {
+        let names: Vec<&str> = order.iter().map(|one| target_name(one.target)).collect();
+        eprintln!("round {round} of {rounds}: {}", names.join(", then "));
+        for one in order {
             let result = run(hub_binary, one.clone()).await?;
             if std::ptr::eq(one, &load) {
                 ours.push(result);
@@ -167,22 +166,35 @@ pub async fn run_against_peer(
             },
         );
     }
-    let (ours_name, peer_name) = (target_name(load.target), target_name(peer));
-    println!("\nmedians of {rounds} alternated round(s)");
-    println!("| metric | {peer_name} | {ours_name} | {ours_name} / {peer_name} |");
-    println!("|---|---|---|---|");
+    let ours_name = target_name(load.target);
+    let peer_name = peer.map(target_name);
     let shown = |value: &Value| match value.as_f64() {
         Some(number) if number.abs() >= 100.0 => format!("{number:.0}"),
         Some(number) => format!("{number:.3}"),
         None => "—".to_owned(),
     };
-    for (name, _) in metrics {
-        println!(
-            "| {name} | {} | {} | {} |",
-            shown(&peer_medians[name]),
-            shown(&target_medians[name]),
-            shown(&ratios[name])
-        );
+    match peer_name {
+        Some(peer_name) => {
+            println!("\nmedians of {rounds} alternated round(s)");
+            println!("| metric | {peer_name} | {ours_name} | {ours_name} / {peer_name} |");
+            println!("|---|---|---|---|");
+            for (name, _) in metrics {
+                println!(
+                    "| {name} | {} | {} | {} |",
+                    shown(&peer_medians[name]),
+                    shown(&target_medians[name]),
+                    shown(&ratios[name])
+                );
+            }
+        }
+        None => {
+            println!("\nmedians of {rounds} round(s)");
+            println!("| metric | {ours_name} |");
+            println!("|---|---|");
+            for (name, _) in metrics {
+                println!("| {name} | {} |", shown(&target_medians[name]));
+            }
+        }
     }
     let total = |runs: &[Value], key: &str| -> u64 {
         runs.iter().filter_map(|run| run[key].as_u64()).sum()
@@ -221,6 +233,14 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         load.users,
         rig.urls.len()
     );
+    // a socket is an open file on each side; raised as far as this process may
+    let limit = crate::raise_fd_limit(load.sockets as u64 + 4096);
+    if limit < load.sockets as u64 + 256 {
+        return Err(format!(
+            "the open-file limit is {limit}, under the {} sockets asked for (run as root, or raise `ulimit -n`)",
+            load.sockets
+        ));
+    }
     let specs: Vec<lean::Spec> = (0..load.sockets)
         .map(|i| {
             let user = i % load.users;
@@ -279,8 +299,8 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
     // all happen at the same instant); burst: whole rounds back to back
     // Every event is stamped with the time it was due, not the time it went out: a
     // publisher that falls behind shows as latency (no coordinated omission).
-    let steady_events = load.rate * load.seconds * load.users as u64;
-    let spacing = 1.0 / (load.rate as f64 * load.users as f64);
+    let steady_events = (load.rate * load.seconds as f64 * load.users as f64).round() as u64;
+    let spacing = 1.0 / (load.rate * load.users as f64);
     let started = Instant::now();
     let started_wall = now_nanos();
     let mut published = 0u64;
@@ -301,7 +321,7 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
             in_flight.push(task);
         }
         published += 1;
-        if n % (load.users as u64 * load.rate.max(1)) == 0 {
+        if n % (load.users as u64 * (load.rate.ceil() as u64).max(1)) == 0 {
             eprint!(
                 "\r  published {published:>9} events, delivered {:>10}",
                 tally.received()
@@ -341,7 +361,7 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
     let publish_secs = started.elapsed().as_secs_f64();
     let burst_secs = burst_started.map(|at| at.elapsed().as_secs_f64());
     let expected = published * (load.sockets / load.users) as u64;
-    // drain: until everything arrived or nothing moved for 3 s
+    // drain: until everything arrived or nothing moved for `drain_quiet`
     let mut last_count = 0;
     let mut quiet_since = Instant::now();
     loop {
@@ -352,7 +372,7 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         if count != last_count {
             last_count = count;
             quiet_since = Instant::now();
-        } else if quiet_since.elapsed() > Duration::from_secs(3) {
+        } else if quiet_since.elapsed() > load.drain_quiet {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -419,7 +439,7 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         let merged = phase.merged().await;
         let ms = |q: f64| merged.value_at_quantile(q) as f64 / 1000.0;
         let max = merged.max() as f64 / 1000.0;
-        let offered = (name == "steady").then(|| (load.rate * load.sockets as u64) as f64);
+        let offered = (name == "steady").then(|| load.rate * load.sockets as f64);
         let percentiles: Vec<Value> = [0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0]
             .iter()
             .map(|q| json!({"q": q, "ms": ms(*q)}))

@@ -156,12 +156,22 @@ pub(super) async fn publish_event(
 /// input.
 pub async fn embedded_hub() -> Result<Value, String> {
     let data = tempfile::tempdir().map_err(|e| e.to_string())?;
+    // the one setting a run may change, as `serve` reads it: a slow (emulated) machine
+    // needs the server's pings further apart
+    let ws_idle_timeout = std::env::var("HIVESYNC_WS_IDLE_TIMEOUT_S")
+        .ok()
+        .and_then(|value| value.parse::<u64>().ok())
+        .map_or(
+            hivesync::config::Config::default().ws_idle_timeout,
+            |secs| std::time::Duration::from_secs(secs.max(1)),
+        );
     let config = hivesync::config::Config {
         listen: "127.0.0.1:0".parse().map_err(|_| "address")?,
         data_dir: data.path().to_path_buf(),
         jwt_secret: Some(crate::SECRET.to_owned()),
         min_free_bytes: 0,
         serve_workers: Some(0),
+        ws_idle_timeout,
         ..hivesync::config::Config::default()
     };
     let app = hivesync::app::Application::build(config)

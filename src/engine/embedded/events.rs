@@ -167,16 +167,16 @@ impl EventLog for EmbeddedEngine {
     }
 
     async fn latest(&self, user: &str) -> Result<EventId, EngineError> {
-        let user = user.to_owned();
-        self.blocking(move |db| {
+        // every socket's attach asks this: a point read, on the calling thread (a
+        // storm of connections would otherwise start a blocking thread each)
+        self.point_read(|db| {
             let tx = db.begin_read().map_err(redb::Error::from)?;
             let seq = tx.open_table(EVENT_SEQ).map_err(redb::Error::from)?;
             Ok(seq
-                .get(user.as_str())
+                .get(user)
                 .map_err(redb::Error::from)?
                 .map(|v| v.value())
                 .unwrap_or(0))
         })
-        .await
     }
 }

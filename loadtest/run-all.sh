@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every run the README's Benchmarks section quotes, in the order it quotes them, each
+# writing its raw JSON to loadtest/results/PREFIX-<name>.json. One command, so every
+# figure there comes from a command anyone can run:
+#
+#   cargo build --release -p hivesync -p hivesync-loadtest
+#   loadtest/run-all.sh 2026-12-01            # all of it, ~45 minutes on 2 cores
+#   loadtest/run-all.sh 2026-12-01 syncs      # one step (names below)
+#
+# Needs redis-server and redis-cli (the tool starts its own on free ports), node and
+# npm for the Socket.IO peer, git; the 100k step also needs root, debootstrap,
+# qemu-system-x86 and e2fsprogs (see loadtest/vm/100k.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+prefix=${1:?usage: loadtest/run-all.sh DATE [STEP ...]}
+shift
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(machine fanout-embedded fanout-redis fanout-durable fanout-cluster plot publish connections syncs reads freshness scheduler 100k)
+R=loadtest/results/$prefix
+L="target/release/loadtest --hub target/release/hivesync"
+# the fan-out load: 10,000 sockets over 100 users, 10 events per user per second for
+# 10 s (100,000 deliveries/s offered), then a burst of 300 rounds (3,000,000 deliveries)
+FAN="--sockets 10000 --users 100 --rate 10 --seconds 10 --burst 300"
+
+for step in "${steps[@]}"; do
+  echo "=== $step ($(date -u +%FT%TZ))"
+  case $step in
+    machine)
+      { lscpu | grep -E "^(CPU\(s\)|Model name|Thread\(s\) per core)"; free -g | head -2
+        uname -srm; redis-server --version; node --version; git --version
+        echo "perf bench sched pipe (a wake-up across cores, then on one):"
+        perf bench sched pipe -l 20000 2>/dev/null | grep usecs || echo "  (perf not installed)"
+        taskset -c 0 perf bench sched pipe -l 20000 2>/dev/null | grep usecs || true
+      } > "$R-machine.txt" ;;
+    fanout-embedded)
+      $L --json "$R-fanout-embedded.json" fanout --target embedded --peer socketio --hubs 1 $FAN --rounds 3 ;;
+    fanout-redis)
+      $L --json "$R-fanout-redis.json" fanout --target redis --peer socketio --hubs 2 $FAN --rounds 3 ;;
+    fanout-durable)
+      $L --json "$R-fanout-embedded-durable.json" fanout --target embedded --durable $FAN --rounds 3
+      $L --json "$R-fanout-redis-durable.json" fanout --target redis --durable --hubs 2 $FAN --rounds 3 ;;
+    fanout-cluster)
+      $L --json "$R-fanout-redis-cluster.json" fanout --target redis-cluster --hubs 2 $FAN --rounds 3 ;;
+    plot)
+      target/release/loadtest --json /dev/null plot --out "$R-fanout-latency.svg" \
+        "$R-fanout-embedded.json" "$R-fanout-redis.json" "$R-fanout-embedded-durable.json" "$R-fanout-redis-durable.json" ;;
+    publish)
+      target/release/loadtest --json "$R-publish.json" publish ;;
+    connections)
+      $L --json "$R-connections-10k.json" connections --count 10000 ;;
+    syncs)
+      $L --json "$R-syncs.json" syncs ;;
+    reads)
+      $L --json "$R-reads.json" reads ;;
+    freshness)
+      $L --json "$R-freshness.json" freshness --projects 20 --rate 10 --seconds 20 --interval 5 ;;
+    scheduler)
+      target/release/loadtest --json "$R-scheduler.json" scheduler --projects 100000 --due 100 ;;
+    100k)
+      loadtest/vm/100k.sh "$R-100k" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+  # what a run leaves in TIME_WAIT and in the page cache should not weigh on the next
+  sleep 20
+done

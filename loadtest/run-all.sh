@@ -58,6 +58,24 @@ for step in "${steps[@]}"; do
       target/release/loadtest --json "$R-scheduler.json" scheduler --projects 100000 --due 100 ;;
     100k)
       loadtest/vm/100k.sh "$R-100k" ;;
+    ab)
+      # the hub before this round against the hub now, alternated, same tool:
+      #   git worktree add /tmp/old ad55719 && (cd /tmp/old && cargo build --release -p hivesync)
+      #   HIVESYNC_OLD_HUB=/tmp/old/target/release/hivesync loadtest/run-all.sh DATE ab
+      old=${HIVESYNC_OLD_HUB:?set HIVESYNC_OLD_HUB to the hub binary built from the commit before}
+      for n in 1 2; do
+        for v in old new; do
+          hub=$([ $v = old ] && echo "$old" || echo target/release/hivesync)
+          target/release/loadtest --hub "$hub" --json "$R-ab-fanout-redis-$v-$n.json" \
+            fanout --target redis --hubs 2 $FAN
+          sleep 20
+        done
+      done
+      for v in old new; do
+        hub=$([ $v = old ] && echo "$old" || echo target/release/hivesync)
+        target/release/loadtest --hub "$hub" --json "$R-ab-syncs-$v.json" syncs
+        sleep 20
+      done ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
   # what a run leaves in TIME_WAIT and in the page cache should not weigh on the next

@@ -356,7 +356,7 @@ fn run_thread(
         }
         // the sockets already open are served while the rest open (on a slow machine
         // opening takes minutes, and a socket that answers no ping is dropped)
-        if conns.len() % 64 == 0 {
+        if conns.len().is_multiple_of(64) {
             serve(
                 target,
                 &mut poll,

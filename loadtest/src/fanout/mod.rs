@@ -439,7 +439,7 @@ pub async fn run(hub_binary: &Path, load: Load) -> Result<Value, String> {
         let merged = phase.merged().await;
         let ms = |q: f64| merged.value_at_quantile(q) as f64 / 1000.0;
         let max = merged.max() as f64 / 1000.0;
-        let offered = (name == "steady").then(|| load.rate * load.sockets as f64);
+        let offered = (name == "steady").then_some(load.rate * load.sockets as f64);
         let percentiles: Vec<Value> = [0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0]
             .iter()
             .map(|q| json!({"q": q, "ms": ms(*q)}))

@@ -74,9 +74,34 @@ pub trait FrameSink: Send + Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SinkFull;
 
-/// Events the dispatcher takes from the live feed at once: their frames go to each
-/// socket in one write.
-const DISPATCH_BATCH: usize = 64;
+/// Events a dispatcher takes from the live feed at once, when that many are waiting:
+/// each socket gets all of its user's frames of them in one write, so a backlog (a
+/// burst) costs a write per socket per batch, not per event.
+const DISPATCH_BATCH: usize = 1024;
+
+/// Dispatchers at most, however many cores there are.
+const MAX_DISPATCHERS: usize = 16;
+
+/// Which users one dispatcher serves: those whose name hashes to `index` of `of`.
+#[derive(Debug, Clone, Copy)]
+struct Shard {
+    index: usize,
+    of: usize,
+}
+
+impl Shard {
+    fn holds(self, user: &str) -> bool {
+        if self.of <= 1 {
+            return true;
+        }
+        use std::hash::{Hash, Hasher};
+        // SipHash with fixed keys: the same user lands on the same dispatcher for the
+        // life of the process
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        user.hash(&mut hasher);
+        hasher.finish() % self.of as u64 == self.index as u64
+    }
+}
 
 pub fn control_json(frame: &ControlFrame) -> Bytes {
     Bytes::from(serde_json::to_vec(frame).expect("control frames always serialize"))
@@ -183,9 +208,43 @@ impl Hub {
         })
     }
 
-    /// Forwards every live event to the connections of its user until `shutdown`.
+    /// Forwards every live event to the connections of its user until `shutdown`: one
+    /// dispatcher per core, each for the users that hash to it, so the writes into
+    /// sockets (most of a fan-out's cost) run on every core and not on one. A user's
+    /// events stay in one dispatcher, in order.
     pub async fn run_dispatch(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut live = self.events.live();
+        let shards = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .min(MAX_DISPATCHERS);
+        self.run_dispatchers(shards, shutdown).await;
+    }
+
+    /// [`Hub::run_dispatch`] with `shards` dispatchers.
+    async fn run_dispatchers(self: Arc<Self>, shards: usize, shutdown: CancellationToken) {
+        let shards = shards.max(1);
+        let mut dispatchers = tokio::task::JoinSet::new();
+        for shard in 0..shards {
+            // subscribed here, before any of them runs: none misses the first events
+            let live = self.events.live();
+            dispatchers.spawn(Arc::clone(&self).dispatch_shard(
+                Shard {
+                    index: shard,
+                    of: shards,
+                },
+                live,
+                shutdown.clone(),
+            ));
+        }
+        while dispatchers.join_next().await.is_some() {}
+    }
+
+    /// One dispatcher: the live events of the users of `shard`, in batches.
+    async fn dispatch_shard(
+        self: Arc<Self>,
+        shard: Shard,
+        mut live: broadcast::Receiver<Live>,
+        shutdown: CancellationToken,
+    ) {
         let mut next = None;
         loop {
             let received = match next.take() {
@@ -198,10 +257,19 @@ impl Hub {
             match received {
                 Ok(Live::Event(event)) => {
                     // what else is waiting goes out with it: one write per socket
-                    let mut batch = vec![event];
-                    while batch.len() < DISPATCH_BATCH {
+                    let mut batch = Vec::new();
+                    if shard.holds(&event.user) {
+                        batch.push(event);
+                    }
+                    let mut taken = 1;
+                    while taken < DISPATCH_BATCH {
                         match live.try_recv() {
-                            Ok(Live::Event(event)) => batch.push(event),
+                            Ok(Live::Event(event)) => {
+                                taken += 1;
+                                if shard.holds(&event.user) {
+                                    batch.push(event);
+                                }
+                            }
                             Ok(other) => {
                                 next = Some(Ok(other));
                                 break;
@@ -217,12 +285,18 @@ impl Hub {
                             }
                         }
                     }
-                    self.deliver(batch).await;
+                    if !batch.is_empty() {
+                        self.deliver(batch).await;
+                    }
                 }
-                Ok(Live::Reconnected) => self.catch_up().await,
+                Ok(Live::Reconnected) => self.catch_up(shard).await,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::warn!(missed, "hub fell behind the event stream; catching up");
-                    self.catch_up().await;
+                    tracing::warn!(
+                        missed,
+                        dispatcher = shard.index,
+                        "hub fell behind the event stream; catching up"
+                    );
+                    self.catch_up(shard).await;
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             }
@@ -257,11 +331,12 @@ impl Hub {
     /// history, before any later live event. Subscriptions drop what a connection
     /// already has; a user whose gap is past the kept history is kicked to resume,
     /// which ends in `resync_required`. No socket is dropped for a recoverable break.
-    async fn catch_up(&self) {
+    async fn catch_up(&self, shard: Shard) {
         let users: Vec<(String, EventId)> = {
             let connections = self.connections.read().expect("hub lock is never poisoned");
             connections
                 .iter()
+                .filter(|(user, _)| shard.holds(user))
                 .map(|(user, of_user)| (user.clone(), of_user.known.load(Ordering::Acquire)))
                 .collect()
         };
@@ -337,16 +412,20 @@ impl Hub {
             return;
         }
         let connections = self.connections.read().expect("hub lock is never poisoned");
-        // a batch holds few users: a short list keeps each user's events in order
+        // each user's frames in the order of their events
         let mut by_user: Vec<(&str, Vec<Arc<Frame>>)> = Vec::new();
+        let mut slot: HashMap<&str, usize> = HashMap::new();
         for event in events {
             if !connections.contains_key(&event.user) {
                 continue;
             }
             let frame = Frame::from_event(event);
-            match by_user.iter_mut().find(|(user, _)| *user == event.user) {
-                Some((_, frames)) => frames.push(frame),
-                None => by_user.push((event.user.as_str(), vec![frame])),
+            match slot.get(event.user.as_str()) {
+                Some(&at) => by_user[at].1.push(frame),
+                None => {
+                    slot.insert(event.user.as_str(), by_user.len());
+                    by_user.push((event.user.as_str(), vec![frame]));
+                }
             }
         }
         for (user, frames) in by_user {
@@ -691,6 +770,68 @@ mod tests {
             at: crate::domain::now_rfc3339(),
             retry: None,
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn several_dispatchers_give_every_user_each_event_once_in_order_through_lags() {
+        // a feed of 64 slots and 600 events sent at once: the four dispatchers each
+        // lag, and each catches up its own users from the history
+        let (_dir, log, live, _hub, stop) = skipping_hub(1_000);
+        let hub = Hub::new(log.clone(), 1_000);
+        let dispatchers = stop.child_token();
+        tokio::spawn(Arc::clone(&hub).run_dispatchers(4, dispatchers.clone()));
+        let users: Vec<String> = (0..12).map(|n| format!("user-{n}")).collect();
+        let mut attached = Vec::new();
+        for user in &users {
+            let (sink, queue) = channel_sink();
+            let attachment = hub.attach(user, None, None, sink).await.expect("attach");
+            attached.push((attachment, queue));
+        }
+        let mut events = Vec::new();
+        for n in 1..=50 {
+            for user in &users {
+                events.push(log.publish(user, stage(n)).await.expect("publish"));
+            }
+        }
+        // all at once, faster than any dispatcher reads: the feed overflows
+        for event in events {
+            let _ = live.send(Live::Event(event));
+        }
+        for (user, (mut attachment, mut queue)) in users.iter().zip(attached) {
+            let mut ids = Vec::new();
+            while ids.len() < 50 {
+                let frame = tokio::time::timeout(std::time::Duration::from_secs(10), queue.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("{user}: only {ids:?} in time"))
+                    .expect("a frame");
+                if attachment.subscription.admit(&frame) {
+                    ids.push(frame.id);
+                }
+            }
+            assert_eq!(ids, (1..=50).collect::<Vec<u64>>(), "{user}");
+            // and nothing after the fiftieth but copies the subscription drops
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            while let Ok(frame) = queue.try_recv() {
+                assert!(
+                    !attachment.subscription.admit(&frame),
+                    "{user}: extra {}",
+                    frame.id
+                );
+            }
+        }
+        let served: std::collections::HashSet<usize> = users
+            .iter()
+            .map(|user| {
+                (0..4)
+                    .find(|&index| Shard { index, of: 4 }.holds(user))
+                    .expect("a shard")
+            })
+            .collect();
+        assert!(
+            served.len() > 1,
+            "the users spread over dispatchers: {served:?}"
+        );
+        stop.cancel();
     }
 
     #[tokio::test]

@@ -46,10 +46,31 @@ pub(super) struct Spec {
 }
 
 /// The loopback source address of the `index`th socket: one per 10,000, since each
-/// source has only the ephemeral port range to bind from (less what the last run left
-/// in TIME_WAIT).
+/// source has only the ephemeral port range (28,232 ports here) to reach one server
+/// from.
 fn source_of(index: usize) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::new(127, 0, 0, 1 + (index / 10_000).min(250) as u8)
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT`; without it (not Linux) binds choose ports as usual.
+fn bind_address_no_port(socket: &socket2::Socket) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket descriptor and a c_int option value of the right size
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
 }
 
 /// Frames of a socket this many bytes long at most are read whole at once.
@@ -159,6 +180,10 @@ fn open(
     let (addr, host, path) = split_url(url)?;
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
         .map_err(|e| e.to_string())?;
+    // the port is chosen at connect, for this destination: a port a socket of an
+    // earlier run left in TIME_WAIT (to that run's server) stays usable, where a
+    // bind to port 0 would skip it and run out of the range after a few runs
+    bind_address_no_port(&socket);
     socket
         .bind(&SocketAddr::from((source, 0)).into())
         .map_err(|e| format!("bind {source}: {e}"))?;

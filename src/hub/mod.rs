@@ -79,6 +79,12 @@ pub struct SinkFull;
 /// burst) costs a write per socket per batch, not per event.
 const DISPATCH_BATCH: usize = 1024;
 
+/// Under a backlog (more than one event waiting), a dispatcher waits this long, up to
+/// [`LINGER_ROUNDS`] times, for more before it writes: a burst then costs one write
+/// per socket per batch instead of one per event. A lone event goes out at once.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+const LINGER_ROUNDS: usize = 3;
+
 /// Dispatchers at most, however many cores there are.
 const MAX_DISPATCHERS: usize = 16;
 
@@ -262,6 +268,7 @@ impl Hub {
                         batch.push(event);
                     }
                     let mut taken = 1;
+                    let mut lingered = 0;
                     while taken < DISPATCH_BATCH {
                         match live.try_recv() {
                             Ok(Live::Event(event)) => {
@@ -273,6 +280,15 @@ impl Hub {
                             Ok(other) => {
                                 next = Some(Ok(other));
                                 break;
+                            }
+                            // more than one was waiting: events come faster than
+                            // this dispatcher writes them, and a moment more lets
+                            // each socket take several in one write
+                            Err(broadcast::error::TryRecvError::Empty)
+                                if taken > 1 && lingered < LINGER_ROUNDS =>
+                            {
+                                lingered += 1;
+                                tokio::time::sleep(LINGER).await;
                             }
                             Err(broadcast::error::TryRecvError::Empty) => break,
                             Err(broadcast::error::TryRecvError::Lagged(missed)) => {

@@ -13,8 +13,9 @@ const LEFT: f64 = 70.0;
 const RIGHT: f64 = 220.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 50.0;
-const COLOURS: [&str; 8] = [
+const COLOURS: [&str; 16] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+    "#7f7f7f", "#bcbd22", "#393b79", "#e7969c", "#637939", "#f7b6d2", "#843c39", "#9edae5",
 ];
 
 /// x position of quantile `q`: -log10(1 - q), max drawn one step past p99.9.
@@ -49,8 +50,17 @@ fn lines_of(run: &Value) -> Vec<Line> {
             .iter()
             .filter_map(|p| Some((nines(p["q"].as_f64()?), p["ms"].as_f64()?.max(0.001))))
             .collect();
+        // the run's offered steady rate tells runs of one target apart
+        let rate = run["phases"]["steady"]["offered_deliveries_per_s"]
+            .as_f64()
+            .map_or(String::new(), |rate| format!(" {:.0}k/s", rate / 1000.0));
+        // and its server count, one peer from another
+        let servers = run["servers"]
+            .as_u64()
+            .filter(|&n| n > 1)
+            .map_or(String::new(), |n| format!("×{n}"));
         lines.push(Line {
-            label: format!("{} {phase}", name.trim()),
+            label: format!("{}{servers}{rate} {phase}", name.trim()),
             points,
         });
     }

@@ -199,8 +199,10 @@ pub async fn run_rounds(
     let total = |runs: &[Value], key: &str| -> u64 {
         runs.iter().filter_map(|run| run[key].as_u64()).sum()
     };
-    let lost = total(&ours, "lost") + total(&theirs, "lost");
-    let duplicated = total(&ours, "duplicated") + total(&theirs, "duplicated");
+    // `lost` and `duplicated` are the target's (a loss of ours fails the run); the
+    // peer's are a finding, reported beside them
+    let lost = total(&ours, "lost");
+    let duplicated = total(&ours, "duplicated");
     Ok(json!({
         "scenario": "fanout",
         "target": ours_name,
@@ -214,6 +216,8 @@ pub async fn run_rounds(
         "target_over_peer": ratios,
         "lost": lost,
         "duplicated": duplicated,
+        "peer_lost": total(&theirs, "lost"),
+        "peer_duplicated": total(&theirs, "duplicated"),
     }))
 }
 

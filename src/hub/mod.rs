@@ -79,11 +79,16 @@ pub struct SinkFull;
 /// burst) costs a write per socket per batch, not per event.
 const DISPATCH_BATCH: usize = 1024;
 
-/// Under a backlog (more than one event waiting), a dispatcher waits this long, up to
-/// [`LINGER_ROUNDS`] times, for more before it writes: a burst then costs one write
-/// per socket per batch instead of one per event. A lone event goes out at once.
+/// Under a backlog (more than one of its users' events waiting), a dispatcher waits
+/// this long for more before it writes, again while each wait brings more, up to
+/// [`LINGER_ROUNDS`] times (tokio's timer rounds each up to a millisecond tick): a
+/// burst then costs one write per socket per batch instead of one per event. A lone
+/// event of its users goes out at once.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 const LINGER_ROUNDS: usize = 3;
+
+/// Feed events (any dispatcher's) one batch reads at most.
+const MAX_FEED_READ: usize = 16 * DISPATCH_BATCH;
 
 /// Dispatchers at most, however many cores there are.
 const MAX_DISPATCHERS: usize = 16;
@@ -229,19 +234,38 @@ impl Hub {
     async fn run_dispatchers(self: Arc<Self>, shards: usize, shutdown: CancellationToken) {
         let shards = shards.max(1);
         let mut dispatchers = tokio::task::JoinSet::new();
-        for shard in 0..shards {
+        let mut of_task = HashMap::new();
+        for index in 0..shards {
+            let shard = Shard { index, of: shards };
             // subscribed here, before any of them runs: none misses the first events
             let live = self.events.live();
-            dispatchers.spawn(Arc::clone(&self).dispatch_shard(
-                Shard {
-                    index: shard,
-                    of: shards,
-                },
-                live,
-                shutdown.clone(),
-            ));
+            let task =
+                dispatchers.spawn(Arc::clone(&self).dispatch_shard(shard, live, shutdown.clone()));
+            of_task.insert(task.id(), shard);
         }
-        while dispatchers.join_next().await.is_some() {}
+        while let Some(ended) = dispatchers.join_next_with_id().await {
+            let Err(err) = ended else { continue };
+            if !err.is_panic() || shutdown.is_cancelled() {
+                continue;
+            }
+            // a dispatcher that panicked is started again, its users caught up from
+            // their history first: their sockets must not sit silent
+            let Some(shard) = of_task.remove(&err.id()) else {
+                continue;
+            };
+            tracing::error!(
+                dispatcher = shard.index,
+                "a dispatcher panicked; starting it again"
+            );
+            let live = self.events.live();
+            let hub = Arc::clone(&self);
+            let stop = shutdown.clone();
+            let task = dispatchers.spawn(async move {
+                hub.catch_up(shard).await;
+                hub.dispatch_shard(shard, live, stop).await;
+            });
+            of_task.insert(task.id(), shard);
+        }
     }
 
     /// One dispatcher: the live events of the users of `shard`, in batches.
@@ -267,12 +291,15 @@ impl Hub {
                     if shard.holds(&event.user) {
                         batch.push(event);
                     }
-                    let mut taken = 1;
+                    // the feed carries every dispatcher's events: the batch and
+                    // the backlog count this one's, the read cap all of them
+                    let mut read = 1;
                     let mut lingered = 0;
-                    while taken < DISPATCH_BATCH {
+                    let mut before_linger = 0;
+                    while batch.len() < DISPATCH_BATCH && read < MAX_FEED_READ {
                         match live.try_recv() {
                             Ok(Live::Event(event)) => {
-                                taken += 1;
+                                read += 1;
                                 if shard.holds(&event.user) {
                                     batch.push(event);
                                 }
@@ -281,13 +308,17 @@ impl Hub {
                                 next = Some(Ok(other));
                                 break;
                             }
-                            // more than one was waiting: events come faster than
-                            // this dispatcher writes them, and a moment more lets
-                            // each socket take several in one write
+                            // more than one of ours was waiting, and the last wait
+                            // (if any) brought more: events come faster than this
+                            // dispatcher writes them, and a moment more lets each
+                            // socket take several in one write
                             Err(broadcast::error::TryRecvError::Empty)
-                                if taken > 1 && lingered < LINGER_ROUNDS =>
+                                if batch.len() > 1
+                                    && lingered < LINGER_ROUNDS
+                                    && (lingered == 0 || batch.len() > before_linger) =>
                             {
                                 lingered += 1;
+                                before_linger = batch.len();
                                 tokio::time::sleep(LINGER).await;
                             }
                             Err(broadcast::error::TryRecvError::Empty) => break,
@@ -696,6 +727,25 @@ mod tests {
         }
     }
 
+    /// Panics on its first offer (a bug in the socket layer, say), then forwards.
+    struct PanicsOnce(
+        std::sync::atomic::AtomicBool,
+        tokio::sync::mpsc::UnboundedSender<Arc<Frame>>,
+    );
+
+    impl FrameSink for PanicsOnce {
+        fn offer(&self, frames: &[Arc<Frame>]) -> Result<(), SinkFull> {
+            assert!(
+                self.0.swap(true, Ordering::AcqRel),
+                "a sink that fails once"
+            );
+            for frame in frames {
+                let _ = self.1.send(Arc::clone(frame));
+            }
+            Ok(())
+        }
+    }
+
     fn channel_sink() -> (
         Arc<dyn FrameSink>,
         tokio::sync::mpsc::UnboundedReceiver<Arc<Frame>>,
@@ -786,6 +836,52 @@ mod tests {
             at: crate::domain::now_rfc3339(),
             retry: None,
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dispatcher_that_panicked_is_started_again_and_catches_its_users_up() {
+        let (_dir, log, live, _hub, stop) = skipping_hub(100);
+        let hub = Hub::new(log.clone(), 64);
+        tokio::spawn(Arc::clone(&hub).run_dispatchers(1, stop.child_token()));
+        let (sender, mut queue_u) = tokio::sync::mpsc::unbounded_channel();
+        let sink_u: Arc<dyn FrameSink> = Arc::new(PanicsOnce(
+            std::sync::atomic::AtomicBool::new(false),
+            sender,
+        ));
+        let mut attached_u = hub.attach("u", None, None, sink_u).await.expect("attach");
+        let (sink_v, mut queue_v) = channel_sink();
+        let mut attached_v = hub.attach("v", None, None, sink_v).await.expect("attach");
+        // u's first event makes the only dispatcher panic
+        for user in ["u", "v", "u"] {
+            let event = log.publish(user, stage(1)).await.expect("publish");
+            let _ = live.send(Live::Event(event));
+        }
+        let first_admitted = |queue: &mut tokio::sync::mpsc::UnboundedReceiver<Arc<Frame>>,
+                              attachment: &mut Attachment| {
+            let mut admitted = None;
+            while let Ok(frame) = queue.try_recv() {
+                if attachment.subscription.admit(&frame) {
+                    admitted.get_or_insert(frame.id);
+                }
+            }
+            admitted
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (mut got_v, mut got_u) = (None, None);
+        while (got_v.is_none() || got_u.is_none()) && tokio::time::Instant::now() < deadline {
+            got_v = got_v.or_else(|| first_admitted(&mut queue_v, &mut attached_v));
+            got_u = got_u.or_else(|| first_admitted(&mut queue_u, &mut attached_u));
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // v's event was in the batch the panic cut short: the restarted dispatcher's
+        // catch-up sends it; u's second event comes after
+        assert_eq!(got_v, Some(1), "v's event after the dispatcher panicked");
+        assert_eq!(
+            got_u,
+            Some(2),
+            "u's next event after the dispatcher panicked"
+        );
+        stop.cancel();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -539,7 +539,15 @@ impl Hub {
             .expect("hub lock is never poisoned")
             .get(user)
         {
-            if let Some(covered) = covered {
+            // `known` is what the user's live connections were handed. Only with no
+            // other live connection does this one's opening settle it; beside others
+            // it stays theirs, or a break in the feed before they were handed what
+            // this opening covered would be caught up from past it
+            let others_live = (of_user.list.len() as u64)
+                .saturating_sub(of_user.attaching.load(Ordering::Acquire));
+            if let Some(covered) = covered
+                && others_live == 0
+            {
                 of_user.known.fetch_max(covered, Ordering::AcqRel);
             }
             of_user.attaching.fetch_sub(1, Ordering::AcqRel);
@@ -836,6 +844,34 @@ mod tests {
             at: crate::domain::now_rfc3339(),
             retry: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_second_socket_attaching_does_not_hide_events_the_first_was_not_handed() {
+        let (_dir, log, live, hub, stop) = skipping_hub(100);
+        let (sink_a, mut queue_a) = channel_sink();
+        let mut first = hub.attach("u", None, None, sink_a).await.expect("attach");
+        // the feed loses ids 1-3 (a break before the first socket was handed them)
+        for n in 1..=3 {
+            log.publish("u", stage(n)).await.expect("publish");
+        }
+        // a second socket opens: its opening covers up to 3
+        let (sink_b, _queue_b) = channel_sink();
+        let _second = hub.attach("u", None, None, sink_b).await.expect("attach");
+        let event = log.publish("u", stage(4)).await.expect("publish");
+        let _ = live.send(Live::Event(event));
+        let mut ids = Vec::new();
+        while ids.len() < 4 {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(5), queue_a.recv())
+                .await
+                .unwrap_or_else(|_| panic!("the first socket got only {ids:?}"))
+                .expect("a frame");
+            if first.subscription.admit(&frame) {
+                ids.push(frame.id);
+            }
+        }
+        assert_eq!(ids, vec![1, 2, 3, 4]);
+        stop.cancel();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -297,7 +297,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
     };
     let (mut incremental_hub, mut incremental_git) = (Vec::new(), Vec::new());
     // the hub's CPU after each incremental sync ended, until it was quiet: the old
-    // tree's deletion and the new tree's verification, off the sync's path
+    // tree's deletion and the next spare tree's making, off the sync's path
     let mut after_incremental_cpu = Vec::new();
     for round in 0..=ROUNDS {
         push_round(round)?;
@@ -330,9 +330,10 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
             after_incremental_cpu.clear();
         }
     }
-    // a no-op sync requested the moment a changed one ended: the new tree's
-    // verification (its stat pass) has not run yet, so the sync makes it itself —
-    // what the later no-op syncs above were spared; the peer's fetch runs settled
+    // a no-op sync requested the moment a changed one ended, while the hub makes the
+    // next spare tree beside it (and, for a tree written without a spare, before its
+    // verification has run, so the sync makes the stat pass itself); the peer's
+    // fetch runs settled
     eprintln!("no-op syncs straight after a changed one vs no-op git fetch");
     let (mut first_noop_hub, mut first_noop_git) = (Vec::new(), Vec::new());
     for round in 0..=ROUNDS {
@@ -463,7 +464,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         median(first_noop_git.clone()),
     );
     println!(
-        "| no-op sync straight after a changed one (its own stat pass) vs no-op `git fetch` (median of {ROUNDS}) | {:.1} ms | {:.1} ms | {:.2} |",
+        "| no-op sync straight after a changed one (its spare tree being built meanwhile) vs no-op `git fetch` (median of {ROUNDS}) | {:.1} ms | {:.1} ms | {:.2} |",
         first_noop.0 * 1000.0,
         first_noop.1 * 1000.0,
         first_noop.0 / first_noop.1
@@ -475,7 +476,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         incremental.0 / incremental.1
     );
     println!(
-        "| hub CPU after an incremental sync ended (old tree deleted, new one verified; median) | {:.1} ms | — | — |",
+        "| hub CPU after an incremental sync ended (old tree deleted, next spare tree built; median) | {:.1} ms | — | — |",
         median(after_incremental_cpu.clone()) * 1000.0
     );
     println!(

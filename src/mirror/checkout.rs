@@ -19,6 +19,7 @@ pub(crate) struct Reuse<'a> {
 }
 
 /// How the previous tree's files are known to be as recorded.
+#[derive(Clone)]
 pub(crate) enum Trust {
     /// verified exact under a watch ([`super::watch`]) that has since seen only these
     /// paths touched: every other file is as recorded without a `stat` each
@@ -51,21 +52,15 @@ impl Reuse<'_> {
     }
 }
 
-pub(crate) fn checkout(
-    repo: &gix::Repository,
-    commit: gix::ObjectId,
-    snapshot: &Path,
-    git_dir: &Path,
-    reuse: Option<Reuse<'_>>,
-    progress: &Root,
-    interrupt: &AtomicBool,
-) -> Result<gix::index::File, MirrorError> {
+/// The index of `commit`'s tree, checked before anything is written: names git would
+/// refuse, and every blob present in the object database.
+fn prepare(repo: &gix::Repository, commit: gix::ObjectId) -> Result<gix::index::File, MirrorError> {
     let tree = repo
         .find_commit(commit)
         .map_err(|err| MirrorError::Corrupt(Box::new(err)))?
         .tree_id()
         .map_err(|err| MirrorError::Corrupt(Box::new(err)))?;
-    let mut index = match repo.index_from_tree(&tree) {
+    let index = match repo.index_from_tree(&tree) {
         Ok(index) => index,
         Err(err) => {
             // a tree that reads fine but cannot become an index has names git refuses
@@ -101,14 +96,99 @@ pub(crate) fn checkout(
             format!("object {} is missing from the mirror", missing.id).into(),
         ));
     }
+    Ok(index)
+}
+
+/// Whether any `.gitattributes` differs between the two indexes: then a file with the
+/// same blob can check out differently (line endings, say), and none is reused.
+fn attributes_changed(old: &gix::index::File, new: &gix::index::File) -> bool {
+    let attributes = |index: &gix::index::File| -> Vec<(gix::bstr::BString, gix::ObjectId)> {
+        index
+            .entries()
+            .iter()
+            .filter(|entry| {
+                let path = entry.path(index);
+                path == ".gitattributes" || path.ends_with(b"/.gitattributes")
+            })
+            .map(|entry| (entry.path(index).to_owned(), entry.id))
+            .collect()
+    };
+    attributes(old) != attributes(new)
+}
+
+/// gix's checkout of every entry of `index` not marked to skip into `destination`,
+/// then every mark cleared.
+fn write_entries(
+    repo: &gix::Repository,
+    index: &mut gix::index::File,
+    destination: &Path,
+    initially_empty: bool,
+    progress: &Root,
+    interrupt: &AtomicBool,
+) -> Result<(), MirrorError> {
     let mut options = repo
         .checkout_options(gix::worktree::stack::state::attributes::Source::IdMapping)
         .map_err(|err| MirrorError::Git(Box::new(err)))?;
     // links are written as small files holding their target, as git does with
     // core.symlinks=false: a mirror never holds a symlink
     options.fs.symlink = false;
-    options.destination_is_initially_empty = true;
+    options.destination_is_initially_empty = initially_empty;
     options.overwrite_existing = false;
+    let files: Item = progress.add_child_with_id("checkout", CHECKOUT_FILES);
+    files.init(Some(index.entries().len()), None);
+    let bytes: Item = progress.add_child_with_id("written", CHECKOUT_BYTES);
+    bytes.init(None, None);
+    let objects = repo
+        .objects
+        .clone()
+        .into_arc()
+        .map_err(|err| MirrorError::Git(Box::new(err)))?;
+    let outcome = gix::worktree::state::checkout(
+        index,
+        destination,
+        objects,
+        &files,
+        &bytes,
+        interrupt,
+        options,
+    )
+    .map_err(|err| {
+        if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            MirrorError::Interrupted
+        } else {
+            MirrorError::Checkout(Box::new(err))
+        }
+    })?;
+    if let Some(first) = outcome.errors.first() {
+        return Err(MirrorError::Checkout(
+            format!(
+                "{} files failed, first: {}",
+                outcome.errors.len(),
+                first.path
+            )
+            .into(),
+        ));
+    }
+    Ok(())
+}
+
+fn clear_skips(index: &mut gix::index::File) {
+    for entry in index.entries_mut() {
+        entry.flags.remove(gix::index::entry::Flags::SKIP_WORKTREE);
+    }
+}
+
+pub(crate) fn checkout(
+    repo: &gix::Repository,
+    commit: gix::ObjectId,
+    snapshot: &Path,
+    git_dir: &Path,
+    reuse: Option<Reuse<'_>>,
+    progress: &Root,
+    interrupt: &AtomicBool,
+) -> Result<gix::index::File, MirrorError> {
+    let mut index = prepare(repo, commit)?;
+    let reuse = reuse.filter(|reuse| !attributes_changed(reuse.index, &index));
     std::fs::create_dir_all(snapshot)?;
     std::fs::write(
         snapshot.join(".git"),
@@ -135,52 +215,98 @@ pub(crate) fn checkout(
             linked.push((old_file, snapshot.join(relative)));
         }
     }
-
-    let files: Item = progress.add_child_with_id("checkout", CHECKOUT_FILES);
-    files.init(Some(index.entries().len()), None);
-    let bytes: Item = progress.add_child_with_id("written", CHECKOUT_BYTES);
-    bytes.init(None, None);
-    let objects = repo
-        .objects
-        .clone()
-        .into_arc()
-        .map_err(|err| MirrorError::Git(Box::new(err)))?;
-    let outcome = gix::worktree::state::checkout(
-        &mut index, snapshot, objects, &files, &bytes, interrupt, options,
-    )
-    .map_err(|err| {
-        if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
-            MirrorError::Interrupted
-        } else {
-            MirrorError::Checkout(Box::new(err))
-        }
-    })?;
-    if let Some(first) = outcome.errors.first() {
-        return Err(MirrorError::Checkout(
-            format!(
-                "{} files failed, first: {}",
-                outcome.errors.len(),
-                first.path
-            )
-            .into(),
-        ));
-    }
+    write_entries(repo, &mut index, snapshot, true, progress, interrupt)?;
     link_unchanged(&linked)?;
-    for entry in index.entries_mut() {
-        entry.flags.remove(gix::index::entry::Flags::SKIP_WORKTREE);
-    }
+    clear_skips(&mut index);
     Ok(index)
 }
 
-/// git's stat test: `file` is a regular file with the size and modification time
-/// `recorded` noted when it was written.
-/// The first path of `index` that git would refuse, with why: a path given twice, or
-/// one with an empty component.
-/// Hard-links each unchanged file of the old snapshot into the new one: every
-/// directory made once (in path order, so parents come first), then the links spread
-/// over a few threads. On a large tree with a few changed files this is most of an
-/// incremental sync.
-fn link_unchanged(linked: &[(PathBuf, PathBuf)]) -> Result<(), MirrorError> {
+/// Brings a spare ([`super::spare`]), a copy of the previous snapshot that `reuse`
+/// describes (its `dir` is the spare), to `commit` in place: every file the new tree
+/// does not hold as it is — removed, changed, or one `reuse` cannot vouch for — is
+/// unlinked (never written through: its inode is the previous snapshot's), directories
+/// left empty go, and gix writes what is new. The caller checks the result with
+/// [`snapshot_is_exact`] before it becomes a snapshot.
+pub(crate) fn update_spare(
+    repo: &gix::Repository,
+    commit: gix::ObjectId,
+    spare: &Path,
+    reuse: Reuse<'_>,
+    progress: &Root,
+    interrupt: &AtomicBool,
+) -> Result<gix::index::File, MirrorError> {
+    let mut index = prepare(repo, commit)?;
+    if attributes_changed(reuse.index, &index) {
+        return Err(MirrorError::Checkout(
+            "the tree's attributes changed: every file is written".into(),
+        ));
+    }
+    for (entry, path) in index.entries_mut_with_paths() {
+        if entry.mode == gix::index::entry::Mode::COMMIT {
+            return Err(MirrorError::Checkout(
+                "a tree with submodules is written whole".into(),
+            ));
+        }
+        if let Some((_, stat)) = reuse.unchanged(path, entry) {
+            entry.stat = stat;
+            entry.flags.insert(gix::index::entry::Flags::SKIP_WORKTREE);
+        }
+    }
+    let kept: std::collections::HashSet<&gix::bstr::BStr> = index
+        .entries()
+        .iter()
+        .filter(|entry| {
+            entry
+                .flags
+                .contains(gix::index::entry::Flags::SKIP_WORKTREE)
+        })
+        .map(|entry| entry.path(&index))
+        .collect();
+    let mut emptied: std::collections::BTreeSet<PathBuf> = Default::default();
+    for old in reuse.index.entries() {
+        let path = old.path(reuse.index);
+        if kept.contains(path) {
+            continue;
+        }
+        let relative = path
+            .to_str()
+            .map_err(|err| MirrorError::Checkout(Box::new(err)))?;
+        let file = spare.join(relative);
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err.into()),
+        }
+        let mut parent = file.parent();
+        while let Some(dir) = parent.filter(|dir| *dir != spare) {
+            emptied.insert(dir.to_path_buf());
+            parent = dir.parent();
+        }
+    }
+    drop(kept);
+    // deepest first (a longer path sorts after its parent), so a directory emptied of
+    // its last subdirectory goes too; one still holding something stays
+    for dir in emptied.iter().rev() {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::DirectoryNotEmpty | std::io::ErrorKind::NotFound
+                ) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    write_entries(repo, &mut index, spare, false, progress, interrupt)?;
+    clear_skips(&mut index);
+    Ok(index)
+}
+
+/// Hard-links each `(old, new)` pair: every directory made once (in path order, so
+/// parents come first), then the links spread over a few threads. On a large tree
+/// this costs a `mkdir` per directory and a `link` per file, which is why a sync that
+/// has a spare ([`super::spare`]) does not do it.
+pub(super) fn link_unchanged(linked: &[(PathBuf, PathBuf)]) -> std::io::Result<()> {
     let dirs: std::collections::BTreeSet<&Path> = linked
         .iter()
         .filter_map(|(_, new_file)| new_file.parent())
@@ -216,6 +342,8 @@ fn link_unchanged(linked: &[(PathBuf, PathBuf)]) -> Result<(), MirrorError> {
     Ok(())
 }
 
+/// The first path of `index` that git would refuse, with why: a path given twice, or
+/// one with an empty component.
 fn malformed_path(index: &gix::index::File) -> Option<(&'static str, String)> {
     let mut previous: Option<&gix::bstr::BStr> = None;
     for entry in index.entries() {
@@ -231,6 +359,8 @@ fn malformed_path(index: &gix::index::File) -> Option<(&'static str, String)> {
     None
 }
 
+/// git's stat test: `file` is a regular file with the size and modification time
+/// `recorded` noted when it was written.
 pub(crate) fn stat_unchanged(file: &Path, recorded: &gix::index::Entry) -> bool {
     gix::index::fs::Metadata::from_path_no_follow(file)
         .ok()

@@ -4,8 +4,10 @@
 //!
 //! - `git/<id>.git` — the repository: objects and refs, fetched into; never a worktree.
 //! - `git/<id>.fence` — the newest fencing token that claimed the mirror.
-//! - `trees/<id>/<snapshot>/` — one checkout of one commit, written once, never edited;
-//!   its `.git` is a gitfile pointing at `git/<id>.git`.
+//! - `trees/<id>/<snapshot>/` — one checkout of one commit, never edited once a reader
+//!   can see it; its `.git` is a gitfile pointing at `git/<id>.git`.
+//! - `trees/<id>/.spare-<snapshot>/` — a hidden copy of the current snapshot, all hard
+//!   links, that the next changed sync brings up to date and publishes ([`super::spare`]).
 //! - `repos/<id>` — a symlink to the current snapshot, replaced by `rename(2)`, so a
 //!   reader sees the old tree or the new one and never a mix.
 
@@ -97,7 +99,10 @@ impl Layout {
     /// Removes everything of a deleted project.
     pub fn remove(&self, project: &ProjectId) -> std::io::Result<()> {
         remove_if_exists(&self.worktree(project))?;
-        remove_if_exists(&self.trees_dir(project))?;
+        // a spare may be being built in it: wait for that to end
+        let trees = self.trees_dir(project);
+        let _lock = super::spare::lock(&trees).ok();
+        remove_if_exists(&trees)?;
         remove_if_exists(&self.git_dir(project))?;
         remove_if_exists(&self.fence_file(project))
     }

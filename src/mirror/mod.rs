@@ -12,6 +12,7 @@ pub mod progress;
 pub mod read;
 pub mod search;
 mod snapshot;
+mod spare;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -26,7 +27,7 @@ pub use health::{health_check, inspect};
 pub use layout::Layout;
 pub use progress::{Counters, sample_progress};
 
-use checkout::{Reuse, Trust, checkout, snapshot_is_exact};
+use checkout::{Reuse, Trust, checkout, snapshot_is_exact, update_spare};
 use fetch::{fetch, open_or_init};
 use layout::{check_fence, claim_fence, remove_if_exists, unique_suffix};
 use snapshot::{current_snapshot, point_head_at, remove_other_snapshots, swap_link};
@@ -236,7 +237,7 @@ fn sync_once(
         on_phase(Phase::UpdatingFiles);
         on_phase(Phase::Cleaning);
         check_fence(&fence_file, spec.fence)?;
-        remove_other_snapshots(&trees_dir, &[current])?;
+        remove_other_snapshots(&trees_dir, &[current], None)?;
         on_phase(Phase::Finalizing);
         return Ok(SyncOutcome {
             commit: commit_hex,
@@ -252,8 +253,10 @@ fn sync_once(
     on_phase(Phase::UpdatingFiles);
     layout.check_floor(spec.min_free_bytes)?;
     std::fs::create_dir_all(&trees_dir)?;
+    // held to the end: no spare is built while this sync changes the trees
+    let trees_lock = spare::lock(&trees_dir)?;
     let snapshot = trees_dir.join(format!("{}-{}", &commit_hex[..12], unique_suffix()));
-    // the previous tree's unchanged files are linked, not written: on the watch's word
+    // the previous tree's unchanged files are reused, not written: on the watch's word
     // where it vouches for them (no stat each; a path it saw touched is written anew,
     // as an edit can keep a file's size and time), else by git's stat test
     let source = previous_index.as_ref().zip(previous_tree.as_deref());
@@ -262,19 +265,63 @@ fn sync_once(
         Seen::Touched(paths) => Trust::Watched(paths),
         Seen::Unknown => Trust::StatTest,
     };
-    let reuse = source.map(|(index, dir)| Reuse {
-        dir,
-        index,
-        trust: trust_of(index, dir),
-    });
-    let linked_on_trust = reuse.as_ref().and_then(|reuse| match &reuse.trust {
+    let trust = source.map(|(index, dir)| trust_of(index, dir));
+    let linked_on_trust = trust.as_ref().and_then(|trust| match trust {
         Trust::Watched(touched) => Some(touched.clone()),
         Trust::StatTest => None,
     });
-    let mut written = checkout(
-        &repo, commit, &snapshot, &git_dir, reuse, progress, interrupt,
-    );
-    // files linked on the watch's word must not have changed before they were linked
+    // the previous tree's spare, brought to the commit in place; the usual checkout,
+    // linking from the previous tree, where there is none or it cannot be used
+    let from_spare = match (source, previous_tree.as_deref()) {
+        (Some((index, _)), Some(previous)) => spare::take(&trees_lock, previous).map(|dir| {
+            let reuse = Reuse {
+                dir: &dir,
+                index,
+                trust: trust.clone().unwrap_or(Trust::StatTest),
+            };
+            // checked whole before it is swapped in: its index written first, so the
+            // watch set for the stat pass vouches for the tree as that index records
+            // it, and the next no-op sync need look at no file
+            let updated = update_spare(&repo, commit, &dir, reuse, progress, interrupt).and_then(
+                |mut index| {
+                    std::fs::rename(&dir, &snapshot)?;
+                    index
+                        .write(Default::default())
+                        .map_err(|err| MirrorError::Git(Box::new(err)))?;
+                    if !verify_under_watch(&index, &snapshot) {
+                        return Err(MirrorError::Checkout(
+                            "the updated spare is not exact".into(),
+                        ));
+                    }
+                    Ok(index)
+                },
+            );
+            if updated.is_err() {
+                forget_watch(&snapshot);
+                let _ = remove_if_exists(&dir);
+                let _ = remove_if_exists(&snapshot);
+            }
+            updated
+        }),
+        _ => None,
+    };
+    let mut index_written = matches!(from_spare, Some(Ok(_)));
+    let mut written = match from_spare {
+        Some(Err(MirrorError::Interrupted)) => Err(MirrorError::Interrupted),
+        Some(Ok(index)) => Ok(index),
+        other => {
+            if let Some(Err(err)) = other {
+                tracing::debug!(project_id = %spec.project, error = %err, "the spare tree could not be used; writing a new one");
+            }
+            let reuse = source
+                .zip(trust)
+                .map(|((index, dir), trust)| Reuse { dir, index, trust });
+            checkout(
+                &repo, commit, &snapshot, &git_dir, reuse, progress, interrupt,
+            )
+        }
+    };
+    // files reused on the watch's word must not have changed before they were reused
     // (a file replaced meanwhile would be linked as it is now): the watch is asked
     // again, and if it saw anything new the tree is written without links
     if written.is_ok()
@@ -282,7 +329,9 @@ fn sync_once(
         && !matches!(trust_of(index, dir), Trust::Watched(now) if now == *touched)
     {
         tracing::warn!(project_id = %spec.project, "the mirror's tree changed during the sync; writing every file");
+        forget_watch(&snapshot);
         let _ = remove_if_exists(&snapshot);
+        index_written = false;
         written = checkout(
             &repo, commit, &snapshot, &git_dir, None, progress, interrupt,
         );
@@ -303,12 +352,14 @@ fn sync_once(
     // snapshots left behind by a crashed or interrupted sync
     let mut keep = vec![snapshot.as_path()];
     keep.extend(previous_tree.as_deref());
-    remove_other_snapshots(&trees_dir, &keep)?;
+    remove_other_snapshots(&trees_dir, &keep, Some(&trees_lock))?;
 
     on_phase(Phase::Finalizing);
-    index
-        .write(Default::default())
-        .map_err(|err| MirrorError::Git(Box::new(err)))?;
+    if !index_written {
+        index
+            .write(Default::default())
+            .map_err(|err| MirrorError::Git(Box::new(err)))?;
+    }
     repo.reference(
         local_branch.as_str(),
         commit,
@@ -322,9 +373,7 @@ fn sync_once(
     })?;
     swap_link(&worktree, &snapshot)?;
     if let Some(previous) = &previous_tree {
-        if let Some(watcher) = watch::watcher() {
-            watcher.forget(previous);
-        }
+        forget_watch(previous);
         layout.discard(previous)?;
     }
     let files_in_tree = index
@@ -342,6 +391,12 @@ fn sync_once(
         bytes: transfer.bytes,
         snapshot_check: check,
     })
+}
+
+fn forget_watch(snapshot: &std::path::Path) {
+    if let Some(watcher) = watch::watcher() {
+        watcher.forget(snapshot);
+    }
 }
 
 /// What this process's watch knows of `snapshot` as `index` records it
@@ -377,10 +432,11 @@ fn verify_under_watch(index: &gix::index::File, snapshot: &std::path::Path) -> b
 }
 
 /// After a sync wrote a tree: [`verify_under_watch`] on a thread of its own, off the
-/// sync's path, so the next no-op sync finds the tree vouched for (and the next
-/// incremental one links its unchanged files without a `stat` each). One thread for
-/// the process, a few trees waiting at most; past that, the next no-op sync makes the
-/// pass itself, as it does when a sync comes before the pass is done.
+/// sync's path (unless the sync did it), so the next no-op sync finds the tree vouched
+/// for; then the tree's spare ([`spare::build`]) for the next changed sync. One thread
+/// for the process, a few trees waiting at most; past that, the next no-op sync makes
+/// the pass itself, as it does when a sync comes before the pass is done, and the next
+/// changed sync links the unchanged files itself.
 fn verify_in_background(index: gix::index::File, snapshot: PathBuf) {
     type Job = (gix::index::File, PathBuf);
     static QUEUE: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<Job>>> =
@@ -396,8 +452,13 @@ fn verify_in_background(index: gix::index::File, snapshot: PathBuf) {
                 for (index, snapshot) in receiver {
                     // a sync verified it itself while this waited: its watch stands
                     let done = watch::watcher().is_some_and(|w| w.is_watched(&snapshot));
-                    if !done {
-                        verify_under_watch(&index, &snapshot);
+                    let exact = if done {
+                        watched(&snapshot, &index) == Seen::Untouched
+                    } else {
+                        verify_under_watch(&index, &snapshot)
+                    };
+                    if exact && let Err(err) = spare::build(&index, &snapshot) {
+                        tracing::debug!(snapshot = %snapshot.display(), error = %err, "no spare tree");
                     }
                 }
             })

@@ -17,9 +17,19 @@ pub(crate) fn current_snapshot(worktree: &Path) -> Option<PathBuf> {
     target.is_dir().then_some(target)
 }
 
-pub(crate) fn remove_other_snapshots(trees_dir: &Path, keep: &[&Path]) -> Result<(), MirrorError> {
+/// Removes every entry of `trees_dir` but `keep`, and but the spares unless the caller
+/// holds the directory's lock ([`super::spare::lock`]): a spare may be being built.
+pub(crate) fn remove_other_snapshots(
+    trees_dir: &Path,
+    keep: &[&Path],
+    spares: Option<&super::spare::TreesLock>,
+) -> Result<(), MirrorError> {
     for entry in std::fs::read_dir(trees_dir)? {
-        let path = entry?.path();
+        let entry = entry?;
+        if spares.is_none() && super::spare::is_spare(&entry.file_name()) {
+            continue;
+        }
+        let path = entry.path();
         if !keep.contains(&path.as_path()) {
             remove_if_exists(&path)?;
         }
@@ -103,7 +113,7 @@ mod tests {
             vec![std::ffi::OsString::from("p")],
             "no temporary link left"
         );
-        remove_other_snapshots(&trees, &[second.as_path()]).expect("cleaned");
+        remove_other_snapshots(&trees, &[second.as_path()], None).expect("cleaned");
         assert!(second.is_dir());
         assert!(!first.exists() && !stray.exists());
     }

@@ -232,6 +232,22 @@ impl TestApp {
             .await
     }
 
+    /// `hivesync_snapshot_checks_total{result}` from `/metrics` (0 before the first).
+    pub async fn snapshot_checks(&self, result: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        crate::operating::parse_exposition(&text)
+            .value("hivesync_snapshot_checks_total", &[("result", result)])
+            .unwrap_or_default()
+    }
+
     pub fn worktree(&self, project_id: &str) -> PathBuf {
         self.data_dir.join("repos").join(project_id)
     }

@@ -98,9 +98,11 @@ async fn sync_of_force_pushed_branch_leaves_exact_tree() {
     assert_eq!(record["previous_commit"], second.as_str());
     assert_exact_tree(&app, &id, &repo, &rewritten);
 
-    // only the current snapshot is left on disk
+    // only the current snapshot is left on disk (beside, soon, its hidden spare)
     let snapshots = std::fs::read_dir(app.data_dir.join("trees").join(&id))
         .expect("trees")
+        .filter_map(Result::ok)
+        .filter(|entry| !entry.file_name().to_string_lossy().starts_with(".spare-"))
         .count();
     assert_eq!(snapshots, 1);
     app.stop().await;
@@ -467,5 +469,139 @@ async fn the_trash_a_stopped_process_left_is_emptied_at_start() {
     })
     .await;
     assert!(emptied.is_some(), "the trash is emptied at start");
+    app.stop().await;
+}
+
+/// The spare of a snapshot (a hidden copy made after the snapshot is verified), or
+/// `None` when none appears within a few seconds.
+async fn spare_of(worktree: &std::path::Path) -> Option<std::path::PathBuf> {
+    let snapshot = std::fs::read_link(worktree).expect("worktree link");
+    let name = snapshot.file_name()?.to_str()?.to_owned();
+    let spare = snapshot.with_file_name(format!(".spare-{name}"));
+    for _ in 0..100 {
+        if spare.is_dir() {
+            return Some(spare);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// A changed sync takes the spare the previous tree left (a hidden copy of it), brings
+/// it to the new commit in place and swaps it in: paths turning from file to
+/// directory and back, directories emptied, and files edited on the server through
+/// the current tree (whose inodes the spare shares) all end exact; the tree readers
+/// had is never written through; and the new tree is vouched for by its watch at once.
+#[tokio::test]
+async fn a_changed_sync_brings_the_spare_tree_up_to_date_without_touching_the_old_one() {
+    use std::os::unix::fs::MetadataExt;
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.write("same.txt", "unchanged\n")
+        .write("lib/keep.rs", "pub fn f() {}\n")
+        .write("changes.txt", "v1\n")
+        .write("edited.txt", "as committed\n")
+        .write("replaced.txt", "as committed\n")
+        .write("gone/deep/only.txt", "soon gone\n")
+        .write("thing", "a file first\n")
+        .write("folder/x.txt", "a directory first\n");
+    repo.commit("first");
+    let id = app.register(&repo).await;
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    let worktree = app.worktree(&id);
+    let spare = spare_of(&worktree)
+        .await
+        .expect("a spare of the verified tree is made");
+    let spare_lib = std::fs::metadata(spare.join("lib"))
+        .expect("spare dir")
+        .ino();
+
+    // the server's users: an edit in place that keeps size and time, a file replaced
+    // by a new one (a new inode), and an outside hard link to a file about to change
+    let edited = worktree.join("edited.txt");
+    let modified = std::fs::metadata(&edited)
+        .and_then(|meta| meta.modified())
+        .expect("mtime");
+    std::fs::write(&edited, "AS COMMITTED\n").expect("same size");
+    std::fs::File::options()
+        .write(true)
+        .open(&edited)
+        .and_then(|f| f.set_modified(modified))
+        .expect("time put back");
+    std::fs::write(worktree.join("replaced.tmp"), "replaced on the server\n").expect("write");
+    std::fs::rename(worktree.join("replaced.tmp"), worktree.join("replaced.txt")).expect("mv");
+    let outside = tempfile::tempdir().expect("temp dir");
+    let held = outside.path().join("changes.txt");
+    std::fs::hard_link(worktree.join("changes.txt"), &held).expect("link");
+
+    repo.write("changes.txt", "v2\n");
+    std::fs::remove_dir_all(repo.path().join("gone")).expect("rm");
+    std::fs::remove_file(repo.path().join("thing")).expect("rm");
+    repo.write("thing/inner.txt", "a directory now\n");
+    std::fs::remove_dir_all(repo.path().join("folder")).expect("rm");
+    repo.write("folder", "a file now\n");
+    let second = repo.commit("second");
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    assert_exact_tree(&app, &id, &repo, &second);
+    assert_eq!(
+        std::fs::metadata(worktree.join("lib")).expect("dir").ino(),
+        spare_lib,
+        "the new tree is the spare, brought up to date"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&held).expect("read"),
+        "v1\n",
+        "a changed file is replaced, never written through its inode"
+    );
+    assert!(!spare.exists(), "the spare was taken");
+
+    // vouched for by its watch from the swap on: the next no-op sync looks at no file
+    let watched_before = app.snapshot_checks("watched").await;
+    let record = app.sync_to_end(&id).await;
+    assert_eq!(record["status"], "completed");
+    assert_eq!(app.snapshot_checks("watched").await, watched_before + 1.0);
+    assert_exact_tree(&app, &id, &repo, &second);
+
+    // and the next one takes the next spare
+    spare_of(&worktree).await.expect("a spare of the new tree");
+    repo.write("changes.txt", "v3\n");
+    let third = repo.commit("third");
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    assert_exact_tree(&app, &id, &repo, &third);
+    app.stop().await;
+}
+
+/// A commit that changes a `.gitattributes` can change how files whose blobs did not
+/// change check out (here their line endings): no file is reused then, and the tree
+/// is what a fresh clone gives.
+#[tokio::test]
+async fn a_changed_gitattributes_rewrites_the_files_it_governs() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.write("notes.txt", "one\ntwo\n");
+    repo.commit("first");
+    let id = app.register(&repo).await;
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    let worktree = app.worktree(&id);
+    // with a spare ready, and without one: both ways must honour the change
+    spare_of(&worktree).await.expect("a spare");
+    repo.write(".gitattributes", "*.txt text eol=crlf\n");
+    repo.commit("line endings");
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    let clone = tempfile::tempdir().expect("temp dir");
+    let status = std::process::Command::new("git")
+        .args(["clone", "-q", &repo.url(), "."])
+        .current_dir(clone.path())
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .status()
+        .expect("git clone");
+    assert!(status.success());
+    let cloned = std::fs::read(clone.path().join("notes.txt")).expect("cloned file");
+    assert_eq!(cloned, b"one\r\ntwo\r\n", "git itself converts");
+    assert_eq!(
+        std::fs::read(worktree.join("notes.txt")).expect("mirrored file"),
+        cloned,
+        "the mirror holds what a clone holds"
+    );
     app.stop().await;
 }

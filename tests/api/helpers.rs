@@ -232,8 +232,8 @@ impl TestApp {
             .await
     }
 
-    /// `hivesync_snapshot_checks_total{result}` from `/metrics` (0 before the first).
-    pub async fn snapshot_checks(&self, result: &str) -> f64 {
+    /// `/metrics`, parsed.
+    pub async fn metrics(&self) -> crate::operating::Exposition {
         let text = self
             .http
             .get(format!("{}/metrics", self.base))
@@ -244,6 +244,12 @@ impl TestApp {
             .await
             .expect("metrics text");
         crate::operating::parse_exposition(&text)
+    }
+
+    /// `hivesync_snapshot_checks_total{result}` from `/metrics` (0 before the first).
+    pub async fn snapshot_checks(&self, result: &str) -> f64 {
+        self.metrics()
+            .await
             .value("hivesync_snapshot_checks_total", &[("result", result)])
             .unwrap_or_default()
     }

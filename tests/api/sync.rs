@@ -382,16 +382,7 @@ async fn a_watched_snapshot_is_kept_until_touched_even_by_an_edit_the_stat_test_
         "the edit is gone, not carried over into the new snapshot"
     );
     // how each of those four syncs told, as the metrics count it
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let metrics = crate::operating::parse_exposition(&text);
+    let metrics = app.metrics().await;
     let checks =
         |result: &str| metrics.value("hivesync_snapshot_checks_total", &[("result", result)]);
     // the first no-op made the stat pass itself unless the verification that follows

@@ -4,8 +4,8 @@
 # figure there comes from a command anyone can run:
 #
 #   cargo build --release -p hivesync -p hivesync-loadtest
-#   loadtest/run-all.sh 2026-12-01            # every step but ab, ~65 minutes on 2 cores
-#   loadtest/run-all.sh 2026-12-01 syncs      # one step (names below)
+#   loadtest/run-all.sh 2026-12-02b           # every step but ab, ~35 minutes on 2 cores
+#   loadtest/run-all.sh 2026-12-02b syncs     # one step (names below)
 #
 # Needs redis-server and redis-cli (the tool starts its own on free ports), node and
 # npm for the Socket.IO peer, git; the 100k step also needs root, debootstrap,

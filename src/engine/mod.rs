@@ -378,6 +378,21 @@ pub trait EventLog: Send + Sync + 'static {
     /// Numbers the event in `user`'s sequence, keeps it in their history and fans it
     /// out to every live subscriber.
     async fn publish(&self, user: &str, body: EventBody) -> Result<Event, EngineError>;
+    /// [`EventLog::publish`], safe to repeat: given the `once` key of an event it has
+    /// already kept (for an hour at least), the engine returns that event's id and
+    /// publishes nothing. A caller that retries after an error whose outcome it cannot
+    /// know (on Redis, a reply lost with its connection after the script ran) passes
+    /// the same key each time. The embedded engine's publish either commits or fails,
+    /// so it needs no key.
+    async fn publish_once(
+        &self,
+        user: &str,
+        body: EventBody,
+        once: &str,
+    ) -> Result<Event, EngineError> {
+        let _ = once;
+        self.publish(user, body).await
+    }
     /// Every event published from now on, for all users, with a mark after each break
     /// in the feed.
     fn live(&self) -> broadcast::Receiver<Live>;

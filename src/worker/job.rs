@@ -25,6 +25,11 @@ pub(super) struct JobCtx<'a> {
     pub lock: &'a ProjectLock,
 }
 
+/// A key that makes the retries of one publish publish it once.
+fn once_key() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
 /// How long a worker keeps retrying a write the engine refused (Redis down), before
 /// it leaves the job to be taken over.
 const ENGINE_WRITE_PATIENCE: Duration = Duration::from_secs(300);
@@ -194,9 +199,20 @@ impl Worker {
             // the project was deleted: no event of it from now on, and the job stops
             Some(Put::Gone) => Err(EngineError::ProjectGone),
             Some(put) => {
+                // one key for every try of a stage change: a retry after a lost reply
+                // publishes nothing twice (a progress tick is never retried)
+                let once = essential.then(once_key);
                 if self
-                    .persist(essential, || {
-                        self.engine.events.publish(ctx.owner, body.clone())
+                    .persist(essential, || async {
+                        match &once {
+                            Some(once) => {
+                                self.engine
+                                    .events
+                                    .publish_once(ctx.owner, body.clone(), once)
+                                    .await
+                            }
+                            None => self.engine.events.publish(ctx.owner, body.clone()).await,
+                        }
                     })
                     .await?
                     .is_some()
@@ -330,8 +346,13 @@ impl Worker {
                 .flatten(),
             trigger: Some(record.trigger),
         };
-        self.persist(true, || self.engine.events.publish(ctx.owner, body.clone()))
-            .await?;
+        let once = once_key();
+        self.persist(true, || {
+            self.engine
+                .events
+                .publish_once(ctx.owner, body.clone(), &once)
+        })
+        .await?;
         self.engine.metrics.events_published.inc();
         Ok(())
     }

@@ -21,29 +21,16 @@ use crate::protocol::{Event, EventBody, EventId};
 #[async_trait]
 impl EventLog for RedisEngine {
     async fn publish(&self, user: &str, body: EventBody) -> Result<Event, EngineError> {
-        let json = serde_json::to_string(&body)?;
-        let mut conn = self.conn().await?;
-        let id: u64 = self
-            .scripts
-            .publish
-            .key(self.keys.event_seq(user))
-            .key(self.keys.events(user))
-            .key(self.keys.channel(user))
-            .arg(json)
-            .arg(channel_prefix(user))
-            .arg(self.settings.history_len.max(1))
-            .arg(if self.keys.cluster {
-                "SPUBLISH"
-            } else {
-                "PUBLISH"
-            })
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(Event {
-            id,
-            user: user.to_owned(),
-            body,
-        })
+        self.publish_keyed(user, body, None).await
+    }
+
+    async fn publish_once(
+        &self,
+        user: &str,
+        body: EventBody,
+        once: &str,
+    ) -> Result<Event, EngineError> {
+        self.publish_keyed(user, body, Some(once)).await
     }
 
     fn live(&self) -> broadcast::Receiver<Live> {
@@ -110,7 +97,45 @@ impl EventLog for RedisEngine {
     }
 }
 
+/// How long an event's once key is kept: longer than any retry of its publish (a
+/// worker gives up on an engine write after 5 minutes).
+const ONCE_KEPT_S: u64 = 3600;
+
 impl RedisEngine {
+    /// Runs the publish script; with `once`, a repeat of a publish that went through
+    /// returns its id and publishes nothing.
+    async fn publish_keyed(
+        &self,
+        user: &str,
+        body: EventBody,
+        once: Option<&str>,
+    ) -> Result<Event, EngineError> {
+        let json = serde_json::to_string(&body)?;
+        let mut conn = self.conn().await?;
+        let mut call = self.scripts.publish.prepare_invoke();
+        call.key(self.keys.event_seq(user))
+            .key(self.keys.events(user))
+            .key(self.keys.channel(user));
+        if let Some(once) = once {
+            call.key(self.keys.event_once(user, once));
+        }
+        call.arg(json)
+            .arg(channel_prefix(user))
+            .arg(self.settings.history_len.max(1))
+            .arg(if self.keys.cluster {
+                "SPUBLISH"
+            } else {
+                "PUBLISH"
+            })
+            .arg(ONCE_KEPT_S);
+        let id: u64 = call.invoke_async(&mut conn).await?;
+        Ok(Event {
+            id,
+            user: user.to_owned(),
+            body,
+        })
+    }
+
     /// Starts the pub/sub subscription (once) that feeds [`EventLog::live`]. Only hub
     /// nodes need it; workers publish but never listen.
     pub fn start_subscriber(self: &Arc<Self>) {

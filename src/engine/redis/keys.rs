@@ -124,6 +124,10 @@ impl Keys {
     pub(super) fn event_seq(&self, user: &str) -> String {
         format!("{}:event-seq:{user}", self.of_user(user))
     }
+    /// Marks that the event of `user` with the caller's `once` key was published.
+    pub(super) fn event_once(&self, user: &str, once: &str) -> String {
+        format!("{}:event-once:{user}:{once}", self.of_user(user))
+    }
     pub(super) fn events(&self, user: &str) -> String {
         format!("{}:events:{user}", self.of_user(user))
     }

@@ -81,7 +81,20 @@ impl RedisServer {
             cluster,
         };
         for index in 0..count {
-            server.launch(index);
+            // a port found free may be taken by another test before redis-server binds
+            // it: then the node starts again on other ports
+            let mut tries = 0;
+            while let Err(err) = server.launch(index) {
+                tries += 1;
+                assert!(tries < 5, "{err}");
+                let node = &mut server.nodes[index];
+                if let Some(mut child) = node.child.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                node.port = free_port();
+                node.bus_port = free_port();
+            }
         }
         if cluster {
             server.create_cluster(replicas_each);
@@ -89,7 +102,7 @@ impl RedisServer {
         server
     }
 
-    fn launch(&mut self, index: usize) {
+    fn launch(&mut self, index: usize) -> Result<(), String> {
         let cluster = self.cluster;
         let node = &mut self.nodes[index];
         let mut command = Command::new("redis-server");
@@ -116,15 +129,27 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        node.child = Some(child);
+        let child = node.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if answers(node.port) {
-                return;
+                // ours, not another test's server that took the port first
+                let info = cli(node.port, &["INFO", "server"]);
+                if field(&info, "process_id:") == Some(child.id().to_string()) {
+                    return Ok(());
+                }
+                return Err(format!("port {} is another redis-server's", node.port));
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "redis-server on port {} exited ({status}); its log: {}",
+                    node.port,
+                    std::fs::read_to_string(node.dir.path().join("redis.log")).unwrap_or_default()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server did not answer on port {}", node.port);
+        Err(format!("redis-server did not answer on port {}", node.port))
     }
 
     fn create_cluster(&self, replicas_each: usize) {
@@ -234,7 +259,9 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.kill();
         for index in 0..self.nodes.len() {
-            self.launch(index);
+            if let Err(err) = self.launch(index) {
+                panic!("{err}");
+            }
         }
         if self.cluster {
             self.wait_until_healthy();

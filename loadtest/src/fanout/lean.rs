@@ -16,7 +16,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use super::Target;
-use super::tally::{Phase, Tally, now_nanos};
+use super::tally::{Latencies, Tally, now_nanos};
 
 /// The number after `key` in `text` (e.g. `"id":` → 42).
 pub(super) fn number_after(text: &str, key: &str) -> Option<u64> {
@@ -609,46 +609,5 @@ fn closed(
             consume(target, conn, token, poll, tally, latencies);
         }
         Err(_) => conn.done = true,
-    }
-}
-
-/// A thread's latencies, handed to the shared histograms in batches.
-struct Latencies {
-    shard: usize,
-    steady: Vec<u64>,
-    burst: Vec<u64>,
-}
-
-impl Latencies {
-    fn new(shard: usize) -> Self {
-        Self {
-            shard,
-            steady: Vec::with_capacity(4096),
-            burst: Vec::with_capacity(4096),
-        }
-    }
-
-    fn record(&mut self, in_burst: bool, micros: u64, tally: &Tally) {
-        let (local, phase) = if in_burst {
-            (&mut self.burst, &tally.burst)
-        } else {
-            (&mut self.steady, &tally.steady)
-        };
-        local.push(micros);
-        if local.len() >= 4096 {
-            flush_into(phase, self.shard, local);
-        }
-    }
-
-    fn flush(&mut self, tally: &Tally) {
-        flush_into(&tally.steady, self.shard, &mut self.steady);
-        flush_into(&tally.burst, self.shard, &mut self.burst);
-    }
-}
-
-fn flush_into(phase: &Phase, shard: usize, local: &mut Vec<u64>) {
-    let mut histogram = phase.latency[shard % phase.latency.len()].blocking_lock();
-    for micros in local.drain(..) {
-        histogram.saturating_record(micros);
     }
 }

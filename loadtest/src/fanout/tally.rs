@@ -73,3 +73,44 @@ impl Tally {
         self.steady.received.load(Ordering::Relaxed) + self.burst.received.load(Ordering::Relaxed)
     }
 }
+
+/// A thread's latencies, handed to the shared histograms in batches.
+pub(super) struct Latencies {
+    shard: usize,
+    steady: Vec<u64>,
+    burst: Vec<u64>,
+}
+
+impl Latencies {
+    pub(super) fn new(shard: usize) -> Self {
+        Self {
+            shard,
+            steady: Vec::with_capacity(4096),
+            burst: Vec::with_capacity(4096),
+        }
+    }
+
+    pub(super) fn record(&mut self, in_burst: bool, micros: u64, tally: &Tally) {
+        let (local, phase) = if in_burst {
+            (&mut self.burst, &tally.burst)
+        } else {
+            (&mut self.steady, &tally.steady)
+        };
+        local.push(micros);
+        if local.len() >= 4096 {
+            flush_into(phase, self.shard, local);
+        }
+    }
+
+    pub(super) fn flush(&mut self, tally: &Tally) {
+        flush_into(&tally.steady, self.shard, &mut self.steady);
+        flush_into(&tally.burst, self.shard, &mut self.burst);
+    }
+}
+
+fn flush_into(phase: &Phase, shard: usize, local: &mut Vec<u64>) {
+    let mut histogram = phase.latency[shard % phase.latency.len()].blocking_lock();
+    for micros in local.drain(..) {
+        histogram.saturating_record(micros);
+    }
+}

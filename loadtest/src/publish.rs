@@ -64,12 +64,16 @@ async fn engine_round(
     engine: &Arc<hivesync::engine::redis::RedisEngine>,
     o: &Options,
 ) -> Result<f64, String> {
+    // each event's own once key, as a worker gives every event one (unique across
+    // rounds, or a later round would be answered from the keys of an earlier one)
+    static NEXT_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let engine = Arc::clone(engine);
     round(o, move |n| {
         let engine = Arc::clone(&engine);
+        let once = NEXT_KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         async move {
             engine
-                .publish(&format!("user-{}", n % 100), body(n))
+                .publish_once(&format!("user-{}", n % 100), body(n), &once.to_string())
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())

@@ -373,26 +373,26 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn claim_watchdog(&self, period: Duration) -> Result<bool, EngineError>;
 }
 
+/// How long an engine remembers a publish's once key: twice as long as a worker
+/// retries a write (5 minutes) before it gives the job up.
+pub const ONCE_KEPT: Duration = Duration::from_secs(600);
+
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
     /// Numbers the event in `user`'s sequence, keeps it in their history and fans it
     /// out to every live subscriber.
     async fn publish(&self, user: &str, body: EventBody) -> Result<Event, EngineError>;
-    /// [`EventLog::publish`], safe to repeat: given the `once` key of an event it has
-    /// already kept (for an hour at least), the engine returns that event's id and
+    /// [`EventLog::publish`], safe to repeat: given the `once` key of an event it
+    /// kept in the last [`ONCE_KEPT`], the engine answers with that event's id and
     /// publishes nothing. A caller that retries after an error whose outcome it cannot
-    /// know (on Redis, a reply lost with its connection after the script ran) passes
-    /// the same key each time. The embedded engine's publish either commits or fails,
-    /// so it needs no key.
+    /// know (on Redis, a reply lost with its connection after the script ran, or the
+    /// cluster client's own resend) passes the same key and the same body each time.
     async fn publish_once(
         &self,
         user: &str,
         body: EventBody,
         once: &str,
-    ) -> Result<Event, EngineError> {
-        let _ = once;
-        self.publish(user, body).await
-    }
+    ) -> Result<Event, EngineError>;
     /// Every event published from now on, for all users, with a mark after each break
     /// in the feed.
     fn live(&self) -> broadcast::Receiver<Live>;
@@ -464,9 +464,10 @@ impl Engine {
         if created {
             // the sync is stored and on its way whatever happens to this event: a
             // client that misses it sees the record by polling
+            // keyed by the sync: a resend by the cluster client publishes it once
             let published = self
                 .events
-                .publish(
+                .publish_once(
                     &project.owner,
                     EventBody::SyncStage {
                         sync_id: record.sync_id.clone(),
@@ -476,6 +477,7 @@ impl Engine {
                         at: record.queued_at.clone(),
                         retry: None,
                     },
+                    &format!("queued-{}", record.sync_id),
                 )
                 .await;
             if let Err(err) = published {

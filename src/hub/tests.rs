@@ -69,6 +69,14 @@ impl EventLog for Skipping {
     ) -> Result<Event, EngineError> {
         self.inner.publish(user, body).await
     }
+    async fn publish_once(
+        &self,
+        user: &str,
+        body: crate::protocol::EventBody,
+        once: &str,
+    ) -> Result<Event, EngineError> {
+        self.inner.publish_once(user, body, once).await
+    }
     fn live(&self) -> broadcast::Receiver<Live> {
         self.live.subscribe()
     }

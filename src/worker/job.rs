@@ -199,20 +199,15 @@ impl Worker {
             // the project was deleted: no event of it from now on, and the job stops
             Some(Put::Gone) => Err(EngineError::ProjectGone),
             Some(put) => {
-                // one key for every try of a stage change: a retry after a lost reply
-                // publishes nothing twice (a progress tick is never retried)
-                let once = essential.then(once_key);
+                // one key for every try (ours of a stage change, and the cluster
+                // client's own resend of any event): a try after a lost reply
+                // publishes nothing twice
+                let once = once_key();
                 if self
-                    .persist(essential, || async {
-                        match &once {
-                            Some(once) => {
-                                self.engine
-                                    .events
-                                    .publish_once(ctx.owner, body.clone(), once)
-                                    .await
-                            }
-                            None => self.engine.events.publish(ctx.owner, body.clone()).await,
-                        }
+                    .persist(essential, || {
+                        self.engine
+                            .events
+                            .publish_once(ctx.owner, body.clone(), &once)
                     })
                     .await?
                     .is_some()

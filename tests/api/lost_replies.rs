@@ -10,10 +10,29 @@ use crate::redis_server::{redis_or_skip, unique_prefix};
 /// A TCP proxy in front of Redis that, once armed with a pattern, cuts the first
 /// connection whose request contains it: the request reaches Redis and runs, but no
 /// reply comes back on that connection from then on, and it is closed a moment later.
-/// Its caller only learns that the connection died.
-async fn request_cutting_proxy(
-    upstream: &str,
-) -> (String, std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>) {
+/// Its caller only learns that the connection died. The proxy counts the replies it
+/// withheld so: Redis answered, so it ran the request.
+struct CuttingProxy {
+    url: String,
+    armed: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    withheld: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CuttingProxy {
+    fn arm(&self, pattern: &str) {
+        *self.armed.lock().expect("not poisoned") = Some(pattern.into());
+    }
+
+    fn fired(&self) -> bool {
+        self.armed.lock().expect("not poisoned").is_none()
+    }
+
+    fn withheld(&self) -> usize {
+        self.withheld.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn request_cutting_proxy(upstream: &str) -> CuttingProxy {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,10 +45,13 @@ async fn request_cutting_proxy(
         .expect("proxy binds");
     let url = format!("redis://{}/", listener.local_addr().expect("bound"));
     let armed: Arc<Mutex<Option<Vec<u8>>>> = Arc::new(Mutex::new(None));
+    let withheld = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let armed_for = armed.clone();
+    let withheld_for = withheld.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let armed = armed_for.clone();
+            let withheld = withheld_for.clone();
             let upstream = upstream.clone();
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
@@ -77,6 +99,7 @@ async fn request_cutting_proxy(
                             Ok(n) => n,
                         };
                         if cut.load(Ordering::SeqCst) {
+                            withheld.fetch_add(1, Ordering::SeqCst);
                             continue;
                         }
                         if client_write.write_all(&buf[..n]).await.is_err() {
@@ -91,7 +114,11 @@ async fn request_cutting_proxy(
             });
         }
     });
-    (url, armed)
+    CuttingProxy {
+        url,
+        armed,
+        withheld,
+    }
 }
 
 async fn redis_engine(
@@ -171,10 +198,9 @@ async fn publish_until_it_succeeds(
 async fn a_publish_retried_after_its_reply_was_lost_is_kept_once() {
     use hivesync::engine::EventLog;
     let Some(redis) = redis_or_skip() else { return };
-    let (url, armed) = request_cutting_proxy(&redis.url()).await;
-    let arm = |pattern: &str| *armed.lock().expect("not poisoned") = Some(pattern.into());
+    let proxy = request_cutting_proxy(&redis.url()).await;
     let prefix = unique_prefix();
-    let engine = redis_engine(url, &prefix).await;
+    let engine = redis_engine(proxy.url.clone(), &prefix).await;
     // loads the script, so the reply lost below is the script's own
     engine
         .publish("warm", stage_event(0))
@@ -182,7 +208,7 @@ async fn a_publish_retried_after_its_reply_was_lost_is_kept_once() {
         .expect("a publish goes through the proxy");
 
     // a plain publish, retried: the lost reply's event is kept, and the retry's too
-    arm("sync-1");
+    proxy.arm("sync-1");
     assert!(
         engine.publish("plain", stage_event(1)).await.is_err(),
         "the caller never heard the reply"
@@ -196,7 +222,7 @@ async fn a_publish_retried_after_its_reply_was_lost_is_kept_once() {
     );
 
     // the same with a once key: the retry gets the first event's id back
-    arm("sync-1");
+    proxy.arm("sync-1");
     assert!(
         engine
             .publish_once("keyed", stage_event(1), "k1")
@@ -223,9 +249,10 @@ async fn a_publish_retried_after_its_reply_was_lost_is_kept_once() {
 
     // the key does not outlive what a retry could need (an hour)
     let ttl: i64 = redis
-        .query(redis::cmd("TTL").arg(format!("{prefix}:event-once:keyed:k1")))
+        .query(redis::cmd("TTL").arg(format!("{prefix}:event-once:5:keyed:k1")))
         .await;
-    assert!((1..=3600).contains(&ttl), "the once key expires: ttl {ttl}");
+    assert!((1..=600).contains(&ttl), "the once key expires: ttl {ttl}");
+    assert!(proxy.withheld() >= 2, "Redis answered both cut requests");
 }
 
 /// On a cluster the once key lives in its user's slot, beside the sequence and the
@@ -258,9 +285,10 @@ async fn on_a_cluster_a_publish_repeated_with_its_once_key_is_kept_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notification_whose_publish_reply_was_lost_reaches_the_socket_once() {
     let Some(redis) = redis_or_skip() else { return };
-    let (url, armed) = request_cutting_proxy(&redis.url()).await;
+    let proxy = request_cutting_proxy(&redis.url()).await;
     let data = tempfile::tempdir().expect("temp dir");
     let prefix = unique_prefix();
+    let url = proxy.url.clone();
     let app = TestApp::spawn_on(data.path(), move |config| {
         config.redis_url = Some(url);
         config.redis_prefix = prefix;
@@ -274,7 +302,7 @@ async fn a_notification_whose_publish_reply_was_lost_reaches_the_socket_once() {
     let mut socket = app.ws(&app.token, "").await;
     socket.next_json().await;
 
-    *armed.lock().expect("not poisoned") = Some(b"repo_sync_success".to_vec());
+    proxy.arm("repo_sync_success");
     let accepted = app.request_sync(&project).await;
     let sync_id = accepted["sync_id"].as_str().expect("sync_id").to_owned();
     let mut frames = socket
@@ -284,10 +312,8 @@ async fn a_notification_whose_publish_reply_was_lost_reaches_the_socket_once() {
     while let Some(WsRead::Json(frame)) = socket.read(Duration::from_secs(3)).await {
         frames.push(frame);
     }
-    assert!(
-        armed.lock().expect("not poisoned").is_none(),
-        "the notification's publish was cut"
-    );
+    assert!(proxy.fired(), "the notification's publish was cut");
+    assert!(proxy.withheld() >= 1, "after Redis had answered it");
     let heard = frames
         .iter()
         .filter(|frame| is_notification(frame, "repo_sync_success"))

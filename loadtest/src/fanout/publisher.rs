@@ -116,8 +116,8 @@ impl Publisher {
 
 /// The event a worker would publish, stamped with its intended emit time: a progress
 /// tick (which the embedded engine may commit without an fsync), or with `durable` a
-/// stage change (committed durably, as stage changes and notifications are, and on
-/// Redis with a once key, as a worker publishes them).
+/// stage change (committed durably, as stage changes and notifications are); with a
+/// once key, as a worker publishes every event.
 pub(super) async fn publish_event(
     events: &dyn EventLog,
     user: usize,
@@ -145,15 +145,12 @@ pub(super) async fn publish_event(
         at: hivesync::domain::now_rfc3339(),
         retry: None,
     };
-    let user = user_name(user);
-    let published = if durable {
-        // a worker gives each stage change a once key, kept by Redis for its retries
-        let once = format!("{seq}-{emitted}");
-        events.publish_once(&user, body, &once).await
-    } else {
-        events.publish(&user, body).await
-    };
-    published.map(|_| ()).map_err(|e| e.to_string())
+    // a worker gives each event a once key, which Redis keeps for its retries
+    events
+        .publish_once(&user_name(user), body, &format!("{seq}-{emitted}"))
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// `loadtest embedded-hub`: a hub with the embedded engine in this process, printing

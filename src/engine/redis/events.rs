@@ -97,10 +97,6 @@ impl EventLog for RedisEngine {
     }
 }
 
-/// How long an event's once key is kept: longer than any retry of its publish (a
-/// worker gives up on an engine write after 5 minutes).
-const ONCE_KEPT_S: u64 = 3600;
-
 impl RedisEngine {
     /// Runs the publish script; with `once`, a repeat of a publish that went through
     /// returns its id and publishes nothing.
@@ -127,7 +123,7 @@ impl RedisEngine {
             } else {
                 "PUBLISH"
             })
-            .arg(ONCE_KEPT_S);
+            .arg(crate::engine::ONCE_KEPT.as_secs());
         let id: u64 = call.invoke_async(&mut conn).await?;
         Ok(Event {
             id,

@@ -11,8 +11,9 @@
 //!   sync's id carries its project's partition byte, so its record is found from the
 //!   id alone.
 //! - `{uN}`, the user's **group** (`N` = a hash of the user id mod [`USER_GROUPS`]):
-//!   the user's event sequence and history, the sharded pub/sub channel their events
-//!   go out on (shared by the group), their project list and their rate limit.
+//!   the user's event sequence and history, the once keys of their events, the sharded
+//!   pub/sub channel their events go out on (shared by the group), their project list
+//!   and their rate limit.
 //!
 //! Both counts are fixed: changing one moves every key.
 
@@ -124,9 +125,14 @@ impl Keys {
     pub(super) fn event_seq(&self, user: &str) -> String {
         format!("{}:event-seq:{user}", self.of_user(user))
     }
-    /// Marks that the event of `user` with the caller's `once` key was published.
+    /// Marks that the event of `user` with the caller's `once` key was published (the
+    /// user's length first: names and keys may hold `:` and still never collide).
     pub(super) fn event_once(&self, user: &str, once: &str) -> String {
-        format!("{}:event-once:{user}:{once}", self.of_user(user))
+        format!(
+            "{}:event-once:{}:{user}:{once}",
+            self.of_user(user),
+            user.len()
+        )
     }
     pub(super) fn events(&self, user: &str) -> String {
         format!("{}:events:{user}", self.of_user(user))
@@ -203,6 +209,12 @@ mod tests {
         assert_eq!(keys.project("p"), "hs:project:p");
         assert_eq!(keys.jobs_of("p"), "hs:jobs");
         assert_eq!(keys.events("u"), "hs:events:u");
+        assert_eq!(keys.event_once("u", "k"), "hs:event-once:1:u:k");
+        assert_ne!(
+            keys.event_once("org", "alice:k"),
+            keys.event_once("org:alice", "k"),
+            "a `:` in a name or key makes no collision"
+        );
         assert_eq!(keys.channel("u"), "hs:events");
         assert_eq!(keys.due_of("p"), "hs:due");
         assert_eq!(keys.shards(), 1);
@@ -238,6 +250,7 @@ mod tests {
         assert!(tag.starts_with('u'), "{tag}");
         for key in [
             keys.event_seq(user),
+            keys.event_once(user, "k"),
             keys.channel(user),
             keys.owner(user),
             keys.rate(user),

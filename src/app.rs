@@ -242,7 +242,7 @@ impl Application {
             crate::mirror::watch::set_budget(budget);
         }
         let serve_workers = config.effective_serve_workers();
-        let reader = Arc::new(Reader::new(layout.clone()));
+        let reader = Arc::new(Reader::with_capacity(layout.clone(), config.reader_cache));
         let state = Arc::new(AppState {
             metrics: Arc::clone(&engine.metrics),
             engine,
@@ -359,6 +359,7 @@ fn worker_settings(config: &Config) -> WorkerSettings {
         retry_max: config.retry_max,
         allow_private_hosts: config.allow_private_hosts,
         min_free_bytes: config.min_free_bytes,
+        housekeeping: config.housekeeping,
     }
 }
 

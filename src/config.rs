@@ -72,6 +72,11 @@ pub struct Config {
     /// snapshot directories one process watches with inotify so no-op syncs need not
     /// stat every file; `None` = half the user's `max_user_watches`, 0 = off
     pub snapshot_watches: Option<usize>,
+    /// mirror repositories the reader keeps open
+    pub reader_cache: usize,
+    /// when a mirror's object store is consolidated, and how long unreachable objects
+    /// are kept
+    pub housekeeping: crate::mirror::housekeeping::Policy,
 }
 
 impl Default for Config {
@@ -115,6 +120,8 @@ impl Default for Config {
             webhook_key: None,
             scheduler_tick: Duration::from_secs(1),
             snapshot_watches: None,
+            reader_cache: crate::mirror::read::DEFAULT_CACHE,
+            housekeeping: crate::mirror::housekeeping::Policy::default(),
         }
     }
 }
@@ -266,6 +273,17 @@ pub struct ConfigArgs {
     /// [default: half of fs.inotify.max_user_watches]
     #[arg(long, env = "HIVESYNC_SNAPSHOT_WATCHES")]
     pub snapshot_watches: Option<usize>,
+    /// mirror repositories kept open for reads, least recently read closed first
+    /// [default: 256]
+    #[arg(long, env = "HIVESYNC_READER_CACHE")]
+    pub reader_cache: Option<usize>,
+    /// packs a mirror may have before housekeeping consolidates it, 0 = off [default: 8]
+    #[arg(long, env = "HIVESYNC_HOUSEKEEPING_PACKS")]
+    pub housekeeping_packs: Option<usize>,
+    /// how long objects no branch reaches are kept before they are deleted
+    /// [default: 1209600]
+    #[arg(long, env = "HIVESYNC_PRUNE_GRACE_S")]
+    pub prune_grace_s: Option<u64>,
 }
 
 impl ConfigArgs {
@@ -346,6 +364,16 @@ impl ConfigArgs {
             config.metrics_listen = v;
         }
         config.snapshot_watches = self.snapshot_watches;
+        if let Some(v) = self.reader_cache {
+            config.reader_cache = v.max(1);
+        }
+        if let Some(v) = self.housekeeping_packs {
+            // one pack is already as compact as housekeeping makes it
+            config.housekeeping.max_packs = if v == 0 { 0 } else { v.max(2) };
+        }
+        if let Some(v) = self.prune_grace_s {
+            config.housekeeping.grace = Duration::from_secs(v);
+        }
         if let Some(v) = self.drain_timeout_s {
             config.drain_timeout = Duration::from_secs(v);
         }

@@ -55,6 +55,15 @@ pub const WEBHOOK_RESULTS: [&str; 8] = [
     "invalid_request",
 ];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WhenLabel {
+    /// `before` or `after` a housekeeping run
+    pub when: &'static str,
+}
+
+/// The `result` values of `hivesync_housekeeping_runs_total`.
+pub const HOUSEKEEPING_RESULTS: [&str; 3] = ["done", "failed", "interrupted"];
+
 /// The `reason` values of `hivesync_ws_kicked_total`.
 pub const KICK_REASONS: [&str; 4] = ["slow_consumer", "idle", "token_expired", "protocol_error"];
 
@@ -78,6 +87,12 @@ pub struct Metrics {
     pub store_commit: Histogram,
     pub snapshot_checks: Family<ResultLabel, Counter>,
     pub snapshot_watches: Gauge,
+    pub reader_repositories: Gauge,
+    pub housekeeping_runs: Family<ResultLabel, Counter>,
+    pub housekeeping_duration: Histogram,
+    pub housekeeping_packs: Family<WhenLabel, Counter>,
+    pub housekeeping_bytes: Family<WhenLabel, Counter>,
+    pub housekeeping_pruned: Counter,
 }
 
 impl Default for Metrics {
@@ -187,6 +202,43 @@ impl Metrics {
             "Directories of mirror trees this process watches with inotify (read when scraped)",
             snapshot_watches.clone(),
         );
+        let reader_repositories = Gauge::default();
+        registry.register(
+            "reader_open_repositories",
+            "Mirror repositories the reader keeps open (HIVESYNC_READER_CACHE bounds it; read when scraped)",
+            reader_repositories.clone(),
+        );
+        let housekeeping_runs = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "housekeeping_runs",
+            "Housekeeping runs of mirror object stores, by result (done, failed, interrupted)",
+            housekeeping_runs.clone(),
+        );
+        // 10 ms … ~5.5 min
+        let housekeeping_duration = Histogram::new(exponential_buckets(0.01, 2.0, 16));
+        registry.register(
+            "housekeeping_duration_seconds",
+            "Wall time of housekeeping runs that ended",
+            housekeeping_duration.clone(),
+        );
+        let housekeeping_packs = Family::<WhenLabel, Counter>::default();
+        registry.register(
+            "housekeeping_packs",
+            "Packs of the mirrors housekeeping ran on, summed over runs, before and after each run",
+            housekeeping_packs.clone(),
+        );
+        let housekeeping_bytes = Family::<WhenLabel, Counter>::default();
+        registry.register(
+            "housekeeping_bytes",
+            "Object-store bytes (packs and loose objects) of the mirrors housekeeping ran on, summed over runs, before and after each run",
+            housekeeping_bytes.clone(),
+        );
+        let housekeeping_pruned = Counter::default();
+        registry.register(
+            "housekeeping_pruned_objects",
+            "Objects no branch reached that housekeeping deleted once their grace period was over",
+            housekeeping_pruned.clone(),
+        );
         // every bounded label combination starts at zero, so each family is in the
         // exposition from the first scrape and rates start from a real zero
         for outcome in ["completed", "failed"] {
@@ -196,6 +248,13 @@ impl Metrics {
         }
         for result in WEBHOOK_RESULTS {
             let _ = webhook_deliveries.get_or_create(&ResultLabel { result });
+        }
+        for result in HOUSEKEEPING_RESULTS {
+            let _ = housekeeping_runs.get_or_create(&ResultLabel { result });
+        }
+        for when in ["before", "after"] {
+            let _ = housekeeping_packs.get_or_create(&WhenLabel { when });
+            let _ = housekeeping_bytes.get_or_create(&WhenLabel { when });
         }
         for reason in KICK_REASONS {
             let _ = ws_kicked.get_or_create(&ReasonLabel { reason });
@@ -223,6 +282,12 @@ impl Metrics {
             store_commit,
             snapshot_checks,
             snapshot_watches,
+            reader_repositories,
+            housekeeping_runs,
+            housekeeping_duration,
+            housekeeping_packs,
+            housekeeping_bytes,
+            housekeeping_pruned,
         }
     }
 
@@ -246,6 +311,36 @@ impl Metrics {
         self.webhook_deliveries
             .get_or_create(&ResultLabel { result })
             .inc();
+    }
+
+    /// Counts one housekeeping run that ended.
+    pub fn housekeeping(
+        &self,
+        result: &'static str,
+        seconds: f64,
+        report: Option<&crate::mirror::housekeeping::Report>,
+    ) {
+        self.housekeeping_runs
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        self.housekeeping_duration.observe(seconds);
+        if let Some(report) = report {
+            let when = |when| WhenLabel { when };
+            let packs = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+            self.housekeeping_packs
+                .get_or_create(&when("before"))
+                .inc_by(packs(report.packs_before));
+            self.housekeeping_packs
+                .get_or_create(&when("after"))
+                .inc_by(packs(report.packs_after));
+            self.housekeeping_bytes
+                .get_or_create(&when("before"))
+                .inc_by(report.bytes_before);
+            self.housekeeping_bytes
+                .get_or_create(&when("after"))
+                .inc_by(report.bytes_after);
+            self.housekeeping_pruned.inc_by(report.pruned);
+        }
     }
 
     pub fn kicked(&self, reason: &'static str) {

@@ -525,6 +525,10 @@ pub async fn metrics(state: Arc<AppState>) -> Response {
         .metrics
         .ws_connections
         .set(i64::try_from(state.hub.connection_count()).unwrap_or(i64::MAX));
+    state
+        .metrics
+        .reader_repositories
+        .set(i64::try_from(state.reader.open_repositories()).unwrap_or(i64::MAX));
     render_metrics(&state.engine).await
 }
 

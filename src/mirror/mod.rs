@@ -7,6 +7,7 @@ mod checkout;
 mod error;
 mod fetch;
 pub mod health;
+pub mod housekeeping;
 pub mod layout;
 pub mod progress;
 pub mod read;

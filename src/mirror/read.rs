@@ -66,38 +66,179 @@ pub struct HeadInfo {
     pub bytes: u64,
 }
 
-/// Opens each mirror's repository once and shares it between reads.
+/// Repositories the reader keeps open when nothing else is configured
+/// (`HIVESYNC_READER_CACHE`).
+pub const DEFAULT_CACHE: usize = 256;
+
+/// Keeps the repositories of the most recently read mirrors open and shares each
+/// between reads; the least recently read one is closed when a new one would pass the
+/// capacity, and opened again when it is next read.
+///
+/// A handle is used while the mirror's pack directory is as it was when the handle
+/// was opened; once a sync or housekeeping added or removed a pack, the next read opens
+/// the repository afresh (once per change, not per read). A gitoxide store sizes its
+/// pack slots when it is opened, so a handle kept across many syncs ran out of slots
+/// for their packs and stopped finding new commits. A read that still fails while the
+/// pack list changed under it (a sync finished during the read) is tried once more on
+/// a fresh handle.
 pub struct Reader {
     layout: Layout,
-    repos: Mutex<HashMap<String, gix::ThreadSafeRepository>>,
+    capacity: usize,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    repos: HashMap<String, Cached>,
+    /// a counter that orders uses: the entry with the lowest `used` goes first
+    tick: u64,
+}
+
+struct Cached {
+    repo: gix::ThreadSafeRepository,
+    /// the pack indices on disk when it was opened (listed before opening)
+    packs: Vec<std::ffi::OsString>,
+    /// when the pack directory last changed, as seen before opening
+    stamp: Option<std::time::SystemTime>,
+    used: u64,
+}
+
+/// A repository handed to one read, and the pack list it was opened with.
+pub(super) struct Opened {
+    pub repo: gix::Repository,
+    packs: Vec<std::ffi::OsString>,
+}
+
+impl std::ops::Deref for Opened {
+    type Target = gix::Repository;
+    fn deref(&self) -> &gix::Repository {
+        &self.repo
+    }
+}
+
+/// When a repository's pack directory last changed (a pack added or removed).
+fn pack_stamp(git_dir: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(git_dir.join("objects").join("pack"))
+        .and_then(|meta| meta.modified())
+        .ok()
+}
+
+/// The names of a repository's pack indices, sorted.
+pub(super) fn pack_indices(git_dir: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = std::fs::read_dir(git_dir.join("objects").join("pack"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name())
+                .filter(|name| name.as_encoded_bytes().ends_with(b".idx"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 impl Reader {
     pub fn new(layout: Layout) -> Self {
+        Self::with_capacity(layout, DEFAULT_CACHE)
+    }
+
+    /// A reader that keeps at most `capacity` repositories open (at least one).
+    pub fn with_capacity(layout: Layout, capacity: usize) -> Self {
         Self {
             layout,
-            repos: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+            cache: Mutex::new(Cache::default()),
         }
     }
 
-    pub(super) fn repo(&self, project: &ProjectId) -> Result<gix::Repository, ReadError> {
-        let mut repos = self.repos.lock().expect("reader lock is never poisoned");
-        if let Some(repo) = repos.get(project.as_str()) {
-            return Ok(repo.to_thread_local());
+    /// Repositories open now.
+    pub fn open_repositories(&self) -> usize {
+        self.cache
+            .lock()
+            .expect("reader lock is never poisoned")
+            .repos
+            .len()
+    }
+
+    /// The project's repository: the open one while its packs are as they were when it
+    /// was opened (a stat of the pack directory), else a fresh one, which replaces it.
+    /// Handles of replaced packs are let go with the old one, so packs a housekeeping
+    /// run removed do not stay mapped.
+    pub(super) fn repo(&self, project: &ProjectId) -> Result<Opened, ReadError> {
+        let git_dir = self.layout.git_dir(project);
+        let stamp = pack_stamp(&git_dir);
+        {
+            let mut cache = self.cache.lock().expect("reader lock is never poisoned");
+            cache.tick += 1;
+            let tick = cache.tick;
+            if let Some(cached) = cache.repos.get_mut(project.as_str())
+                && cached.stamp == stamp
+            {
+                cached.used = tick;
+                return Ok(Opened {
+                    repo: cached.repo.to_thread_local(),
+                    packs: cached.packs.clone(),
+                });
+            }
         }
-        let repo = gix::open_opts(self.layout.git_dir(project), gix::open::Options::isolated())
+        // opened outside the lock: other projects' reads do not wait for it
+        let packs = pack_indices(&git_dir);
+        let repo = gix::open_opts(&git_dir, gix::open::Options::isolated())
             .map_err(|_| ReadError::NotFound("the project has no mirror yet".into()))?;
         let shared = repo.into_sync();
         let local = shared.to_thread_local();
-        repos.insert(project.as_str().to_owned(), shared);
-        Ok(local)
+        let mut cache = self.cache.lock().expect("reader lock is never poisoned");
+        if cache.repos.len() >= self.capacity && !cache.repos.contains_key(project.as_str()) {
+            let coldest = cache
+                .repos
+                .iter()
+                .min_by_key(|(_, cached)| cached.used)
+                .map(|(key, _)| key.clone());
+            if let Some(key) = coldest {
+                cache.repos.remove(&key);
+            }
+        }
+        cache.tick += 1;
+        let used = cache.tick;
+        cache.repos.insert(
+            project.as_str().to_owned(),
+            Cached {
+                repo: shared,
+                packs: packs.clone(),
+                stamp,
+                used,
+            },
+        );
+        Ok(Opened { repo: local, packs })
+    }
+
+    /// Runs `read` on the project's repository; when it fails and the mirror's packs
+    /// have changed since that handle was opened, runs it once more on a fresh handle.
+    pub(super) fn with_repo<T>(
+        &self,
+        project: &ProjectId,
+        read: impl Fn(&Opened) -> Result<T, ReadError>,
+    ) -> Result<T, ReadError> {
+        let opened = self.repo(project)?;
+        match read(&opened) {
+            Err(ReadError::NotFound(_) | ReadError::Git(_))
+                if pack_indices(&self.layout.git_dir(project)) != opened.packs =>
+            {
+                drop(opened);
+                self.forget(project);
+                read(&self.repo(project)?)
+            }
+            other => other,
+        }
     }
 
     /// Forgets a cached repository (after a repair re-created it, or a delete).
     pub fn forget(&self, project: &ProjectId) {
-        self.repos
+        self.cache
             .lock()
             .expect("reader lock is never poisoned")
+            .repos
             .remove(project.as_str());
     }
 
@@ -115,32 +256,33 @@ impl Reader {
     /// The subject, author and date of `commit`, and the files and bytes of the tree
     /// the last sync wrote (read from the index it left, not by walking the tree).
     pub fn head_info(&self, project: &ProjectId, commit: &str) -> Result<HeadInfo, ReadError> {
-        let repo = self.repo(project)?;
-        let id = parse_commit_id(commit)?;
-        let found = repo
-            .find_commit(id)
-            .map_err(|_| ReadError::NotFound(format!("commit {commit} is not in the mirror")))?;
-        let subject = found.message().map_err(git_error)?.summary().to_string();
-        let author = found.author().map_err(git_error)?.name.to_string();
-        let seconds = found.time().map_err(git_error)?.seconds;
-        let committed_at = time::OffsetDateTime::from_unix_timestamp(seconds)
-            .map(crate::domain::format_rfc3339)
-            .unwrap_or_default();
-        let (files, bytes) = match repo.open_index() {
-            Ok(index) => index
-                .entries()
-                .iter()
-                .fold((0u64, 0u64), |(files, bytes), entry| {
-                    (files + 1, bytes + u64::from(entry.stat.size))
-                }),
-            Err(_) => (0, 0),
-        };
-        Ok(HeadInfo {
-            subject,
-            author,
-            committed_at,
-            files,
-            bytes,
+        self.with_repo(project, |repo| {
+            let id = parse_commit_id(commit)?;
+            let found = repo.find_commit(id).map_err(|_| {
+                ReadError::NotFound(format!("commit {commit} is not in the mirror"))
+            })?;
+            let subject = found.message().map_err(git_error)?.summary().to_string();
+            let author = found.author().map_err(git_error)?.name.to_string();
+            let seconds = found.time().map_err(git_error)?.seconds;
+            let committed_at = time::OffsetDateTime::from_unix_timestamp(seconds)
+                .map(crate::domain::format_rfc3339)
+                .unwrap_or_default();
+            let (files, bytes) = match repo.open_index() {
+                Ok(index) => index
+                    .entries()
+                    .iter()
+                    .fold((0u64, 0u64), |(files, bytes), entry| {
+                        (files + 1, bytes + u64::from(entry.stat.size))
+                    }),
+                Err(_) => (0, 0),
+            };
+            Ok(HeadInfo {
+                subject,
+                author,
+                committed_at,
+                files,
+                bytes,
+            })
         })
     }
 
@@ -150,50 +292,53 @@ impl Reader {
         commit: &str,
         path: &RepoPath,
     ) -> Result<Vec<TreeEntry>, ReadError> {
-        let repo = self.repo(project)?;
-        let root = Self::tree_at(&repo, commit)?;
-        let tree = if path.is_root() {
-            root
-        } else {
-            let entry = root
-                .lookup_entry_by_path(path.as_str())
-                .map_err(git_error)?
-                .ok_or_else(|| ReadError::NotFound(format!("no such path: {}", path.as_str())))?;
-            if !entry.mode().is_tree() {
-                return Err(ReadError::Invalid(format!(
-                    "{} is not a directory",
-                    path.as_str()
-                )));
-            }
-            entry.object().map_err(git_error)?.into_tree()
-        };
-        let mut entries = Vec::new();
-        for entry in tree.iter() {
-            let entry = entry.map_err(git_error)?;
-            let name = entry.filename().to_string();
-            let mode = entry.mode();
-            let (kind, size) = if mode.is_tree() {
-                ("dir", None)
-            } else if mode.is_commit() {
-                ("submodule", None)
+        self.with_repo(project, |repo| {
+            let root = Self::tree_at(repo, commit)?;
+            let tree = if path.is_root() {
+                root
             } else {
-                let header = repo.find_header(entry.oid()).map_err(git_error)?;
-                ("file", Some(header.size()))
+                let entry = root
+                    .lookup_entry_by_path(path.as_str())
+                    .map_err(git_error)?
+                    .ok_or_else(|| {
+                        ReadError::NotFound(format!("no such path: {}", path.as_str()))
+                    })?;
+                if !entry.mode().is_tree() {
+                    return Err(ReadError::Invalid(format!(
+                        "{} is not a directory",
+                        path.as_str()
+                    )));
+                }
+                entry.object().map_err(git_error)?.into_tree()
             };
-            entries.push(TreeEntry {
-                path: path.join(&name),
-                name,
-                kind,
-                size,
+            let mut entries = Vec::new();
+            for entry in tree.iter() {
+                let entry = entry.map_err(git_error)?;
+                let name = entry.filename().to_string();
+                let mode = entry.mode();
+                let (kind, size) = if mode.is_tree() {
+                    ("dir", None)
+                } else if mode.is_commit() {
+                    ("submodule", None)
+                } else {
+                    let header = repo.find_header(entry.oid()).map_err(git_error)?;
+                    ("file", Some(header.size()))
+                };
+                entries.push(TreeEntry {
+                    path: path.join(&name),
+                    name,
+                    kind,
+                    size,
+                });
+            }
+            // directories first, then by name: a stable order for clients to render
+            entries.sort_by(|a, b| {
+                (a.kind != "dir")
+                    .cmp(&(b.kind != "dir"))
+                    .then_with(|| a.name.cmp(&b.name))
             });
-        }
-        // directories first, then by name: a stable order for clients to render
-        entries.sort_by(|a, b| {
-            (a.kind != "dir")
-                .cmp(&(b.kind != "dir"))
-                .then_with(|| a.name.cmp(&b.name))
-        });
-        Ok(entries)
+            Ok(entries)
+        })
     }
 
     pub fn file(
@@ -207,20 +352,21 @@ impl Reader {
                 "path names the root directory, not a file".into(),
             ));
         }
-        let repo = self.repo(project)?;
-        let root = Self::tree_at(&repo, commit)?;
-        let entry = root
-            .lookup_entry_by_path(path.as_str())
-            .map_err(git_error)?
-            .ok_or_else(|| ReadError::NotFound(format!("no such file: {}", path.as_str())))?;
-        if entry.mode().is_tree() || entry.mode().is_commit() {
-            return Err(ReadError::Invalid(format!(
-                "{} is not a file",
-                path.as_str()
-            )));
-        }
-        let blob = repo.find_blob(entry.object_id()).map_err(git_error)?;
-        Ok(encode_content(&blob.data, FILE_CAP))
+        self.with_repo(project, |repo| {
+            let root = Self::tree_at(repo, commit)?;
+            let entry = root
+                .lookup_entry_by_path(path.as_str())
+                .map_err(git_error)?
+                .ok_or_else(|| ReadError::NotFound(format!("no such file: {}", path.as_str())))?;
+            if entry.mode().is_tree() || entry.mode().is_commit() {
+                return Err(ReadError::Invalid(format!(
+                    "{} is not a file",
+                    path.as_str()
+                )));
+            }
+            let blob = repo.find_blob(entry.object_id()).map_err(git_error)?;
+            Ok(encode_content(&blob.data, FILE_CAP))
+        })
     }
 
     pub fn diff(
@@ -229,98 +375,99 @@ impl Reader {
         from: &str,
         to: &str,
     ) -> Result<(Vec<FileDiff>, bool), ReadError> {
-        let repo = self.repo(project)?;
-        let old_tree = Self::tree_at(&repo, from)?;
-        let new_tree = Self::tree_at(&repo, to)?;
-        let options =
-            gix::diff::Options::default().with_rewrites(Some(gix::diff::Rewrites::default()));
-        let changes = repo
-            .diff_tree_to_tree(&old_tree, &new_tree, options)
-            .map_err(git_error)?;
-        let mut files = Vec::new();
-        let mut truncated = false;
-        for change in changes {
-            use gix::object::tree::diff::ChangeDetached as Change;
-            let (status, path, old_path, old_id, new_id) = match change {
-                Change::Addition {
-                    location,
-                    entry_mode,
-                    id,
-                    ..
-                } if entry_mode.is_blob_or_symlink() => {
-                    ("added", location.to_string(), None, None, Some(id))
-                }
-                Change::Deletion {
-                    location,
-                    entry_mode,
-                    id,
-                    ..
-                } if entry_mode.is_blob_or_symlink() => {
-                    ("deleted", location.to_string(), None, Some(id), None)
-                }
-                Change::Modification {
-                    location,
-                    entry_mode,
-                    previous_id,
-                    id,
-                    ..
-                } if entry_mode.is_blob_or_symlink() => (
-                    "modified",
-                    location.to_string(),
-                    None,
-                    Some(previous_id),
-                    Some(id),
-                ),
-                Change::Rewrite {
-                    source_location,
-                    source_id,
-                    location,
-                    id,
-                    entry_mode,
-                    copy,
-                    ..
-                } if entry_mode.is_blob_or_symlink() => {
-                    // a copy leaves its source in place: to the reader it is a new file
-                    let status = if copy { "added" } else { "renamed" };
-                    (
-                        status,
+        self.with_repo(project, |repo| {
+            let old_tree = Self::tree_at(repo, from)?;
+            let new_tree = Self::tree_at(repo, to)?;
+            let options =
+                gix::diff::Options::default().with_rewrites(Some(gix::diff::Rewrites::default()));
+            let changes = repo
+                .diff_tree_to_tree(&old_tree, &new_tree, options)
+                .map_err(git_error)?;
+            let mut files = Vec::new();
+            let mut truncated = false;
+            for change in changes {
+                use gix::object::tree::diff::ChangeDetached as Change;
+                let (status, path, old_path, old_id, new_id) = match change {
+                    Change::Addition {
+                        location,
+                        entry_mode,
+                        id,
+                        ..
+                    } if entry_mode.is_blob_or_symlink() => {
+                        ("added", location.to_string(), None, None, Some(id))
+                    }
+                    Change::Deletion {
+                        location,
+                        entry_mode,
+                        id,
+                        ..
+                    } if entry_mode.is_blob_or_symlink() => {
+                        ("deleted", location.to_string(), None, Some(id), None)
+                    }
+                    Change::Modification {
+                        location,
+                        entry_mode,
+                        previous_id,
+                        id,
+                        ..
+                    } if entry_mode.is_blob_or_symlink() => (
+                        "modified",
                         location.to_string(),
-                        Some(source_location.to_string()),
-                        Some(source_id),
+                        None,
+                        Some(previous_id),
                         Some(id),
-                    )
+                    ),
+                    Change::Rewrite {
+                        source_location,
+                        source_id,
+                        location,
+                        id,
+                        entry_mode,
+                        copy,
+                        ..
+                    } if entry_mode.is_blob_or_symlink() => {
+                        // a copy leaves its source in place: to the reader it is a new file
+                        let status = if copy { "added" } else { "renamed" };
+                        (
+                            status,
+                            location.to_string(),
+                            Some(source_location.to_string()),
+                            Some(source_id),
+                            Some(id),
+                        )
+                    }
+                    _ => continue,
+                };
+                if files.len() >= DIFF_FILES_CAP {
+                    truncated = true;
+                    break;
                 }
-                _ => continue,
-            };
-            if files.len() >= DIFF_FILES_CAP {
-                truncated = true;
-                break;
+                let read = |id: Option<gix::ObjectId>| -> Result<Vec<u8>, ReadError> {
+                    match id {
+                        Some(id) => Ok(repo.find_blob(id).map_err(git_error)?.data.clone()),
+                        None => Ok(Vec::new()),
+                    }
+                };
+                let old = read(old_id)?;
+                let new = read(new_id)?;
+                let old_name = old_path.clone().unwrap_or_else(|| path.clone());
+                let patch = unified_patch(
+                    &old_name,
+                    &path,
+                    &old,
+                    &new,
+                    old_id.is_none(),
+                    new_id.is_none(),
+                );
+                files.push(FileDiff {
+                    path,
+                    old_path,
+                    status,
+                    patch,
+                });
             }
-            let read = |id: Option<gix::ObjectId>| -> Result<Vec<u8>, ReadError> {
-                match id {
-                    Some(id) => Ok(repo.find_blob(id).map_err(git_error)?.data.clone()),
-                    None => Ok(Vec::new()),
-                }
-            };
-            let old = read(old_id)?;
-            let new = read(new_id)?;
-            let old_name = old_path.clone().unwrap_or_else(|| path.clone());
-            let patch = unified_patch(
-                &old_name,
-                &path,
-                &old,
-                &new,
-                old_id.is_none(),
-                new_id.is_none(),
-            );
-            files.push(FileDiff {
-                path,
-                old_path,
-                status,
-                patch,
-            });
-        }
-        Ok((files, truncated))
+            Ok((files, truncated))
+        })
     }
 }
 

@@ -93,60 +93,61 @@ impl Reader {
         query: &SearchQuery<'_>,
     ) -> Result<SearchOutcome, ReadError> {
         let matcher = matcher(query.pattern, query.regex)?;
-        let repo = self.repo(project)?;
-        let root = Self::tree_at(&repo, commit)?;
-        let mut recorder = gix::traverse::tree::Recorder::default();
-        root.traverse()
-            .breadthfirst(&mut recorder)
-            .map_err(git_error)?;
-        let mut files: Vec<_> = recorder
-            .records
-            .into_iter()
-            .filter(|entry| entry.mode.is_blob())
-            .map(|entry| (entry.filepath.to_string(), entry.oid))
-            .filter(|(path, _)| under_prefix(path, query.path_prefix))
-            .collect();
-        files.sort();
-
-        // files are split across threads like `git grep` does; each keeps at most
-        // `limit` matches, and the merge keeps the first `limit` in path order
-        let threads = std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .clamp(1, 8);
-        let chunk = files.len().div_ceil(threads).max(1);
-        let shared = repo.clone().into_sync();
-        let results: Vec<Result<SearchOutcome, ReadError>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = files
-                .chunks(chunk)
-                .map(|part| {
-                    let (shared, matcher) = (&shared, &matcher);
-                    scope.spawn(move || {
-                        search_files(&shared.to_thread_local(), matcher, part, query)
-                    })
-                })
-                .collect();
-            workers
+        self.with_repo(project, |repo| {
+            let root = Self::tree_at(repo, commit)?;
+            let mut recorder = gix::traverse::tree::Recorder::default();
+            root.traverse()
+                .breadthfirst(&mut recorder)
+                .map_err(git_error)?;
+            let mut files: Vec<_> = recorder
+                .records
                 .into_iter()
-                .map(|worker| {
-                    worker
-                        .join()
-                        .unwrap_or_else(|_| Err(ReadError::Git("search thread panicked".into())))
-                })
-                .collect()
-        });
-        let mut outcome = SearchOutcome::default();
-        for result in results {
-            let part = result?;
-            outcome.matches.extend(part.matches);
-            outcome.truncated |= part.truncated;
-            outcome.timed_out |= part.timed_out;
-        }
-        // chunks are in path order, so this keeps the first matches a sequential scan finds
-        if outcome.matches.len() > query.limit {
-            outcome.matches.truncate(query.limit);
-            outcome.truncated = true;
-        }
-        Ok(outcome)
+                .filter(|entry| entry.mode.is_blob())
+                .map(|entry| (entry.filepath.to_string(), entry.oid))
+                .filter(|(path, _)| under_prefix(path, query.path_prefix))
+                .collect();
+            files.sort();
+
+            // files are split across threads like `git grep` does; each keeps at most
+            // `limit` matches, and the merge keeps the first `limit` in path order
+            let threads = std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .clamp(1, 8);
+            let chunk = files.len().div_ceil(threads).max(1);
+            let shared = repo.repo.clone().into_sync();
+            let results: Vec<Result<SearchOutcome, ReadError>> = std::thread::scope(|scope| {
+                let workers: Vec<_> = files
+                    .chunks(chunk)
+                    .map(|part| {
+                        let (shared, matcher) = (&shared, &matcher);
+                        scope.spawn(move || {
+                            search_files(&shared.to_thread_local(), matcher, part, query)
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|worker| {
+                        worker.join().unwrap_or_else(|_| {
+                            Err(ReadError::Git("search thread panicked".into()))
+                        })
+                    })
+                    .collect()
+            });
+            let mut outcome = SearchOutcome::default();
+            for result in results {
+                let part = result?;
+                outcome.matches.extend(part.matches);
+                outcome.truncated |= part.truncated;
+                outcome.timed_out |= part.timed_out;
+            }
+            // chunks are in path order, so this keeps the first matches a sequential scan finds
+            if outcome.matches.len() > query.limit {
+                outcome.matches.truncate(query.limit);
+                outcome.truncated = true;
+            }
+            Ok(outcome)
+        })
     }
 }
 

@@ -257,6 +257,7 @@ mod tests {
             retry_max: 1,
             allow_private_hosts: false,
             min_free_bytes: 0,
+            housekeeping: Default::default(),
         }
     }
 

@@ -8,6 +8,8 @@
 //! - [`retry`]: which failures are tried again, and when;
 //! - [`lease`]: the heartbeat that keeps a running job and its lock alive;
 //! - [`health`]: periodic mirror health checks, and mirror removal under the lock;
+//! - `housekeeping`: a mirror's object store consolidated after its sync, under the
+//!   same lock;
 //! - [`credentials`]: named secrets and what they become for ssh and https;
 //! - `watchdog`: requeues syncs whose job was lost.
 
@@ -15,6 +17,7 @@ mod attempt;
 pub mod credentials;
 mod guard;
 pub mod health;
+mod housekeeping;
 mod job;
 mod lease;
 pub mod retry;
@@ -50,6 +53,8 @@ pub struct WorkerSettings {
     pub allow_private_hosts: bool,
     /// `HIVESYNC_MIN_FREE_BYTES`: a sync does not start writing under this
     pub min_free_bytes: u64,
+    /// `HIVESYNC_HOUSEKEEPING_PACKS` and `HIVESYNC_PRUNE_GRACE_S`
+    pub housekeeping: crate::mirror::housekeeping::Policy,
 }
 
 /// Stops for workers: `stop_taking` ends the loop after the current job; `interrupt`
@@ -140,6 +145,11 @@ impl Worker {
                 job_stop.clone(),
             ));
             let end = self.run_job(&lease, &lock, &job_stop).await;
+            if matches!(end, Ok(JobEnd::Finished)) {
+                // the sync's end is recorded and announced; the lock and its heartbeat
+                // are still held, so no other sync of this mirror runs meanwhile
+                self.housekeep(&lease.job.project_id, &job_stop).await;
+            }
             heartbeat.abort();
             if !matches!(end, Err(EngineError::Fenced)) {
                 self.remove_if_deleted(&lease.job.project_id).await;

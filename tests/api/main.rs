@@ -13,6 +13,7 @@ mod freshness;
 mod helpers;
 mod https;
 mod lifecycle;
+mod longevity;
 mod lost_replies;
 mod multinode;
 mod operating;

@@ -98,6 +98,32 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// One project through many commit-then-sync rounds in one hub process, beside a
+    /// `git clone --mirror` fetched the same rounds with git's auto-gc: sync and read
+    /// times, packs, bytes and inodes every `every` rounds; force-pushed-away objects
+    /// gone after the grace period
+    Soak {
+        #[arg(long, default_value_t = 1000)]
+        rounds: usize,
+        /// files in the repository
+        #[arg(long, default_value_t = 3000)]
+        files: usize,
+        /// a measurement every this many rounds (and one after round 10)
+        #[arg(long, default_value_t = 100)]
+        every: usize,
+        /// a force-push (the branch moved back two commits) every this many rounds, 0 = never
+        #[arg(long, default_value_t = 250)]
+        force_every: usize,
+        /// file reads per measurement
+        #[arg(long, default_value_t = 300)]
+        reads: usize,
+        /// the hub's HIVESYNC_PRUNE_GRACE_S; the run waits it out at the end
+        #[arg(long, default_value_t = 30)]
+        grace_s: u64,
+        /// an SVG of the curves
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
     /// An SVG of the latency percentiles in fan-out result files
     Plot {
         /// where the SVG goes
@@ -179,6 +205,7 @@ mod plot;
 mod publish;
 mod reads;
 mod scheduler;
+mod soak;
 mod syncs;
 
 const SECRET: &str = "loadtest-secret";
@@ -236,6 +263,13 @@ pub(crate) async fn start_hub_with(
         addr,
         _data: data,
     })
+}
+
+impl Hub {
+    /// The hub's DATA_DIR.
+    pub(crate) fn data_dir(&self) -> &std::path::Path {
+        self._data.path()
+    }
 }
 
 /// A token for the hub `start_hub` runs, signed with its secret.
@@ -443,6 +477,29 @@ async fn main() -> std::process::ExitCode {
                     seconds: (*seconds).max(1),
                     interval: (*interval).max(1),
                     workers: (*workers).max(1),
+                },
+            )
+            .await
+        }
+        Scenario::Soak {
+            rounds,
+            files,
+            every,
+            force_every,
+            reads,
+            grace_s,
+            plot,
+        } => {
+            soak::run(
+                &cli.hub,
+                soak::Options {
+                    rounds: (*rounds).max(11),
+                    files: (*files).max(10),
+                    every: (*every).max(1),
+                    force_every: *force_every,
+                    reads: (*reads).max(1),
+                    grace_s: *grace_s,
+                    plot: plot.clone(),
                 },
             )
             .await

@@ -13,17 +13,32 @@ use serde_json::{Value, json};
 
 use crate::reads::{Source, build_origin, default_source, git, json_of, median, percentile};
 
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: String,
+pub(crate) struct Api {
+    pub(crate) http: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) token: String,
     /// the user's live events: a sync's end is timed by its `completed` event, not
     /// by polling (which would add up to a polling interval to every figure)
-    events: tokio::sync::Mutex<hivesync::client::EventStream>,
+    pub(crate) events: tokio::sync::Mutex<hivesync::client::EventStream>,
 }
 
 impl Api {
-    async fn register(&self, url: &str) -> Result<String, String> {
+    /// A client of the hub at `base` with `token`, its event stream open.
+    pub(crate) async fn connect(base: String, token: String) -> Result<Self, String> {
+        let events = hivesync::client::Client::new(&base, &token)
+            .map_err(|e| e.to_string())?
+            .events(&[])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            http: hivesync::tls::http_client(),
+            base,
+            token,
+            events: tokio::sync::Mutex::new(events),
+        })
+    }
+
+    pub(crate) async fn register(&self, url: &str) -> Result<String, String> {
         let created = json_of(
             self.http
                 .post(format!("{}/api/v1/projects", self.base))
@@ -77,7 +92,7 @@ impl Api {
 
     /// Requests a sync and waits for its `completed` event: seconds from request to
     /// completion.
-    async fn sync(&self, project: &str) -> Result<f64, String> {
+    pub(crate) async fn sync(&self, project: &str) -> Result<f64, String> {
         let started = Instant::now();
         let sync_id = self.request(project).await?;
         self.ended(&[sync_id]).await?;

@@ -11,7 +11,13 @@ pub struct RateLimiter {
     burst_tolerance: Duration,
     /// theoretical arrival time per key, as an offset from the limiter's epoch
     tat: HashMap<String, Duration>,
+    /// keys held when the map is next swept of keys whose time has passed
+    sweep_at: usize,
 }
+
+/// The smallest map that is swept: a sweep costs a pass over it, so it waits until the
+/// map has doubled since the last one (amortized O(1) per request).
+const MIN_SWEEP: usize = 1024;
 
 impl RateLimiter {
     pub fn new(limit: u32, period: Duration) -> Self {
@@ -21,7 +27,13 @@ impl RateLimiter {
             emission_interval,
             burst_tolerance: emission_interval * (limit - 1),
             tat: HashMap::new(),
+            sweep_at: MIN_SWEEP,
         }
+    }
+
+    /// Keys remembered now: those whose last requests still count against them.
+    pub fn tracked(&self) -> usize {
+        self.tat.len()
     }
 
     /// Accounts one request of `key` at `now` (time since any fixed epoch). `Ok` if
@@ -34,6 +46,12 @@ impl RateLimiter {
         }
         self.tat
             .insert(key.to_owned(), tat + self.emission_interval);
+        if self.tat.len() >= self.sweep_at {
+            // a key whose time has come is as if it had never been seen: forgetting it
+            // changes no answer, and keeps the map to the keys active within a period
+            self.tat.retain(|_, tat| *tat > now);
+            self.sweep_at = (self.tat.len() * 2).max(MIN_SWEEP);
+        }
         Ok(())
     }
 }
@@ -68,6 +86,25 @@ mod tests {
         assert_eq!(wait, Duration::from_secs(20));
         assert!(limiter.check("u", now + wait).is_ok());
         assert!(limiter.check("other", now).is_ok(), "keys are independent");
+    }
+
+    #[test]
+    fn keys_whose_time_has_passed_are_forgotten() {
+        let mut limiter = RateLimiter::new(2, Duration::from_secs(1));
+        // a new key every millisecond for 100 s: each is done with after half a second
+        for n in 0..100_000u64 {
+            let now = Duration::from_millis(n);
+            assert!(limiter.check(&format!("user-{n}"), now).is_ok());
+        }
+        assert!(
+            limiter.tracked() <= 2 * MIN_SWEEP,
+            "{} keys remembered",
+            limiter.tracked()
+        );
+        // the answers are those of a limiter that remembers everything
+        let now = Duration::from_millis(100_000);
+        assert!(limiter.check("user-99999", now).is_ok());
+        assert!(limiter.check("user-99999", now).is_err());
     }
 
     #[test]

@@ -9,8 +9,10 @@ COPY tests tests
 RUN cargo build --release -p hivesync
 
 FROM debian:bookworm-slim
-# the system's CA roots for HTTPS remotes, ssh for SSH remotes, curl for the health check
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates openssh-client curl \
+# the system's CA roots for HTTPS remotes, ssh for SSH remotes, curl for the health
+# check, git for mirror housekeeping (git gc: deltas across packs and a commit-graph,
+# which gitoxide cannot write yet; without it housekeeping uses gitoxide alone)
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates openssh-client curl git \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /data hivesync && mkdir -p /data && chown hivesync /data
 COPY --from=build /src/target/release/hivesync /usr/local/bin/hivesync

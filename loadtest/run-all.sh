@@ -62,6 +62,16 @@ for step in "${steps[@]}"; do
       $L --json "$R-freshness.json" freshness --projects 20 --rate 10 --seconds 20 --interval 5 ;;
     scheduler)
       target/release/loadtest --json "$R-scheduler.json" scheduler --projects 100000 --due 100 ;;
+    soak)
+      # one project, 1,000 commit-then-sync rounds of a 3,000-file repository (a
+      # force-push every 250), beside git clone --mirror with git's own auto-gc
+      $L --json "$R-soak.json" soak --rounds 1000 --files 3000 --every 100 --force-every 250 \
+        --grace-s 30 --plot "$R-soak.svg" ;;
+    projects)
+      # one hub through 1,000 then 10,000 projects (HIVESYNC_READER_CACHE 256)
+      $L --json "$R-projects.json" projects --count 1000,10000 --seconds 20 ;;
+    projects-100k)
+      $L --json "$R-projects-100k.json" projects --count 1000,10000,100000 --seconds 20 ;;
     100k)
       loadtest/vm/100k.sh "$R-100k" ;;
     ab)

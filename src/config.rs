@@ -284,6 +284,10 @@ pub struct ConfigArgs {
     /// [default: 1209600]
     #[arg(long, env = "HIVESYNC_PRUNE_GRACE_S")]
     pub prune_grace_s: Option<u64>,
+    /// what consolidates mirrors: auto (git gc when git >= 2.37 is on PATH, else
+    /// gitoxide) or gitoxide [default: auto]
+    #[arg(long, env = "HIVESYNC_HOUSEKEEPING_TOOL")]
+    pub housekeeping_tool: Option<String>,
 }
 
 impl ConfigArgs {
@@ -373,6 +377,13 @@ impl ConfigArgs {
         }
         if let Some(v) = self.prune_grace_s {
             config.housekeeping.grace = Duration::from_secs(v);
+        }
+        if let Some(v) = self.housekeeping_tool {
+            config.housekeeping.tool =
+                crate::mirror::housekeeping::Tool::parse(&v).ok_or_else(|| ConfigError {
+                    name: "HIVESYNC_HOUSEKEEPING_TOOL",
+                    reason: format!("'{v}' is not auto or gitoxide"),
+                })?;
         }
         if let Some(v) = self.drain_timeout_s {
             config.drain_timeout = Duration::from_secs(v);

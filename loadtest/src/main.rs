@@ -124,6 +124,22 @@ enum Scenario {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// Many projects on one hub: registered, synced and read up to each count, then a
+    /// random spread read; the hub's RSS, memory maps and open files per project, and
+    /// read latency of projects the reader had open and had let go
+    Projects {
+        /// comma-separated project counts, reached in turn in one hub
+        #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
+        count: Vec<usize>,
+        /// seconds of random reads at each count
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// the hub's HIVESYNC_READER_CACHE
+        #[arg(long, default_value_t = 256)]
+        reader_cache: usize,
+    },
     /// An SVG of the latency percentiles in fan-out result files
     Plot {
         /// where the SVG goes
@@ -202,6 +218,7 @@ enum Scenario {
 mod fanout;
 mod freshness;
 mod plot;
+mod projects;
 mod publish;
 mod reads;
 mod scheduler;
@@ -477,6 +494,26 @@ async fn main() -> std::process::ExitCode {
                     seconds: (*seconds).max(1),
                     interval: (*interval).max(1),
                     workers: (*workers).max(1),
+                },
+            )
+            .await
+        }
+        Scenario::Projects {
+            count,
+            seconds,
+            workers,
+            reader_cache,
+        } => {
+            let mut counts: Vec<usize> = count.iter().copied().filter(|c| *c > 0).collect();
+            counts.sort_unstable();
+            counts.dedup();
+            projects::run(
+                &cli.hub,
+                projects::Options {
+                    counts,
+                    seconds: (*seconds).max(1),
+                    workers: (*workers).max(1),
+                    reader_cache: (*reader_cache).max(1),
                 },
             )
             .await

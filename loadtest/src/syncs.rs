@@ -52,7 +52,7 @@ impl Api {
             .ok_or(format!("register failed: {created}"))
     }
 
-    async fn request(&self, project: &str) -> Result<String, String> {
+    pub(crate) async fn request(&self, project: &str) -> Result<String, String> {
         let accepted = json_of(
             self.http
                 .post(format!("{}/api/v1/repo/sync", self.base))
@@ -67,7 +67,7 @@ impl Api {
     }
 
     /// Waits for the terminal stage event of every sync in `ids`.
-    async fn ended(&self, ids: &[String]) -> Result<(), String> {
+    pub(crate) async fn ended(&self, ids: &[String]) -> Result<(), String> {
         use hivesync::client::Next;
         use hivesync::protocol::{EventBody, ServerFrame, SyncStatus};
         let mut waiting: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();

@@ -1,26 +1,29 @@
 //! Keeping a mirror's object store compact, as git's `gc` and Gitaly's housekeeping
-//! do, with gitoxide alone (no `git` binary on workers).
+//! do.
 //!
 //! Every fetch leaves one pack. When a mirror has [`Policy::max_packs`] packs, or
-//! loose objects, or unreachable objects whose grace period is over, [`run`] writes
-//! every object its refs reach into one new pack (copied entry by entry from the packs
-//! they are in, deltas within a pack kept), then removes the packs it replaced.
+//! loose objects, or unreachable objects whose grace period is over, [`run`]
+//! consolidates it, with one of two tools ([`Tool`]):
 //!
-//! Objects no ref reaches any more (a force-push, a branch moved back) are not dropped
-//! at once: they go into a *cruft* pack marked with the time they were found
-//! unreachable (a `pack-<hash>.hivesync-cruft` file beside it), which is removed once
-//! [`Policy::grace`] has passed. A fetch that negotiated with such an object while it
-//! was still there keeps working, as with git's `gc.pruneExpire`.
+//! - **`git gc`**, when a `git` new enough is on `PATH`: one pack with deltas searched
+//!   afresh across everything, a commit-graph, and objects no ref reaches kept in a
+//!   cruft pack until [`Policy::grace`] has passed. Delta search and commit-graph
+//!   writing are what gitoxide cannot do yet, and what keeps a long-lived mirror as
+//!   small as git's own clone after its `gc`.
+//! - **gitoxide alone** otherwise (a worker image without `git`): every object the
+//!   refs reach is copied entry by entry into one new pack (deltas within a pack kept,
+//!   none searched for across packs, so the pack is about the size of the packs it
+//!   replaced, less duplicates), then the packs it replaced are removed. Objects no ref
+//!   reaches go into a *cruft* pack marked with the time they were found unreachable
+//!   (a `pack-<hash>.hivesync-cruft` file beside it), removed once the grace period
+//!   has passed, as with git's `gc.pruneExpire`.
 //!
-//! Readers are never shown a missing object: the new pack is complete and in place
-//! (written under a temporary name, renamed, its index last) before any old pack is
-//! removed, and a reader that had the old pack mapped keeps reading it; one that looks
-//! up an object after the removal finds it in the new pack (gitoxide reloads its pack
-//! list on a miss). The caller holds the project lock, so no sync writes meanwhile.
-//!
-//! Not done: a commit-graph (gitoxide reads them but cannot write one yet) and delta
-//! compression across packs (gitoxide copies deltas, it does not search for new ones),
-//! so a consolidated pack is about the size of the packs it replaced, less duplicates.
+//! Readers are never shown a missing object, with either tool: the new pack is
+//! complete and in place (written under a temporary name, renamed, its index last)
+//! before any old pack is removed; a reader that had the old pack mapped keeps reading
+//! it, and one that looks up an object after the removal finds it in the new pack
+//! (gitoxide reloads its pack list on a miss). The caller holds the project lock, so
+//! no sync writes meanwhile.
 
 use std::collections::HashSet;
 use std::io::{BufReader, Write};
@@ -44,6 +47,27 @@ pub const DEFAULT_MAX_PACKS: usize = 8;
 const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
 const CRUFT_SUFFIX: &str = "hivesync-cruft";
 
+/// What consolidates a mirror's object store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    /// `git gc` when a `git` of version 2.37 or newer is on `PATH` (it finds new deltas
+    /// across the packs it joins and writes a commit-graph, which gitoxide cannot yet),
+    /// else gitoxide
+    Auto,
+    /// gitoxide alone, whatever is installed
+    Gitoxide,
+}
+
+impl Tool {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim() {
+            "auto" | "git" => Some(Tool::Auto),
+            "gitoxide" | "gix" => Some(Tool::Gitoxide),
+            _ => None,
+        }
+    }
+}
+
 /// When housekeeping runs, and how long unreachable objects are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
@@ -52,6 +76,7 @@ pub struct Policy {
     pub max_packs: usize,
     /// how long an object no ref reaches is kept before it is deleted
     pub grace: Duration,
+    pub tool: Tool,
 }
 
 impl Default for Policy {
@@ -59,6 +84,7 @@ impl Default for Policy {
         Self {
             max_packs: DEFAULT_MAX_PACKS,
             grace: DEFAULT_GRACE,
+            tool: Tool::Auto,
         }
     }
 }
@@ -66,16 +92,19 @@ impl Default for Policy {
 /// What one run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
+    /// `git` or `gitoxide`
+    pub tool: &'static str,
     pub packs_before: usize,
     pub packs_after: usize,
     /// bytes of packs and loose objects
     pub bytes_before: u64,
     pub bytes_after: u64,
-    /// objects reachable from the mirror's refs, all in the one new pack
+    /// objects reachable from the mirror's refs, all in the one new pack (counted by
+    /// the gitoxide path only)
     pub reachable: u64,
-    /// unreachable objects kept for their grace period
+    /// unreachable objects kept for their grace period (gitoxide path only)
     pub kept_unreachable: u64,
-    /// unreachable objects deleted (their grace period was over)
+    /// unreachable objects deleted, their grace period over (gitoxide path only)
     pub pruned: u64,
 }
 
@@ -123,10 +152,17 @@ impl Store {
                         continue;
                     };
                     let index = entry.metadata().map(|m| m.len()).unwrap_or_default();
+                    // ours says when its objects were found unreachable; git's cruft
+                    // pack (with a `.mtimes` file) was written when they were
                     let cruft_since = std::fs::read_to_string(stem.with_extension(CRUFT_SUFFIX))
                         .ok()
                         .and_then(|text| text.trim().parse::<u64>().ok())
-                        .map(|seconds| UNIX_EPOCH + Duration::from_secs(seconds));
+                        .map(|seconds| UNIX_EPOCH + Duration::from_secs(seconds))
+                        .or_else(|| {
+                            std::fs::metadata(stem.with_extension("mtimes"))
+                                .and_then(|meta| meta.modified())
+                                .ok()
+                        });
                     store.packs.push(PackFiles {
                         stem,
                         cruft_since,
@@ -217,9 +253,15 @@ pub fn run(
     let pack_dir = git_dir.join("objects").join("pack");
     std::fs::create_dir_all(&pack_dir)?;
     remove_leftovers(&pack_dir)?;
+    if policy.tool == Tool::Auto
+        && let Some(git) = git_binary()
+    {
+        return run_git(git, &git_dir, policy, interrupt);
+    }
     let now = SystemTime::now();
     let before = Store::scan(&git_dir)?;
     let mut report = Report {
+        tool: "gitoxide",
         packs_before: before.packs.len(),
         bytes_before: before.bytes(),
         ..Report::default()
@@ -333,6 +375,109 @@ pub fn run(
     report.packs_after = after.packs.len();
     report.bytes_after = after.bytes();
     Ok(report)
+}
+
+/// A `git` on `PATH` that writes cruft packs (2.37 or newer), looked for once.
+fn git_binary() -> Option<&'static Path> {
+    static GIT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    GIT.get_or_init(|| {
+        let path = std::env::var_os("PATH")?;
+        let git = std::env::split_paths(&path)
+            .map(|dir| dir.join("git"))
+            .find(|candidate| candidate.is_file())?;
+        let output = std::process::Command::new(&git)
+            .arg("--version")
+            .env_clear()
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        // "git version 2.39.5"
+        let version = text.split_whitespace().nth(2)?;
+        let mut parts = version
+            .split('.')
+            .map(|part| part.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next()?, parts.next().unwrap_or(0));
+        ((major, minor) >= (2, 37)).then_some(git)
+    })
+    .as_deref()
+}
+
+/// `git gc` on the mirror: one pack with fresh deltas, unreachable objects (and
+/// reflog entries) older than the grace period dropped, younger ones in a cruft pack,
+/// a commit-graph. Its environment holds no configuration but what is passed here, and
+/// no hook runs. Killed when `interrupt` is set; git leaves the store whole either way
+/// (new packs are renamed into place before old ones are removed).
+fn run_git(
+    git: &Path,
+    git_dir: &Path,
+    policy: &Policy,
+    interrupt: &AtomicBool,
+) -> Result<Report, MirrorError> {
+    let before = Store::scan(git_dir)?;
+    let expire = if policy.grace.is_zero() {
+        "now".to_owned()
+    } else {
+        format!("{}.seconds.ago", policy.grace.as_secs().max(1))
+    };
+    let errors = tempfile::tempfile()?;
+    let mut child = std::process::Command::new(git)
+        .arg("--git-dir")
+        .arg(git_dir)
+        .args([
+            "-c",
+            "core.hooksPath=/dev/null",
+            "-c",
+            "gc.cruftPacks=true",
+            "-c",
+            "gc.writeCommitGraph=true",
+            "-c",
+            "gc.packRefs=true",
+            "-c",
+            &format!("gc.reflogExpire={expire}"),
+            "-c",
+            &format!("gc.reflogExpireUnreachable={expire}"),
+            "gc",
+            "--quiet",
+            &format!("--prune={expire}"),
+        ])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(errors.try_clone()?)
+        .spawn()?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(MirrorError::Interrupted);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if !status.success() {
+        use std::io::{Read, Seek};
+        let mut errors = errors;
+        let mut text = String::new();
+        errors.seek(std::io::SeekFrom::Start(0))?;
+        errors.take(4096).read_to_string(&mut text)?;
+        return Err(MirrorError::Git(
+            format!("git gc failed ({status}): {}", text.trim()).into(),
+        ));
+    }
+    let after = Store::scan(git_dir)?;
+    Ok(Report {
+        tool: "git",
+        packs_before: before.packs.len(),
+        packs_after: after.packs.len(),
+        bytes_before: before.bytes(),
+        bytes_after: after.bytes(),
+        ..Report::default()
+    })
 }
 
 /// Every object the mirror's refs reach, counted for a pack: the commits of every

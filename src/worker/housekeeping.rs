@@ -58,6 +58,7 @@ impl Worker {
             Ok(Ok(report)) => {
                 tracing::info!(
                     %project,
+                    tool = report.tool,
                     packs_before = report.packs_before,
                     packs_after = report.packs_after,
                     bytes_before = report.bytes_before,

@@ -369,6 +369,18 @@ pub fn spawn_worker(
     reclaim_after_ms: u64,
     log: &Path,
 ) -> Child {
+    spawn_worker_with(redis, prefix, data_dir, reclaim_after_ms, log, &[])
+}
+
+/// [`spawn_worker`] with more environment.
+pub fn spawn_worker_with(
+    redis: &RedisServer,
+    prefix: &str,
+    data_dir: &Path,
+    reclaim_after_ms: u64,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Child {
     let log = std::fs::File::create(log).expect("worker log");
     Command::new(env!("CARGO_BIN_EXE_hivesync"))
         .arg("worker")
@@ -386,6 +398,7 @@ pub fn spawn_worker(
         .env("HIVESYNC_WORKERS", "1")
         .env("HIVESYNC_MIN_FREE_BYTES", "0")
         .env("HIVESYNC_METRICS_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

@@ -1,0 +1,231 @@
+//! The `projects` scenario: a hub that serves many projects. Registers, syncs and
+//! reads projects up to each count in `--count` (tiny ones, and one in ten of a few
+//! hundred files), then reads a random spread of every project so far for a while;
+//! at each count, the hub's RSS, memory maps, open files, and read latency of projects
+//! the reader had open (read among the last `HIVESYNC_READER_CACHE` distinct ones)
+//! and of projects it had let go. The per-project slope between counts says whether
+//! anything the hub keeps grows with the number of projects.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::reads::{git, percentile};
+use crate::syncs::Api;
+
+pub struct Options {
+    pub counts: Vec<usize>,
+    pub seconds: u64,
+    pub workers: usize,
+    pub reader_cache: usize,
+}
+
+/// The hub's footprint now: RSS, lines of `/proc/PID/maps`, open descriptors.
+fn footprint(pid: u32) -> (u64, u64, u64) {
+    let rss = crate::rss_bytes(pid).unwrap_or_default();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|text| text.lines().count() as u64)
+        .unwrap_or_default();
+    let files = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| entries.count() as u64)
+        .unwrap_or_default();
+    (rss, maps, files)
+}
+
+fn upstream(dir: &Path, files: usize) -> Result<String, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    git(dir, &["init", "-q", "-b", "main"])?;
+    std::fs::write(
+        dir.join("README.md"),
+        format!("a project of {files} files\n"),
+    )
+    .map_err(|e| e.to_string())?;
+    for i in 1..files {
+        let path = dir.join(format!("src/m{:02}/f{i}.rs", i % 16));
+        std::fs::create_dir_all(path.parent().ok_or("parent")?).map_err(|e| e.to_string())?;
+        std::fs::write(
+            &path,
+            format!("pub fn f{i}() -> usize {{ {i} }}\n").repeat(6),
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    git(dir, &["add", "-A"])?;
+    git(dir, &["commit", "-q", "-m", "upstream"])?;
+    Ok(format!("file://{}", dir.display()))
+}
+
+/// Reads `README.md` of `project`: milliseconds, or the failure.
+async fn read(api: &Api, project: &str) -> Result<f64, String> {
+    let started = Instant::now();
+    let response = api
+        .http
+        .get(format!("{}/api/v1/repo/file", api.base))
+        .query(&[("project_id", project), ("path", "README.md")])
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    response.bytes().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("a read of {project} answered {status}"));
+    }
+    Ok(started.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// The last `capacity` distinct projects read, newest last: what the hub's reader
+/// keeps open, as the client can tell.
+struct Recent {
+    capacity: usize,
+    order: VecDeque<usize>,
+}
+
+impl Recent {
+    fn contains(&self, project: usize) -> bool {
+        self.order.contains(&project)
+    }
+
+    fn touch(&mut self, project: usize) {
+        self.order.retain(|p| *p != project);
+        self.order.push_back(project);
+        while self.order.len() > self.capacity {
+            self.order.pop_front();
+        }
+    }
+}
+
+fn summary(mut samples: Vec<f64>) -> Value {
+    if samples.is_empty() {
+        return json!(null);
+    }
+    samples.sort_by(f64::total_cmp);
+    json!({
+        "reads": samples.len(),
+        "p50_ms": percentile(&samples, 0.50),
+        "p99_ms": percentile(&samples, 0.99),
+        "max_ms": samples.last(),
+    })
+}
+
+pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String> {
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let tiny = upstream(&work.path().join("tiny"), 3)?;
+    let mixed = upstream(&work.path().join("mixed"), 300)?;
+    let hub = crate::start_hub_with(
+        hub_binary,
+        &[
+            ("HIVESYNC_SERVE_WORKERS", options.workers.to_string()),
+            ("HIVESYNC_READER_CACHE", options.reader_cache.to_string()),
+        ],
+    )
+    .await?;
+    let pid = hub.child.id().ok_or("the hub has no pid")?;
+    let api = Api::connect(format!("http://{}", hub.addr), crate::loadtest_token()?).await?;
+    let (rss, maps, files) = footprint(pid);
+    eprintln!("hub at start: RSS {rss} B, {maps} maps, {files} open files");
+    let mut points = vec![json!({
+        "projects": 0, "rss_bytes": rss, "maps": maps, "open_files": files,
+    })];
+    let mut projects: Vec<String> = Vec::new();
+    let mut recent = Recent {
+        capacity: options.reader_cache,
+        order: VecDeque::new(),
+    };
+    let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut random = move |bound: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % bound as u64) as usize
+    };
+    let started = Instant::now();
+    for &count in &options.counts {
+        // register, sync and read the projects up to `count`, 50 at a time
+        while projects.len() < count {
+            let batch = (count - projects.len()).min(50);
+            let mut ids = Vec::with_capacity(batch);
+            let mut syncs = Vec::with_capacity(batch);
+            for _ in 0..batch {
+                let url = if projects.len().is_multiple_of(10) {
+                    &mixed
+                } else {
+                    &tiny
+                };
+                let id = api.register(url).await?;
+                syncs.push(api.request(&id).await?);
+                ids.push(id);
+            }
+            api.ended(&syncs).await?;
+            for id in ids {
+                read(&api, &id).await?;
+                recent.touch(projects.len());
+                projects.push(id);
+            }
+            if projects.len().is_multiple_of(1000) {
+                eprintln!(
+                    "{} projects synced and read ({:.0} s)",
+                    projects.len(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        // a random spread of every project so far
+        let (mut cached, mut evicted) = (Vec::new(), Vec::new());
+        let until = Instant::now() + Duration::from_secs(options.seconds);
+        while Instant::now() < until {
+            let n = random(projects.len());
+            let was_open = recent.contains(n);
+            let ms = read(&api, &projects[n]).await?;
+            if was_open {
+                cached.push(ms);
+            } else {
+                evicted.push(ms);
+            }
+            recent.touch(n);
+        }
+        let (rss, maps, files) = footprint(pid);
+        let point = json!({
+            "projects": count,
+            "rss_bytes": rss,
+            "maps": maps,
+            "open_files": files,
+            "cached_reads": summary(cached),
+            "evicted_reads": summary(evicted),
+            "elapsed_s": started.elapsed().as_secs_f64(),
+        });
+        eprintln!("{point}");
+        points.push(point);
+    }
+    // the per-project slope between consecutive counts
+    let slopes: Vec<Value> = points
+        .windows(2)
+        .filter_map(|pair| {
+            let (a, b) = (&pair[0], &pair[1]);
+            let n = b["projects"].as_f64()? - a["projects"].as_f64()?;
+            let per =
+                |key: &str| -> Option<f64> { Some((b[key].as_f64()? - a[key].as_f64()?) / n) };
+            Some(json!({
+                "from": a["projects"],
+                "to": b["projects"],
+                "rss_bytes_per_project": per("rss_bytes"),
+                "maps_per_project": per("maps"),
+                "open_files_per_project": per("open_files"),
+            }))
+        })
+        .collect();
+    for slope in &slopes {
+        eprintln!("slope {slope}");
+    }
+    Ok(json!({
+        "scenario": "projects",
+        "counts": options.counts,
+        "seconds": options.seconds,
+        "workers": options.workers,
+        "reader_cache": options.reader_cache,
+        "mix": "9 in 10 projects of 3 files, 1 in 10 of 300 files",
+        "points": points,
+        "slopes": slopes,
+    }))
+}

@@ -314,6 +314,7 @@ impl Application {
                 state.engine.clone(),
                 state.layout.clone(),
                 every,
+                state.config.housekeeping,
                 stops.stop_taking.clone(),
             ));
         }
@@ -431,6 +432,7 @@ pub async fn run_workers(
             engine,
             layout,
             every,
+            config.housekeeping,
             stops.stop_taking.clone(),
         ));
     }

@@ -14,7 +14,8 @@
 //! - [`protocol`] — wire types of the contract (REST bodies, socket frames, jobs).
 //! - [`domain`] — validated ids, repo URLs and paths, the rate limit; pure.
 //! - Cross-cutting, usable by any module: [`error`] (cause chains for logs),
-//!   [`backoff`] (the one exponential backoff), [`metrics`] (counters).
+//!   [`backoff`] (the one exponential backoff), [`metrics`] (counters), [`failpoint`]
+//!   (fault injection, in test builds only).
 //! - [`client`] — the reference Rust client (REST + resuming event stream), which
 //!   `hivesync sync` uses.
 //! - [`app`] — wiring; [`config`], [`shutdown`], [`telemetry`], [`tls`] (outgoing TLS).
@@ -27,6 +28,7 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod error;
+pub mod failpoint;
 pub mod http;
 pub mod hub;
 pub mod metrics;

@@ -54,6 +54,9 @@ pub enum EngineError {
     /// A sync id that was not made by `SyncId::generate_for` its project.
     #[error("sync id {0} does not belong to its project's partition")]
     ForeignSyncId(String),
+    /// A failpoint armed to fail this step ([`crate::failpoint`]; test builds only).
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
 }
 
 /// A worker's exclusive hold on one project's mirror. `fence` grows with every grant,
@@ -310,6 +313,24 @@ pub trait Store: Send + Sync + 'static {
         record: &SyncRecord,
         lock: Option<&ProjectLock>,
     ) -> Result<Put, EngineError>;
+    /// [`Store::put_sync`] and the publishing of `events` to `owner` (each with its
+    /// once key, see [`EventLog::publish_once`]) in one transaction, plus `if_paused`
+    /// when the write pauses the project's schedule: a sync's end and its notification
+    /// are then one step, and no crash falls between them. `Ok(None)` from an engine
+    /// that cannot write both at once (Redis: a sync's record and its owner's history
+    /// live in different slots of a cluster); its caller stores, then publishes, and a
+    /// worker that takes over the job after a crash in between publishes what is
+    /// missing under the same keys.
+    async fn put_sync_with_events(
+        &self,
+        _record: &SyncRecord,
+        _lock: Option<&ProjectLock>,
+        _owner: &str,
+        _events: &[(EventBody, String)],
+        _if_paused: &[(EventBody, String)],
+    ) -> Result<Option<(Put, Vec<Event>)>, EngineError> {
+        Ok(None)
+    }
     /// Applies `change` to the project (its schedule included) in one step; `None`
     /// when it does not exist.
     async fn update_project(
@@ -376,6 +397,20 @@ pub trait JobQueue: Send + Sync + 'static {
 /// How long an engine remembers a publish's once key: twice as long as a worker
 /// retries a write (5 minutes) before it gives the job up.
 pub const ONCE_KEPT: Duration = Duration::from_secs(600);
+/// How long the once key of a sync's end (its final stage event and notifications)
+/// is remembered: a job whose worker died after the end was stored may be taken over
+/// much later (a Redis outage, every worker down), and its new worker republishes the
+/// end under the same keys.
+pub const ONCE_KEPT_END: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long `body`'s once key is remembered ([`ONCE_KEPT`] or [`ONCE_KEPT_END`]).
+pub fn once_kept(body: &EventBody) -> Duration {
+    match body {
+        EventBody::Notification { .. } => ONCE_KEPT_END,
+        EventBody::SyncStage { stage, .. } if stage.is_terminal() => ONCE_KEPT_END,
+        _ => ONCE_KEPT,
+    }
+}
 
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {

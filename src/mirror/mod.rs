@@ -200,6 +200,8 @@ fn sync_once(
         .map(|id| id.to_string());
 
     let (commit, transfer) = fetch(&repo, spec, progress, interrupt)?;
+    crate::failpoint::hit("sync.after_fetch")
+        .map_err(|e| MirrorError::Io(std::io::Error::other(e)))?;
     check_interrupt(interrupt)?;
 
     // nothing new upstream and the current tree is exactly what the last sync wrote:
@@ -373,6 +375,8 @@ fn sync_once(
         let _ = remove_if_exists(&snapshot);
     })?;
     swap_link(&worktree, &snapshot)?;
+    crate::failpoint::hit("sync.after_swap")
+        .map_err(|e| MirrorError::Io(std::io::Error::other(e)))?;
     if let Some(previous) = &previous_tree {
         forget_watch(previous);
         layout.discard(previous)?;

@@ -19,6 +19,7 @@ pub async fn run_health_checks(
     engine: Engine,
     layout: Layout,
     every: Duration,
+    housekeeping: crate::mirror::housekeeping::Policy,
     stop: CancellationToken,
 ) {
     loop {
@@ -52,8 +53,27 @@ pub async fn run_health_checks(
                 let branch = project.branch.clone();
                 tokio::task::spawn_blocking(move || mirror::inspect(&layout, &id, &branch)).await
             };
-            let Ok(Err(problem)) = inspected else {
-                continue;
+            let problem = match inspected {
+                Ok(Err(problem)) => problem,
+                Ok(Ok(())) => {
+                    // a mirror no sync came to since its unreachable objects' grace
+                    // ended: housekeeping, under a lock of its own
+                    let lease = Lease::maintenance(project_id.as_str());
+                    if let Ok(Some(lock)) = engine.queue.lock_project(&lease).await {
+                        super::housekeeping::housekeep(
+                            &engine,
+                            &layout,
+                            housekeeping,
+                            &project_id,
+                            false,
+                            &stop,
+                        )
+                        .await;
+                        let _ = engine.queue.unlock_project(&lock).await;
+                    }
+                    continue;
+                }
+                Err(_) => continue,
             };
             tracing::warn!(%project_id, %problem, "health check found a damaged mirror; syncing it");
             if let Err(err) = engine

@@ -57,6 +57,9 @@ impl Worker {
             return Ok(JobEnd::Finished);
         };
         if record.status.is_terminal() {
+            // the worker that stored this end may have stopped before it published
+            // it: the end's keys publish what is missing, and nothing twice
+            self.announce_end(&record, &ctx).await?;
             return Ok(JobEnd::Finished);
         }
         if lease.deliveries > crate::engine::MAX_DELIVERIES {
@@ -109,8 +112,13 @@ impl Worker {
         let (end, attempts) = retry_loop(&mut runs, policy, interrupt).await?;
         match end {
             AttemptEnd::Done(outcome) => {
+                let rewritten = outcome.changes.forced;
                 self.complete(&mut record, &ctx, outcome).await?;
-                Ok(JobEnd::Finished)
+                Ok(if rewritten {
+                    JobEnd::Rewritten
+                } else {
+                    JobEnd::Finished
+                })
             }
             AttemptEnd::Released => {
                 record.status = SyncStatus::Queued;
@@ -274,16 +282,17 @@ impl Worker {
         progress.percent = 100;
         progress.objects = progress.objects.max(outcome.objects);
         progress.bytes = progress.bytes.max(outcome.bytes);
+        let mut events = Vec::new();
         if outcome.repaired {
-            self.notify(ctx, record, NotificationKind::RepoMirrorRepaired)
-                .await?;
+            events.push(end_part(record, Some(NotificationKind::RepoMirrorRepaired)));
         }
-        // the record is final on disk before anyone hears the sync completed
-        self.stage(record, ctx, SyncStatus::Completed, Some(progress))
-            .await?;
+        record.status = SyncStatus::Completed;
+        record.progress = Some(progress);
+        events.push(end_part(record, None));
+        events.push(end_part(record, Some(NotificationKind::RepoSyncSuccess)));
+        // the record is final on disk no later than anyone hears the sync completed
+        self.end(record, ctx, events, Vec::new()).await?;
         self.count_end(record, "completed");
-        self.notify(ctx, record, NotificationKind::RepoSyncSuccess)
-            .await?;
         tracing::info!(
             sync_id = %record.sync_id,
             commit = %outcome.commit,
@@ -305,51 +314,100 @@ impl Worker {
             code,
             message: message.to_owned(),
         });
-        let progress = record.progress;
-        let paused = self
-            .stage(record, ctx, SyncStatus::Failed, progress)
-            .await?;
+        record.status = SyncStatus::Failed;
+        let events = vec![
+            end_part(record, None),
+            end_part(record, Some(NotificationKind::RepoSyncFailed)),
+        ];
+        let if_paused = vec![end_part(record, Some(NotificationKind::RepoSyncPaused))];
+        let paused = self.end(record, ctx, events, if_paused).await?;
         self.count_end(record, "failed");
-        self.notify(ctx, record, NotificationKind::RepoSyncFailed)
-            .await?;
         if paused {
             tracing::warn!(project_id = %record.project_id, code = code.as_str(), "scheduled syncs paused after repeated failures");
-            self.notify(ctx, record, NotificationKind::RepoSyncPaused)
-                .await?;
         }
         Ok(())
     }
 
-    async fn notify(
+    /// Stores a sync's final record and publishes its end with it (`events`, and
+    /// `if_paused` when this end pauses the project's schedule): in one transaction
+    /// where the engine can, else the record first, then each event under its end
+    /// key. `Ok(true)` when the end paused the schedule.
+    async fn end(
+        &self,
+        record: &SyncRecord,
+        ctx: &JobCtx<'_>,
+        mut events: Vec<(EventBody, String)>,
+        if_paused: Vec<(EventBody, String)>,
+    ) -> Result<bool, EngineError> {
+        let together = self
+            .persist(true, || {
+                self.engine.store.put_sync_with_events(
+                    record,
+                    Some(ctx.lock),
+                    ctx.owner,
+                    &events,
+                    &if_paused,
+                )
+            })
+            .await?
+            .flatten();
+        if let Some((put, published)) = together {
+            if put == Put::Gone {
+                return Err(EngineError::ProjectGone);
+            }
+            crate::failpoint::hit("job.after_final_record")?;
+            self.engine
+                .metrics
+                .events_published
+                .inc_by(published.len() as u64);
+            return Ok(put == Put::StoredAndPaused);
+        }
+        let put = self
+            .persist(true, || self.engine.store.put_sync(record, Some(ctx.lock)))
+            .await?
+            .unwrap_or(Put::Stored);
+        if put == Put::Gone {
+            return Err(EngineError::ProjectGone);
+        }
+        crate::failpoint::hit("job.after_final_record")?;
+        if put == Put::StoredAndPaused {
+            events.extend(if_paused);
+        }
+        self.publish_end(ctx, &events).await?;
+        Ok(put == Put::StoredAndPaused)
+    }
+
+    /// Publishes the parts of a sync's end, each under its end key.
+    async fn publish_end(
         &self,
         ctx: &JobCtx<'_>,
-        record: &SyncRecord,
-        kind: NotificationKind,
+        events: &[(EventBody, String)],
     ) -> Result<(), EngineError> {
-        let body = EventBody::Notification {
-            kind,
-            sync_id: record.sync_id.clone(),
-            project_id: record.project_id.clone(),
-            commit: record.commit.clone(),
-            error: record.error.clone(),
-            at: now_rfc3339(),
-            previous_commit: (kind == NotificationKind::RepoSyncSuccess)
-                .then(|| record.previous_commit.clone())
-                .flatten(),
-            changes: (kind == NotificationKind::RepoSyncSuccess)
-                .then_some(record.changes)
-                .flatten(),
-            trigger: Some(record.trigger),
-        };
-        let once = once_key();
-        self.persist(true, || {
-            self.engine
-                .events
-                .publish_once(ctx.owner, body.clone(), &once)
-        })
-        .await?;
-        self.engine.metrics.events_published.inc();
+        for (body, once) in events {
+            self.persist(true, || {
+                self.engine
+                    .events
+                    .publish_once(ctx.owner, body.clone(), once)
+            })
+            .await?;
+            self.engine.metrics.events_published.inc();
+        }
         Ok(())
+    }
+
+    /// The end of a sync found already final (its worker stopped after storing it):
+    /// its final stage event and notification, published under the keys its worker
+    /// used, so whatever that worker published is not published again. (A
+    /// `repo_mirror_repaired` or `repo_sync_paused` that worker would have sent is not
+    /// known from the record, and is not repeated.)
+    async fn announce_end(&self, record: &SyncRecord, ctx: &JobCtx<'_>) -> Result<(), EngineError> {
+        let kind = if record.status == SyncStatus::Completed {
+            NotificationKind::RepoSyncSuccess
+        } else {
+            NotificationKind::RepoSyncFailed
+        };
+        let events = [end_part(record, None), end_part(record, Some(kind))];
+        self.publish_end(ctx, &events).await
     }
 
     fn count_end(&self, record: &SyncRecord, outcome: &'static str) {
@@ -358,6 +416,49 @@ impl Worker {
             record.trigger.as_str(),
             record.duration_ms.map(|ms| ms as f64 / 1000.0),
         );
+    }
+}
+
+/// A part of a sync's end and its once key: the final stage event (`kind` `None`)
+/// or a notification. The key is the same in every try and in any worker that takes
+/// the job over, so the part is published once however often it is sent.
+fn end_part(record: &SyncRecord, kind: Option<NotificationKind>) -> (EventBody, String) {
+    let at = record.finished_at.clone().unwrap_or_else(now_rfc3339);
+    match kind {
+        None => (
+            EventBody::SyncStage {
+                sync_id: record.sync_id.clone(),
+                project_id: record.project_id.clone(),
+                stage: record.status,
+                progress: record.progress,
+                at,
+                retry: None,
+            },
+            format!("end:{}:stage", record.sync_id),
+        ),
+        Some(kind) => {
+            let name = match kind {
+                NotificationKind::RepoSyncSuccess => "repo_sync_success",
+                NotificationKind::RepoSyncFailed => "repo_sync_failed",
+                NotificationKind::RepoMirrorRepaired => "repo_mirror_repaired",
+                NotificationKind::RepoSyncPaused => "repo_sync_paused",
+            };
+            let success = kind == NotificationKind::RepoSyncSuccess;
+            (
+                EventBody::Notification {
+                    kind,
+                    sync_id: record.sync_id.clone(),
+                    project_id: record.project_id.clone(),
+                    commit: record.commit.clone(),
+                    error: record.error.clone(),
+                    at,
+                    previous_commit: success.then(|| record.previous_commit.clone()).flatten(),
+                    changes: success.then_some(record.changes).flatten(),
+                    trigger: Some(record.trigger),
+                },
+                format!("end:{}:{name}", record.sync_id),
+            )
+        }
     }
 }
 

@@ -100,6 +100,9 @@ pub fn spawn(
 /// What became of a job.
 enum JobEnd {
     Finished,
+    /// finished, and the sync found its branch rewritten (a force-push): what the
+    /// old history held is unreachable from now on
+    Rewritten,
     /// interrupted by shutdown: back on the queue
     Released,
 }
@@ -144,18 +147,35 @@ impl Worker {
                 lock.clone(),
                 job_stop.clone(),
             ));
-            let end = self.run_job(&lease, &lock, &job_stop).await;
-            if matches!(end, Ok(JobEnd::Finished)) {
+            let mut end = self.run_job(&lease, &lock, &job_stop).await;
+            if matches!(end, Ok(JobEnd::Finished | JobEnd::Rewritten))
+                && let Err(injected) = crate::failpoint::hit("job.after_notification")
+            {
+                end = Err(injected.into());
+            }
+            if let Ok(done @ (JobEnd::Finished | JobEnd::Rewritten)) = &end
+                && let Some(project) = ProjectId::parse(&lease.job.project_id)
+            {
                 // the sync's end is recorded and announced; the lock and its heartbeat
                 // are still held, so no other sync of this mirror runs meanwhile
-                self.housekeep(&lease.job.project_id, &job_stop).await;
+                housekeeping::housekeep(
+                    &self.engine,
+                    &self.layout,
+                    self.settings.housekeeping,
+                    &project,
+                    matches!(done, JobEnd::Rewritten),
+                    &job_stop,
+                )
+                .await;
             }
             heartbeat.abort();
             if !matches!(end, Err(EngineError::Fenced)) {
                 self.remove_if_deleted(&lease.job.project_id).await;
             }
             let acked = match end {
-                Ok(JobEnd::Finished) => self.engine.queue.complete(&lease).await,
+                Ok(JobEnd::Finished | JobEnd::Rewritten) => {
+                    self.engine.queue.complete(&lease).await
+                }
                 Ok(JobEnd::Released) => self.engine.queue.release(lease).await,
                 Err(EngineError::ProjectGone) => {
                     // deleted while it ran: nothing more to say about it

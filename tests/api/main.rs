@@ -7,6 +7,7 @@ mod conformance;
 mod conformance_fresh;
 mod conformance_sync;
 mod errors;
+mod failpoints;
 mod failures;
 mod faults;
 mod freshness;

@@ -23,7 +23,7 @@ use super::schedule::Rules;
 use super::{EngineError, Live, Project};
 use crate::domain::RateLimiter;
 use crate::protocol::Job;
-use events::{PublishRequest, run_event_writer};
+use events::{WriterRequest, run_event_writer};
 
 /// project id → project JSON
 const PROJECTS: TableDefinition<&str, &str> = TableDefinition::new("projects");
@@ -37,6 +37,11 @@ const PROJECT_SYNCS: TableDefinition<(&str, &str), ()> = TableDefinition::new("p
 const EVENTS: TableDefinition<(&str, u64), &str> = TableDefinition::new("events");
 /// user → id of the user's newest event
 const EVENT_SEQ: TableDefinition<&str, u64> = TableDefinition::new("event_seq");
+/// (user, once key) → the id of the event first published under it
+const EVENT_ONCE: TableDefinition<(&str, &str), u64> = TableDefinition::new("event_once");
+/// (expiry ms, user, once key) → (): the same, soonest to expire first
+const EVENT_ONCE_AGE: TableDefinition<(u64, &str, &str), ()> =
+    TableDefinition::new("event_once_age");
 /// (due time ms, project id) → (): projects with a schedule, soonest first
 const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
 /// (project id, delivery id) → when it was first seen (ms)
@@ -80,7 +85,7 @@ pub struct EmbeddedEngine {
     /// project id → fence of the worker holding its mirror
     locks: Mutex<Locks>,
     /// to the event writer thread
-    writer: std::sync::mpsc::Sender<PublishRequest>,
+    writer: std::sync::mpsc::Sender<WriterRequest>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -135,6 +140,8 @@ impl EmbeddedEngine {
             tx.open_table(PROJECT_SYNCS).map_err(redb::Error::from)?;
             tx.open_table(EVENTS).map_err(redb::Error::from)?;
             tx.open_table(EVENT_SEQ).map_err(redb::Error::from)?;
+            tx.open_table(EVENT_ONCE).map_err(redb::Error::from)?;
+            tx.open_table(EVENT_ONCE_AGE).map_err(redb::Error::from)?;
             tx.open_table(DUE).map_err(redb::Error::from)?;
             tx.open_table(DELIVERIES).map_err(redb::Error::from)?;
             tx.open_table(DELIVERY_AGE).map_err(redb::Error::from)?;

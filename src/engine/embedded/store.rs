@@ -12,7 +12,7 @@ use super::{
 use crate::domain::{ProjectId, SyncId, now_epoch_ms};
 use crate::engine::schedule::{apply_change, apply_end, at_registration, jitter};
 use crate::engine::{Claimed, EngineError, Project, ProjectChange, ProjectLock, Put, Store};
-use crate::protocol::{Job, SyncRecord, SyncStatus};
+use crate::protocol::{Event, EventBody, Job, SyncRecord, SyncStatus};
 
 /// A delivery id is a duplicate for this long.
 const DELIVERY_MEMORY_MS: u64 = 24 * 3600 * 1000;
@@ -34,6 +34,76 @@ fn move_due(
         due.insert((new, id), ()).map_err(redb::Error::from)?;
     }
     Ok(())
+}
+
+/// The writes of [`Store::put_sync`] in `tx` (the caller commits): the record, and
+/// for a sync's first end the project's status, schedule and follow-up. `Put::Gone`
+/// when the record is gone (nothing written); the follow-up job to queue, if any.
+pub(super) fn put_sync_in(
+    tx: &redb::WriteTransaction,
+    record: &SyncRecord,
+    rules: crate::engine::schedule::Rules,
+) -> Result<(Put, Option<Job>), EngineError> {
+    let mut promoted: Option<Job> = None;
+    let mut put = Put::Stored;
+    {
+        let mut syncs = tx.open_table(SYNCS).map_err(redb::Error::from)?;
+        let before: Option<SyncRecord> = syncs
+            .get(record.sync_id.as_str())
+            .map_err(redb::Error::from)?
+            .map(|raw| read_json(raw.value()))
+            .transpose()?;
+        let Some(before) = before else {
+            // the project (and its history) was deleted while the sync ran
+            return Ok((Put::Gone, None));
+        };
+        // the project's status follows a sync's end once, however often
+        // the end is written
+        let first_end = !before.status.is_terminal();
+        let raw = serde_json::to_string(&record)?;
+        syncs
+            .insert(record.sync_id.as_str(), raw.as_str())
+            .map_err(redb::Error::from)?;
+        if record.status.is_terminal() {
+            let mut projects = tx.open_table(PROJECTS).map_err(redb::Error::from)?;
+            let raw_project = projects
+                .get(record.project_id.as_str())
+                .map_err(redb::Error::from)?
+                .map(|raw| raw.value().to_owned());
+            if let Some(raw_project) = raw_project {
+                let mut project: Project = read_json(&raw_project)?;
+                if project.active_sync.as_deref() == Some(record.sync_id.as_str()) {
+                    // the follow-up, if any, is the project's sync now
+                    project.active_sync = project.follow_up.take();
+                    promoted = project.active_sync.clone().map(|sync_id| Job {
+                        sync_id,
+                        project_id: project.project_id.clone(),
+                        owner: project.owner.clone(),
+                    });
+                } else if project.follow_up.as_deref() == Some(record.sync_id.as_str()) {
+                    project.follow_up = None;
+                }
+                project.last_status = Some(record.status);
+                project.last_synced_at = record.finished_at.clone();
+                if record.commit.is_some() {
+                    project.commit = record.commit.clone();
+                }
+                if first_end {
+                    let was_due = project.next_sync_ms;
+                    if apply_end(&mut project, record, now_epoch_ms(), jitter(), rules) {
+                        put = Put::StoredAndPaused;
+                    }
+                    let mut due = tx.open_table(DUE).map_err(redb::Error::from)?;
+                    move_due(&mut due, &project.project_id, was_due, project.next_sync_ms)?;
+                }
+                let raw = serde_json::to_string(&project)?;
+                projects
+                    .insert(project.project_id.as_str(), raw.as_str())
+                    .map_err(redb::Error::from)?;
+            }
+        }
+    }
+    Ok((put, promoted))
 }
 
 #[async_trait]
@@ -231,77 +301,15 @@ impl Store for EmbeddedEngine {
         let rules = self.rules;
         let (stored, promoted) = self
             .blocking(move |db| {
-                let mut promoted: Option<Job> = None;
-                let mut put = Put::Stored;
                 let mut tx = db.begin_write().map_err(redb::Error::from)?;
                 if !record.status.is_terminal() {
                     // stage changes are re-derivable from the job if lost in a crash; only
                     // the end of a sync must be on disk before anyone is told about it
                     let _ = tx.set_durability(Durability::None);
                 }
-                {
-                    let mut syncs = tx.open_table(SYNCS).map_err(redb::Error::from)?;
-                    let before: Option<SyncRecord> = syncs
-                        .get(record.sync_id.as_str())
-                        .map_err(redb::Error::from)?
-                        .map(|raw| read_json(raw.value()))
-                        .transpose()?;
-                    let Some(before) = before else {
-                        // the project (and its history) was deleted while the sync ran
-                        return Ok((Put::Gone, None));
-                    };
-                    // the project's status follows a sync's end once, however often
-                    // the end is written
-                    let first_end = !before.status.is_terminal();
-                    let raw = serde_json::to_string(&record)?;
-                    syncs
-                        .insert(record.sync_id.as_str(), raw.as_str())
-                        .map_err(redb::Error::from)?;
-                    if record.status.is_terminal() {
-                        let mut projects = tx.open_table(PROJECTS).map_err(redb::Error::from)?;
-                        let raw_project = projects
-                            .get(record.project_id.as_str())
-                            .map_err(redb::Error::from)?
-                            .map(|raw| raw.value().to_owned());
-                        if let Some(raw_project) = raw_project {
-                            let mut project: Project = read_json(&raw_project)?;
-                            if project.active_sync.as_deref() == Some(record.sync_id.as_str()) {
-                                // the follow-up, if any, is the project's sync now
-                                project.active_sync = project.follow_up.take();
-                                promoted = project.active_sync.clone().map(|sync_id| Job {
-                                    sync_id,
-                                    project_id: project.project_id.clone(),
-                                    owner: project.owner.clone(),
-                                });
-                            } else if project.follow_up.as_deref() == Some(record.sync_id.as_str())
-                            {
-                                project.follow_up = None;
-                            }
-                            project.last_status = Some(record.status);
-                            project.last_synced_at = record.finished_at.clone();
-                            if record.commit.is_some() {
-                                project.commit = record.commit.clone();
-                            }
-                            if first_end {
-                                let was_due = project.next_sync_ms;
-                                if apply_end(&mut project, &record, now_epoch_ms(), jitter(), rules)
-                                {
-                                    put = Put::StoredAndPaused;
-                                }
-                                let mut due = tx.open_table(DUE).map_err(redb::Error::from)?;
-                                move_due(
-                                    &mut due,
-                                    &project.project_id,
-                                    was_due,
-                                    project.next_sync_ms,
-                                )?;
-                            }
-                            let raw = serde_json::to_string(&project)?;
-                            projects
-                                .insert(project.project_id.as_str(), raw.as_str())
-                                .map_err(redb::Error::from)?;
-                        }
-                    }
+                let (put, promoted) = put_sync_in(&tx, &record, rules)?;
+                if put == Put::Gone {
+                    return Ok((put, None));
                 }
                 db.commit(tx)?;
                 Ok((put, promoted))
@@ -311,6 +319,39 @@ impl Store for EmbeddedEngine {
             self.push_job(job);
         }
         Ok(stored)
+    }
+
+    async fn put_sync_with_events(
+        &self,
+        record: &SyncRecord,
+        lock: Option<&ProjectLock>,
+        owner: &str,
+        events: &[(EventBody, String)],
+        if_paused: &[(EventBody, String)],
+    ) -> Result<Option<(Put, Vec<Event>)>, EngineError> {
+        if let Some(lock) = lock
+            && !self.holds(lock)
+        {
+            return Err(EngineError::Fenced);
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(super::events::WriterRequest::End(Box::new(
+                super::events::EndRequest {
+                    record: record.clone(),
+                    rules: self.rules,
+                    user: owner.to_owned(),
+                    events: events.to_vec(),
+                    if_paused: if_paused.to_vec(),
+                    reply,
+                },
+            )))
+            .map_err(|_| EngineError::Closed)?;
+        let (put, promoted, published) = answer.await.map_err(|_| EngineError::Closed)??;
+        if let Some(job) = promoted {
+            self.push_job(job);
+        }
+        Ok(Some((put, published)))
     }
 
     async fn syncs_of(

@@ -107,6 +107,7 @@ impl RedisEngine {
         once: Option<&str>,
     ) -> Result<Event, EngineError> {
         let json = serde_json::to_string(&body)?;
+        let kept = crate::engine::once_kept(&body);
         let mut conn = self.conn().await?;
         let mut call = self.scripts.publish.prepare_invoke();
         call.key(self.keys.event_seq(user))
@@ -123,7 +124,7 @@ impl RedisEngine {
             } else {
                 "PUBLISH"
             })
-            .arg(crate::engine::ONCE_KEPT.as_secs());
+            .arg(kept.as_secs());
         let id: u64 = call.invoke_async(&mut conn).await?;
         Ok(Event {
             id,

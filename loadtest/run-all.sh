@@ -67,6 +67,10 @@ for step in "${steps[@]}"; do
       # force-push every 250), beside git clone --mirror with git's own auto-gc
       $L --json "$R-soak.json" soak --rounds 1000 --files 3000 --every 100 --force-every 250 \
         --grace-s 30 --plot "$R-soak.svg" ;;
+    soak-gitoxide)
+      # the same with housekeeping by gitoxide alone (a worker image without git)
+      $L --json "$R-soak-gitoxide.json" soak --rounds 1000 --files 3000 --every 100 --force-every 250 \
+        --grace-s 30 --housekeeping-tool gitoxide --plot "$R-soak-gitoxide.svg" ;;
     projects)
       # one hub through 1,000 then 10,000 projects (HIVESYNC_READER_CACHE 256)
       $L --json "$R-projects.json" projects --count 1000,10000 --seconds 20 ;;

@@ -120,6 +120,9 @@ enum Scenario {
         /// the hub's HIVESYNC_PRUNE_GRACE_S; the run waits it out at the end
         #[arg(long, default_value_t = 30)]
         grace_s: u64,
+        /// the hub's HIVESYNC_HOUSEKEEPING_TOOL: auto (git gc) or gitoxide
+        #[arg(long, default_value = "auto")]
+        housekeeping_tool: String,
         /// an SVG of the curves
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -525,6 +528,7 @@ async fn main() -> std::process::ExitCode {
             force_every,
             reads,
             grace_s,
+            housekeeping_tool,
             plot,
         } => {
             soak::run(
@@ -536,6 +540,7 @@ async fn main() -> std::process::ExitCode {
                     force_every: *force_every,
                     reads: (*reads).max(1),
                     grace_s: *grace_s,
+                    tool: housekeeping_tool.clone(),
                     plot: plot.clone(),
                 },
             )

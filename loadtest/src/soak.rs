@@ -22,6 +22,8 @@ pub struct Options {
     pub force_every: usize,
     pub reads: usize,
     pub grace_s: u64,
+    /// the hub's HIVESYNC_HOUSEKEEPING_TOOL
+    pub tool: String,
     pub plot: Option<PathBuf>,
 }
 
@@ -135,7 +137,10 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
 
     let hub = crate::start_hub_with(
         hub_binary,
-        &[("HIVESYNC_PRUNE_GRACE_S", options.grace_s.to_string())],
+        &[
+            ("HIVESYNC_PRUNE_GRACE_S", options.grace_s.to_string()),
+            ("HIVESYNC_HOUSEKEEPING_TOOL", options.tool.clone()),
+        ],
     )
     .await?;
     let pid = hub.child.id();
@@ -258,6 +263,9 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         .collect();
     let final_store = footprint(&mirror_objects);
     let final_peer = footprint(&peer.join("objects"));
+    // the peer right after a full gc of its own: the most compact git gets
+    git(&peer, &["gc", "-q"])?;
+    let peer_gc = footprint(&peer.join("objects"));
     eprintln!(
         "after the grace period ({:.0} s): {} of {} force-pushed-away commits still in the mirror; packs {} bytes {} (git: packs {} bytes {})",
         waited.elapsed().as_secs_f64(),
@@ -281,6 +289,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         "hub_packs_most": checkpoints.iter().map(|c| c.hub.packs).max(),
         "hub_bytes_vs_git_last": ratio(last.hub.bytes as f64, last.peer.bytes as f64),
         "hub_bytes_vs_git_after_grace": ratio(final_store.bytes as f64, final_peer.bytes as f64),
+        "hub_bytes_vs_git_after_its_full_gc": ratio(final_store.bytes as f64, peer_gc.bytes as f64),
         "forced_away_commits": forced_away.len(),
         "forced_away_still_present_after_grace": present.len(),
     });
@@ -297,6 +306,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         "force_every": options.force_every,
         "reads_per_checkpoint": options.reads,
         "grace_s": options.grace_s,
+        "housekeeping_tool": options.tool,
         "peer": "git clone --mirror, git fetch --prune with git's own gc --auto (gc.autoDetach=false)",
         "upstream": "a bare repository pushed to each round, git gc every 100 rounds (untimed)",
         "checkpoints": checkpoints.iter().map(Checkpoint::json).collect::<Vec<_>>(),
@@ -307,6 +317,9 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
             "peer_packs": final_peer.packs,
             "peer_bytes": final_peer.bytes,
             "peer_inodes": final_peer.inodes,
+            "peer_after_full_gc_packs": peer_gc.packs,
+            "peer_after_full_gc_bytes": peer_gc.bytes,
+            "peer_after_full_gc_inodes": peer_gc.inodes,
         },
         "summary": summary,
         "raw": {

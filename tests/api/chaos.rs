@@ -243,6 +243,7 @@ async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_
         assert!(settled.is_some(), "project {id} ends at the upstream head");
         assert_exact_tree(&hubs[0], id, repo, &head);
     }
+    assert_settled(&hubs[0], &requested, &tokens, Some((&redis, &prefix))).await;
     // every client got every notification of its user exactly once
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.cancel();
@@ -261,6 +262,69 @@ async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_
     }
     for hub in hubs {
         hub.stop().await;
+    }
+}
+
+/// The state every run must end in, whatever was killed: each requested sync has
+/// exactly one end notification (`repo_sync_success` or `repo_sync_failed`) in its
+/// owner's history, no job waits on the queue, and (on Redis) no project lock is held.
+/// The syncs being final and the mirrors exact are checked by the caller.
+async fn assert_settled(
+    hub: &TestApp,
+    requested: &[(String, String)],
+    tokens: &HashMap<&str, String>,
+    redis: Option<(&RedisServer, &str)>,
+) {
+    let mut by_user: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (user, sync_id) in requested {
+        by_user
+            .entry(user.as_str())
+            .or_default()
+            .push(sync_id.as_str());
+    }
+    for (user, syncs) in by_user {
+        let history: Vec<Value> = hub
+            .get("/api/v1/notifications?limit=10000", &tokens[user])
+            .await
+            .json()
+            .await
+            .expect("json");
+        for sync_id in syncs {
+            let ends = history
+                .iter()
+                .filter(|event| event["sync_id"] == sync_id)
+                .filter(|event| {
+                    matches!(
+                        event["kind"].as_str(),
+                        Some("repo_sync_success" | "repo_sync_failed")
+                    )
+                })
+                .count();
+            assert_eq!(
+                ends, 1,
+                "{user}: sync {sync_id} has {ends} end notifications"
+            );
+        }
+    }
+    let drained = wait_until(WAIT, || async {
+        let depth = hub
+            .metrics()
+            .await
+            .value("hivesync_sync_queue_depth", &[])
+            .unwrap_or(f64::NAN);
+        (depth == 0.0).then_some(())
+    })
+    .await;
+    assert!(drained.is_some(), "jobs are left on the queue");
+    if let Some((redis, prefix)) = redis {
+        let released = wait_until(WAIT, || async {
+            let locks: Vec<String> = redis
+                .query(redis::cmd("KEYS").arg(format!("{prefix}*:lock:*")))
+                .await;
+            locks.is_empty().then_some(())
+        })
+        .await;
+        assert!(released.is_some(), "a project lock is still held");
     }
 }
 
@@ -408,6 +472,32 @@ async fn embedded_syncs_survive_hub_kills_with_every_notification_once() {
         None,
     )
     .await;
-    assert_each_notification_once("alice", &frames, history.as_array().expect("a list"));
+    let history = history.as_array().expect("a list");
+    assert_each_notification_once("alice", &frames, history);
+    // each sync's end is in the history exactly once, and no job is left waiting
+    for sync_id in &requested {
+        let ends = history
+            .iter()
+            .filter(|event| event["sync_id"] == sync_id.as_str())
+            .filter(|event| {
+                matches!(
+                    event["kind"].as_str(),
+                    Some("repo_sync_success" | "repo_sync_failed")
+                )
+            })
+            .count();
+        assert_eq!(ends, 1, "sync {sync_id} has {ends} end notifications");
+    }
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let depth =
+        crate::operating::parse_exposition(&metrics).value("hivesync_sync_queue_depth", &[]);
+    assert_eq!(depth, Some(0.0), "jobs are left on the queue");
     kill(&mut server);
 }

@@ -49,12 +49,13 @@ pub async fn open_engine(
 ) -> Result<(Engine, Option<Arc<RedisEngine>>), StartError> {
     let metrics = Arc::new(Metrics::new());
     let Some(url) = &config.redis_url else {
-        let embedded = EmbeddedEngine::open_with(
+        let embedded = EmbeddedEngine::open_sized(
             &config.data_dir,
             config.sync_rate,
             config.event_history,
             config.rules(),
             metrics.store_commit.clone(),
+            config.store_cache_bytes,
         )?;
         let requeued = embedded.requeue_unfinished().await?;
         let engine = Engine {

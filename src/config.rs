@@ -74,6 +74,8 @@ pub struct Config {
     pub snapshot_watches: Option<usize>,
     /// mirror repositories the reader keeps open
     pub reader_cache: usize,
+    /// the embedded store's page cache
+    pub store_cache_bytes: usize,
     /// when a mirror's object store is consolidated, and how long unreachable objects
     /// are kept
     pub housekeeping: crate::mirror::housekeeping::Policy,
@@ -121,6 +123,7 @@ impl Default for Config {
             scheduler_tick: Duration::from_secs(1),
             snapshot_watches: None,
             reader_cache: crate::mirror::read::DEFAULT_CACHE,
+            store_cache_bytes: crate::engine::embedded::DEFAULT_CACHE_BYTES,
             housekeeping: crate::mirror::housekeeping::Policy::default(),
         }
     }
@@ -277,6 +280,9 @@ pub struct ConfigArgs {
     /// [default: 256]
     #[arg(long, env = "HIVESYNC_READER_CACHE")]
     pub reader_cache: Option<usize>,
+    /// the embedded store's page cache, MiB [default: 64]
+    #[arg(long, env = "HIVESYNC_STORE_CACHE_MB")]
+    pub store_cache_mb: Option<usize>,
     /// packs a mirror may have before housekeeping consolidates it, 0 = off [default: 8]
     #[arg(long, env = "HIVESYNC_HOUSEKEEPING_PACKS")]
     pub housekeeping_packs: Option<usize>,
@@ -370,6 +376,9 @@ impl ConfigArgs {
         config.snapshot_watches = self.snapshot_watches;
         if let Some(v) = self.reader_cache {
             config.reader_cache = v.max(1);
+        }
+        if let Some(v) = self.store_cache_mb {
+            config.store_cache_bytes = v.max(1).saturating_mul(1 << 20);
         }
         if let Some(v) = self.housekeeping_packs {
             // one pack is already as compact as housekeeping makes it

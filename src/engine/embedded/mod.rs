@@ -49,6 +49,10 @@ const DELIVERIES: TableDefinition<(&str, &str), u64> = TableDefinition::new("del
 /// (first seen ms, project id, delivery id) → (): the same, oldest first, for expiry
 const DELIVERY_AGE: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("delivery_age");
 
+/// The store's page cache when nothing else is configured: redb's own default is
+/// 1 GiB, which a hub with many projects fills (its RSS grew ~4 KB per project).
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
 /// The database, and the histogram its write transactions' commits are timed into.
 pub(super) struct Db {
     database: Database,
@@ -130,8 +134,31 @@ impl EmbeddedEngine {
         rules: Rules,
         commit_seconds: Histogram,
     ) -> Result<Arc<Self>, EngineError> {
+        Self::open_sized(
+            dir,
+            sync_rate,
+            history_len,
+            rules,
+            commit_seconds,
+            DEFAULT_CACHE_BYTES,
+        )
+    }
+
+    /// [`Self::open_with`], with the store's page cache at most `cache_bytes`
+    /// (`HIVESYNC_STORE_CACHE_MB`).
+    pub fn open_sized(
+        dir: &Path,
+        sync_rate: (u32, Duration),
+        history_len: u64,
+        rules: Rules,
+        commit_seconds: Histogram,
+        cache_bytes: usize,
+    ) -> Result<Arc<Self>, EngineError> {
         std::fs::create_dir_all(dir).map_err(|err| EngineError::Embedded(redb::Error::Io(err)))?;
-        let db = Database::create(dir.join("hivesync.redb")).map_err(redb::Error::from)?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(dir.join("hivesync.redb"))
+            .map_err(redb::Error::from)?;
         let tx = db.begin_write().map_err(redb::Error::from)?;
         {
             tx.open_table(PROJECTS).map_err(redb::Error::from)?;

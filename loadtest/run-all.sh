@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 prefix=${1:?usage: loadtest/run-all.sh DATE [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(machine fanout-embedded fanout-redis fanout-half fanout-durable fanout-cluster plot publish connections syncs reads freshness scheduler 100k)
+[ ${#steps[@]} -gt 0 ] || steps=(machine fanout-embedded fanout-redis fanout-half fanout-durable fanout-cluster plot publish connections syncs reads freshness scheduler soak soak-gitoxide projects 100k)
 R=loadtest/results/$prefix
 L="target/release/loadtest --hub target/release/hivesync"
 # the fan-out load: 10,000 sockets over 100 users, 10 events per user per second for
@@ -78,6 +78,19 @@ for step in "${steps[@]}"; do
       $L --json "$R-projects-100k.json" projects --count 1000,10000,100000 --seconds 20 ;;
     100k)
       loadtest/vm/100k.sh "$R-100k" ;;
+    ab-mirrors)
+      # syncs and reads, the hub before the long-lived-mirrors work (bef48ea) against
+      # the hub now, one after the other in the same session:
+      #   git worktree add /tmp/old bef48ea
+      #   (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target cargo build --release -p hivesync)
+      #   HIVESYNC_OLD_HUB=/tmp/old-target/release/hivesync loadtest/run-all.sh DATE ab-mirrors
+      old=${HIVESYNC_OLD_HUB:?set HIVESYNC_OLD_HUB to the hub binary built from the commit before}
+      for step in syncs reads; do
+        for v in old new; do
+          hub=$([ $v = old ] && echo "$old" || echo target/release/hivesync)
+          target/release/loadtest --hub "$hub" --json "$R-ab-$step-$v.json" $step
+        done
+      done ;;
     ab)
       # the hub before this round against the hub now, alternated, same tool:
       #   git worktree add /tmp/old ad55719 && (cd /tmp/old && cargo build --release -p hivesync)

@@ -58,21 +58,7 @@ fn upstream(dir: &Path, files: usize) -> Result<String, String> {
 
 /// Reads `README.md` of `project`: milliseconds, or the failure.
 async fn read(api: &Api, project: &str) -> Result<f64, String> {
-    let started = Instant::now();
-    let response = api
-        .http
-        .get(format!("{}/api/v1/repo/file", api.base))
-        .query(&[("project_id", project), ("path", "README.md")])
-        .bearer_auth(&api.token)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    response.bytes().await.map_err(|e| e.to_string())?;
-    if !status.is_success() {
-        return Err(format!("a read of {project} answered {status}"));
-    }
-    Ok(started.elapsed().as_secs_f64() * 1000.0)
+    api.read_file(project, "README.md").await
 }
 
 /// The last `capacity` distinct projects read, newest last: what the hub's reader

@@ -286,6 +286,17 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         "noop_sync_last_vs_first": ratio(last.noop_s, first.noop_s),
         "incremental_sync_last_vs_first": ratio(last.incremental_s, first.incremental_s),
         "read_p99_last_vs_first": ratio(last.read_p99_ms, first.read_p99_ms),
+        // the same, each divided by git's own drift over the run (a host that slowed
+        // slows both sides): hub over git at the last point, over hub over git at the
+        // first
+        "noop_sync_vs_git_last_vs_first": ratio(
+            ratio(last.noop_s, last.peer_noop_s),
+            ratio(first.noop_s, first.peer_noop_s)
+        ),
+        "incremental_sync_vs_git_last_vs_first": ratio(
+            ratio(last.incremental_s, last.peer_incremental_s),
+            ratio(first.incremental_s, first.peer_incremental_s)
+        ),
         "hub_packs_most": checkpoints.iter().map(|c| c.hub.packs).max(),
         "hub_bytes_vs_git_last": ratio(last.hub.bytes as f64, last.peer.bytes as f64),
         "hub_bytes_vs_git_after_grace": ratio(final_store.bytes as f64, final_peer.bytes as f64),
@@ -357,21 +368,11 @@ async fn measure(
     let mut latencies = Vec::with_capacity(options.reads);
     for n in 0..options.reads {
         let i = (n * 2_654_435_761) % options.files;
-        let started = Instant::now();
-        let response = api
-            .http
-            .get(format!("{}/api/v1/repo/file", api.base))
-            .query(&[("project_id", project), ("path", path_of(i).as_str())])
-            .bearer_auth(&api.token)
-            .send()
+        let ms = api
+            .read_file(project, &path_of(i))
             .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status();
-        response.bytes().await.map_err(|e| e.to_string())?;
-        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
-        if !status.is_success() {
-            return Err(format!("round {round}: a read answered {status}"));
-        }
+            .map_err(|e| format!("round {round}: {e}"))?;
+        latencies.push(ms);
     }
     latencies.sort_by(f64::total_cmp);
     Ok(Checkpoint {

@@ -90,6 +90,26 @@ impl Api {
         Ok(())
     }
 
+    /// Reads one file of `project` through `/api/v1/repo/file`: milliseconds from
+    /// request to the whole answer, or the failure.
+    pub(crate) async fn read_file(&self, project: &str, path: &str) -> Result<f64, String> {
+        let started = Instant::now();
+        let response = self
+            .http
+            .get(format!("{}/api/v1/repo/file", self.base))
+            .query(&[("project_id", project), ("path", path)])
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        response.bytes().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("a read of {path} in {project} answered {status}"));
+        }
+        Ok(started.elapsed().as_secs_f64() * 1000.0)
+    }
+
     /// Requests a sync and waits for its `completed` event: seconds from request to
     /// completion.
     pub(crate) async fn sync(&self, project: &str) -> Result<f64, String> {

@@ -56,18 +56,25 @@ async fn assert_one_end(
     .unwrap_or_else(|| panic!("sync {sync_id} never ended"));
     assert_eq!(record["status"], "completed", "{record}");
     assert_eq!(record["commit"], head);
+    // the user's notifications, read until the hub answers
+    let history = || async {
+        wait_until(Duration::from_secs(30), || async {
+            http.get(format!("{base}/api/v1/notifications?limit=10000"))
+                .bearer_auth(user_token)
+                .send()
+                .await
+                .ok()?
+                .json::<Vec<Value>>()
+                .await
+                .ok()
+        })
+        .await
+        .expect("the notifications answer")
+    };
     // the notification may trail the record by a step on Redis; it must come, once
     let notifications = wait_until(Duration::from_secs(30), || async {
-        let history: Vec<Value> = http
-            .get(format!("{base}/api/v1/notifications?limit=10000"))
-            .bearer_auth(user_token)
-            .send()
+        let mine: Vec<Value> = history()
             .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        let mine: Vec<Value> = history
             .into_iter()
             .filter(|event| event["sync_id"] == sync_id)
             .collect();
@@ -77,15 +84,7 @@ async fn assert_one_end(
     .unwrap_or_else(|| panic!("sync {sync_id} ended without its notification"));
     // a late duplicate would come within a reclaim: look again after one
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let history: Vec<Value> = http
-        .get(format!("{base}/api/v1/notifications?limit=10000"))
-        .bearer_auth(user_token)
-        .send()
-        .await
-        .expect("history")
-        .json()
-        .await
-        .expect("json");
+    let history = history().await;
     let kinds: Vec<&str> = history
         .iter()
         .filter(|event| event["sync_id"] == sync_id)

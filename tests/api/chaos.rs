@@ -15,10 +15,13 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{GitRepo, TestApp, WAIT, WsRead, assert_exact_tree, token, wait_until};
-use crate::redis_server::{RedisServer, redis_or_skip, spawn_worker, unique_prefix};
+use crate::redis_server::{RedisServer, redis_or_skip, spawn_worker_with, unique_prefix};
 use hivesync::auth::ClientKind;
 
 const RECLAIM_MS: u64 = 800;
+/// Events kept per user: every event of a long run (`HIVESYNC_CHAOS_ROUNDS=40` makes
+/// over a thousand), so the end check finds each sync's notification in the history.
+const HISTORY: &str = "100000";
 
 async fn hub(redis: &RedisServer, prefix: &str, data: &std::path::Path) -> TestApp {
     let (url, cluster, prefix) = (redis.url(), redis.cluster, prefix.to_owned());
@@ -29,6 +32,7 @@ async fn hub(redis: &RedisServer, prefix: &str, data: &std::path::Path) -> TestA
         config.serve_workers = Some(0);
         config.reclaim_after = Duration::from_millis(RECLAIM_MS);
         config.retry_base = Duration::from_millis(50);
+        config.event_history = HISTORY.parse().expect("a number");
     })
     .await
 }
@@ -126,12 +130,13 @@ async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_
     ];
     let mut workers: Vec<Child> = (0..2)
         .map(|n| {
-            spawn_worker(
+            spawn_worker_with(
                 &redis,
                 &prefix,
                 data.path(),
                 RECLAIM_MS,
                 &logs.path().join(format!("worker-{n}-0.log")),
+                &[("HIVESYNC_EVENT_HISTORY", HISTORY)],
             )
         })
         .collect();
@@ -193,7 +198,7 @@ async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_
         tokio::time::sleep(Duration::from_millis(pick(round, 1, 400))).await;
         let victim = pick(round, 2, 2) as usize;
         kill(&mut workers[victim]);
-        workers[victim] = spawn_worker(
+        workers[victim] = spawn_worker_with(
             &redis,
             &prefix,
             data.path(),
@@ -201,6 +206,7 @@ async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_
             &logs
                 .path()
                 .join(format!("worker-{victim}-{}.log", round + 1)),
+            &[("HIVESYNC_EVENT_HISTORY", HISTORY)],
         );
         if round == rounds / 2 {
             redis.restart();
@@ -378,6 +384,7 @@ async fn embedded_syncs_survive_hub_kills_with_every_notification_once() {
         ("HIVESYNC_ALLOWED_SCHEMES", "file"),
         ("HIVESYNC_SYNC_RATE", "10000/min"),
         ("HIVESYNC_WORKERS", "2"),
+        ("HIVESYNC_EVENT_HISTORY", HISTORY),
     ];
     let start = |generation: u64| {
         let log = std::fs::File::create(logs.path().join(format!("serve-{generation}.log")))

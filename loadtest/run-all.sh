@@ -65,15 +65,19 @@ for step in "${steps[@]}"; do
     soak)
       # one project, 1,000 commit-then-sync rounds of a 3,000-file repository (a
       # force-push every 250), beside git clone --mirror with git's own auto-gc
-      $L --json "$R-soak.json" soak --rounds 1000 --files 3000 --every 100 --force-every 250 \
+      $L --json "$R-soak.json" soak --rounds 1000 --files 3000 --every 100 --force-every 250 --reads 2000 \
         --grace-s 30 --plot "$R-soak.svg" ;;
     soak-gitoxide)
       # the same with housekeeping by gitoxide alone (a worker image without git)
-      $L --json "$R-soak-gitoxide.json" soak --rounds 1000 --files 3000 --every 100 --force-every 250 \
+      $L --json "$R-soak-gitoxide.json" soak --rounds 1000 --files 3000 --every 100 --force-every 250 --reads 2000 \
         --grace-s 30 --housekeeping-tool gitoxide --plot "$R-soak-gitoxide.svg" ;;
     projects)
       # one hub through 1,000 then 10,000 projects (HIVESYNC_READER_CACHE 256)
       $L --json "$R-projects.json" projects --count 1000,10000 --seconds 20 ;;
+    projects-store-cache)
+      # the same with the embedded store's page cache at 8 MiB (the hub inherits it)
+      HIVESYNC_STORE_CACHE_MB=8 $L --json "$R-projects-store-cache-8mb.json" projects \
+        --count 1000,4000 --seconds 10 ;;
     projects-100k)
       $L --json "$R-projects-100k.json" projects --count 1000,10000,100000 --seconds 20 ;;
     100k)

@@ -281,34 +281,58 @@ async fn assert_settled(
     tokens: &HashMap<&str, String>,
     redis: Option<(&RedisServer, &str)>,
 ) {
-    let mut by_user: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut by_user: HashMap<&str, Vec<String>> = HashMap::new();
     for (user, sync_id) in requested {
         by_user
             .entry(user.as_str())
             .or_default()
-            .push(sync_id.as_str());
+            .push(sync_id.clone());
     }
-    for (user, syncs) in by_user {
-        let history: Vec<Value> = hub
-            .get("/api/v1/notifications?limit=10000", &tokens[user])
-            .await
-            .json()
-            .await
-            .expect("json");
-        for sync_id in syncs {
-            let ends = history
+    // how many end notifications each of `user`'s syncs has in their history
+    let ends_of = |user: &str, syncs: Vec<String>| {
+        let token = tokens[user].clone();
+        async move {
+            let history: Vec<Value> = hub
+                .get("/api/v1/notifications?limit=10000", &token)
+                .await
+                .json()
+                .await
+                .expect("json");
+            syncs
                 .iter()
-                .filter(|event| event["sync_id"] == sync_id)
-                .filter(|event| {
-                    matches!(
-                        event["kind"].as_str(),
-                        Some("repo_sync_success" | "repo_sync_failed")
-                    )
+                .map(|sync_id| {
+                    let ends = history
+                        .iter()
+                        .filter(|event| event["sync_id"] == sync_id.as_str())
+                        .filter(|event| {
+                            matches!(
+                                event["kind"].as_str(),
+                                Some("repo_sync_success" | "repo_sync_failed")
+                            )
+                        })
+                        .count();
+                    (sync_id.clone(), ends)
                 })
-                .count();
+                .collect::<Vec<_>>()
+        }
+    };
+    for (user, syncs) in by_user {
+        // a worker killed after storing a sync's end leaves its notification to the
+        // worker that takes the job over, a reclaim later: wait for every one
+        let all_there = wait_until(WAIT, || async {
+            ends_of(user, syncs.clone())
+                .await
+                .iter()
+                .all(|(_, ends)| *ends > 0)
+                .then_some(())
+        })
+        .await;
+        // then once more, after a reclaim's time, for any that came twice
+        tokio::time::sleep(Duration::from_millis(2 * RECLAIM_MS)).await;
+        for (sync_id, ends) in ends_of(user, syncs.clone()).await {
             assert_eq!(
                 ends, 1,
-                "{user}: sync {sync_id} has {ends} end notifications"
+                "{user}: sync {sync_id} has {ends} end notifications (all there: {all_there:?})"
             );
         }
     }

@@ -271,6 +271,21 @@ async fn syncs_survive_worker_kills_and_a_redis_restart_with_every_notification_
     }
 }
 
+/// How many end notifications (`repo_sync_success` or `repo_sync_failed`) of
+/// `sync_id` a user's history holds.
+fn end_notifications(history: &[Value], sync_id: &str) -> usize {
+    history
+        .iter()
+        .filter(|event| event["sync_id"] == sync_id)
+        .filter(|event| {
+            matches!(
+                event["kind"].as_str(),
+                Some("repo_sync_success" | "repo_sync_failed")
+            )
+        })
+        .count()
+}
+
 /// The state every run must end in, whatever was killed: each requested sync has
 /// exactly one end notification (`repo_sync_success` or `repo_sync_failed`) in its
 /// owner's history, no job waits on the queue, and (on Redis) no project lock is held.
@@ -300,19 +315,7 @@ async fn assert_settled(
                 .expect("json");
             syncs
                 .iter()
-                .map(|sync_id| {
-                    let ends = history
-                        .iter()
-                        .filter(|event| event["sync_id"] == sync_id.as_str())
-                        .filter(|event| {
-                            matches!(
-                                event["kind"].as_str(),
-                                Some("repo_sync_success" | "repo_sync_failed")
-                            )
-                        })
-                        .count();
-                    (sync_id.clone(), ends)
-                })
+                .map(|sync_id| (sync_id.clone(), end_notifications(&history, sync_id)))
                 .collect::<Vec<_>>()
         }
     };
@@ -507,16 +510,7 @@ async fn embedded_syncs_survive_hub_kills_with_every_notification_once() {
     assert_each_notification_once("alice", &frames, history);
     // each sync's end is in the history exactly once, and no job is left waiting
     for sync_id in &requested {
-        let ends = history
-            .iter()
-            .filter(|event| event["sync_id"] == sync_id.as_str())
-            .filter(|event| {
-                matches!(
-                    event["kind"].as_str(),
-                    Some("repo_sync_success" | "repo_sync_failed")
-                )
-            })
-            .count();
+        let ends = end_notifications(history, sync_id);
         assert_eq!(ends, 1, "sync {sync_id} has {ends} end notifications");
     }
     let metrics = http

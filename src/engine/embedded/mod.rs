@@ -50,7 +50,7 @@ const DELIVERIES: TableDefinition<(&str, &str), u64> = TableDefinition::new("del
 const DELIVERY_AGE: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("delivery_age");
 
 /// The store's page cache when nothing else is configured: redb's own default is
-/// 1 GiB, which a hub with many projects fills (its RSS grew ~4 KB per project).
+/// 1 GiB, which a store grown with many projects and their histories would fill.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
 /// The database, and the histogram its write transactions' commits are timed into.

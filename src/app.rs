@@ -255,6 +255,7 @@ impl Application {
             searches: crate::http::SearchSlots::default(),
             read_stop: CancellationToken::new(),
             webhook_key,
+            registering: Default::default(),
         });
         Ok(Self {
             listener,
@@ -362,6 +363,9 @@ fn worker_settings(config: &Config) -> WorkerSettings {
         allow_private_hosts: config.allow_private_hosts,
         min_free_bytes: config.min_free_bytes,
         housekeeping: config.housekeeping,
+        quota: config.quota,
+        owner_max_running: config.owner_max_running,
+        file_roots: config.file_roots(),
     }
 }
 

@@ -74,6 +74,18 @@ pub struct Config {
     pub snapshot_watches: Option<usize>,
     /// mirror repositories the reader keeps open
     pub reader_cache: usize,
+    /// syncs one owner runs at once on one process's workers; `None` = half of them
+    pub owner_max_running: Option<usize>,
+    /// projects one user may register
+    pub max_projects_per_user: usize,
+    /// WebSocket connections one user may hold on one hub
+    pub ws_per_user: usize,
+    /// WebSocket connections one hub holds; `None` = from the process's file limit
+    pub ws_max: Option<usize>,
+    /// the only directories `file://` repo URLs may name (with `file` allowed)
+    pub file_roots: Vec<PathBuf>,
+    /// what one mirror may hold ([`crate::mirror::Quota`])
+    pub quota: crate::mirror::Quota,
     /// the embedded store's page cache
     pub store_cache_bytes: usize,
     /// when a mirror's object store is consolidated, and how long unreachable objects
@@ -123,6 +135,12 @@ impl Default for Config {
             scheduler_tick: Duration::from_secs(1),
             snapshot_watches: None,
             reader_cache: crate::mirror::read::DEFAULT_CACHE,
+            owner_max_running: None,
+            max_projects_per_user: 1000,
+            ws_per_user: 64,
+            ws_max: None,
+            file_roots: Vec::new(),
+            quota: crate::mirror::Quota::default(),
             store_cache_bytes: crate::engine::embedded::DEFAULT_CACHE_BYTES,
             housekeeping: crate::mirror::housekeeping::Policy::default(),
         }
@@ -144,6 +162,15 @@ impl Config {
         UrlPolicy {
             allowed_schemes: self.allowed_schemes.clone(),
             allow_private_hosts: self.allow_private_hosts,
+            file_roots: self.file_roots(),
+        }
+    }
+
+    /// Where `file` URLs may point: `HIVESYNC_FILE_ROOTS`, never `DATA_DIR`.
+    pub fn file_roots(&self) -> crate::domain::repo_url::FileRoots {
+        crate::domain::repo_url::FileRoots {
+            roots: self.file_roots.clone(),
+            data_dir: self.data_dir.clone(),
         }
     }
 
@@ -280,6 +307,33 @@ pub struct ConfigArgs {
     /// [default: 256]
     #[arg(long, env = "HIVESYNC_READER_CACHE")]
     pub reader_cache: Option<usize>,
+    /// syncs one owner runs at once [default: half the process's workers, at least 1]
+    #[arg(long, env = "HIVESYNC_OWNER_MAX_RUNNING")]
+    pub owner_max_running: Option<usize>,
+    /// projects one user may register [default: 1000]
+    #[arg(long, env = "HIVESYNC_MAX_PROJECTS")]
+    pub max_projects: Option<usize>,
+    /// WebSocket connections per user on one hub [default: 64]
+    #[arg(long, env = "HIVESYNC_WS_PER_USER")]
+    pub ws_per_user: Option<usize>,
+    /// WebSocket connections one hub holds [default: 3/4 of the open-file limit less 256]
+    #[arg(long, env = "HIVESYNC_WS_MAX")]
+    pub ws_max: Option<usize>,
+    /// directories file:// repo URLs may name, colon-separated [default: none]
+    #[arg(long, env = "HIVESYNC_FILE_ROOTS")]
+    pub file_roots: Option<String>,
+    /// checked-out bytes one mirror may hold [default: 4294967296]
+    #[arg(long, env = "HIVESYNC_MAX_CHECKOUT_BYTES")]
+    pub max_checkout_bytes: Option<u64>,
+    /// files one mirror may check out [default: 200000]
+    #[arg(long, env = "HIVESYNC_MAX_FILES")]
+    pub max_files: Option<u64>,
+    /// bytes of one checked-out file [default: 104857600]
+    #[arg(long, env = "HIVESYNC_MAX_FILE_BYTES")]
+    pub max_file_bytes: Option<u64>,
+    /// bytes of one mirror's object store after a fetch [default: 4294967296]
+    #[arg(long, env = "HIVESYNC_MAX_OBJECTS_BYTES")]
+    pub max_objects_bytes: Option<u64>,
     /// the embedded store's page cache, MiB [default: 64]
     #[arg(long, env = "HIVESYNC_STORE_CACHE_MB")]
     pub store_cache_mb: Option<usize>,
@@ -374,6 +428,31 @@ impl ConfigArgs {
             config.metrics_listen = v;
         }
         config.snapshot_watches = self.snapshot_watches;
+        config.owner_max_running = self.owner_max_running.map(|cap| cap.max(1));
+        if let Some(v) = self.max_projects {
+            config.max_projects_per_user = v;
+        }
+        if let Some(v) = self.ws_per_user {
+            config.ws_per_user = v;
+        }
+        config.ws_max = self.ws_max;
+        if let Some(v) = self.file_roots {
+            config.file_roots = std::env::split_paths(&v)
+                .filter(|path| !path.as_os_str().is_empty())
+                .collect();
+        }
+        if let Some(v) = self.max_checkout_bytes {
+            config.quota.checkout_bytes = v;
+        }
+        if let Some(v) = self.max_files {
+            config.quota.files = v;
+        }
+        if let Some(v) = self.max_file_bytes {
+            config.quota.file_bytes = v;
+        }
+        if let Some(v) = self.max_objects_bytes {
+            config.quota.objects_bytes = v;
+        }
         if let Some(v) = self.reader_cache {
             config.reader_cache = v.max(1);
         }

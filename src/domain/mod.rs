@@ -5,7 +5,7 @@ mod host;
 mod ids;
 mod rate;
 mod repo_path;
-mod repo_url;
+pub mod repo_url;
 mod scope;
 pub mod webhook;
 

@@ -18,6 +18,10 @@ pub enum RepoUrlError {
     #[error("repo_url's host is not a valid host name or address")]
     InvalidHost,
     #[error(
+        "a file repo_url must name an existing directory under one of the roots this hub allows (HIVESYNC_FILE_ROOTS), outside its data directory"
+    )]
+    FileOutsideRoots,
+    #[error(
         "repo_url carries credentials, which this hub does not store; put the token in a credential (HIVESYNC_SECRETS_DIR/<name>) and name it in \"credential\""
     )]
     CredentialsInUrl,
@@ -29,6 +33,69 @@ pub enum RepoUrlError {
 pub struct UrlPolicy {
     pub allowed_schemes: Vec<String>,
     pub allow_private_hosts: bool,
+    /// where `file` URLs may point ([`FileRoots`])
+    pub file_roots: FileRoots,
+}
+
+/// The directories `file` repo URLs may name (`HIVESYNC_FILE_ROOTS`), and the data
+/// directory they never may: checked on the path with every symlink resolved, at
+/// registration and again before every sync (a link may be swapped in between).
+#[derive(Debug, Clone, Default)]
+pub struct FileRoots {
+    pub roots: Vec<std::path::PathBuf>,
+    pub data_dir: std::path::PathBuf,
+}
+
+/// `path` with every symlink of its longest existing ancestor resolved and the
+/// components below that appended (they do not exist, so they are no links).
+fn resolve_existing(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    let mut missing = Vec::new();
+    let mut existing = path;
+    loop {
+        if let Ok(resolved) = existing.canonicalize() {
+            return Some(missing.iter().rev().fold(resolved, |path, part| path.join(part)));
+        }
+        missing.push(existing.file_name()?);
+        existing = existing.parent()?;
+    }
+}
+
+impl FileRoots {
+    /// `Ok` when `path`, its symlinks resolved, lies under a root and outside the
+    /// data directory. A path not there yet (a remote made later) is judged by its
+    /// longest existing ancestor, resolved, with the rest appended; `..` is refused.
+    pub fn check(&self, path: &std::path::Path) -> Result<(), RepoUrlError> {
+        let refused = RepoUrlError::FileOutsideRoots;
+        if path
+            .components()
+            .any(|part| matches!(part, std::path::Component::ParentDir))
+        {
+            return Err(refused);
+        }
+        let resolved = resolve_existing(path).ok_or(RepoUrlError::FileOutsideRoots)?;
+        // a data directory that does not exist yet holds nothing to protect
+        if let Some(data) = resolve_existing(&self.data_dir)
+            && resolved.starts_with(&data)
+        {
+            return Err(refused);
+        }
+        let under_a_root = self.roots.iter().any(|root| {
+            root.canonicalize()
+                .is_ok_and(|root| resolved.starts_with(root))
+        });
+        if under_a_root { Ok(()) } else { Err(refused) }
+    }
+
+    /// [`FileRoots::check`] for the path of a `file` URL (other URLs pass).
+    pub fn check_url(&self, url: &str) -> Result<(), RepoUrlError> {
+        let parsed = gix::url::parse(url.as_bytes()).map_err(|_| RepoUrlError::Unparseable)?;
+        if parsed.scheme != gix::url::Scheme::File {
+            return Ok(());
+        }
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&parsed.path));
+        self.check(path)
+    }
 }
 
 /// A validated repo URL. `Debug` and `Display` show the redacted form only, so the
@@ -59,6 +126,9 @@ impl RepoUrl {
             && (!input.starts_with("file:///") || !url.path.starts_with(b"/"))
         {
             return Err(RepoUrlError::RelativeFilePath);
+        }
+        if url.scheme == gix::url::Scheme::File {
+            policy.file_roots.check_url(input)?;
         }
         if url.scheme != gix::url::Scheme::File {
             let host = url.host().ok_or(RepoUrlError::MissingHost)?;
@@ -154,7 +224,63 @@ mod tests {
         UrlPolicy {
             allowed_schemes: schemes.iter().map(|s| s.to_string()).collect(),
             allow_private_hosts: private,
+            file_roots: FileRoots {
+                roots: vec![std::env::temp_dir()],
+                data_dir: "/nonexistent-data-dir".into(),
+            },
         }
+    }
+
+    fn file_url(path: &std::path::Path) -> String {
+        format!("file://{}", path.display())
+    }
+
+    #[test]
+    fn file_urls_must_resolve_under_a_root_and_outside_the_data_dir() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let repo = root.path().join("repo");
+        let data = root.path().join("data");
+        let other = data.join("git").join("bob.git");
+        std::fs::create_dir_all(&repo).expect("mkdir");
+        std::fs::create_dir_all(&other).expect("mkdir");
+        let policy = UrlPolicy {
+            allowed_schemes: vec!["file".into()],
+            allow_private_hosts: false,
+            file_roots: FileRoots {
+                roots: vec![root.path().to_path_buf()],
+                data_dir: data.clone(),
+            },
+        };
+        assert!(RepoUrl::parse(&file_url(&repo), &policy).is_ok());
+        // a remote made later is judged by where it will be
+        assert!(RepoUrl::parse(&file_url(&root.path().join("later").join("r")), &policy).is_ok());
+        let link = root.path().join("innocent");
+        std::os::unix::fs::symlink(&other, &link).expect("symlink");
+        let escape = root.path().join("escape");
+        std::os::unix::fs::symlink("/etc", &escape).expect("symlink");
+        for refused in [
+            file_url(&other),
+            file_url(&link),
+            file_url(&escape),
+            file_url(&repo.join("..").join("data").join("git").join("bob.git")),
+            "file:///etc".to_owned(),
+            file_url(&escape.join("not-yet")),
+        ] {
+            assert_eq!(
+                RepoUrl::parse(&refused, &policy),
+                Err(RepoUrlError::FileOutsideRoots),
+                "{refused}"
+            );
+        }
+        // no roots listed: no file URL at all
+        let none = UrlPolicy {
+            file_roots: FileRoots::default(),
+            ..policy
+        };
+        assert_eq!(
+            RepoUrl::parse(&file_url(&repo), &none),
+            Err(RepoUrlError::FileOutsideRoots)
+        );
     }
 
     #[test]
@@ -217,7 +343,8 @@ mod tests {
                 "{refused} must be refused"
             );
         }
-        assert!(RepoUrl::parse("file:///tmp/repo", &policy(&["file"], false)).is_ok());
+        let repo = tempfile::tempdir().expect("temp dir");
+        assert!(RepoUrl::parse(&file_url(repo.path()), &policy(&["file"], false)).is_ok());
     }
 
     /// Found by schemathesis: with `file` allowed, "0" registered as a repository
@@ -241,7 +368,8 @@ mod tests {
                 "{refused} must be refused"
             );
         }
-        assert!(RepoUrl::parse("file:///tmp/repo", &files).is_ok());
+        let repo = tempfile::tempdir().expect("temp dir");
+        assert!(RepoUrl::parse(&file_url(repo.path()), &files).is_ok());
     }
 
     #[test]

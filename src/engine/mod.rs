@@ -5,6 +5,7 @@
 //! of hub and worker processes, side by side file for file. Callers see only the traits.
 
 pub mod embedded;
+pub mod fair;
 pub mod redis;
 pub mod schedule;
 
@@ -275,6 +276,7 @@ impl Lease {
                 sync_id: String::new(),
                 project_id: project_id.to_owned(),
                 owner: String::new(),
+                trigger: Trigger::Repair,
             },
             token: String::new(),
             deliveries: 1,
@@ -386,6 +388,9 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn unlock_project(&self, lock: &ProjectLock) -> Result<(), EngineError>;
     /// How often a running job should call [`JobQueue::heartbeat`].
     fn heartbeat_interval(&self) -> Duration;
+    /// Caps the syncs one owner runs at once (`HIVESYNC_OWNER_MAX_RUNNING`): `take`
+    /// passes over an owner at the cap ([`fair`]). Unlimited until called.
+    fn limit_running_per_owner(&self, cap: usize);
     /// Active syncs that are queued or running with no job on the queue and no worker
     /// holding their project's lock: nothing would ever run them. With their owner.
     async fn stranded_syncs(&self) -> Result<Vec<(SyncRecord, String)>, EngineError>;
@@ -494,6 +499,7 @@ impl Engine {
             sync_id: record.sync_id.clone(),
             project_id: record.project_id.clone(),
             owner: project.owner.clone(),
+            trigger,
         };
         let (record, created) = self.store.begin_sync(record, job).await?;
         if created {
@@ -566,6 +572,7 @@ pub(crate) async fn put_back(
             sync_id: record.sync_id.clone(),
             project_id: record.project_id.clone(),
             owner,
+            trigger: record.trigger,
         })
         .await?;
     Ok(true)

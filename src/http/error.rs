@@ -47,6 +47,9 @@ pub enum ApiError {
     RateLimited { retry_after: Duration },
     #[error("free space on the data volume is under the configured floor")]
     StorageFull,
+    /// Over a per-user quota (projects registered).
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("internal error")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("service unavailable")]
@@ -73,6 +76,7 @@ impl ApiError {
             ApiError::InvalidSignature(_) => ("invalid_signature", StatusCode::UNAUTHORIZED),
             ApiError::RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
             ApiError::StorageFull => ("storage_full", StatusCode::INSUFFICIENT_STORAGE),
+            ApiError::QuotaExceeded(_) => ("quota_exceeded", StatusCode::FORBIDDEN),
             ApiError::Backend(_) => ("backend_error", StatusCode::INTERNAL_SERVER_ERROR),
             ApiError::Unavailable(_) => ("backend_error", StatusCode::SERVICE_UNAVAILABLE),
         }
@@ -174,6 +178,7 @@ mod tests {
                 429,
             ),
             (ApiError::StorageFull, "storage_full", 507),
+            (ApiError::QuotaExceeded(String::new()), "quota_exceeded", 403),
             (ApiError::Backend("x".into()), "backend_error", 500),
             (ApiError::Unavailable("x".into()), "backend_error", 503),
         ];

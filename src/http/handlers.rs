@@ -85,7 +85,7 @@ pub async fn list_projects(
     responses(
         (status = 201, description = "registered", body = ProjectView),
         (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
-        (status = 403, description = "the credential is not the caller's to use (forbidden), or a mobile token", body = ErrorBody),
+        (status = 403, description = "the credential is not the caller's to use (forbidden), a mobile token, or the caller has HIVESYNC_MAX_PROJECTS projects (quota_exceeded)", body = ErrorBody),
         (status = 413, description = "the body is over 64 KiB (payload_too_large)", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -119,7 +119,18 @@ pub async fn create_project(
         request.credential,
         request.sync_interval_s,
     );
-    state.engine.store.insert_project(&project).await?;
+    {
+        // one registration at a time on this hub, so a burst cannot pass the quota
+        // between its count and its insert (hubs side by side may each let one by)
+        let _one_at_a_time = state.registering.lock().await;
+        let owned = state.engine.store.projects_of(&project.owner).await?.len();
+        if owned >= state.config.max_projects_per_user {
+            return Err(ApiError::QuotaExceeded(format!(
+                "you have {owned} projects, the most one user may register (HIVESYNC_MAX_PROJECTS); delete one first"
+            )));
+        }
+        state.engine.store.insert_project(&project).await?;
+    }
     // the stored project carries its first due time
     let project_id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
     let project = state

@@ -55,6 +55,8 @@ pub struct AppState {
     pub read_stop: tokio_util::sync::CancellationToken,
     /// what webhook secrets are derived from (never logged)
     pub webhook_key: Vec<u8>,
+    /// held while a project is counted against its owner's quota and registered
+    pub registering: tokio::sync::Mutex<()>,
 }
 
 impl AppState {

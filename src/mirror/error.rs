@@ -31,6 +31,10 @@ pub enum MirrorError {
     Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("{0}")]
     PrivateAddress(String),
+    /// The branch or the object store is over a quota ([`super::Quota`]); nothing of
+    /// the branch was written.
+    #[error("{0}")]
+    TooLarge(String),
     /// Free space on the data volume is under the configured floor.
     #[error("{0}")]
     StorageFloor(String),

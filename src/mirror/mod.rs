@@ -10,6 +10,7 @@ pub mod health;
 pub mod housekeeping;
 pub mod layout;
 pub mod progress;
+pub mod quota;
 pub mod read;
 pub mod search;
 mod snapshot;
@@ -27,6 +28,7 @@ pub use error::MirrorError;
 pub use health::{health_check, inspect};
 pub use layout::Layout;
 pub use progress::{Counters, sample_progress};
+pub use quota::Quota;
 
 use checkout::{Reuse, Trust, checkout, snapshot_is_exact, update_spare};
 use fetch::{fetch, open_or_init};
@@ -61,8 +63,11 @@ pub struct SyncSpec<'a> {
     pub pinned: Option<(String, std::net::SocketAddr)>,
     /// The fencing token of the worker's project lock; the mirror refuses older ones.
     pub fence: u64,
-    /// `HIVESYNC_MIN_FREE_BYTES`: checked before fetching and before checking out
+    /// `HIVESYNC_MIN_FREE_BYTES`: checked before fetching, and before checking out
+    /// with what the checkout would write added
     pub min_free_bytes: u64,
+    /// what the mirror may hold: checked after the fetch, before anything is written
+    pub quota: Quota,
 }
 
 /// A user name and token for an http(s) remote. Never logged.
@@ -203,6 +208,7 @@ fn sync_once(
     crate::failpoint::hit("sync.after_fetch")
         .map_err(|e| MirrorError::Io(std::io::Error::other(e)))?;
     check_interrupt(interrupt)?;
+    quota::check_objects(&git_dir, &spec.quota)?;
 
     // nothing new upstream and the current tree is exactly what the last sync wrote:
     // nothing to write (a full checkout would rewrite every file for nothing)
@@ -254,7 +260,19 @@ fn sync_once(
     }
 
     on_phase(Phase::UpdatingFiles);
-    layout.check_floor(spec.min_free_bytes)?;
+    // from the headers, before a byte is written: over a limit, the sync fails and the
+    // current tree stays
+    let size = quota::check_tree(&repo, commit, &spec.quota, interrupt)?;
+    // the floor must still hold once the files the previous tree cannot lend are
+    // written
+    let lent = previous_index
+        .as_ref()
+        .filter(|_| previous_tree.is_some())
+        .map_or(0, |index| quota::reusable_bytes(&size, index));
+    layout.check_floor(
+        spec.min_free_bytes
+            .saturating_add(size.bytes.saturating_sub(lent)),
+    )?;
     std::fs::create_dir_all(&trees_dir)?;
     // held to the end: no spare is built while this sync changes the trees
     let trees_lock = spare::lock(&trees_dir)?;

@@ -50,6 +50,8 @@ pub enum SyncErrorCode {
     MirrorCorrupt,
     Timeout,
     BackendError,
+    /// over a mirror quota (v1.2): not retried
+    RepoTooLarge,
 }
 
 impl SyncErrorCode {
@@ -62,6 +64,7 @@ impl SyncErrorCode {
             SyncErrorCode::MirrorCorrupt => "mirror_corrupt",
             SyncErrorCode::Timeout => "timeout",
             SyncErrorCode::BackendError => "backend_error",
+            SyncErrorCode::RepoTooLarge => "repo_too_large",
         }
     }
 }
@@ -458,6 +461,10 @@ pub struct Job {
     pub sync_id: String,
     pub project_id: String,
     pub owner: String,
+    /// what asked for the sync: a person's request goes ahead of the same owner's
+    /// scheduled and repair syncs (jobs queued before this field read as `api`)
+    #[serde(default)]
+    pub trigger: Trigger,
 }
 
 #[cfg(test)]

@@ -76,6 +76,11 @@ impl Worker {
         deadline: tokio::time::Instant,
         shutdown: &CancellationToken,
     ) -> Result<AttemptEnd, EngineError> {
+        // a file URL is checked again: a symlink on its path may have been swapped
+        // since registration to point into another user's mirror
+        if let Err(err) = self.settings.file_roots.check_url(&project.repo_url) {
+            return Ok(AttemptEnd::Failed(MirrorError::PrivateAddress(err.to_string())));
+        }
         // the key file lives until this attempt ends, then is deleted
         // the private-host guard on the addresses the name has now; ssh and https are
         // pinned to the address that was checked
@@ -103,6 +108,7 @@ impl Worker {
         let interrupt = Arc::new(AtomicBool::new(false));
         let fence = ctx.lock.fence;
         let min_free_bytes = self.settings.min_free_bytes;
+        let quota = self.settings.quota;
         let (phase_tx, mut phase_rx) = mpsc::unbounded_channel::<Phase>();
         let handle = {
             let layout = self.layout.clone();
@@ -122,6 +128,7 @@ impl Worker {
                     pinned,
                     fence,
                     min_free_bytes,
+                    quota,
                 };
                 let on_phase = move |phase: Phase| {
                     let _ = phase_tx.send(phase);

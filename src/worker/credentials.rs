@@ -258,6 +258,9 @@ mod tests {
             allow_private_hosts: false,
             min_free_bytes: 0,
             housekeeping: Default::default(),
+            quota: Default::default(),
+            owner_max_running: None,
+            file_roots: Default::default(),
         }
     }
 

@@ -489,6 +489,7 @@ pub(super) fn error_code(err: &MirrorError) -> SyncErrorCode {
         MirrorError::Corrupt(_) => SyncErrorCode::MirrorCorrupt,
         MirrorError::Interrupted | MirrorError::TimedOut(_) => SyncErrorCode::Timeout,
         MirrorError::StorageFloor(_) => SyncErrorCode::StorageFull,
+        MirrorError::TooLarge(_) => SyncErrorCode::RepoTooLarge,
         MirrorError::Io(_)
         | MirrorError::Checkout(_)
         | MirrorError::Git(_)

@@ -55,6 +55,12 @@ pub struct WorkerSettings {
     pub min_free_bytes: u64,
     /// `HIVESYNC_HOUSEKEEPING_PACKS` and `HIVESYNC_PRUNE_GRACE_S`
     pub housekeeping: crate::mirror::housekeeping::Policy,
+    /// `HIVESYNC_MAX_CHECKOUT_BYTES`, `_FILES`, `_FILE_BYTES`, `_OBJECTS_BYTES`
+    pub quota: crate::mirror::Quota,
+    /// `HIVESYNC_OWNER_MAX_RUNNING`; `None` = half of this process's workers
+    pub owner_max_running: Option<usize>,
+    /// `HIVESYNC_FILE_ROOTS` and `DATA_DIR`: where `file` URLs may point
+    pub file_roots: crate::domain::repo_url::FileRoots,
 }
 
 /// Stops for workers: `stop_taking` ends the loop after the current job; `interrupt`
@@ -81,6 +87,14 @@ pub fn spawn(
     stops: WorkerStops,
     tracker: &TaskTracker,
 ) {
+    if count > 0 {
+        // one owner never holds every worker of this process
+        engine.queue.limit_running_per_owner(
+            settings
+                .owner_max_running
+                .unwrap_or_else(|| crate::engine::fair::default_cap(count)),
+        );
+    }
     let worker = Worker {
         engine,
         layout,

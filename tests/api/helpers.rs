@@ -40,6 +40,8 @@ pub fn test_config(data_dir: &Path) -> Config {
         jwt_secret: Some(SECRET.to_owned()),
         allowed_schemes: vec!["file".to_owned(), "https".to_owned(), "ssh".to_owned()],
         allow_private_hosts: true,
+        // the test repositories live in temp dirs; DATA_DIR is refused anyway
+        file_roots: vec![std::env::temp_dir()],
         min_free_bytes: 0,
         sync_rate: (10_000, Duration::from_secs(60)),
         static_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("static"),

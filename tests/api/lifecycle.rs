@@ -247,6 +247,7 @@ pub(crate) async fn serve_binary_logging_to(
         .env("HIVESYNC_JWT_SECRET", SECRET)
         .env("HIVESYNC_DATA_DIR", data_dir)
         .env("HIVESYNC_MIN_FREE_BYTES", "0")
+        .env("HIVESYNC_FILE_ROOTS", std::env::temp_dir())
         .stdout(Stdio::piped())
         .stderr(log);
     for (name, value) in extra_env {

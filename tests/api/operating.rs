@@ -303,6 +303,7 @@ async fn a_worker_process_serves_metrics_health_and_readiness() {
         .env("HIVESYNC_DATA_DIR", worker_dir.path())
         .env("HIVESYNC_WORKERS", "1")
         .env("HIVESYNC_MIN_FREE_BYTES", "0")
+        .env("HIVESYNC_FILE_ROOTS", std::env::temp_dir())
         .env("HIVESYNC_METRICS_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

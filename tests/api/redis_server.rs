@@ -397,6 +397,7 @@ pub fn spawn_worker_with(
         .env("HIVESYNC_RECLAIM_AFTER_MS", reclaim_after_ms.to_string())
         .env("HIVESYNC_WORKERS", "1")
         .env("HIVESYNC_MIN_FREE_BYTES", "0")
+        .env("HIVESYNC_FILE_ROOTS", std::env::temp_dir())
         .env("HIVESYNC_METRICS_LISTEN", "127.0.0.1:0")
         .envs(env.iter().copied())
         .stdout(Stdio::null())

@@ -11,6 +11,7 @@ import { spawn, execFileSync } from "node:child_process";
 import { createHmac, randomUUID } from "node:crypto";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { tmpdir } from "node:os";
 import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
 
@@ -28,6 +29,8 @@ function startHub(listen) {
       HIVESYNC_DATA_DIR: DATA_DIR,
       HIVESYNC_JWT_SECRET: SECRET,
       HIVESYNC_ALLOWED_SCHEMES: "file",
+      // the test's repositories are under the system temp dir
+      HIVESYNC_FILE_ROOTS: tmpdir(),
       HIVESYNC_MIN_FREE_BYTES: "0",
       HIVESYNC_STATIC_DIR: STATIC_DIR,
       // a one-second schedule is allowed, and one failed scheduled sync pauses it

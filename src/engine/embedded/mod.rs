@@ -10,7 +10,7 @@ mod events;
 mod queue;
 mod store;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +22,6 @@ use tokio::sync::{Notify, broadcast};
 use super::schedule::Rules;
 use super::{EngineError, Live, Project};
 use crate::domain::RateLimiter;
-use crate::protocol::Job;
 use events::{WriterRequest, run_event_writer};
 
 /// project id → project JSON
@@ -84,8 +83,10 @@ pub struct EmbeddedEngine {
     epoch: Instant,
     live: broadcast::Sender<Live>,
     history_len: u64,
-    queue: Mutex<VecDeque<Job>>,
+    queue: Mutex<queue::Waiting>,
+    /// rung when a job is queued or a running one ends: a worker may start one now
     queued: Notify,
+    owner_cap: crate::engine::fair::OwnerCap,
     /// project id → fence of the worker holding its mirror
     locks: Mutex<Locks>,
     /// to the event writer thread
@@ -200,8 +201,9 @@ impl EmbeddedEngine {
             epoch: Instant::now(),
             live,
             history_len: history_len.max(1),
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::default(),
             queued: Notify::new(),
+            owner_cap: Default::default(),
             locks: Mutex::default(),
             writer,
             writer_thread: Some(writer_thread),

@@ -1,6 +1,7 @@
 //! The in-process job queue and project locks; and, at start, putting back the syncs
 //! that were unfinished when the process last stopped (the queue itself is not kept).
 
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -8,8 +9,37 @@ use redb::{ReadableDatabase, ReadableTable};
 use tokio_util::sync::CancellationToken;
 
 use super::{EmbeddedEngine, PROJECTS, SYNCS, read_json};
-use crate::engine::{EngineError, JobQueue, Lease, Project, ProjectLock, next_fence, put_back};
+use crate::engine::{fair, EngineError, JobQueue, Lease, Project, ProjectLock, next_fence, put_back};
 use crate::protocol::{Job, SyncRecord};
+
+/// The jobs waiting for a worker, oldest first, and the jobs workers run (lease
+/// token → owner), from which [`fair::choose`] picks the next one.
+#[derive(Default)]
+pub(super) struct Waiting {
+    jobs: VecDeque<Job>,
+    running: HashMap<String, String>,
+}
+
+impl Waiting {
+    fn running_per_owner(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for owner in self.running.values() {
+            *counts.entry(owner.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// The fair next job, now marked running; `None` when nothing may start.
+    fn start_next(&mut self, cap: usize) -> Option<Job> {
+        let index = {
+            let waiting: Vec<&Job> = self.jobs.iter().collect();
+            fair::choose(&waiting, &self.running_per_owner(), cap)?
+        };
+        let job = self.jobs.remove(index)?;
+        self.running.insert(job.sync_id.clone(), job.owner.clone());
+        Some(job)
+    }
+}
 
 #[async_trait]
 impl JobQueue for EmbeddedEngine {
@@ -20,14 +50,11 @@ impl JobQueue for EmbeddedEngine {
 
     async fn take(&self, shutdown: &CancellationToken) -> Result<Option<Lease>, EngineError> {
         loop {
-            // register interest before looking, so an enqueue in between is not missed
+            // register interest before looking, so an enqueue or an end in between is
+            // not missed
             let notified = self.queued.notified();
-            if let Some(job) = self
-                .queue
-                .lock()
-                .expect("queue lock is never poisoned")
-                .pop_front()
-            {
+            let cap = self.owner_cap.get();
+            if let Some(job) = self.waiting().start_next(cap) {
                 return Ok(Some(Lease {
                     token: job.sync_id.clone(),
                     deliveries: 1,
@@ -42,27 +69,31 @@ impl JobQueue for EmbeddedEngine {
     }
 
     async fn depth(&self) -> Result<u64, EngineError> {
-        let waiting = self
-            .queue
-            .lock()
-            .expect("queue lock is never poisoned")
-            .len();
-        Ok(waiting as u64)
+        Ok(self.waiting().jobs.len() as u64)
     }
 
-    async fn complete(&self, _lease: &Lease) -> Result<(), EngineError> {
+    async fn complete(&self, lease: &Lease) -> Result<(), EngineError> {
+        self.waiting().running.remove(&lease.token);
+        // the owner runs one fewer: a job of theirs held back by the cap may start
+        self.queued.notify_waiters();
         Ok(())
     }
 
     async fn release(&self, lease: Lease) -> Result<(), EngineError> {
         // the record stays unfinished in the store, so the next start requeues it even if
         // this process exits before another worker takes the job
-        self.queue
-            .lock()
-            .expect("queue lock is never poisoned")
-            .push_front(lease.job);
-        self.queued.notify_one();
+        {
+            let mut waiting = self.waiting();
+            waiting.running.remove(&lease.token);
+            waiting.jobs.push_front(lease.job);
+        }
+        self.queued.notify_waiters();
         Ok(())
+    }
+
+    fn limit_running_per_owner(&self, cap: usize) {
+        self.owner_cap.set(cap);
+        self.queued.notify_waiters();
     }
 
     async fn lock_project(&self, lease: &Lease) -> Result<Option<ProjectLock>, EngineError> {
@@ -94,9 +125,8 @@ impl JobQueue for EmbeddedEngine {
     async fn stranded_syncs(&self) -> Result<Vec<(SyncRecord, String)>, EngineError> {
         let unfinished = self.unfinished_syncs().await?;
         let queued: std::collections::HashSet<String> = self
-            .queue
-            .lock()
-            .expect("queue lock is never poisoned")
+            .waiting()
+            .jobs
             .iter()
             .map(|job| job.sync_id.clone())
             .collect();
@@ -130,11 +160,12 @@ impl EmbeddedEngine {
 impl EmbeddedEngine {
     /// Puts a job at the back of the in-process queue and wakes a worker.
     pub(super) fn push_job(&self, job: Job) {
-        self.queue
-            .lock()
-            .expect("queue lock is never poisoned")
-            .push_back(job);
-        self.queued.notify_one();
+        self.waiting().jobs.push_back(job);
+        self.queued.notify_waiters();
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.queue.lock().expect("queue lock is never poisoned")
     }
 
     /// Puts syncs that were queued or running when the engine last stopped back on the

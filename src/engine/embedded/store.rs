@@ -75,11 +75,21 @@ pub(super) fn put_sync_in(
                 if project.active_sync.as_deref() == Some(record.sync_id.as_str()) {
                     // the follow-up, if any, is the project's sync now
                     project.active_sync = project.follow_up.take();
-                    promoted = project.active_sync.clone().map(|sync_id| Job {
-                        sync_id,
-                        project_id: project.project_id.clone(),
-                        owner: project.owner.clone(),
-                    });
+                    if let Some(sync_id) = project.active_sync.clone() {
+                        // queued with the trigger it was requested by
+                        let trigger = syncs
+                            .get(sync_id.as_str())
+                            .map_err(redb::Error::from)?
+                            .and_then(|raw| read_json::<SyncRecord>(raw.value()).ok())
+                            .map(|follow_up| follow_up.trigger)
+                            .unwrap_or_default();
+                        promoted = Some(Job {
+                            sync_id,
+                            project_id: project.project_id.clone(),
+                            owner: project.owner.clone(),
+                            trigger,
+                        });
+                    }
                 } else if project.follow_up.as_deref() == Some(record.sync_id.as_str()) {
                     project.follow_up = None;
                 }

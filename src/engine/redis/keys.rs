@@ -179,6 +179,17 @@ impl Keys {
     pub(super) fn webhook_rate(&self, project: &str) -> String {
         format!("{}:webhook-rate:{project}", self.of_project(project))
     }
+    /// The jobs workers run, for fair shares by owner: a sorted set of
+    /// `<owner length>:<owner><lease token>` scored by when it lapses (ms since the
+    /// epoch) unless its heartbeat renews it. One key for all shards (its own slot on
+    /// a cluster): the choice between owners is one decision over every shard.
+    pub(super) fn running(&self) -> String {
+        if self.cluster {
+            format!("{}:{{fair}}:running", self.prefix)
+        } else {
+            format!("{}:running", self.prefix)
+        }
+    }
     pub(super) fn watchdog(&self) -> String {
         format!("{}:watchdog", self.prefix)
     }

@@ -139,6 +139,8 @@ pub struct RedisEngine {
     /// when (ms since the engine started) a round of `XAUTOCLAIM` last ran on a cluster
     last_reclaim_ms: std::sync::atomic::AtomicU64,
     started: std::time::Instant,
+    /// `HIVESYNC_OWNER_MAX_RUNNING` as this process's workers apply it
+    owner_cap: crate::engine::fair::OwnerCap,
 }
 
 impl RedisEngine {
@@ -242,6 +244,7 @@ impl RedisEngine {
             shard_cursor: Default::default(),
             last_reclaim_ms: Default::default(),
             started: std::time::Instant::now(),
+            owner_cap: Default::default(),
         })
     }
 

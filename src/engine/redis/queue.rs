@@ -5,11 +5,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::AsyncCommands;
-use redis::streams::{StreamAutoClaimReply, StreamRangeReply, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimReply, StreamInfoGroupsReply, StreamRangeReply, StreamReadReply,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{Conn, GROUP, READ_BLOCK, RedisEngine};
-use crate::engine::{EngineError, JobQueue, Lease, Project, ProjectLock};
+use crate::engine::{EngineError, JobQueue, Lease, Project, ProjectLock, fair};
 use crate::protocol::{Job, SyncRecord};
 
 #[async_trait]
@@ -38,34 +40,31 @@ impl JobQueue for RedisEngine {
             let mut conn = self.blocking_conn().await?;
             // first, jobs whose worker stopped heartbeating
             if let Some(lease) = self.reclaim_from(&mut conn, &jobs).await? {
-                return Ok(Some(lease));
+                return self.started(lease, shutdown).await;
             }
-            // awaited to the end, never abandoned: Redis hands an entry to a blocked
-            // read even after its caller stopped listening, and an entry handed to a
-            // reply nobody reads sits pending until it is reclaimed (READ_BLOCK bounds
-            // how long shutdown waits for this)
+            match self.take_fairly().await? {
+                Fair::Taken(lease) => return self.started(lease, shutdown).await,
+                Fair::Held => {
+                    // every waiting job's owner runs its share: look again when one
+                    // of theirs may have ended
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(HELD_WAIT) => continue,
+                    }
+                }
+                Fair::Empty => {}
+            }
+            // nothing waits: block until a job comes. Awaited to the end, never
+            // abandoned: Redis hands an entry to a blocked read even after its caller
+            // stopped listening, and an entry handed to a reply nobody reads sits
+            // pending until it is reclaimed (READ_BLOCK bounds how long shutdown waits
+            // for this)
             let Some(entry) = self.read_one(&mut conn, &jobs, Some(READ_BLOCK)).await? else {
                 continue;
             };
-            match job_of(&entry) {
-                Some(job) => {
-                    let lease = Lease {
-                        job,
-                        token: entry.id,
-                        deliveries: 1,
-                    };
-                    if shutdown.is_cancelled() {
-                        // taken as the worker stopped: straight back for another
-                        drop(conn);
-                        self.release(lease).await?;
-                        return Ok(None);
-                    }
-                    return Ok(Some(lease));
-                }
-                None => {
-                    tracing::warn!(entry = %entry.id, "dropping an unreadable job");
-                    self.drop_entry(&mut conn, &jobs, &entry.id).await?;
-                }
+            drop(conn);
+            if let Some(lease) = self.start_delivered(&jobs, vec![entry]).await? {
+                return self.started(lease, shutdown).await;
             }
         }
     }
@@ -77,7 +76,8 @@ impl JobQueue for RedisEngine {
             &self.keys.jobs_of(&lease.job.project_id),
             &lease.token,
         )
-        .await
+        .await?;
+        self.stop_running(&mut conn, lease).await
     }
 
     async fn depth(&self) -> Result<u64, EngineError> {
@@ -120,7 +120,11 @@ impl JobQueue for RedisEngine {
             .ignore();
         self.ring_in(&mut pipe, &lease.job.project_id);
         pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        self.stop_running(&mut conn, &lease).await
+    }
+
+    fn limit_running_per_owner(&self, cap: usize) {
+        self.owner_cap.set(cap);
     }
 
     async fn lock_project(&self, lease: &Lease) -> Result<Option<ProjectLock>, EngineError> {
@@ -156,6 +160,10 @@ impl JobQueue for RedisEngine {
             .arg(&lease.token)
             .invoke_async(&mut conn)
             .await?;
+        if held == 1 {
+            // its owner still runs it: renew its place among the running
+            self.mark_running(&mut conn, lease, true).await?;
+        }
         Ok(held == 1)
     }
 
@@ -305,11 +313,12 @@ impl RedisEngine {
     }
 
     /// `take` on a cluster: no blocking command (each shard's stream is on its own
-    /// slot, perhaps its own node). A round reads every shard once without blocking,
-    /// starting at a different shard each time so none waits behind the others; when
-    /// all are empty the worker sleeps until a shard's bell rings (a job was queued)
-    /// or `READ_BLOCK` passes. Jobs whose worker went silent are taken over by a round
-    /// of `XAUTOCLAIM`, at most twice per lock lifetime per process.
+    /// slot, perhaps its own node). A round looks at what waits on every shard and
+    /// starts the fair pick ([`RedisEngine::take_fairly`]); when nothing may start the
+    /// worker sleeps until a shard's bell rings (a job was queued), or `READ_BLOCK`
+    /// passes (`HELD_WAIT` while jobs wait on a busy owner's share). Jobs whose worker
+    /// went silent are taken over by a round of `XAUTOCLAIM`, at most twice per lock
+    /// lifetime per process.
     async fn take_from_shards(
         &self,
         shutdown: &CancellationToken,
@@ -330,37 +339,244 @@ impl RedisEngine {
                 for offset in 0..shards {
                     let jobs = self.keys.jobs((start + offset) % shards);
                     if let Some(lease) = self.reclaim_from(&mut conn, &jobs).await? {
-                        return Ok(Some(lease));
+                        return self.started(lease, shutdown).await;
                     }
                 }
             }
-            for offset in 0..shards {
-                let jobs = self.keys.jobs((start + offset) % shards);
-                let Some(entry) = self.read_one(&mut conn, &jobs, None).await? else {
-                    continue;
-                };
-                let Some(job) = job_of(&entry) else {
-                    tracing::warn!(entry = %entry.id, "dropping an unreadable job");
-                    self.drop_entry(&mut conn, &jobs, &entry.id).await?;
-                    continue;
-                };
-                let lease = Lease {
-                    job,
-                    token: entry.id,
-                    deliveries: 1,
-                };
-                if shutdown.is_cancelled() {
-                    self.release(lease).await?;
-                    return Ok(None);
-                }
-                return Ok(Some(lease));
-            }
+            let wait = match self.take_fairly().await? {
+                Fair::Taken(lease) => return self.started(lease, shutdown).await,
+                Fair::Held => HELD_WAIT,
+                Fair::Empty => READ_BLOCK,
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(None),
                 _ = &mut bell => {}
-                _ = tokio::time::sleep(READ_BLOCK) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// A lease just taken, counted as running for its owner; straight back on the
+    /// queue when the worker is stopping.
+    async fn started(
+        &self,
+        lease: Lease,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Lease>, EngineError> {
+        if shutdown.is_cancelled() {
+            self.release(lease).await?;
+            return Ok(None);
+        }
+        let mut conn = self.conn().await?;
+        self.mark_running(&mut conn, &lease, false).await?;
+        Ok(Some(lease))
+    }
+
+    /// The fair pick over every shard ([`fair::choose`]): looks at up to [`WINDOW`]
+    /// jobs not yet delivered on each shard, picks one, and reads its shard's stream up
+    /// to it. What the read delivered ahead of the pick goes back to the end of its
+    /// stream (in order, one atomic step per shard), so it waits behind the owners who
+    /// had not had their turn.
+    async fn take_fairly(&self) -> Result<Fair, EngineError> {
+        let mut conn = self.conn().await?;
+        let mut seen: Vec<(StreamOrder, u16, usize, Job)> = Vec::new();
+        for shard in 0..self.keys.shards() {
+            let jobs = self.keys.jobs(shard);
+            for (position, (id, job)) in self.undelivered(&mut conn, &jobs).await?.into_iter().enumerate() {
+                seen.push((StreamOrder::of(&id), shard, position, job));
+            }
+        }
+        if seen.is_empty() {
+            return Ok(Fair::Empty);
+        }
+        // oldest first across shards: entry ids are the time they were queued
+        seen.sort_by_key(|(order, ..)| *order);
+        let running = self.running_per_owner(&mut conn).await?;
+        let waiting: Vec<&Job> = seen.iter().map(|(.., job)| job).collect();
+        let Some(pick) = fair::choose(&waiting, &running, self.owner_cap.get()) else {
+            return Ok(Fair::Held);
+        };
+        let (_, shard, position, _) = &seen[pick];
+        let jobs = self.keys.jobs(*shard);
+        let mut delivered = Vec::new();
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(position + 1)
+            .arg("STREAMS")
+            .arg(&jobs)
+            .arg(">");
+        let reply: Result<Option<StreamReadReply>, redis::RedisError> =
+            read.query_async(&mut conn).await;
+        match reply {
+            Ok(reply) => delivered.extend(
+                reply
+                    .into_iter()
+                    .flat_map(|reply| reply.keys)
+                    .flat_map(|key| key.ids),
+            ),
+            Err(err) if err.code() == Some("NOGROUP") => {
+                self.ensure_group().await?;
+                return Ok(Fair::Empty);
+            }
+            Err(err) => return Err(err.into()),
+        }
+        // other workers read meanwhile: what this read got is chosen among again
+        Ok(match self.start_delivered(&jobs, delivered).await? {
+            Some(lease) => Fair::Taken(lease),
+            None => Fair::Held,
+        })
+    }
+
+    /// Of the entries just delivered to this consumer from `jobs`, the fair one as a
+    /// lease; the others go back to the end of the stream, in order.
+    async fn start_delivered(
+        &self,
+        jobs: &str,
+        delivered: Vec<redis::streams::StreamId>,
+    ) -> Result<Option<Lease>, EngineError> {
+        let mut conn = self.conn().await?;
+        let mut readable = Vec::new();
+        for entry in delivered {
+            match job_of(&entry) {
+                Some(job) => readable.push((entry.id, job)),
+                None => {
+                    tracing::warn!(entry = %entry.id, "dropping an unreadable job");
+                    self.drop_entry(&mut conn, jobs, &entry.id).await?;
+                }
+            }
+        }
+        if readable.is_empty() {
+            return Ok(None);
+        }
+        let running = self.running_per_owner(&mut conn).await?;
+        let waiting: Vec<&Job> = readable.iter().map(|(_, job)| job).collect();
+        let pick = fair::choose(&waiting, &running, self.owner_cap.get());
+        let mut lease = None;
+        let mut back = redis::pipe();
+        back.atomic();
+        let mut ring = None;
+        for (index, (id, job)) in readable.into_iter().enumerate() {
+            if Some(index) == pick {
+                lease = Some(Lease {
+                    job,
+                    token: id,
+                    deliveries: 1,
+                });
+                continue;
+            }
+            back.xadd(jobs, "*", &[("job", serde_json::to_string(&job)?)])
+                .ignore()
+                .xack(jobs, GROUP, &[&id])
+                .ignore()
+                .xdel(jobs, &[&id])
+                .ignore();
+            ring = Some(job.project_id);
+        }
+        if let Some(project) = ring {
+            self.ring_in(&mut back, &project);
+            back.query_async::<()>(&mut conn).await?;
+        }
+        Ok(lease)
+    }
+
+    /// Up to [`WINDOW`] entries of `jobs` that no worker was handed yet, oldest first.
+    async fn undelivered(
+        &self,
+        conn: &mut Conn,
+        jobs: &str,
+    ) -> Result<Vec<(String, Job)>, EngineError> {
+        let groups: Result<StreamInfoGroupsReply, redis::RedisError> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(jobs)
+            .query_async(conn)
+            .await;
+        let groups = match groups {
+            Ok(groups) => groups,
+            // no stream (Redis restarted without persistence): made again, empty
+            Err(err) if err.code() == Some("ERR") => {
+                self.ensure_group().await?;
+                return Ok(Vec::new());
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let Some(group) = groups.groups.into_iter().find(|group| group.name == GROUP) else {
+            self.ensure_group().await?;
+            return Ok(Vec::new());
+        };
+        let page: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(jobs)
+            .arg(format!("({}", group.last_delivered_id))
+            .arg("+")
+            .arg("COUNT")
+            .arg(WINDOW)
+            .query_async(conn)
+            .await?;
+        Ok(page
+            .ids
+            .into_iter()
+            .filter_map(|entry| job_of(&entry).map(|job| (entry.id, job)))
+            .collect())
+    }
+
+    /// How many jobs each owner runs, across every worker process (entries whose
+    /// heartbeat lapsed are dropped first: their worker died).
+    async fn running_per_owner(
+        &self,
+        conn: &mut Conn,
+    ) -> Result<std::collections::HashMap<String, usize>, EngineError> {
+        let now = crate::domain::now_epoch_ms();
+        let (members,): (Vec<String>,) = redis::pipe()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(self.keys.running())
+            .arg("-inf")
+            .arg(format!("({now}"))
+            .ignore()
+            .cmd("ZRANGE")
+            .arg(self.keys.running())
+            .arg(0)
+            .arg(-1)
+            .query_async(conn)
+            .await?;
+        let mut counts = std::collections::HashMap::new();
+        for member in members {
+            if let Some(owner) = owner_of_running(&member) {
+                *counts.entry(owner.to_owned()).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Counts `lease` as running until one lock lifetime from now (`renew`: only if it
+    /// still is, so a heartbeat racing the job's end does not bring it back).
+    async fn mark_running(
+        &self,
+        conn: &mut Conn,
+        lease: &Lease,
+        renew: bool,
+    ) -> Result<(), EngineError> {
+        let lapses = crate::domain::now_epoch_ms() + self.lock_ttl_ms();
+        let mut add = redis::cmd("ZADD");
+        add.arg(self.keys.running());
+        if renew {
+            add.arg("XX");
+        }
+        add.arg(lapses)
+            .arg(running_member(lease))
+            .query_async::<()>(conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn stop_running(&self, conn: &mut Conn, lease: &Lease) -> Result<(), EngineError> {
+        redis::cmd("ZREM")
+            .arg(self.keys.running())
+            .arg(running_member(lease))
+            .query_async::<()>(conn)
+            .await?;
+        Ok(())
     }
 
     /// Subscribes (once per process) to every shard's bell.
@@ -513,6 +729,43 @@ impl RedisEngine {
             .await?;
         Ok(())
     }
+}
+
+/// What a fair pick found.
+enum Fair {
+    Taken(Lease),
+    /// jobs wait, but every one's owner runs its share
+    Held,
+    Empty,
+}
+
+/// How many waiting jobs per shard a fair pick looks at: an owner whose first job sits
+/// deeper than this behind other owners' jobs waits until the window reaches it.
+const WINDOW: usize = 256;
+/// How long a worker waits before looking again while every waiting job's owner runs
+/// its share (one Redis has no signal for a job's end).
+const HELD_WAIT: Duration = Duration::from_millis(250);
+
+/// A stream entry id as a sortable pair (milliseconds, sequence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct StreamOrder(u64, u64);
+
+impl StreamOrder {
+    fn of(id: &str) -> Self {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        Self(ms.parse().unwrap_or(u64::MAX), seq.parse().unwrap_or(0))
+    }
+}
+
+/// A running job's member in the running set: the owner's length, the owner, the
+/// lease token (so owners holding `:` never collide).
+fn running_member(lease: &Lease) -> String {
+    format!("{}:{}{}", lease.job.owner.len(), lease.job.owner, lease.token)
+}
+
+fn owner_of_running(member: &str) -> Option<&str> {
+    let (len, rest) = member.split_once(':')?;
+    rest.get(..len.parse::<usize>().ok()?)
 }
 
 fn job_of(entry: &redis::streams::StreamId) -> Option<Job> {

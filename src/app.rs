@@ -244,6 +244,13 @@ impl Application {
         }
         let serve_workers = config.effective_serve_workers();
         let reader = Arc::new(Reader::with_capacity(layout.clone(), config.reader_cache));
+        crate::http::slots::raise_file_limit();
+        let sockets = crate::http::slots::UserSlots::new(
+            config.ws_per_user,
+            config
+                .ws_max
+                .unwrap_or_else(crate::http::slots::default_socket_cap),
+        );
         let state = Arc::new(AppState {
             metrics: Arc::clone(&engine.metrics),
             engine,
@@ -256,6 +263,8 @@ impl Application {
             read_stop: CancellationToken::new(),
             webhook_key,
             registering: Default::default(),
+            sockets,
+            deferred_webhooks: Default::default(),
         });
         Ok(Self {
             listener,

@@ -44,8 +44,9 @@ pub struct HttpLabels {
 
 /// The `result` values of `hivesync_webhook_deliveries_total`: what was done with the
 /// delivery, or the error code it was refused with.
-pub const WEBHOOK_RESULTS: [&str; 8] = [
+pub const WEBHOOK_RESULTS: [&str; 9] = [
     "accepted",
+    "throttled",
     "ignored",
     "duplicate",
     "invalid_signature",
@@ -64,6 +65,9 @@ pub struct WhenLabel {
 /// The `result` values of `hivesync_housekeeping_runs_total`.
 pub const HOUSEKEEPING_RESULTS: [&str; 3] = ["done", "failed", "interrupted"];
 
+/// The `reason` values of `hivesync_ws_rejected_total`.
+pub const REJECT_REASONS: [&str; 2] = ["per_user", "global"];
+
 /// The `reason` values of `hivesync_ws_kicked_total`.
 pub const KICK_REASONS: [&str; 4] = ["slow_consumer", "idle", "token_expired", "protocol_error"];
 
@@ -75,10 +79,12 @@ pub struct Metrics {
     pub sync_duration: Histogram,
     pub sync_requests: Counter,
     pub syncs_coalesced: Counter,
+    pub syncs_throttled: Counter,
     pub queue_depth: Gauge,
     pub ws_connections: Gauge,
     pub ws_connections_total: Counter,
     pub ws_kicked: Family<ReasonLabel, Counter>,
+    pub ws_rejected: Family<ReasonLabel, Counter>,
     pub events_published: Counter,
     pub webhook_deliveries: Family<ResultLabel, Counter>,
     pub schedule_lag: Histogram,
@@ -129,6 +135,12 @@ impl Metrics {
             "Sync requests that joined a sync already waiting instead of starting one",
             syncs_coalesced.clone(),
         );
+        let syncs_throttled = Counter::default();
+        registry.register(
+            "syncs_throttled",
+            "Scheduled and webhook syncs held back by their owner's sync budget (HIVESYNC_SYNC_RATE), to run when it allows",
+            syncs_throttled.clone(),
+        );
         let queue_depth = Gauge::default();
         registry.register(
             "sync_queue_depth",
@@ -152,6 +164,12 @@ impl Metrics {
             "ws_kicked",
             "WebSocket connections this hub closed on the client, by reason (slow_consumer: its queue was full or its gap was past the kept history; idle; token_expired; protocol_error)",
             ws_kicked.clone(),
+        );
+        let ws_rejected = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "ws_rejected",
+            "WebSocket upgrades refused with 429, by reason (per_user: the user's cap, HIVESYNC_WS_PER_USER; global: the hub's, HIVESYNC_WS_MAX)",
+            ws_rejected.clone(),
         );
         let events_published = Counter::default();
         registry.register(
@@ -259,6 +277,9 @@ impl Metrics {
         for reason in KICK_REASONS {
             let _ = ws_kicked.get_or_create(&ReasonLabel { reason });
         }
+        for reason in REJECT_REASONS {
+            let _ = ws_rejected.get_or_create(&ReasonLabel { reason });
+        }
         for check in crate::mirror::SnapshotCheck::ALL {
             let _ = snapshot_checks.get_or_create(&ResultLabel {
                 result: check.as_str(),
@@ -270,10 +291,12 @@ impl Metrics {
             sync_duration,
             sync_requests,
             syncs_coalesced,
+            syncs_throttled,
             queue_depth,
             ws_connections,
             ws_connections_total,
             ws_kicked,
+            ws_rejected,
             events_published,
             webhook_deliveries,
             schedule_lag,
@@ -345,6 +368,10 @@ impl Metrics {
 
     pub fn kicked(&self, reason: &'static str) {
         self.ws_kicked.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn ws_rejected(&self, reason: &'static str) {
+        self.ws_rejected.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Every family in the OpenMetrics text format (which Prometheus reads). Gauges

@@ -39,8 +39,19 @@ impl RateLimiter {
     /// Accounts one request of `key` at `now` (time since any fixed epoch). `Ok` if
     /// allowed, else the time to wait before a request would be.
     pub fn check(&mut self, key: &str, now: Duration) -> Result<(), Duration> {
+        self.check_within(key, now, self.burst_tolerance)
+    }
+
+    /// [`RateLimiter::check`] for a request that may use only the first half of the
+    /// burst: what runs unattended (schedules, webhooks) leaves the rest of a budget to
+    /// the people pressing Sync.
+    pub fn check_background(&mut self, key: &str, now: Duration) -> Result<(), Duration> {
+        self.check_within(key, now, self.burst_tolerance / 2)
+    }
+
+    fn check_within(&mut self, key: &str, now: Duration, tolerance: Duration) -> Result<(), Duration> {
         let tat = self.tat.get(key).copied().unwrap_or(now).max(now);
-        let allow_at = tat.saturating_sub(self.burst_tolerance);
+        let allow_at = tat.saturating_sub(tolerance);
         if now < allow_at {
             return Err(allow_at - now);
         }

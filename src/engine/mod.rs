@@ -242,6 +242,9 @@ pub struct ProjectChange {
     /// clear a pause and the failure count, and schedule the next sync now
     pub resume: bool,
     pub webhook: Option<Option<WebhookKey>>,
+    /// due again this long from now (a scheduled sync held back by its owner's
+    /// budget); only while it has an interval and is not paused
+    pub due_in: Option<Duration>,
 }
 
 /// Events after a resume point. `gap` is set when the point is older than the kept
@@ -364,6 +367,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<SyncRecord>, EngineError>;
     /// Accounts one sync request of `user`: `Err(wait)` when over the rate.
     async fn admit_sync_request(&self, user: &str) -> Result<Result<(), Duration>, EngineError>;
+    /// Accounts one scheduled or webhook sync of `user` against the same budget, which
+    /// these may use only half of (the rest stays for the user's own requests):
+    /// `Err(wait)` when over.
+    async fn admit_background_sync(
+        &self,
+        user: &str,
+    ) -> Result<Result<(), Duration>, EngineError>;
     /// Cheap round trip for `/readyz`.
     async fn ping(&self) -> Result<(), EngineError>;
 }

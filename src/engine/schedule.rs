@@ -168,6 +168,9 @@ pub fn apply_change(project: &mut Project, change: &ProjectChange, now_ms: u64, 
         project.consecutive_failures = 0;
         project.next_sync_ms = project.sync_interval_s.map(|_| now_ms);
     }
+    if let Some(wait) = change.due_in {
+        project.next_sync_ms = Some(now_ms + wait.as_millis() as u64);
+    }
     if project.sync_interval_s.is_none() || project.paused {
         project.next_sync_ms = None;
     }

@@ -13,6 +13,9 @@ use crate::protocol::ErrorBody;
 
 /// What `Retry-After` tells a client when the engine is unreachable.
 const UNAVAILABLE_RETRY_S: u64 = 2;
+/// What `Retry-After` tells a client refused a WebSocket over a cap: a place frees
+/// when one of its sockets closes, which it cannot see.
+const SOCKETS_RETRY_S: u64 = 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -47,6 +50,9 @@ pub enum ApiError {
     RateLimited { retry_after: Duration },
     #[error("free space on the data volume is under the configured floor")]
     StorageFull,
+    /// A WebSocket over the per-user or the hub's cap.
+    #[error("{0}")]
+    TooManyConnections(String),
     /// Over a per-user quota (projects registered).
     #[error("{0}")]
     QuotaExceeded(String),
@@ -74,7 +80,9 @@ impl ApiError {
                 ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE)
             }
             ApiError::InvalidSignature(_) => ("invalid_signature", StatusCode::UNAUTHORIZED),
-            ApiError::RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
+            ApiError::RateLimited { .. } | ApiError::TooManyConnections(_) => {
+                ("rate_limited", StatusCode::TOO_MANY_REQUESTS)
+            }
             ApiError::StorageFull => ("storage_full", StatusCode::INSUFFICIENT_STORAGE),
             ApiError::QuotaExceeded(_) => ("quota_exceeded", StatusCode::FORBIDDEN),
             ApiError::Backend(_) => ("backend_error", StatusCode::INTERNAL_SERVER_ERROR),
@@ -100,6 +108,10 @@ impl ApiError {
             }
             ApiError::Unavailable(_) => {
                 warp::reply::with_header(reply, "retry-after", UNAVAILABLE_RETRY_S.to_string())
+                    .into_response()
+            }
+            ApiError::TooManyConnections(_) => {
+                warp::reply::with_header(reply, "retry-after", SOCKETS_RETRY_S.to_string())
                     .into_response()
             }
             _ => reply.into_response(),
@@ -179,6 +191,11 @@ mod tests {
             ),
             (ApiError::StorageFull, "storage_full", 507),
             (ApiError::QuotaExceeded(String::new()), "quota_exceeded", 403),
+            (
+                ApiError::TooManyConnections(String::new()),
+                "rate_limited",
+                429,
+            ),
             (ApiError::Backend("x".into()), "backend_error", 500),
             (ApiError::Unavailable("x".into()), "backend_error", 503),
         ];

@@ -252,12 +252,90 @@ pub async fn receive_webhook(
             project.branch
         ));
     }
+    // a push spends its owner's sync budget, as a press of Sync does (half of it at
+    // most); over it, the push is acknowledged and synced when the budget allows
+    if let Err(wait) = state.engine.store.admit_background_sync(&project.owner).await? {
+        state.metrics.syncs_throttled.inc();
+        defer_webhook_sync(&state, &project.project_id, wait);
+        tracing::info!(project_id = %project.project_id, wait_ms = wait.as_millis() as u64, "webhook push over its owner's sync budget; syncing when it allows");
+        return Ok((
+            StatusCode::ACCEPTED,
+            WebhookOutcome::Throttled {
+                project_id: project.project_id,
+                coalesced: true,
+                throttled: true,
+                retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+            },
+        ));
+    }
     let (record, created) = state.engine.start_sync(&project, Trigger::Webhook).await?;
     tracing::info!(project_id = %project.project_id, sync_id = %record.sync_id, joined = !created, "webhook push");
     Ok((
         StatusCode::ACCEPTED,
         WebhookOutcome::Accepted(SyncAccepted::of(record, created)),
     ))
+}
+
+/// Starts a webhook sync of `project_id` once its owner's budget allows, `wait` from
+/// now: one per project however many pushes arrive meanwhile. Held in this process
+/// (a restart before it runs drops it; the next push or scheduled sync brings the
+/// mirror up to date).
+fn defer_webhook_sync(state: &Arc<AppState>, project_id: &str, wait: std::time::Duration) {
+    let fresh = state
+        .deferred_webhooks
+        .lock()
+        .expect("deferred set is never poisoned")
+        .insert(project_id.to_owned());
+    if !fresh {
+        return;
+    }
+    let state = Arc::clone(state);
+    let project_id = project_id.to_owned();
+    tokio::spawn(async move {
+        let mut wait = wait;
+        loop {
+            tokio::select! {
+                _ = state.read_stop.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let Some(id) = ProjectId::parse(&project_id) else { break };
+            let project = match state.engine.store.project(&id).await {
+                Ok(Some(project)) => project,
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::warn!(%project_id, error = %crate::error::error_chain(&err), "a held-back webhook sync could not read its project; trying again");
+                    wait = std::time::Duration::from_secs(5);
+                    continue;
+                }
+            };
+            match state.engine.store.admit_background_sync(&project.owner).await {
+                Ok(Ok(())) => {}
+                Ok(Err(more)) => {
+                    wait = more;
+                    continue;
+                }
+                Err(_) => {
+                    wait = std::time::Duration::from_secs(5);
+                    continue;
+                }
+            }
+            // taken off the set first: a push from now on is a new one
+            state
+                .deferred_webhooks
+                .lock()
+                .expect("deferred set is never poisoned")
+                .remove(&project_id);
+            if let Err(err) = state.engine.start_sync(&project, Trigger::Webhook).await {
+                tracing::warn!(%project_id, error = %crate::error::error_chain(&err), "a held-back webhook sync could not start");
+            }
+            return;
+        }
+        state
+            .deferred_webhooks
+            .lock()
+            .expect("deferred set is never poisoned")
+            .remove(&project_id);
+    });
 }
 
 /// The head of the last completed sync: for every token class, mobile included.

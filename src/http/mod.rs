@@ -12,6 +12,7 @@ mod query;
 mod read;
 mod reject;
 mod server;
+pub mod slots;
 mod ws;
 
 pub use error::ApiError;
@@ -57,6 +58,11 @@ pub struct AppState {
     pub webhook_key: Vec<u8>,
     /// held while a project is counted against its owner's quota and registered
     pub registering: tokio::sync::Mutex<()>,
+    /// WebSocket connections per user and in total (`HIVESYNC_WS_PER_USER`,
+    /// `HIVESYNC_WS_MAX`)
+    pub sockets: Arc<slots::UserSlots>,
+    /// projects with a webhook sync held back by their owner's budget
+    pub deferred_webhooks: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl AppState {
@@ -369,6 +375,7 @@ pub fn routes(
                     Ok((status, outcome)) => {
                         metrics.webhook(match outcome {
                             WebhookOutcome::Accepted(_) => "accepted",
+                            WebhookOutcome::Throttled { .. } => "throttled",
                             WebhookOutcome::Duplicate { .. } => "duplicate",
                             WebhookOutcome::Ignored { .. } => "ignored",
                         });

@@ -96,11 +96,30 @@ pub async fn upgrade(
         Ok(accept) => accept,
         Err(err) => return err.into_response(),
     };
+    // a place for the socket before it is accepted: held until its task ends
+    let place = match state.sockets.take(&principal.user) {
+        Ok(place) => place,
+        Err(full) => {
+            state.metrics.ws_rejected(full.as_str());
+            let message = match full {
+                super::slots::Full::User => format!(
+                    "you hold {} WebSocket connections to this hub, the most one user may (HIVESYNC_WS_PER_USER); close one first",
+                    state.config.ws_per_user
+                ),
+                super::slots::Full::Total => {
+                    "this hub holds as many WebSocket connections as it may (HIVESYNC_WS_MAX); try again later"
+                        .to_owned()
+                }
+            };
+            return ApiError::TooManyConnections(message).into_response();
+        }
+    };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let hub = Arc::clone(&state.hub);
     let idle_timeout = state.config.ws_idle_timeout;
     let state_for_task = Arc::clone(&state);
     tracker.spawn(async move {
+        let _place = place;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(err) => {

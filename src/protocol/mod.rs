@@ -421,6 +421,15 @@ pub enum ServerFrame {
 pub enum WebhookOutcome {
     /// 202: a push to the tracked branch; the sync it started or joined
     Accepted(SyncAccepted),
+    /// 202: a push to the tracked branch over the owner's sync budget: acknowledged,
+    /// and synced once the budget allows (pushes meanwhile join that one sync)
+    Throttled {
+        project_id: String,
+        coalesced: bool,
+        throttled: bool,
+        /// when the sync is expected to start, seconds from now
+        retry_after_s: u64,
+    },
     /// 200: a delivery id seen in the last 24 hours
     Duplicate { duplicate: bool },
     /// 200: a ping, another event, or a push to another branch

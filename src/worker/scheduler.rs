@@ -59,6 +59,23 @@ pub async fn schedule_due(engine: &Engine, hold: Duration) -> Result<usize, Engi
                     .await?;
                 continue;
             }
+            // the schedule spends its owner's budget (half of it at most); over it,
+            // the project is due again when the budget allows
+            if let Err(wait) = engine.store.admit_background_sync(&project.owner).await? {
+                tracing::debug!(project_id = %project.project_id, wait_ms = wait.as_millis() as u64, "scheduled sync held back by its owner's sync budget");
+                engine.metrics.syncs_throttled.inc();
+                engine
+                    .store
+                    .update_project(
+                        &project_id,
+                        ProjectChange {
+                            due_in: Some(wait),
+                            ..ProjectChange::default()
+                        },
+                    )
+                    .await?;
+                continue;
+            }
             match engine.start_sync(&project, Trigger::Schedule).await {
                 Ok(_) => {
                     started += 1;

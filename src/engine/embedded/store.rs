@@ -554,6 +554,18 @@ impl Store for EmbeddedEngine {
         Ok(limiter.check(user, now))
     }
 
+    async fn admit_background_sync(
+        &self,
+        user: &str,
+    ) -> Result<Result<(), Duration>, EngineError> {
+        let now = self.epoch.elapsed();
+        let mut limiter = self
+            .limiter
+            .lock()
+            .expect("rate limiter lock is never poisoned");
+        Ok(limiter.check_background(user, now))
+    }
+
     async fn ping(&self) -> Result<(), EngineError> {
         self.blocking(|db| {
             db.begin_read().map_err(redb::Error::from)?;

@@ -363,6 +363,7 @@ impl Store for RedisEngine {
         self.gcra(
             self.keys.webhook_rate(project.as_str()),
             self.settings.rules.webhook_rate,
+            false,
         )
         .await
     }
@@ -397,7 +398,15 @@ impl Store for RedisEngine {
     }
 
     async fn admit_sync_request(&self, user: &str) -> Result<Result<(), Duration>, EngineError> {
-        self.gcra(self.keys.rate(user), self.settings.sync_rate)
+        self.gcra(self.keys.rate(user), self.settings.sync_rate, false)
+            .await
+    }
+
+    async fn admit_background_sync(
+        &self,
+        user: &str,
+    ) -> Result<Result<(), Duration>, EngineError> {
+        self.gcra(self.keys.rate(user), self.settings.sync_rate, true)
             .await
     }
 
@@ -410,14 +419,20 @@ impl Store for RedisEngine {
 
 impl RedisEngine {
     /// One request against a GCRA limit of `rate` kept at `key`: `Err(wait)` when over.
+    /// `background`: the request may use only half the burst (see
+    /// [`crate::domain::RateLimiter::check_background`]).
     async fn gcra(
         &self,
         key: String,
         (limit, period): (u32, Duration),
+        background: bool,
     ) -> Result<Result<(), Duration>, EngineError> {
         let limit = limit.max(1);
         let interval = period / limit;
-        let burst = interval * (limit - 1);
+        let mut burst = interval * (limit - 1);
+        if background {
+            burst /= 2;
+        }
         let mut conn = self.conn().await?;
         let wait_us: i64 = self
             .scripts

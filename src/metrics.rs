@@ -371,7 +371,9 @@ impl Metrics {
     }
 
     pub fn ws_rejected(&self, reason: &'static str) {
-        self.ws_rejected.get_or_create(&ReasonLabel { reason }).inc();
+        self.ws_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Every family in the OpenMetrics text format (which Prometheus reads). Gauges

@@ -251,7 +251,10 @@ pub(crate) async fn start_hub_with(
         .env("HIVESYNC_DATA_DIR", data.path())
         .env("HIVESYNC_JWT_SECRET", SECRET)
         .env("HIVESYNC_MIN_FREE_BYTES", "0")
-        .env("HIVESYNC_FILE_ROOTS", format!("{}:/dev/shm", std::env::temp_dir().display()))
+        .env(
+            "HIVESYNC_FILE_ROOTS",
+            format!("{}:/dev/shm", std::env::temp_dir().display()),
+        )
         .env("HIVESYNC_ALLOWED_SCHEMES", "file")
         .env("HIVESYNC_SYNC_RATE", "1000/s")
         .env("RUST_LOG", "warn")

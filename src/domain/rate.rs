@@ -49,7 +49,12 @@ impl RateLimiter {
         self.check_within(key, now, self.burst_tolerance / 2)
     }
 
-    fn check_within(&mut self, key: &str, now: Duration, tolerance: Duration) -> Result<(), Duration> {
+    fn check_within(
+        &mut self,
+        key: &str,
+        now: Duration,
+        tolerance: Duration,
+    ) -> Result<(), Duration> {
         let tat = self.tat.get(key).copied().unwrap_or(now).max(now);
         let allow_at = tat.saturating_sub(tolerance);
         if now < allow_at {

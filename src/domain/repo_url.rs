@@ -53,7 +53,12 @@ fn resolve_existing(path: &std::path::Path) -> Option<std::path::PathBuf> {
     let mut existing = path;
     loop {
         if let Ok(resolved) = existing.canonicalize() {
-            return Some(missing.iter().rev().fold(resolved, |path, part| path.join(part)));
+            return Some(
+                missing
+                    .iter()
+                    .rev()
+                    .fold(resolved, |path, part| path.join(part)),
+            );
         }
         missing.push(existing.file_name()?);
         existing = existing.parent()?;

@@ -1,9 +1,9 @@
 //! Which waiting job a free worker starts: fair shares by owner, whatever the engine.
 //!
 //! Across owners, the owner running the fewest syncs goes first (ties: the owner whose
-//! oldest job has waited longest), so a user with one request does not wait behind
-//! another user's backlog, and an owner who already runs `cap` syncs waits until one
-//! ends. Within an owner, what a person asked for (the Sync button, a push webhook)
+//! last sync started longest ago, then the one whose oldest job has waited longest),
+//! so owners take turns: a user with one request does not wait behind another user's
+//! backlog, and an owner who already runs `cap` syncs waits until one ends. Within an owner, what a person asked for (the Sync button, a push webhook)
 //! goes ahead of the owner's scheduled and repair syncs, each class oldest first.
 //! This is the order Sourcegraph's update scheduler keeps; the engines differ only in
 //! how they find the waiting jobs and the running counts.
@@ -18,10 +18,17 @@ pub fn interactive(trigger: Trigger) -> bool {
     matches!(trigger, Trigger::Api | Trigger::Webhook)
 }
 
+/// How many syncs each owner runs now, and when (any increasing stamp) each last had
+/// one started; an owner missing from a map runs none / was never served.
+#[derive(Debug, Default, Clone)]
+pub struct Shares {
+    pub running: HashMap<String, usize>,
+    pub served: HashMap<String, u64>,
+}
+
 /// The index in `waiting` (oldest first) of the job to start now, or `None` when every
-/// waiting job's owner already runs `cap` syncs. `running` counts the syncs each owner
-/// runs (an owner missing from it runs none).
-pub fn choose(waiting: &[&Job], running: &HashMap<String, usize>, cap: usize) -> Option<usize> {
+/// waiting job's owner already runs `cap` syncs.
+pub fn choose(waiting: &[&Job], shares: &Shares, cap: usize) -> Option<usize> {
     // per owner: its first job, and its first interactive job
     let mut owners: HashMap<&str, (usize, Option<usize>)> = HashMap::new();
     for (index, job) in waiting.iter().enumerate() {
@@ -33,11 +40,12 @@ pub fn choose(waiting: &[&Job], running: &HashMap<String, usize>, cap: usize) ->
     owners
         .into_iter()
         .filter_map(|(owner, (first, first_interactive))| {
-            let runs = running.get(owner).copied().unwrap_or(0);
-            (runs < cap).then_some((runs, first, first_interactive.unwrap_or(first)))
+            let runs = shares.running.get(owner).copied().unwrap_or(0);
+            let served = shares.served.get(owner).copied().unwrap_or(0);
+            (runs < cap).then_some(((runs, served, first), first_interactive.unwrap_or(first)))
         })
-        .min_by_key(|&(runs, first, _)| (runs, first))
-        .map(|(_, _, pick)| pick)
+        .min_by_key(|&(order, _)| order)
+        .map(|(_, pick)| pick)
 }
 
 /// The per-owner cap on running syncs, settable once the process knows its worker
@@ -76,16 +84,20 @@ mod tests {
             project_id: "p".into(),
             owner: owner.into(),
             trigger,
+            queued_us: 0,
         }
     }
 
     fn pick(waiting: &[Job], running: &[(&str, usize)], cap: usize) -> Option<usize> {
         let refs: Vec<&Job> = waiting.iter().collect();
-        let running = running
-            .iter()
-            .map(|(owner, count)| (owner.to_string(), *count))
-            .collect();
-        choose(&refs, &running, cap)
+        let shares = Shares {
+            running: running
+                .iter()
+                .map(|(owner, count)| (owner.to_string(), *count))
+                .collect(),
+            served: HashMap::new(),
+        };
+        choose(&refs, &shares, cap)
     }
 
     #[test]
@@ -122,17 +134,36 @@ mod tests {
         let waiting: Vec<Job> = (0..4)
             .flat_map(|_| [job("alice", Trigger::Api), job("bob", Trigger::Api)])
             .collect();
-        let mut running: HashMap<String, usize> = HashMap::new();
+        let mut shares = Shares::default();
         let mut left: Vec<&Job> = waiting.iter().collect();
         let mut order = Vec::new();
-        while let Some(index) = choose(&left, &running, usize::MAX) {
+        while let Some(index) = choose(&left, &shares, usize::MAX) {
             let job = left.remove(index);
-            *running.entry(job.owner.clone()).or_default() += 1;
+            *shares.running.entry(job.owner.clone()).or_default() += 1;
             order.push(job.owner.as_str());
         }
         assert_eq!(
             order,
-            ["alice", "bob", "alice", "bob", "alice", "bob", "alice", "bob"]
+            [
+                "alice", "bob", "alice", "bob", "alice", "bob", "alice", "bob"
+            ]
+        );
+    }
+
+    #[test]
+    fn with_nothing_running_the_owner_served_longest_ago_goes_first() {
+        // mallory's backlog is older, but her last sync started after bob's
+        let waiting = [job("mallory", Trigger::Api), job("bob", Trigger::Api)];
+        let mut shares = Shares::default();
+        shares.served.insert("mallory".into(), 7);
+        assert_eq!(
+            choose(&waiting.iter().collect::<Vec<_>>(), &shares, 4),
+            Some(1)
+        );
+        shares.served.insert("bob".into(), 9);
+        assert_eq!(
+            choose(&waiting.iter().collect::<Vec<_>>(), &shares, 4),
+            Some(0)
         );
     }
 

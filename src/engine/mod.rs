@@ -280,6 +280,7 @@ impl Lease {
                 project_id: project_id.to_owned(),
                 owner: String::new(),
                 trigger: Trigger::Repair,
+                queued_us: 0,
             },
             token: String::new(),
             deliveries: 1,
@@ -370,10 +371,7 @@ pub trait Store: Send + Sync + 'static {
     /// Accounts one scheduled or webhook sync of `user` against the same budget, which
     /// these may use only half of (the rest stays for the user's own requests):
     /// `Err(wait)` when over.
-    async fn admit_background_sync(
-        &self,
-        user: &str,
-    ) -> Result<Result<(), Duration>, EngineError>;
+    async fn admit_background_sync(&self, user: &str) -> Result<Result<(), Duration>, EngineError>;
     /// Cheap round trip for `/readyz`.
     async fn ping(&self) -> Result<(), EngineError>;
 }
@@ -510,6 +508,7 @@ impl Engine {
             project_id: record.project_id.clone(),
             owner: project.owner.clone(),
             trigger,
+            queued_us: crate::protocol::now_epoch_us(),
         };
         let (record, created) = self.store.begin_sync(record, job).await?;
         if created {
@@ -583,6 +582,7 @@ pub(crate) async fn put_back(
             project_id: record.project_id.clone(),
             owner,
             trigger: record.trigger,
+            queued_us: crate::protocol::now_epoch_us(),
         })
         .await?;
     Ok(true)

@@ -190,7 +190,11 @@ mod tests {
                 429,
             ),
             (ApiError::StorageFull, "storage_full", 507),
-            (ApiError::QuotaExceeded(String::new()), "quota_exceeded", 403),
+            (
+                ApiError::QuotaExceeded(String::new()),
+                "quota_exceeded",
+                403,
+            ),
             (
                 ApiError::TooManyConnections(String::new()),
                 "rate_limited",

@@ -254,7 +254,12 @@ pub async fn receive_webhook(
     }
     // a push spends its owner's sync budget, as a press of Sync does (half of it at
     // most); over it, the push is acknowledged and synced when the budget allows
-    if let Err(wait) = state.engine.store.admit_background_sync(&project.owner).await? {
+    if let Err(wait) = state
+        .engine
+        .store
+        .admit_background_sync(&project.owner)
+        .await?
+    {
         state.metrics.syncs_throttled.inc();
         defer_webhook_sync(&state, &project.project_id, wait);
         tracing::info!(project_id = %project.project_id, wait_ms = wait.as_millis() as u64, "webhook push over its owner's sync budget; syncing when it allows");
@@ -298,7 +303,9 @@ fn defer_webhook_sync(state: &Arc<AppState>, project_id: &str, wait: std::time::
                 _ = state.read_stop.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
             }
-            let Some(id) = ProjectId::parse(&project_id) else { break };
+            let Some(id) = ProjectId::parse(&project_id) else {
+                break;
+            };
             let project = match state.engine.store.project(&id).await {
                 Ok(Some(project)) => project,
                 Ok(None) => break,
@@ -308,7 +315,12 @@ fn defer_webhook_sync(state: &Arc<AppState>, project_id: &str, wait: std::time::
                     continue;
                 }
             };
-            match state.engine.store.admit_background_sync(&project.owner).await {
+            match state
+                .engine
+                .store
+                .admit_background_sync(&project.owner)
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(more)) => {
                     wait = more;

@@ -70,7 +70,10 @@ impl UserSlots {
 
     /// Places held now, in total.
     pub fn held(&self) -> usize {
-        self.held.lock().expect("slot counts are never poisoned").total
+        self.held
+            .lock()
+            .expect("slot counts are never poisoned")
+            .total
     }
 }
 

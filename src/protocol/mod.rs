@@ -474,6 +474,19 @@ pub struct Job {
     /// scheduled and repair syncs (jobs queued before this field read as `api`)
     #[serde(default)]
     pub trigger: Trigger,
+    /// when it was requested, µs since the epoch: its place in line among all the
+    /// owner's jobs, whichever stream or shard it is on, and kept when a job is put
+    /// back at the end of one (0 for jobs queued before this field)
+    #[serde(default)]
+    pub queued_us: u64,
+}
+
+/// Now, in µs since the epoch (a [`Job::queued_us`]).
+pub fn now_epoch_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

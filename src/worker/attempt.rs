@@ -79,7 +79,9 @@ impl Worker {
         // a file URL is checked again: a symlink on its path may have been swapped
         // since registration to point into another user's mirror
         if let Err(err) = self.settings.file_roots.check_url(&project.repo_url) {
-            return Ok(AttemptEnd::Failed(MirrorError::PrivateAddress(err.to_string())));
+            return Ok(AttemptEnd::Failed(MirrorError::PrivateAddress(
+                err.to_string(),
+            )));
         }
         // the key file lives until this attempt ends, then is deleted
         // the private-host guard on the addresses the name has now; ssh and https are

@@ -9,7 +9,7 @@ use hivesync::domain::{ProjectId, SyncId, now_rfc3339};
 use hivesync::engine::embedded::EmbeddedEngine;
 use hivesync::engine::redis::{RedisEngine, RedisSettings};
 use hivesync::engine::{Engine, EngineError, Live, Project, Store};
-use hivesync::protocol::{EventBody, Job, SyncRecord, SyncStatus};
+use hivesync::protocol::{EventBody, Job, SyncRecord, SyncStatus, Trigger};
 use tokio_util::sync::CancellationToken;
 
 use crate::redis_server::{RedisServer, redis_cluster_or_skip, redis_or_skip, unique_prefix};
@@ -107,6 +107,7 @@ async fn all_checks(factory: &impl Factory) {
     rate_limit_is_a_burst_then_an_exact_wait(factory.make().await).await;
     events_are_numbered_per_user_kept_and_live(factory.make().await, factory.networked()).await;
     jobs_locks_and_fences(factory.make().await).await;
+    jobs_are_taken_fairly_by_owner(factory.make().await).await;
 }
 
 // several threads, so concurrent publishers really race
@@ -164,6 +165,8 @@ pub(crate) fn job_for(record: &SyncRecord, owner: &str) -> Job {
         sync_id: record.sync_id.clone(),
         project_id: record.project_id.clone(),
         owner: owner.into(),
+        trigger: record.trigger,
+        queued_us: hivesync::protocol::now_epoch_us(),
     }
 }
 
@@ -468,7 +471,104 @@ fn job(project: &str, n: u32) -> Job {
         sync_id: format!("job-{n}"),
         project_id: project.into(),
         owner: "alice".into(),
+        trigger: Trigger::Api,
+        queued_us: hivesync::protocol::now_epoch_us(),
     }
+}
+
+/// A job of `owner` for a project of its own (so, on a cluster, on its own shard).
+fn owned_job(owner: &str, n: u32, trigger: Trigger) -> Job {
+    Job {
+        sync_id: format!("{owner}-{n}"),
+        project_id: project(owner).project_id,
+        owner: owner.into(),
+        trigger,
+        queued_us: hivesync::protocol::now_epoch_us(),
+    }
+}
+
+/// What a free worker takes next, within a second (`None`: nothing may start).
+async fn next(engine: &Engine) -> Option<hivesync::engine::Lease> {
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let stopper = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.cancel();
+    });
+    let lease = engine.queue.take(&shutdown).await.expect("take");
+    stopper.abort();
+    lease
+}
+
+/// Fair shares: a job of an owner running nothing goes ahead of a backlog queued
+/// before it; an owner at the cap waits even with workers free; within an owner, a
+/// person's request goes ahead of the schedule. Every job is still taken exactly once.
+async fn jobs_are_taken_fairly_by_owner(engine: Engine) {
+    let queue = &engine.queue;
+    queue.limit_running_per_owner(2);
+    for n in 0..8 {
+        queue
+            .enqueue(owned_job("alice", n, Trigger::Api))
+            .await
+            .expect("enqueue");
+    }
+    queue
+        .enqueue(owned_job("bob", 0, Trigger::Api))
+        .await
+        .expect("enqueue");
+    let first = next(&engine).await.expect("a job");
+    assert_eq!(
+        first.job.sync_id, "alice-0",
+        "nobody runs anything: oldest first"
+    );
+    let second = next(&engine).await.expect("a job");
+    assert_eq!(
+        second.job.sync_id, "bob-0",
+        "bob runs nothing, alice runs one: bob's job goes ahead of her backlog"
+    );
+    let third = next(&engine).await.expect("a job");
+    assert_eq!(
+        third.job.sync_id, "alice-1",
+        "alice's turn again, in her order"
+    );
+    let held = next(&engine).await;
+    assert!(
+        held.is_none(),
+        "alice runs two, her cap: her backlog waits although a worker is free; took {:?}",
+        held.map(|lease| lease.job)
+    );
+    // a scheduled job and a press of carol's: the press first
+    queue
+        .enqueue(owned_job("carol", 0, Trigger::Schedule))
+        .await
+        .expect("enqueue");
+    queue
+        .enqueue(owned_job("carol", 1, Trigger::Webhook))
+        .await
+        .expect("enqueue");
+    let carol = next(&engine).await.expect("a job");
+    assert_eq!(
+        carol.job.sync_id, "carol-1",
+        "a push goes ahead of its owner's schedule"
+    );
+    queue.complete(&carol).await.expect("complete");
+    let carol = next(&engine).await.expect("a job");
+    assert_eq!(carol.job.sync_id, "carol-0");
+    queue.complete(&carol).await.expect("complete");
+    // alice's running syncs end: her backlog moves again, one per place freed
+    queue.complete(&first).await.expect("complete");
+    let mut taken = vec![first.job.sync_id.clone(), third.job.sync_id.clone()];
+    assert_ne!(first.job.sync_id, third.job.sync_id);
+    queue.complete(&third).await.expect("complete");
+    queue.complete(&second).await.expect("complete");
+    while let Some(lease) = next(&engine).await {
+        taken.push(lease.job.sync_id.clone());
+        queue.complete(&lease).await.expect("complete");
+    }
+    taken.sort();
+    let expected: Vec<String> = (0..8).map(|n| format!("alice-{n}")).collect();
+    assert_eq!(taken, expected, "every job of alice's taken once");
+    assert_eq!(queue.depth().await.expect("depth"), 0);
 }
 
 async fn jobs_locks_and_fences(engine: Engine) {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::helpers::{GitRepo, TestApp, WAIT, token, wait_until};
 
 /// `sha256=<hex>` of `body` under `secret`, computed here (not by the server's code).
-fn github_signature(secret: &str, body: &[u8]) -> String {
+pub(crate) fn github_signature(secret: &str, body: &[u8]) -> String {
     let mut mac =
         hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
     mac.update(body);
@@ -25,7 +25,7 @@ fn github_signature(secret: &str, body: &[u8]) -> String {
     )
 }
 
-async fn deliver(
+pub(crate) async fn deliver(
     app: &TestApp,
     project_id: &str,
     headers: &[(&str, String)],
@@ -63,7 +63,7 @@ async fn project(app: &TestApp, project_id: &str) -> Value {
         .1
 }
 
-async fn enable_webhook(app: &TestApp, project_id: &str) -> String {
+pub(crate) async fn enable_webhook(app: &TestApp, project_id: &str) -> String {
     let response = app
         .post(
             &format!("/api/v1/projects/{project_id}/webhook"),
@@ -77,7 +77,7 @@ async fn enable_webhook(app: &TestApp, project_id: &str) -> String {
     body["secret"].as_str().expect("secret").to_owned()
 }
 
-fn push_body(git_ref: &str) -> String {
+pub(crate) fn push_body(git_ref: &str) -> String {
     json!({"ref": git_ref, "before": "0", "after": "1", "repository": {"name": "x"}}).to_string()
 }
 

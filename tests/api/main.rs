@@ -25,5 +25,6 @@ mod security;
 mod skips;
 mod ssh;
 mod sync;
+mod tenants;
 mod tokens;
 mod websocket;

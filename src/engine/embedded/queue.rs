@@ -9,7 +9,9 @@ use redb::{ReadableDatabase, ReadableTable};
 use tokio_util::sync::CancellationToken;
 
 use super::{EmbeddedEngine, PROJECTS, SYNCS, read_json};
-use crate::engine::{fair, EngineError, JobQueue, Lease, Project, ProjectLock, next_fence, put_back};
+use crate::engine::{
+    EngineError, JobQueue, Lease, Project, ProjectLock, fair, next_fence, put_back,
+};
 use crate::protocol::{Job, SyncRecord};
 
 /// The jobs waiting for a worker, oldest first, and the jobs workers run (lease
@@ -18,26 +20,46 @@ use crate::protocol::{Job, SyncRecord};
 pub(super) struct Waiting {
     jobs: VecDeque<Job>,
     running: HashMap<String, String>,
+    /// owner → the start count when their last job started (owners with nothing
+    /// waiting or running are forgotten)
+    served: HashMap<String, u64>,
+    starts: u64,
 }
 
 impl Waiting {
-    fn running_per_owner(&self) -> HashMap<String, usize> {
-        let mut counts = HashMap::new();
+    fn shares(&self) -> fair::Shares {
+        let mut running = HashMap::new();
         for owner in self.running.values() {
-            *counts.entry(owner.clone()).or_default() += 1;
+            *running.entry(owner.clone()).or_default() += 1;
         }
-        counts
+        fair::Shares {
+            running,
+            served: self.served.clone(),
+        }
     }
 
     /// The fair next job, now marked running; `None` when nothing may start.
     fn start_next(&mut self, cap: usize) -> Option<Job> {
         let index = {
             let waiting: Vec<&Job> = self.jobs.iter().collect();
-            fair::choose(&waiting, &self.running_per_owner(), cap)?
+            fair::choose(&waiting, &self.shares(), cap)?
         };
         let job = self.jobs.remove(index)?;
+        self.starts += 1;
+        self.served.insert(job.owner.clone(), self.starts);
         self.running.insert(job.sync_id.clone(), job.owner.clone());
         Some(job)
+    }
+
+    /// Ends the running job `token`; its owner is forgotten once nothing of theirs
+    /// waits or runs.
+    fn end(&mut self, token: &str) {
+        if let Some(owner) = self.running.remove(token)
+            && !self.running.values().any(|other| *other == owner)
+            && !self.jobs.iter().any(|job| job.owner == owner)
+        {
+            self.served.remove(&owner);
+        }
     }
 }
 
@@ -73,7 +95,7 @@ impl JobQueue for EmbeddedEngine {
     }
 
     async fn complete(&self, lease: &Lease) -> Result<(), EngineError> {
-        self.waiting().running.remove(&lease.token);
+        self.waiting().end(&lease.token);
         // the owner runs one fewer: a job of theirs held back by the cap may start
         self.queued.notify_waiters();
         Ok(())
@@ -84,8 +106,8 @@ impl JobQueue for EmbeddedEngine {
         // this process exits before another worker takes the job
         {
             let mut waiting = self.waiting();
-            waiting.running.remove(&lease.token);
             waiting.jobs.push_front(lease.job);
+            waiting.end(&lease.token);
         }
         self.queued.notify_waiters();
         Ok(())

@@ -88,6 +88,7 @@ pub(super) fn put_sync_in(
                             project_id: project.project_id.clone(),
                             owner: project.owner.clone(),
                             trigger,
+                            queued_us: crate::protocol::now_epoch_us(),
                         });
                     }
                 } else if project.follow_up.as_deref() == Some(record.sync_id.as_str()) {
@@ -554,10 +555,7 @@ impl Store for EmbeddedEngine {
         Ok(limiter.check(user, now))
     }
 
-    async fn admit_background_sync(
-        &self,
-        user: &str,
-    ) -> Result<Result<(), Duration>, EngineError> {
+    async fn admit_background_sync(&self, user: &str) -> Result<Result<(), Duration>, EngineError> {
         let now = self.epoch.elapsed();
         let mut limiter = self
             .limiter

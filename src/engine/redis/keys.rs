@@ -180,7 +180,7 @@ impl Keys {
         format!("{}:webhook-rate:{project}", self.of_project(project))
     }
     /// The jobs workers run, for fair shares by owner: a sorted set of
-    /// `<owner length>:<owner><lease token>` scored by when it lapses (ms since the
+    /// `<owner length>:<owner><project> <lease token>` scored by when it lapses (ms since the
     /// epoch) unless its heartbeat renews it. One key for all shards (its own slot on
     /// a cluster): the choice between owners is one decision over every shard.
     pub(super) fn running(&self) -> String {
@@ -188,6 +188,15 @@ impl Keys {
             format!("{}:{{fair}}:running", self.prefix)
         } else {
             format!("{}:running", self.prefix)
+        }
+    }
+    /// When each owner last had a job started (ms since the epoch, by owner), so
+    /// owners running equally take turns; beside [`Keys::running`].
+    pub(super) fn served(&self) -> String {
+        if self.cluster {
+            format!("{}:{{fair}}:served", self.prefix)
+        } else {
+            format!("{}:served", self.prefix)
         }
     }
     pub(super) fn watchdog(&self) -> String {

@@ -382,18 +382,24 @@ impl RedisEngine {
         let mut seen: Vec<(StreamOrder, u16, usize, Job)> = Vec::new();
         for shard in 0..self.keys.shards() {
             let jobs = self.keys.jobs(shard);
-            for (position, (id, job)) in self.undelivered(&mut conn, &jobs).await?.into_iter().enumerate() {
+            for (position, (id, job)) in self
+                .undelivered(&mut conn, &jobs)
+                .await?
+                .into_iter()
+                .enumerate()
+            {
                 seen.push((StreamOrder::of(&id), shard, position, job));
             }
         }
         if seen.is_empty() {
             return Ok(Fair::Empty);
         }
-        // oldest first across shards: entry ids are the time they were queued
-        seen.sort_by_key(|(order, ..)| *order);
-        let running = self.running_per_owner(&mut conn).await?;
+        // oldest first across shards and streams: by when each was requested (kept
+        // when it was put back), then by entry id
+        seen.sort_by_key(|(order, _, _, job)| (job.queued_us, *order));
+        let shares = self.shares(&mut conn).await?;
         let waiting: Vec<&Job> = seen.iter().map(|(.., job)| job).collect();
-        let Some(pick) = fair::choose(&waiting, &running, self.owner_cap.get()) else {
+        let Some(pick) = fair::choose(&waiting, &shares, self.owner_cap.get()) else {
             return Ok(Fair::Held);
         };
         let (_, shard, position, _) = &seen[pick];
@@ -451,9 +457,11 @@ impl RedisEngine {
         if readable.is_empty() {
             return Ok(None);
         }
-        let running = self.running_per_owner(&mut conn).await?;
+        // in line by when each was requested, as the pick saw them
+        readable.sort_by_key(|(_, job)| job.queued_us);
+        let shares = self.shares(&mut conn).await?;
         let waiting: Vec<&Job> = readable.iter().map(|(_, job)| job).collect();
-        let pick = fair::choose(&waiting, &running, self.owner_cap.get());
+        let pick = fair::choose(&waiting, &shares, self.owner_cap.get());
         let mut lease = None;
         let mut back = redis::pipe();
         back.atomic();
@@ -522,13 +530,11 @@ impl RedisEngine {
     }
 
     /// How many jobs each owner runs, across every worker process (entries whose
-    /// heartbeat lapsed are dropped first: their worker died).
-    async fn running_per_owner(
-        &self,
-        conn: &mut Conn,
-    ) -> Result<std::collections::HashMap<String, usize>, EngineError> {
+    /// heartbeat lapsed are dropped first: their worker died), and when each owner last
+    /// had one started (owners not served for [`SERVED_KEPT_MS`] are forgotten).
+    async fn shares(&self, conn: &mut Conn) -> Result<fair::Shares, EngineError> {
         let now = crate::domain::now_epoch_ms();
-        let (members,): (Vec<String>,) = redis::pipe()
+        let (members, served): (Vec<String>, Vec<(String, u64)>) = redis::pipe()
             .cmd("ZREMRANGEBYSCORE")
             .arg(self.keys.running())
             .arg("-inf")
@@ -538,15 +544,28 @@ impl RedisEngine {
             .arg(self.keys.running())
             .arg(0)
             .arg(-1)
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(self.keys.served())
+            .arg("-inf")
+            .arg(format!("({}", now.saturating_sub(SERVED_KEPT_MS)))
+            .ignore()
+            .cmd("ZRANGE")
+            .arg(self.keys.served())
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
             .query_async(conn)
             .await?;
-        let mut counts = std::collections::HashMap::new();
+        let mut shares = fair::Shares {
+            served: served.into_iter().collect(),
+            ..Default::default()
+        };
         for member in members {
             if let Some(owner) = owner_of_running(&member) {
-                *counts.entry(owner.to_owned()).or_default() += 1;
+                *shares.running.entry(owner.to_owned()).or_default() += 1;
             }
         }
-        Ok(counts)
+        Ok(shares)
     }
 
     /// Counts `lease` as running until one lock lifetime from now (`renew`: only if it
@@ -557,16 +576,24 @@ impl RedisEngine {
         lease: &Lease,
         renew: bool,
     ) -> Result<(), EngineError> {
-        let lapses = crate::domain::now_epoch_ms() + self.lock_ttl_ms();
+        let now = crate::domain::now_epoch_ms();
         let mut add = redis::cmd("ZADD");
         add.arg(self.keys.running());
         if renew {
             add.arg("XX");
         }
-        add.arg(lapses)
+        add.arg(now + self.lock_ttl_ms())
             .arg(running_member(lease))
             .query_async::<()>(conn)
             .await?;
+        if !renew {
+            redis::cmd("ZADD")
+                .arg(self.keys.served())
+                .arg(now)
+                .arg(&lease.job.owner)
+                .query_async::<()>(conn)
+                .await?;
+        }
         Ok(())
     }
 
@@ -746,6 +773,10 @@ const WINDOW: usize = 256;
 /// its share (one Redis has no signal for a job's end).
 const HELD_WAIT: Duration = Duration::from_millis(250);
 
+/// How long an owner's last start is remembered for taking turns: past it, an owner
+/// counts as never served (first in line again, which a long-idle owner is anyway).
+const SERVED_KEPT_MS: u64 = 3_600_000;
+
 /// A stream entry id as a sortable pair (milliseconds, sequence).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct StreamOrder(u64, u64);
@@ -758,9 +789,16 @@ impl StreamOrder {
 }
 
 /// A running job's member in the running set: the owner's length, the owner, the
-/// lease token (so owners holding `:` never collide).
+/// project and the lease token (so owners holding `:` never collide, nor two entries
+/// with one id on two shards' streams).
 fn running_member(lease: &Lease) -> String {
-    format!("{}:{}{}", lease.job.owner.len(), lease.job.owner, lease.token)
+    format!(
+        "{}:{}{} {}",
+        lease.job.owner.len(),
+        lease.job.owner,
+        lease.job.project_id,
+        lease.token
+    )
 }
 
 fn owner_of_running(member: &str) -> Option<&str> {

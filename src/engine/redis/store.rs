@@ -402,10 +402,7 @@ impl Store for RedisEngine {
             .await
     }
 
-    async fn admit_background_sync(
-        &self,
-        user: &str,
-    ) -> Result<Result<(), Duration>, EngineError> {
+    async fn admit_background_sync(&self, user: &str) -> Result<Result<(), Duration>, EngineError> {
         self.gcra(self.keys.rate(user), self.settings.sync_rate, true)
             .await
     }

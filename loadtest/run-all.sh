@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 prefix=${1:?usage: loadtest/run-all.sh DATE [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(machine fanout-embedded fanout-redis fanout-half fanout-durable fanout-cluster plot publish connections syncs reads freshness scheduler soak soak-gitoxide projects 100k)
+[ ${#steps[@]} -gt 0 ] || steps=(machine fanout-embedded fanout-redis fanout-half fanout-durable fanout-cluster plot publish connections syncs reads freshness fairness scheduler soak soak-gitoxide projects 100k)
 R=loadtest/results/$prefix
 L="target/release/loadtest --hub target/release/hivesync"
 # the fan-out load: 10,000 sockets over 100 users, 10 events per user per second for
@@ -58,6 +58,10 @@ for step in "${steps[@]}"; do
       $L --json "$R-syncs.json" syncs ;;
     reads)
       $L --json "$R-reads.json" reads ;;
+    fairness)
+      # one owner's 12 first syncs of 3,000-file repositories, then 4 other owners'
+      # single presses: their wait against one flood sync
+      $L --json "$R-fairness.json" fairness --flood 12 --files 3000 --others 4 --workers 2 ;;
     freshness)
       $L --json "$R-freshness.json" freshness --projects 20 --rate 10 --seconds 20 --interval 5 ;;
     scheduler)

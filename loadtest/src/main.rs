@@ -208,6 +208,21 @@ enum Scenario {
         #[arg(long)]
         socketio: bool,
     },
+    /// One owner floods the queue with first syncs of larger repositories, then other
+    /// owners press Sync once each: their wait against one flood sync's duration, and
+    /// flood jobs that started ahead of a later request (fair share: none)
+    Fairness {
+        #[arg(long, default_value_t = 12)]
+        flood: usize,
+        /// files in each flood repository
+        #[arg(long, default_value_t = 3000)]
+        files: usize,
+        #[arg(long, default_value_t = 4)]
+        others: usize,
+        /// the hub's sync workers
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
     /// N idle sockets: the hub's RSS per connection
     Connections {
         #[arg(long, default_value_t = 10_000)]
@@ -218,6 +233,7 @@ enum Scenario {
     },
 }
 
+mod fairness;
 mod fanout;
 mod freshness;
 mod plot;
@@ -484,6 +500,23 @@ async fn main() -> std::process::ExitCode {
                 due: (*due).max(1),
                 ticks: (*ticks).max(1),
             })
+            .await
+        }
+        Scenario::Fairness {
+            flood,
+            files,
+            others,
+            workers,
+        } => {
+            fairness::run(
+                &cli.hub,
+                fairness::Options {
+                    flood: (*flood).max(1),
+                    files: (*files).max(1),
+                    others: (*others).max(1),
+                    workers: (*workers).max(1),
+                },
+            )
             .await
         }
         Scenario::Freshness {

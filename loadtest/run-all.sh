@@ -61,7 +61,9 @@ for step in "${steps[@]}"; do
     fairness)
       # one owner's 12 first syncs of 3,000-file repositories, then 4 other owners'
       # single presses: their wait against one flood sync
-      $L --json "$R-fairness.json" fairness --flood 12 --files 3000 --others 4 --workers 2 ;;
+      $L --json "$R-fairness.json" fairness --flood 12 --files 3000 --others 4 --workers 2
+      # the same with no cap (the flood may hold both workers): order alone
+      $L --json "$R-fairness-uncapped.json" fairness --flood 12 --files 3000 --others 4 --workers 2 --owner-cap 2 ;;
     freshness)
       $L --json "$R-freshness.json" freshness --projects 20 --rate 10 --seconds 20 --interval 5 ;;
     scheduler)

@@ -22,6 +22,8 @@ pub struct Options {
     /// other owners, one press each
     pub others: usize,
     pub workers: usize,
+    /// `HIVESYNC_OWNER_MAX_RUNNING` (default: the hub's, half the workers)
+    pub owner_cap: Option<usize>,
 }
 
 /// A repository of `files` small source files at `dir`, one commit.
@@ -73,11 +75,11 @@ async fn timeline(api: &Api, sync_id: &str, epoch: &str) -> Result<Timeline, Str
 }
 
 pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String> {
-    let hub = crate::start_hub_with(
-        hub_binary,
-        &[("HIVESYNC_WORKERS", options.workers.to_string())],
-    )
-    .await?;
+    let mut env = vec![("HIVESYNC_WORKERS", options.workers.to_string())];
+    if let Some(cap) = options.owner_cap {
+        env.push(("HIVESYNC_OWNER_MAX_RUNNING", cap.to_string()));
+    }
+    let hub = crate::start_hub_with(hub_binary, &env).await?;
     let base = format!("http://{}", hub.addr);
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let flooder = Api::connect(base.clone(), crate::token_for("flooder")?).await?;
@@ -150,6 +152,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
     Ok(json!({
         "scenario": "fairness",
         "workers": options.workers,
+        "owner_cap": options.owner_cap,
         "flood_projects": options.flood,
         "flood_files": options.files,
         "others": options.others,

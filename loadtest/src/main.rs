@@ -222,6 +222,9 @@ enum Scenario {
         /// the hub's sync workers
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// HIVESYNC_OWNER_MAX_RUNNING [default: the hub's, half the workers]
+        #[arg(long)]
+        owner_cap: Option<usize>,
     },
     /// N idle sockets: the hub's RSS per connection
     Connections {
@@ -507,6 +510,7 @@ async fn main() -> std::process::ExitCode {
             files,
             others,
             workers,
+            owner_cap,
         } => {
             fairness::run(
                 &cli.hub,
@@ -515,6 +519,7 @@ async fn main() -> std::process::ExitCode {
                     files: (*files).max(1),
                     others: (*others).max(1),
                     workers: (*workers).max(1),
+                    owner_cap: *owner_cap,
                 },
             )
             .await

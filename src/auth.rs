@@ -143,6 +143,11 @@ impl Authenticator {
     }
 
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        // RFC 7515 §4.1.11: a `crit` header names extensions the recipient must
+        // understand; this hub understands none, so such a token is refused
+        if names_critical_extensions(token) {
+            return Err(AuthError::Invalid);
+        }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|err| match err.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -191,6 +196,23 @@ fn validation(algorithm: Algorithm) -> Validation {
     validation
 }
 
+/// Whether the token's JOSE header carries a `crit` member (an unreadable header is
+/// left to the signature check to refuse).
+fn names_critical_extensions(token: &str) -> bool {
+    use base64::Engine as _;
+    let Some(header) = token.split('.').next() else {
+        return false;
+    };
+    if header.len() > 8 * 1024 {
+        return true;
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+        .is_some_and(|header| header.get("crit").is_some())
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -201,6 +223,42 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An HS256 token with `header`, signed here with the hub's secret.
+    fn signed_with_header(secret: &[u8], header: serde_json::Value) -> String {
+        use base64::Engine as _;
+        use hmac::Mac;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let claims = serde_json::json!({
+            "sub": "alice", "exp": unix_now() + 60, "client": "desktop",
+        });
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("any key");
+        mac.update(input.as_bytes());
+        format!("{input}.{}", b64(&mac.finalize().into_bytes()))
+    }
+
+    #[test]
+    fn a_token_naming_critical_extensions_is_refused() {
+        let auth = Authenticator::from_secret(b"test-secret");
+        let plain = signed_with_header(
+            b"test-secret",
+            serde_json::json!({"alg": "HS256", "typ": "JWT"}),
+        );
+        assert!(
+            auth.verify(&plain).is_ok(),
+            "the same token without crit verifies"
+        );
+        let critical = signed_with_header(
+            b"test-secret",
+            serde_json::json!({"alg": "HS256", "typ": "JWT", "crit": ["exp-ext"], "exp-ext": 1}),
+        );
+        assert!(matches!(auth.verify(&critical), Err(AuthError::Invalid)));
+    }
 
     #[test]
     fn minted_tokens_verify_with_their_claims() {

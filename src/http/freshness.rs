@@ -43,8 +43,8 @@ async fn change(
     responses(
         (status = 200, description = "the changed project", body = ProjectView),
         (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
-        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
-        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+        (status = 403, description = "a credential the caller may not use (forbidden)", body = ErrorBody),
+        (status = 404, description = "no such project, or another user's: the two answer alike (project_not_found)", body = ErrorBody),
         (status = 413, description = "the body is over 64 KiB (payload_too_large)", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -97,8 +97,7 @@ pub async fn patch_project(
     params(("project_id" = String, Path, description = "the project's id")),
     responses(
         (status = 200, description = "scheduled syncs resumed", body = ProjectView),
-        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
-        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+        (status = 404, description = "no such project, or another user's: the two answer alike (project_not_found)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -125,8 +124,7 @@ pub async fn resume(
     params(("project_id" = String, Path, description = "the project's id")),
     responses(
         (status = 201, description = "the webhook URL and its secret, shown once; a second call rotates the secret", body = WebhookCreated),
-        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
-        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+        (status = 404, description = "no such project, or another user's: the two answer alike (project_not_found)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -163,8 +161,7 @@ pub async fn create_webhook(
     params(("project_id" = String, Path, description = "the project's id")),
     responses(
         (status = 204, description = "webhooks off: deliveries get 404"),
-        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
-        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+        (status = 404, description = "no such project, or another user's: the two answer alike (project_not_found)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -359,8 +356,7 @@ fn defer_webhook_sync(state: &Arc<AppState>, project_id: &str, wait: std::time::
     responses(
         (status = 200, description = "the head of the last completed sync", body = Metadata),
         (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
-        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
-        (status = 404, description = "no such project, or no completed sync yet", body = ErrorBody),
+        (status = 404, description = "no such project (or another user's), or no completed sync yet", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]

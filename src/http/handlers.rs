@@ -39,8 +39,8 @@ fn parse_limit(value: Option<&String>, default: usize, max: usize) -> Result<usi
     }
 }
 
-/// Loads a project of the caller: unknown or malformed ids are `project_not_found`,
-/// someone else's project is `forbidden`.
+/// Loads a project of the caller: unknown or malformed ids and someone else's
+/// project are all `project_not_found` (v1.2), so ids cannot be probed.
 pub(super) async fn owned_project(
     state: &AppState,
     principal: &Principal,
@@ -54,7 +54,7 @@ pub(super) async fn owned_project(
         .await?
         .ok_or(ApiError::ProjectNotFound)?;
     if project.owner != principal.user {
-        return Err(ApiError::Forbidden);
+        return Err(ApiError::ProjectNotFound);
     }
     Ok(project)
 }
@@ -213,8 +213,7 @@ fn is_credential_name(name: &str) -> bool {
     params(("project_id" = String, Path, description = "the project's id")),
     responses(
         (status = 200, description = "the project", body = ProjectView),
-        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
-        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+        (status = 404, description = "no such project, or another user's: the two answer alike (project_not_found)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -234,8 +233,7 @@ pub async fn get_project(
     params(("project_id" = String, Path, description = "the project's id")),
     responses(
         (status = 204, description = "deleted, with its mirror and history"),
-        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
-        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+        (status = 404, description = "no such project, or another user's: the two answer alike (project_not_found)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -265,8 +263,7 @@ pub async fn delete_project(
         (status = 202, description = "a sync was queued (or a follow-up of a running one)", body = SyncAccepted),
         (status = 200, description = "joined the sync already waiting (`coalesced`)", body = SyncAccepted),
         (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
-        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
-        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+        (status = 404, description = "no such project, or another user's: the two answer alike (project_not_found)", body = ErrorBody),
         (status = 413, description = "the body is over 64 KiB (payload_too_large)", body = ErrorBody),
         (status = 429, description = "over the per-user sync rate (rate_limited); Retry-After says when", body = ErrorBody),
         (status = 507, description = "the mirror volume is below its free-space floor (storage_full)", body = ErrorBody),
@@ -314,8 +311,7 @@ pub async fn request_sync(
     params(("sync_id" = String, Path, description = "the sync's id")),
     responses(
         (status = 200, description = "the sync record", body = SyncRecord),
-        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
-        (status = 404, description = "no such sync (sync_not_found)", body = ErrorBody),
+        (status = 404, description = "no such sync, or another user's: the two answer alike (sync_not_found)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -340,7 +336,7 @@ pub async fn get_sync(
         .await?
         .ok_or(ApiError::SyncNotFound)?;
     if project.owner != principal.user {
-        return Err(ApiError::Forbidden);
+        return Err(ApiError::SyncNotFound);
     }
     Ok(record)
 }
@@ -353,8 +349,7 @@ pub async fn get_sync(
     responses(
         (status = 200, description = "the project's syncs, newest first", body = [SyncRecord]),
         (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
-        (status = 403, description = "the project belongs to another user (forbidden)", body = ErrorBody),
-        (status = 404, description = "no such project (project_not_found)", body = ErrorBody),
+        (status = 404, description = "no such project, or another user's: the two answer alike (project_not_found)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]

@@ -145,7 +145,7 @@ fn fnv1a(parts: &[&str]) -> u64 {
         (status = 200, description = "the directory's entries at the mirror's commit", body = TreeListing),
         (status = 304, description = "unchanged since the ETag given"),
         (status = 400, description = "a missing or invalid parameter (invalid_request, path_invalid)", body = ErrorBody),
-        (status = 403, description = "another user's project (forbidden), or a mobile token (mobile_metadata_only)", body = ErrorBody),
+        (status = 403, description = "a mobile token (mobile_metadata_only)", body = ErrorBody),
         (status = 404, description = "no such project, path or commit, or no completed sync yet", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -172,7 +172,7 @@ pub async fn tree(
         (status = 200, description = "the file's content (utf-8, or base64), capped", body = FileView),
         (status = 304, description = "unchanged since the ETag given"),
         (status = 400, description = "a missing or invalid parameter (invalid_request, path_invalid)", body = ErrorBody),
-        (status = 403, description = "another user's project (forbidden), or a mobile token (mobile_metadata_only)", body = ErrorBody),
+        (status = 403, description = "a mobile token (mobile_metadata_only)", body = ErrorBody),
         (status = 404, description = "no such project, path or commit, or no completed sync yet", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -202,7 +202,7 @@ pub async fn file(
         (status = 200, description = "matching lines; `timed_out` answers are partial", body = SearchResults),
         (status = 304, description = "unchanged since the ETag given"),
         (status = 400, description = "a missing or invalid parameter (invalid_request, path_invalid)", body = ErrorBody),
-        (status = 403, description = "another user's project (forbidden), or a mobile token (mobile_metadata_only)", body = ErrorBody),
+        (status = 403, description = "a mobile token (mobile_metadata_only)", body = ErrorBody),
         (status = 404, description = "no such project, path or commit, or no completed sync yet", body = ErrorBody),
         (status = 429, description = "too many searches running for this user (rate_limited)", body = ErrorBody),
     ),
@@ -231,7 +231,7 @@ pub async fn search(
         (status = 200, description = "the files changed between the two commits", body = DiffView),
         (status = 304, description = "unchanged since the ETag given"),
         (status = 400, description = "a missing or invalid parameter (invalid_request, path_invalid)", body = ErrorBody),
-        (status = 403, description = "another user's project (forbidden), or a mobile token (mobile_metadata_only)", body = ErrorBody),
+        (status = 403, description = "a mobile token (mobile_metadata_only)", body = ErrorBody),
         (status = 404, description = "no such project, path or commit, or no completed sync yet", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -283,7 +283,7 @@ async fn read(
         .await?
         .ok_or(ApiError::ProjectNotFound)?;
     if project.owner != principal.user {
-        return Err(ApiError::Forbidden);
+        return Err(ApiError::ProjectNotFound);
     }
     let commit = match kind {
         ReadKind::Diff => String::new(),
@@ -312,13 +312,20 @@ async fn read(
             param("to").unwrap_or_default(),
         ])
     );
-    if if_none_match.is_some_and(|tags| {
-        tags.split(',')
-            .any(|tag| tag.trim() == etag || tag.trim() == "*")
-    }) {
+    // an ETag this hub gave names a representation of one commit, which never
+    // changes: 304 before any work. `*` matches only a representation that exists
+    // (RFC 9110 §13.1.2), so it is answered once the read found one
+    let tags = || {
+        if_none_match
+            .into_iter()
+            .flat_map(|tags| tags.split(','))
+            .map(str::trim)
+    };
+    if tags().any(|tag| tag == etag) {
         let reply = warp::reply::with_header(StatusCode::NOT_MODIFIED, "etag", etag);
         return Ok(reply.into_response());
     }
+    let any = tags().any(|tag| tag == "*");
 
     let reader = Arc::clone(&state.reader);
     let body = match kind {
@@ -424,6 +431,10 @@ async fn read(
     if body["timed_out"] == json!(true) {
         // a partial answer must not be served again for the same request
         return Ok(warp::reply::json(&body).into_response());
+    }
+    if any {
+        let reply = warp::reply::with_header(StatusCode::NOT_MODIFIED, "etag", etag);
+        return Ok(reply.into_response());
     }
     let reply = warp::reply::with_header(warp::reply::json(&body), "etag", etag);
     Ok(reply.into_response())

@@ -38,6 +38,27 @@ pub struct TreeEntry {
     pub path: String,
     pub kind: &'static str,
     pub size: Option<u64>,
+    /// the name cannot be written as it is on Windows (a `\` or `:`, a character
+    /// Windows refuses, a trailing dot or space, a device name such as `CON`): a client
+    /// there must not write it, lest it land outside its folder or somewhere else
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unsafe_on_windows: bool,
+}
+
+/// Whether a file name cannot be written as it is on Windows.
+pub fn unsafe_on_windows(name: &str) -> bool {
+    const DEVICES: [&str; 22] = [
+        "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8",
+        "COM9", "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
+    ];
+    let stem = name.split('.').next().unwrap_or(name).trim_end();
+    name.chars()
+        .any(|c| matches!(c, '\\' | ':' | '<' | '>' | '"' | '|' | '?' | '*') || c < ' ')
+        || name.ends_with('.')
+        || name.ends_with(' ')
+        || DEVICES
+            .iter()
+            .any(|device| stem.eq_ignore_ascii_case(device))
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -326,6 +347,7 @@ impl Reader {
                 };
                 entries.push(TreeEntry {
                     path: path.join(&name),
+                    unsafe_on_windows: unsafe_on_windows(&name),
                     name,
                     kind,
                     size,

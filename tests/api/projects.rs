@@ -52,15 +52,25 @@ async fn registered_project_is_listed_and_readable_only_by_its_owner() {
         .await
         .expect("json");
     assert!(bobs.is_empty(), "bob sees none of alice's projects");
-    let forbidden = app.get(&format!("/api/v1/projects/{id}"), &bob).await;
-    assert_eq!(forbidden.status(), 403);
-    let body: Value = forbidden.json().await.expect("json");
-    assert_eq!(body["error"], "forbidden");
+    // another user's project answers exactly as an unknown id (v1.2)
+    let theirs = app.get(&format!("/api/v1/projects/{id}"), &bob).await;
+    assert_eq!(theirs.status(), 404);
+    let body: Value = theirs.json().await.expect("json");
+    let unknown = app
+        .get(
+            "/api/v1/projects/0190a0a0-0000-7000-8000-000000000000",
+            &bob,
+        )
+        .await;
+    assert_eq!(unknown.status(), 404);
+    let unknown: Value = unknown.json().await.expect("json");
+    assert_eq!(body["error"], "project_not_found");
+    assert_eq!(body, unknown, "nothing tells the two apart");
     assert_eq!(
         app.delete(&format!("/api/v1/projects/{id}"), &bob)
             .await
             .status(),
-        403
+        404
     );
     app.stop().await;
 }

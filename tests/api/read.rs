@@ -348,7 +348,7 @@ async fn mobile_tokens_get_403_on_every_content_read() {
         app.get(&format!("/api/v1/repo/tree?project_id={id}"), &bob)
             .await
             .status(),
-        403
+        404
     );
     app.stop().await;
 }
@@ -463,5 +463,56 @@ async fn a_project_never_synced_has_nothing_to_read() {
         .get_json(&format!("/api/v1/repo/tree?project_id={id}"))
         .await;
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    app.stop().await;
+}
+
+/// RFC 9110 §13.1.2: `If-None-Match: *` is true only when the resource exists, so a
+/// path that does not is `404`, never `304`.
+#[tokio::test]
+async fn if_none_match_star_matches_only_a_path_that_exists() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.write("a.txt", "a\n").commit("a");
+    let id = synced_project(&app, &repo).await;
+    let ask = |path: &str| {
+        app.http
+            .get(format!(
+                "{}/api/v1/repo/file?project_id={id}&path={path}",
+                app.base
+            ))
+            .bearer_auth(&app.token)
+            .header("if-none-match", "*")
+            .send()
+    };
+    assert_eq!(ask("a.txt").await.expect("sent").status(), 304);
+    let missing = ask("missing.txt").await.expect("sent");
+    assert_eq!(missing.status(), 404);
+    app.stop().await;
+}
+
+/// A name Windows cannot write as it is (here one that climbs out with `..\`) is
+/// listed, and marked, so a Windows client never writes outside its folder.
+#[tokio::test]
+async fn tree_marks_names_that_are_unsafe_on_windows() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.write("..\\..\\x", "climb\n")
+        .write("CON.txt", "device\n")
+        .write("plain.txt", "fine\n")
+        .commit("names");
+    let id = synced_project(&app, &repo).await;
+    let (status, tree) = app
+        .get_json(&format!("/api/v1/repo/tree?project_id={id}"))
+        .await;
+    assert_eq!(status, 200, "{tree}");
+    let marked = |name: &str| {
+        tree["entries"]
+            .as_array()
+            .and_then(|entries| entries.iter().find(|entry| entry["name"] == name))
+            .map(|entry| entry["unsafe_on_windows"] == true)
+    };
+    assert_eq!(marked("..\\..\\x"), Some(true), "{tree}");
+    assert_eq!(marked("CON.txt"), Some(true), "{tree}");
+    assert_eq!(marked("plain.txt"), Some(false), "{tree}");
     app.stop().await;
 }

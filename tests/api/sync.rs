@@ -206,13 +206,13 @@ async fn sync_history_is_newest_first_and_limited() {
         app.get(&format!("/api/v1/repo/sync/{}", sync_ids[0]), &bob)
             .await
             .status(),
-        403
+        404
     );
     assert_eq!(
         app.get(&format!("/api/v1/repo/sync?project_id={id}"), &bob)
             .await
             .status(),
-        403
+        404
     );
     let unknown = app
         .get(&format!("/api/v1/repo/sync/{}", uuid_like()), &app.token)

@@ -331,6 +331,9 @@ pub struct ConfigArgs {
     /// bytes of one checked-out file [default: 104857600]
     #[arg(long, env = "HIVESYNC_MAX_FILE_BYTES")]
     pub max_file_bytes: Option<u64>,
+    /// bytes of all one user's mirrors together [default: 21474836480]
+    #[arg(long, env = "HIVESYNC_MAX_USER_BYTES")]
+    pub max_user_bytes: Option<u64>,
     /// bytes of one mirror's object store after a fetch [default: 4294967296]
     #[arg(long, env = "HIVESYNC_MAX_OBJECTS_BYTES")]
     pub max_objects_bytes: Option<u64>,
@@ -449,6 +452,9 @@ impl ConfigArgs {
         }
         if let Some(v) = self.max_file_bytes {
             config.quota.file_bytes = v;
+        }
+        if let Some(v) = self.max_user_bytes {
+            config.quota.user_bytes = v;
         }
         if let Some(v) = self.max_objects_bytes {
             config.quota.objects_bytes = v;

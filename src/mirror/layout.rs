@@ -96,6 +96,21 @@ impl Layout {
             .collect()
     }
 
+    /// What the mirror of `project` held after its last sync that wrote a tree: its
+    /// files' bytes and its object store's, as a decimal number (for the owner's total,
+    /// [`crate::mirror::Quota::user_bytes`]).
+    pub fn footprint_file(&self, project: &ProjectId) -> PathBuf {
+        self.data_dir.join("git").join(format!("{project}.bytes"))
+    }
+
+    /// The footprint last recorded for `project` (0 when none).
+    pub fn footprint(&self, project: &ProjectId) -> u64 {
+        std::fs::read_to_string(self.footprint_file(project))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Removes everything of a deleted project.
     pub fn remove(&self, project: &ProjectId) -> std::io::Result<()> {
         remove_if_exists(&self.worktree(project))?;
@@ -104,6 +119,7 @@ impl Layout {
         let _lock = super::spare::lock(&trees).ok();
         remove_if_exists(&trees)?;
         remove_if_exists(&self.git_dir(project))?;
+        remove_if_exists(&self.footprint_file(project))?;
         remove_if_exists(&self.fence_file(project))
     }
 }

@@ -68,6 +68,9 @@ pub struct SyncSpec<'a> {
     pub min_free_bytes: u64,
     /// what the mirror may hold: checked after the fetch, before anything is written
     pub quota: Quota,
+    /// what the owner's other mirrors hold ([`Layout::footprint`]), for
+    /// `quota.user_bytes`
+    pub owner_other_bytes: u64,
 }
 
 /// A user name and token for an http(s) remote. Never logged.
@@ -208,7 +211,7 @@ fn sync_once(
     crate::failpoint::hit("sync.after_fetch")
         .map_err(|e| MirrorError::Io(std::io::Error::other(e)))?;
     check_interrupt(interrupt)?;
-    quota::check_objects(&git_dir, &spec.quota)?;
+    let objects_bytes = quota::check_objects(&git_dir, &spec.quota)?;
 
     // nothing new upstream and the current tree is exactly what the last sync wrote:
     // nothing to write (a full checkout would rewrite every file for nothing)
@@ -263,6 +266,14 @@ fn sync_once(
     // from the headers, before a byte is written: over a limit, the sync fails and the
     // current tree stays
     let size = quota::check_tree(&repo, commit, &spec.quota, interrupt)?;
+    let footprint = size.bytes.saturating_add(objects_bytes);
+    let owner_total = spec.owner_other_bytes.saturating_add(footprint);
+    if owner_total > spec.quota.user_bytes {
+        return Err(MirrorError::TooLarge(format!(
+            "with this branch the owner's mirrors would hold {owner_total} bytes, over HIVESYNC_MAX_USER_BYTES ({}); nothing was written",
+            spec.quota.user_bytes
+        )));
+    }
     // the floor must still hold once the files the previous tree cannot lend are
     // written
     let lent = previous_index
@@ -393,6 +404,11 @@ fn sync_once(
         let _ = remove_if_exists(&snapshot);
     })?;
     swap_link(&worktree, &snapshot)?;
+    // what this mirror now holds, for its owner's total (a lost write counts as 0
+    // until the next sync writes it)
+    if let Err(err) = std::fs::write(layout.footprint_file(spec.project), footprint.to_string()) {
+        tracing::debug!(project_id = %spec.project, error = %err, "could not record the mirror's footprint");
+    }
     crate::failpoint::hit("sync.after_swap")
         .map_err(|e| MirrorError::Io(std::io::Error::other(e)))?;
     if let Some(previous) = &previous_tree {

@@ -23,6 +23,8 @@ pub struct Quota {
     pub file_bytes: u64,
     /// bytes of the object store after a fetch
     pub objects_bytes: u64,
+    /// bytes (files and object stores) of all one owner's mirrors together
+    pub user_bytes: u64,
 }
 
 impl Default for Quota {
@@ -32,6 +34,7 @@ impl Default for Quota {
             files: 200_000,
             file_bytes: 100 << 20,
             objects_bytes: 4 << 30,
+            user_bytes: 20 << 30,
         }
     }
 }

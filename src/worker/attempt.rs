@@ -111,6 +111,16 @@ impl Worker {
         let fence = ctx.lock.fence;
         let min_free_bytes = self.settings.min_free_bytes;
         let quota = self.settings.quota;
+        // what the owner's other mirrors hold, for the per-user total
+        let owner_other_bytes = match self.engine.store.projects_of(&project.owner).await {
+            Ok(projects) => projects
+                .iter()
+                .filter(|other| other.project_id != project.project_id)
+                .filter_map(|other| ProjectId::parse(&other.project_id))
+                .map(|other| self.layout.footprint(&other))
+                .fold(0u64, u64::saturating_add),
+            Err(err) => return Err(err),
+        };
         let (phase_tx, mut phase_rx) = mpsc::unbounded_channel::<Phase>();
         let handle = {
             let layout = self.layout.clone();
@@ -131,6 +141,7 @@ impl Worker {
                     fence,
                     min_free_bytes,
                     quota,
+                    owner_other_bytes,
                 };
                 let on_phase = move |phase: Phase| {
                     let _ = phase_tx.send(phase);

@@ -610,3 +610,48 @@ async fn on_redis_a_misbehaving_tenant_leaves_another_served() {
     a_misbehaving_tenant_leaves_another_served(app).await;
     drop(redis);
 }
+
+#[tokio::test]
+async fn a_users_mirrors_together_stay_under_their_total() {
+    // each project below holds about 20 KB of files and 20 KB of objects
+    let app = TestApp::spawn_with(|config| config.quota.user_bytes = 60_000).await;
+    let first = GitRepo::new();
+    first.commit_random_files(5, 4_000);
+    let a = app.register(&first).await;
+    assert_eq!(app.sync_to_end(&a).await["status"], "completed");
+    let second = GitRepo::new();
+    second.commit_random_files(5, 4_000);
+    let b = app.register(&second).await;
+    let end = app.sync_to_end(&b).await;
+    assert_eq!(end["error"]["code"], "repo_too_large", "{end}");
+    assert!(
+        end["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("HIVESYNC_MAX_USER_BYTES")),
+        "{end}"
+    );
+    assert!(!app.worktree(&b).exists(), "nothing written");
+    // another user's total is their own
+    let bob = token("bob", ClientKind::Desktop);
+    let theirs = app.register_as(&bob, &second).await;
+    let accepted = app
+        .post("/api/v1/repo/sync", &bob, json!({"project_id": theirs}))
+        .await;
+    assert_eq!(accepted.status(), 202);
+    let worktree = app.worktree(&theirs);
+    crate::helpers::wait_until(Duration::from_secs(30), || async {
+        worktree.exists().then_some(())
+    })
+    .await
+    .expect("bob's sync writes his tree");
+    // deleting the first makes room for the second
+    assert_eq!(
+        app.delete(&format!("/api/v1/projects/{a}"), &app.token)
+            .await
+            .status(),
+        204
+    );
+    let end = app.sync_to_end(&b).await;
+    assert_eq!(end["status"], "completed", "{end}");
+    app.stop().await;
+}

@@ -30,6 +30,7 @@
 
 mod cluster;
 mod events;
+mod fair;
 mod keys;
 mod queue;
 mod scripts;

@@ -251,6 +251,7 @@ impl Application {
                 .ws_max
                 .unwrap_or_else(crate::http::slots::default_socket_cap),
         );
+        let reads = crate::http::budget::ReadBudget::new(config.reads_per_user, config.reads_max);
         let state = Arc::new(AppState {
             metrics: Arc::clone(&engine.metrics),
             engine,
@@ -260,6 +261,7 @@ impl Application {
             layout,
             reader,
             searches: crate::http::SearchSlots::default(),
+            reads,
             read_stop: CancellationToken::new(),
             webhook_key,
             registering: Default::default(),

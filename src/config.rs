@@ -82,6 +82,12 @@ pub struct Config {
     pub ws_per_user: usize,
     /// WebSocket connections one hub holds; `None` = from the process's file limit
     pub ws_max: Option<usize>,
+    /// reads of a mirror (tree, file, search, diff, metadata) one user runs at once
+    pub reads_per_user: usize,
+    /// reads of a mirror the process runs at once (on the blocking pool)
+    pub reads_max: usize,
+    /// what one diff may cost
+    pub diff: crate::mirror::read::DiffLimits,
     /// the only directories `file://` repo URLs may name (with `file` allowed)
     pub file_roots: Vec<PathBuf>,
     /// what one mirror may hold ([`crate::mirror::Quota`])
@@ -139,6 +145,9 @@ impl Default for Config {
             max_projects_per_user: 1000,
             ws_per_user: 64,
             ws_max: None,
+            reads_per_user: crate::http::budget::DEFAULT_PER_USER,
+            reads_max: crate::http::budget::DEFAULT_POOL,
+            diff: crate::mirror::read::DiffLimits::default(),
             file_roots: Vec::new(),
             quota: crate::mirror::Quota::default(),
             store_cache_bytes: crate::engine::embedded::DEFAULT_CACHE_BYTES,
@@ -319,6 +328,24 @@ pub struct ConfigArgs {
     /// WebSocket connections one hub holds [default: 3/4 of the open-file limit less 256]
     #[arg(long, env = "HIVESYNC_WS_MAX")]
     pub ws_max: Option<usize>,
+    /// reads (tree, file, search, diff, metadata) one user runs at once [default: 4]
+    #[arg(long, env = "HIVESYNC_READS_PER_USER")]
+    pub reads_per_user: Option<usize>,
+    /// reads the hub runs at once, all users together [default: 16]
+    #[arg(long, env = "HIVESYNC_READS_MAX")]
+    pub reads_max: Option<usize>,
+    /// changed files one diff lists at most [default: 1000]
+    #[arg(long, env = "HIVESYNC_DIFF_MAX_FILES")]
+    pub diff_max_files: Option<usize>,
+    /// a file's patch over this many bytes is marked too_large [default: 204800]
+    #[arg(long, env = "HIVESYNC_DIFF_MAX_PATCH_BYTES")]
+    pub diff_max_patch_bytes: Option<usize>,
+    /// patches one diff answer carries in total [default: 4194304]
+    #[arg(long, env = "HIVESYNC_DIFF_MAX_BYTES")]
+    pub diff_max_bytes: Option<usize>,
+    /// time one diff may spend computing line differences [default: 5000]
+    #[arg(long, env = "HIVESYNC_DIFF_TIMEOUT_MS")]
+    pub diff_timeout_ms: Option<u64>,
     /// directories file:// repo URLs may name, colon-separated [default: none]
     #[arg(long, env = "HIVESYNC_FILE_ROOTS")]
     pub file_roots: Option<String>,
@@ -439,6 +466,24 @@ impl ConfigArgs {
             config.ws_per_user = v;
         }
         config.ws_max = self.ws_max;
+        if let Some(v) = self.reads_per_user {
+            config.reads_per_user = v.max(1);
+        }
+        if let Some(v) = self.reads_max {
+            config.reads_max = v.max(1);
+        }
+        if let Some(v) = self.diff_max_files {
+            config.diff.max_files = v.max(1);
+        }
+        if let Some(v) = self.diff_max_patch_bytes {
+            config.diff.max_patch_bytes = v.max(1);
+        }
+        if let Some(v) = self.diff_max_bytes {
+            config.diff.max_bytes = v.max(1);
+        }
+        if let Some(v) = self.diff_timeout_ms {
+            config.diff.timeout = Duration::from_millis(v.max(1));
+        }
         if let Some(v) = self.file_roots {
             config.file_roots = std::env::split_paths(&v)
                 .filter(|path| !path.as_os_str().is_empty())

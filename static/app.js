@@ -383,7 +383,8 @@ async function loadTree(path) {
     return;
   }
   try {
-    const tree = await api(`/api/v1/repo/tree?project_id=${projectId}&path=${encodeURIComponent(path)}`);
+    const base = `/api/v1/repo/tree?project_id=${projectId}&path=${encodeURIComponent(path)}`;
+    const tree = await api(base);
     if (projectId !== state.selected) return;
     state.treePath = tree.path;
     $("tree-path").textContent = tree.path ? `/${tree.path}` : "/";
@@ -392,15 +393,40 @@ async function loadTree(path) {
       const parent = tree.path.split("/").slice(0, -1).join("/");
       items.push(el("li", {}, el("button", { class: "link", type: "button", onclick: () => loadTree(parent) }, "..")));
     }
-    for (const entry of tree.entries) {
-      const label = entry.kind === "dir" ? `${entry.name}/` : entry.name;
-      const open = entry.kind === "dir" ? () => loadTree(entry.path) : entry.kind === "file" ? () => openFile(entry.path) : null;
-      items.push(el("li", {}, open ? el("button", { class: "link", type: "button", onclick: open, "data-path": entry.path }, label) : el("span", { class: "meta" }, `${label} (submodule)`)));
-    }
+    items.push(...treeItems(tree.entries));
+    if (tree.next_cursor) items.push(moreEntries(base, tree.next_cursor, projectId));
     $("tree").replaceChildren(...items);
   } catch (error) {
     reportError(error);
   }
+}
+
+// One page's entries, directories first (pages come in path order).
+function treeItems(entries) {
+  const sorted = [...entries].sort((a, b) => (a.kind !== "dir") - (b.kind !== "dir"));
+  return sorted.map((entry) => {
+    const label = entry.kind === "dir" ? `${entry.name}/` : entry.name;
+    const open = entry.kind === "dir" ? () => loadTree(entry.path) : entry.kind === "file" ? () => openFile(entry.path) : null;
+    return el("li", {}, open ? el("button", { class: "link", type: "button", onclick: open, "data-path": entry.path }, label) : el("span", { class: "meta" }, `${label} (submodule)`));
+  });
+}
+
+// A button that appends the directory's next page in its place.
+function moreEntries(base, cursor, projectId) {
+  const item = el("li", {});
+  const button = el("button", { class: "link", type: "button", "data-more": "1" }, "More entries…");
+  button.addEventListener("click", async () => {
+    try {
+      const page = await api(`${base}&cursor=${encodeURIComponent(cursor)}`);
+      if (projectId !== state.selected) return;
+      const next = page.next_cursor ? [moreEntries(base, page.next_cursor, projectId)] : [];
+      item.replaceWith(...treeItems(page.entries), ...next);
+    } catch (error) {
+      reportError(error);
+    }
+  });
+  item.append(button);
+  return item;
 }
 
 async function openFile(path, line = null) {

@@ -53,6 +53,13 @@ pub enum ApiError {
     /// A WebSocket over the per-user or the hub's cap.
     #[error("{0}")]
     TooManyConnections(String),
+    /// Over a per-user or the hub's limit on concurrent work (reads, webhook
+    /// deliveries): the message names the limit; retry after `retry_after`.
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after: Duration,
+    },
     /// Over a per-user quota (projects registered).
     #[error("{0}")]
     QuotaExceeded(String),
@@ -80,9 +87,9 @@ impl ApiError {
                 ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE)
             }
             ApiError::InvalidSignature(_) => ("invalid_signature", StatusCode::UNAUTHORIZED),
-            ApiError::RateLimited { .. } | ApiError::TooManyConnections(_) => {
-                ("rate_limited", StatusCode::TOO_MANY_REQUESTS)
-            }
+            ApiError::RateLimited { .. }
+            | ApiError::Busy { .. }
+            | ApiError::TooManyConnections(_) => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
             ApiError::StorageFull => ("storage_full", StatusCode::INSUFFICIENT_STORAGE),
             ApiError::QuotaExceeded(_) => ("quota_exceeded", StatusCode::FORBIDDEN),
             ApiError::Backend(_) => ("backend_error", StatusCode::INTERNAL_SERVER_ERROR),
@@ -101,7 +108,7 @@ impl ApiError {
         };
         let reply = warp::reply::with_status(warp::reply::json(&body), status);
         match &self {
-            ApiError::RateLimited { retry_after } => {
+            ApiError::RateLimited { retry_after } | ApiError::Busy { retry_after, .. } => {
                 let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 warp::reply::with_header(reply, "retry-after", seconds.max(1).to_string())
                     .into_response()

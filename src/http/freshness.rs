@@ -357,6 +357,7 @@ fn defer_webhook_sync(state: &Arc<AppState>, project_id: &str, wait: std::time::
         (status = 200, description = "the head of the last completed sync", body = Metadata),
         (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
         (status = 404, description = "no such project (or another user's), or no completed sync yet", body = ErrorBody),
+        (status = 429, description = "too many reads running for this user or the hub (rate_limited)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -376,11 +377,11 @@ pub async fn metadata(
         .clone()
         .ok_or_else(|| ApiError::NotFound("the project has no completed sync yet".into()))?;
     let project_id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
+    let pass = state.reads.enter(&principal.user).await?;
     let reader = Arc::clone(&state.reader);
     let head_commit = commit.clone();
-    let info = tokio::task::spawn_blocking(move || reader.head_info(&project_id, &head_commit))
-        .await
-        .map_err(|err| ApiError::Backend(Box::new(err)))??;
+    let info =
+        super::budget::blocking(pass, move || reader.head_info(&project_id, &head_commit)).await?;
     Ok(Metadata {
         project_id: project.project_id,
         commit,

@@ -3,6 +3,7 @@
 //! are plain async fns returning `Result<_, ApiError>`, and every failure — including a
 //! route that does not match — leaves as the same JSON error body.
 
+pub mod budget;
 mod error;
 mod freshness;
 mod handlers;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// searches running per user
     pub searches: SearchSlots,
+    /// every read's place: per user and in the whole process
+    pub reads: budget::ReadBudget,
     /// cancelled when shutdown begins: reads still scanning stop at their next check
     pub read_stop: tokio_util::sync::CancellationToken,
     /// what webhook secrets are derived from (never logged)

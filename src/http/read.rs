@@ -13,6 +13,7 @@ use serde_json::json;
 use utoipa::ToSchema;
 use warp::Reply;
 
+use super::budget::blocking;
 use super::{ApiError, AppState, Caller, Response};
 use crate::domain::{ProjectId, RepoPath};
 use crate::mirror::read::{FileContent, FileDiff, ReadError, TreeEntry};
@@ -23,6 +24,11 @@ use crate::protocol::ErrorBody;
 const SEARCH_BUDGET: Duration = Duration::from_secs(5);
 const DEFAULT_SEARCH_LIMIT: usize = 100;
 const MAX_SEARCH_LIMIT: usize = 1000;
+/// Entries of a directory listing per page, unless asked otherwise, and at most.
+const DEFAULT_TREE_LIMIT: usize = 1000;
+const MAX_TREE_LIMIT: usize = 10_000;
+/// Cursors longer than this were not made by this hub (a name is at most 4 KiB).
+const MAX_CURSOR: usize = 8 * 1024;
 /// Searches one user may have running at once; more get `429`.
 const SEARCHES_PER_USER: usize = 2;
 
@@ -139,6 +145,8 @@ fn fnv1a(parts: &[&str]) -> u64 {
     params(
         ("project_id" = String, Query, description = "the project's id"),
         ("path" = Option<String>, Query, description = "a directory, relative to the root (default: the root)"),
+        ("limit" = Option<u32>, Query, description = "at most this many entries (default 1000)", minimum = 1, maximum = 10000),
+        ("cursor" = Option<String>, Query, description = "the `next_cursor` of the page before"),
         ("If-None-Match" = Option<String>, Header, description = "an ETag from an earlier answer: 304 when unchanged"),
     ),
     responses(
@@ -147,6 +155,7 @@ fn fnv1a(parts: &[&str]) -> u64 {
         (status = 400, description = "a missing or invalid parameter (invalid_request, path_invalid)", body = ErrorBody),
         (status = 403, description = "a mobile token (mobile_metadata_only)", body = ErrorBody),
         (status = 404, description = "no such project, path or commit, or no completed sync yet", body = ErrorBody),
+        (status = 429, description = "too many reads running for this user or the hub (rate_limited)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -174,6 +183,7 @@ pub async fn tree(
         (status = 400, description = "a missing or invalid parameter (invalid_request, path_invalid)", body = ErrorBody),
         (status = 403, description = "a mobile token (mobile_metadata_only)", body = ErrorBody),
         (status = 404, description = "no such project, path or commit, or no completed sync yet", body = ErrorBody),
+        (status = 429, description = "too many reads running for this user or the hub (rate_limited)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -233,6 +243,7 @@ pub async fn search(
         (status = 400, description = "a missing or invalid parameter (invalid_request, path_invalid)", body = ErrorBody),
         (status = 403, description = "a mobile token (mobile_metadata_only)", body = ErrorBody),
         (status = 404, description = "no such project, path or commit, or no completed sync yet", body = ErrorBody),
+        (status = 429, description = "too many reads running for this user or the hub (rate_limited)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -310,6 +321,7 @@ async fn read(
             param("limit").unwrap_or_default(),
             param("from").unwrap_or_default(),
             param("to").unwrap_or_default(),
+            param("cursor").unwrap_or_default(),
         ])
     );
     // an ETag this hub gave names a representation of one commit, which never
@@ -330,22 +342,35 @@ async fn read(
     let reader = Arc::clone(&state.reader);
     let body = match kind {
         ReadKind::Tree => {
+            let limit = bounded_number(param("limit"), DEFAULT_TREE_LIMIT, MAX_TREE_LIMIT)?;
+            let after = param("cursor")
+                .map(|cursor| TreeCursor::decode(cursor, &commit, &path))
+                .transpose()?;
+            let pass = state.reads.enter(&principal.user).await?;
             let (id, at) = (project_id.clone(), commit.clone());
             let path_for_read = path.clone();
-            let entries = blocking(move || reader.tree(&id, &at, &path_for_read)).await?;
+            let page = blocking(pass, move || {
+                reader.tree(&id, &at, &path_for_read, after.as_deref(), limit)
+            })
+            .await?;
+            let next_cursor = page
+                .next_after
+                .map(|after| TreeCursor::encode(&commit, &path, &after));
             to_json(TreeListing {
                 commit,
                 path: path.as_str().to_owned(),
-                entries,
+                entries: page.entries,
+                next_cursor,
             })?
         }
         ReadKind::File => {
             if path.is_root() {
                 return Err(ApiError::InvalidRequest("path is required".into()));
             }
+            let pass = state.reads.enter(&principal.user).await?;
             let (id, at) = (project_id.clone(), commit.clone());
             let path_for_read = path.clone();
-            let file = blocking(move || reader.file(&id, &at, &path_for_read)).await?;
+            let file = blocking(pass, move || reader.file(&id, &at, &path_for_read)).await?;
             to_json(FileView {
                 commit,
                 path: path.as_str().to_owned(),
@@ -367,18 +392,7 @@ async fn read(
             };
             let prefix = RepoPath::parse(param("path_prefix").unwrap_or_default())
                 .map_err(|err| ApiError::PathInvalid(err.to_string()))?;
-            let limit = match param("limit") {
-                None => DEFAULT_SEARCH_LIMIT,
-                Some(raw) => raw
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|l| (1..=MAX_SEARCH_LIMIT).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::InvalidRequest(format!(
-                            "limit must be a number from 1 to {MAX_SEARCH_LIMIT}"
-                        ))
-                    })?,
-            };
+            let limit = bounded_number(param("limit"), DEFAULT_SEARCH_LIMIT, MAX_SEARCH_LIMIT)?;
             // refused before any work: too long or too expensive to compile
             crate::mirror::search::matcher(pattern, regex)?;
             let _slot = state
@@ -387,10 +401,11 @@ async fn read(
                 .ok_or(ApiError::RateLimited {
                     retry_after: Duration::from_secs(1),
                 })?;
+            let pass = state.reads.enter(&principal.user).await?;
             let cancel = CancelOnDrop::new(state.read_stop.clone());
             let flag = Arc::clone(&cancel.flag);
             let (id, at, pattern) = (project_id.clone(), commit.clone(), pattern.to_owned());
-            let outcome = blocking(move || {
+            let outcome = blocking(pass, move || {
                 let query = SearchQuery {
                     pattern: &pattern,
                     regex,
@@ -416,15 +431,24 @@ async fn read(
             let to = param("to")
                 .ok_or_else(|| ApiError::InvalidRequest("to is required".into()))?
                 .to_owned();
-            let id = project_id.clone();
+            let pass = state.reads.enter(&principal.user).await?;
+            let cancel = CancelOnDrop::new(state.read_stop.clone());
+            let flag = Arc::clone(&cancel.flag);
+            let (id, limits) = (project_id.clone(), state.config.diff);
             let (from_read, to_read) = (from.clone(), to.clone());
-            let (files, truncated) =
-                blocking(move || reader.diff(&id, &from_read, &to_read)).await?;
+            let outcome = blocking(pass, move || {
+                reader.diff(&id, &from_read, &to_read, &limits, &flag)
+            })
+            .await?;
+            if outcome.truncated && flag_set(&cancel) {
+                // nobody waits for a cancelled diff's answer: do not cache a part of it
+                return Err(ApiError::Unavailable("the diff was cancelled".into()));
+            }
             to_json(DiffView {
                 from,
                 to,
-                files,
-                truncated,
+                files: outcome.files,
+                truncated: outcome.truncated,
             })?
         }
     };
@@ -440,14 +464,69 @@ async fn read(
     Ok(reply.into_response())
 }
 
-async fn blocking<T, F>(work: F) -> Result<T, ApiError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, ReadError> + Send + 'static,
-{
-    Ok(tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|err| ApiError::Backend(Box::new(err)))??)
+fn flag_set(cancel: &CancelOnDrop) -> bool {
+    cancel.flag.load(Ordering::Relaxed)
+}
+
+/// An optional numeric parameter from 1 to `max`, `default` when absent.
+fn bounded_number(raw: Option<&str>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                ApiError::InvalidRequest(format!("limit must be a number from 1 to {max}"))
+            }),
+    }
+}
+
+/// Where the next page of a directory listing starts: opaque to clients, bound to the
+/// commit and directory it was given for.
+struct TreeCursor;
+
+impl TreeCursor {
+    const VERSION: &'static str = "t1";
+
+    fn encode(commit: &str, path: &RepoPath, after: &str) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            "{}\n{commit}\n{}\n{after}",
+            Self::VERSION,
+            path.as_str()
+        ))
+    }
+
+    /// The name the page starts after; a cursor of another commit or directory (or
+    /// none this hub made) is `invalid_request`.
+    fn decode(cursor: &str, commit: &str, path: &RepoPath) -> Result<String, ApiError> {
+        use base64::Engine as _;
+        let invalid = |why: &str| ApiError::InvalidRequest(format!("cursor {why}"));
+        if cursor.len() > MAX_CURSOR {
+            return Err(invalid("is too long"));
+        }
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(cursor)
+            .ok()
+            .and_then(|raw| String::from_utf8(raw).ok())
+            .ok_or_else(|| invalid("is not one this hub gave"))?;
+        let mut parts = raw.splitn(4, '\n');
+        let (Some(Self::VERSION), Some(of_commit), Some(of_path), Some(after)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid("is not one this hub gave"));
+        };
+        if of_commit != commit {
+            return Err(invalid(
+                "is from another commit: the project synced since; list from the start",
+            ));
+        }
+        if of_path != path.as_str() {
+            return Err(invalid("is from another directory"));
+        }
+        Ok(after.to_owned())
+    }
 }
 
 #[cfg(test)]
@@ -475,6 +554,8 @@ pub struct TreeListing {
     pub commit: String,
     pub path: String,
     pub entries: Vec<TreeEntry>,
+    /// where the next page starts (pass it as `cursor`); `null` on the last page
+    pub next_cursor: Option<String>,
 }
 
 /// `GET /api/v1/repo/file`: one file's content (base64 when it is not UTF-8).

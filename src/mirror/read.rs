@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde::Serialize;
@@ -13,10 +15,6 @@ use crate::domain::{ProjectId, RepoPath};
 
 /// File content returned at most.
 pub const FILE_CAP: usize = 1024 * 1024;
-/// A unified patch per file is cut at this size.
-pub const PATCH_CAP: usize = 256 * 1024;
-/// Changed files a diff lists at most.
-pub const DIFF_FILES_CAP: usize = 2000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -43,6 +41,14 @@ pub struct TreeEntry {
     /// there must not write it, lest it land outside its folder or somewhere else
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub unsafe_on_windows: bool,
+}
+
+/// One page of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreePage {
+    pub entries: Vec<TreeEntry>,
+    /// the last name of this page when more follow: where the next page starts
+    pub next_after: Option<String>,
 }
 
 /// Whether a file name cannot be written as it is on Windows.
@@ -74,7 +80,11 @@ pub struct FileDiff {
     pub path: String,
     pub old_path: Option<String>,
     pub status: &'static str,
-    pub patch: String,
+    /// `null` when `too_large`
+    pub patch: Option<String>,
+    /// the patch is over `HIVESYNC_DIFF_MAX_PATCH_BYTES`, or its line diff ran out of
+    /// the diff's time (`HIVESYNC_DIFF_TIMEOUT_MS`): not computed, not sent
+    pub too_large: bool,
 }
 
 /// A commit's headline facts and the size of its checked-out tree.
@@ -307,12 +317,17 @@ impl Reader {
         })
     }
 
+    /// One page of a directory's entries at `commit`, in path order: up to `limit`
+    /// entries whose names sort after `after`. The directory's entries are listed from
+    /// its tree object alone; only the page's files have their sizes looked up.
     pub fn tree(
         &self,
         project: &ProjectId,
         commit: &str,
         path: &RepoPath,
-    ) -> Result<Vec<TreeEntry>, ReadError> {
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<TreePage, ReadError> {
         self.with_repo(project, |repo| {
             let root = Self::tree_at(repo, commit)?;
             let tree = if path.is_root() {
@@ -332,17 +347,28 @@ impl Reader {
                 }
                 entry.object().map_err(git_error)?.into_tree()
             };
-            let mut entries = Vec::new();
+            let mut listed = Vec::new();
             for entry in tree.iter() {
                 let entry = entry.map_err(git_error)?;
                 let name = entry.filename().to_string();
-                let mode = entry.mode();
+                if after.is_some_and(|after| name.as_str() <= after) {
+                    continue;
+                }
+                listed.push((name, entry.mode(), entry.oid().to_owned()));
+            }
+            // git orders a tree's entries as if directories ended in `/`; pages go by
+            // the name alone, the order `path` sorts in
+            listed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let more = listed.len() > limit;
+            listed.truncate(limit);
+            let mut entries = Vec::with_capacity(listed.len());
+            for (name, mode, oid) in listed {
                 let (kind, size) = if mode.is_tree() {
                     ("dir", None)
                 } else if mode.is_commit() {
                     ("submodule", None)
                 } else {
-                    let header = repo.find_header(entry.oid()).map_err(git_error)?;
+                    let header = repo.find_header(oid).map_err(git_error)?;
                     ("file", Some(header.size()))
                 };
                 entries.push(TreeEntry {
@@ -353,13 +379,13 @@ impl Reader {
                     size,
                 });
             }
-            // directories first, then by name: a stable order for clients to render
-            entries.sort_by(|a, b| {
-                (a.kind != "dir")
-                    .cmp(&(b.kind != "dir"))
-                    .then_with(|| a.name.cmp(&b.name))
-            });
-            Ok(entries)
+            let next_after = more
+                .then(|| entries.last().map(|entry| entry.name.clone()))
+                .flatten();
+            Ok(TreePage {
+                entries,
+                next_after,
+            })
         })
     }
 
@@ -391,12 +417,20 @@ impl Reader {
         })
     }
 
+    /// The files changed from `from` to `to`, within `limits`: past its files, lines
+    /// or bytes the answer is `truncated`; a file whose patch would be over the patch
+    /// cap (known from the blobs' headers where it can be, without inflating them) or
+    /// whose line diff ran out of time is listed `too_large`, with no patch. `cancel`
+    /// (the client went away, the server is stopping) ends the work at the next file.
     pub fn diff(
         &self,
         project: &ProjectId,
         from: &str,
         to: &str,
-    ) -> Result<(Vec<FileDiff>, bool), ReadError> {
+        limits: &DiffLimits,
+        cancel: &AtomicBool,
+    ) -> Result<DiffOutcome, ReadError> {
+        let deadline = Instant::now() + limits.timeout;
         self.with_repo(project, |repo| {
             let old_tree = Self::tree_at(repo, from)?;
             let new_tree = Self::tree_at(repo, to)?;
@@ -405,91 +439,205 @@ impl Reader {
             let changes = repo
                 .diff_tree_to_tree(&old_tree, &new_tree, options)
                 .map_err(git_error)?;
-            let mut files = Vec::new();
-            let mut truncated = false;
+            let mut outcome = DiffOutcome::default();
+            let (mut bytes, mut lines) = (0usize, 0usize);
             for change in changes {
-                use gix::object::tree::diff::ChangeDetached as Change;
-                let (status, path, old_path, old_id, new_id) = match change {
-                    Change::Addition {
-                        location,
-                        entry_mode,
-                        id,
-                        ..
-                    } if entry_mode.is_blob_or_symlink() => {
-                        ("added", location.to_string(), None, None, Some(id))
-                    }
-                    Change::Deletion {
-                        location,
-                        entry_mode,
-                        id,
-                        ..
-                    } if entry_mode.is_blob_or_symlink() => {
-                        ("deleted", location.to_string(), None, Some(id), None)
-                    }
-                    Change::Modification {
-                        location,
-                        entry_mode,
-                        previous_id,
-                        id,
-                        ..
-                    } if entry_mode.is_blob_or_symlink() => (
-                        "modified",
-                        location.to_string(),
-                        None,
-                        Some(previous_id),
-                        Some(id),
-                    ),
-                    Change::Rewrite {
-                        source_location,
-                        source_id,
-                        location,
-                        id,
-                        entry_mode,
-                        copy,
-                        ..
-                    } if entry_mode.is_blob_or_symlink() => {
-                        // a copy leaves its source in place: to the reader it is a new file
-                        let status = if copy { "added" } else { "renamed" };
-                        (
-                            status,
-                            location.to_string(),
-                            Some(source_location.to_string()),
-                            Some(source_id),
-                            Some(id),
-                        )
-                    }
-                    _ => continue,
+                let Some(change) = FileChange::of(change) else {
+                    continue;
                 };
-                if files.len() >= DIFF_FILES_CAP {
-                    truncated = true;
+                if outcome.files.len() >= limits.max_files
+                    || bytes >= limits.max_bytes
+                    || lines >= limits.max_lines
+                    || cancel.load(Ordering::Relaxed)
+                {
+                    outcome.truncated = true;
                     break;
                 }
-                let read = |id: Option<gix::ObjectId>| -> Result<Vec<u8>, ReadError> {
-                    match id {
-                        Some(id) => Ok(repo.find_blob(id).map_err(git_error)?.data.clone()),
-                        None => Ok(Vec::new()),
-                    }
-                };
-                let old = read(old_id)?;
-                let new = read(new_id)?;
-                let old_name = old_path.clone().unwrap_or_else(|| path.clone());
-                let patch = unified_patch(
-                    &old_name,
-                    &path,
-                    &old,
-                    &new,
-                    old_id.is_none(),
-                    new_id.is_none(),
-                );
-                files.push(FileDiff {
-                    path,
-                    old_path,
-                    status,
+                let patch = change.patch(repo, limits, deadline)?;
+                let patch = patch.filter(|patch| {
+                    bytes + patch.len() <= limits.max_bytes
+                        && lines + patch.lines().count() <= limits.max_lines
+                });
+                if let Some(patch) = &patch {
+                    bytes += patch.len();
+                    lines += patch.lines().count();
+                }
+                // what a file costs in the answer beside its patch
+                bytes += change.path.len() + change.old_path.as_ref().map_or(0, String::len) + 64;
+                outcome.files.push(FileDiff {
+                    too_large: patch.is_none(),
+                    path: change.path,
+                    old_path: change.old_path,
+                    status: change.status,
                     patch,
                 });
             }
-            Ok((files, truncated))
+            Ok(outcome)
         })
+    }
+}
+
+/// What one diff may cost (`HIVESYNC_DIFF_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiffLimits {
+    /// changed files listed at most; past them the answer is `truncated`
+    pub max_files: usize,
+    /// a file's patch over this is `too_large` (GitLab's `diff_max_patch_bytes`)
+    pub max_patch_bytes: usize,
+    /// patches (and listed paths) one answer carries in total
+    pub max_bytes: usize,
+    /// patch lines one answer carries in total
+    pub max_lines: usize,
+    /// time all of one diff's line differences may take together
+    pub timeout: Duration,
+}
+
+impl Default for DiffLimits {
+    fn default() -> Self {
+        Self {
+            max_files: 1000,
+            max_patch_bytes: 200 * 1024,
+            max_bytes: 4 * 1024 * 1024,
+            max_lines: 50_000,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl DiffLimits {
+    /// A side of a modified file bigger than this is not read at all: its patch
+    /// could be small, but finding out would inflate the whole blob.
+    pub fn max_blob_bytes(&self) -> u64 {
+        (self.max_patch_bytes as u64).saturating_mul(8)
+    }
+}
+
+/// What a diff found, within its limits.
+#[derive(Debug, Default)]
+pub struct DiffOutcome {
+    pub files: Vec<FileDiff>,
+    /// files were left out (past a limit, or the request was cancelled)
+    pub truncated: bool,
+}
+
+/// One changed blob (or symlink) of a tree diff.
+struct FileChange {
+    status: &'static str,
+    path: String,
+    old_path: Option<String>,
+    old_id: Option<gix::ObjectId>,
+    new_id: Option<gix::ObjectId>,
+}
+
+impl FileChange {
+    fn of(change: gix::object::tree::diff::ChangeDetached) -> Option<Self> {
+        use gix::object::tree::diff::ChangeDetached as Change;
+        let file = |status, path: &gix::bstr::BStr, old_path: Option<String>, old_id, new_id| {
+            Some(Self {
+                status,
+                path: path.to_string(),
+                old_path,
+                old_id,
+                new_id,
+            })
+        };
+        match change {
+            Change::Addition {
+                location,
+                entry_mode,
+                id,
+                ..
+            } if entry_mode.is_blob_or_symlink() => {
+                file("added", location.as_ref(), None, None, Some(id))
+            }
+            Change::Deletion {
+                location,
+                entry_mode,
+                id,
+                ..
+            } if entry_mode.is_blob_or_symlink() => {
+                file("deleted", location.as_ref(), None, Some(id), None)
+            }
+            Change::Modification {
+                location,
+                entry_mode,
+                previous_id,
+                id,
+                ..
+            } if entry_mode.is_blob_or_symlink() => file(
+                "modified",
+                location.as_ref(),
+                None,
+                Some(previous_id),
+                Some(id),
+            ),
+            Change::Rewrite {
+                source_location,
+                source_id,
+                location,
+                id,
+                entry_mode,
+                copy,
+                ..
+            } if entry_mode.is_blob_or_symlink() => {
+                // a copy leaves its source in place: to the reader it is a new file
+                let status = if copy { "added" } else { "renamed" };
+                file(
+                    status,
+                    location.as_ref(),
+                    Some(source_location.to_string()),
+                    Some(source_id),
+                    Some(id),
+                )
+            }
+            _ => None,
+        }
+    }
+
+    /// The change's unified patch, or `None` when it is over the patch cap or its line
+    /// diff ran out of time. Sizes come from the object headers first: an added or
+    /// deleted blob over the cap, or any side over [`DiffLimits::max_blob_bytes`], is
+    /// never inflated.
+    fn patch(
+        &self,
+        repo: &gix::Repository,
+        limits: &DiffLimits,
+        deadline: Instant,
+    ) -> Result<Option<String>, ReadError> {
+        let size = |id: Option<gix::ObjectId>| -> Result<u64, ReadError> {
+            match id {
+                Some(id) => Ok(repo.find_header(id).map_err(git_error)?.size()),
+                None => Ok(0),
+            }
+        };
+        let (old_size, new_size) = (size(self.old_id)?, size(self.new_id)?);
+        let one_sided = self.old_id.is_none() || self.new_id.is_none();
+        if old_size.max(new_size) > limits.max_blob_bytes()
+            || (one_sided && old_size + new_size > limits.max_patch_bytes as u64)
+            || Instant::now() >= deadline
+        {
+            return Ok(None);
+        }
+        let read = |id: Option<gix::ObjectId>| -> Result<Vec<u8>, ReadError> {
+            match id {
+                Some(id) => Ok(repo.find_blob(id).map_err(git_error)?.take_data()),
+                None => Ok(Vec::new()),
+            }
+        };
+        let (old, new) = (read(self.old_id)?, read(self.new_id)?);
+        let old_name = self.old_path.as_deref().unwrap_or(&self.path);
+        Ok(unified_patch(
+            Sides {
+                old_path: old_name,
+                new_path: &self.path,
+                old: &old,
+                new: &new,
+                added: self.old_id.is_none(),
+                deleted: self.new_id.is_none(),
+            },
+            limits.max_patch_bytes,
+            deadline,
+        ))
     }
 }
 
@@ -542,44 +690,49 @@ fn is_binary(data: &[u8]) -> bool {
     data[..data.len().min(8000)].contains(&0) || std::str::from_utf8(data).is_err()
 }
 
-fn unified_patch(
-    old_path: &str,
-    new_path: &str,
-    old: &[u8],
-    new: &[u8],
+/// Both sides of one file's change.
+struct Sides<'a> {
+    old_path: &'a str,
+    new_path: &'a str,
+    old: &'a [u8],
+    new: &'a [u8],
     added: bool,
     deleted: bool,
-) -> String {
-    let old_header = if added {
+}
+
+/// A git-style unified patch of `sides`, or `None` when it would be over `cap` bytes
+/// or the line diff did not finish by `deadline` (`similar` then gives up on a
+/// minimal diff; a patch that is not what git shows is not shown).
+fn unified_patch(sides: Sides<'_>, cap: usize, deadline: Instant) -> Option<String> {
+    let old_header = if sides.added {
         "/dev/null".to_owned()
     } else {
-        format!("a/{old_path}")
+        format!("a/{}", sides.old_path)
     };
-    let new_header = if deleted {
+    let new_header = if sides.deleted {
         "/dev/null".to_owned()
     } else {
-        format!("b/{new_path}")
+        format!("b/{}", sides.new_path)
     };
-    if is_binary(old) || is_binary(new) {
-        return format!("Binary files {old_header} and {new_header} differ\n");
+    if is_binary(sides.old) || is_binary(sides.new) {
+        return Some(format!(
+            "Binary files {old_header} and {new_header} differ\n"
+        ));
     }
-    let old_text = String::from_utf8_lossy(old);
-    let new_text = String::from_utf8_lossy(new);
-    let diff = similar::TextDiff::from_lines(old_text.as_ref(), new_text.as_ref());
-    let mut patch = diff
+    let old_text = String::from_utf8_lossy(sides.old);
+    let new_text = String::from_utf8_lossy(sides.new);
+    let diff = similar::TextDiff::configure()
+        .deadline(deadline)
+        .diff_lines(old_text.as_ref(), new_text.as_ref());
+    if Instant::now() >= deadline {
+        return None;
+    }
+    let patch = diff
         .unified_diff()
         .context_radius(3)
         .header(&old_header, &new_header)
         .to_string();
-    if patch.len() > PATCH_CAP {
-        let mut end = PATCH_CAP;
-        while !patch.is_char_boundary(end) {
-            end -= 1;
-        }
-        patch.truncate(end);
-        patch.push_str("\n… patch truncated\n");
-    }
-    patch
+    (patch.len() <= cap).then_some(patch)
 }
 
 #[cfg(test)]
@@ -614,17 +767,40 @@ mod tests {
 
     #[test]
     fn patches_have_git_style_headers() {
-        let patch = unified_patch(
-            "a.txt",
-            "a.txt",
-            b"one\ntwo\n",
-            b"one\nthree\n",
-            false,
-            false,
-        );
+        let later = Instant::now() + Duration::from_secs(60);
+        let sides = |old: &'static [u8], new: &'static [u8], added| Sides {
+            old_path: "a.txt",
+            new_path: "a.txt",
+            old,
+            new,
+            added,
+            deleted: false,
+        };
+        let patch = unified_patch(sides(b"one\ntwo\n", b"one\nthree\n", false), 1024, later)
+            .expect("under the cap");
         assert!(patch.starts_with("--- a/a.txt\n+++ b/a.txt\n"), "{patch}");
         assert!(patch.contains("-two\n+three\n"));
-        let added = unified_patch("n.txt", "n.txt", b"", b"new\n", true, false);
-        assert!(added.starts_with("--- /dev/null\n+++ b/n.txt\n"));
+        let added = unified_patch(sides(b"", b"new\n", true), 1024, later).expect("small");
+        assert!(added.starts_with("--- /dev/null\n+++ b/a.txt\n"));
+        assert_eq!(
+            unified_patch(sides(b"one\ntwo\n", b"one\nthree\n", false), 10, later),
+            None,
+            "over the cap: not shown"
+        );
+    }
+
+    #[test]
+    fn a_line_diff_out_of_time_is_not_shown() {
+        let old: String = (0..20_000).map(|n| format!("old line {n}\n")).collect();
+        let new: String = (0..20_000).map(|n| format!("new line {n}\n")).collect();
+        let sides = Sides {
+            old_path: "big.txt",
+            new_path: "big.txt",
+            old: old.as_bytes(),
+            new: new.as_bytes(),
+            added: false,
+            deleted: false,
+        };
+        assert_eq!(unified_patch(sides, usize::MAX, Instant::now()), None);
     }
 }

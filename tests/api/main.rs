@@ -2,6 +2,7 @@
 //! repositories as remotes.
 
 mod browser;
+mod budgets;
 mod chaos;
 mod conformance;
 mod conformance_fresh;

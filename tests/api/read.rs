@@ -10,7 +10,7 @@ async fn synced_project(app: &TestApp, repo: &GitRepo) -> String {
 }
 
 #[tokio::test]
-async fn tree_lists_directories_first_with_kinds_and_sizes() {
+async fn tree_lists_entries_in_path_order_with_kinds_and_sizes() {
     let app = TestApp::spawn().await;
     let repo = GitRepo::new();
     repo.write("b.txt", "four")
@@ -42,7 +42,7 @@ async fn tree_lists_directories_first_with_kinds_and_sizes() {
         .iter()
         .map(|e| e["name"].as_str().expect("name"))
         .collect();
-    assert_eq!(names, ["docs", "src", "a.txt", "b.txt", "vendored"]);
+    assert_eq!(names, ["a.txt", "b.txt", "docs", "src", "vendored"]);
     let entry = |name: &str| {
         root["entries"]
             .as_array()

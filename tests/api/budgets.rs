@@ -1,0 +1,386 @@
+//! Every read within a budget (#30): a directory listing comes in pages, a diff stops
+//! at its limits, and one user's reads cannot take every place another user's need.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use hivesync::auth::ClientKind;
+use serde_json::Value;
+
+use crate::helpers::{GitRepo, TestApp, WAIT, token, wait_until};
+
+/// Feeds `stream` to `git fast-import` in `repo` (thousands of paths in a second) and
+/// returns the head of `main`.
+fn fast_import(repo: &GitRepo, stream: &[u8]) -> String {
+    let mut import = Command::new("git")
+        .args(["fast-import", "--quiet", "--force"])
+        .current_dir(repo.path())
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("git fast-import runs");
+    import
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stream)
+        .expect("stream written");
+    assert!(import.wait().expect("fast-import ends").success());
+    repo.git(&["reset", "-q", "--hard", "refs/heads/main"]);
+    repo.head()
+}
+
+/// A commit on `main` (after `parent`, when given) whose tree is `files`, each path
+/// naming a blob mark defined in `blobs`.
+fn commit_stream(
+    blobs: &[(u32, Vec<u8>)],
+    files: &[(String, u32)],
+    parent: Option<&str>,
+    message: &str,
+) -> Vec<u8> {
+    let mut stream = Vec::new();
+    for (mark, data) in blobs {
+        write!(stream, "blob\nmark :{mark}\ndata {}\n", data.len()).expect("buffer");
+        stream.extend_from_slice(data);
+        stream.push(b'\n');
+    }
+    write!(
+        stream,
+        "commit refs/heads/main\ncommitter Test <test@example.com> 1700000000 +0000\ndata {}\n{message}\n",
+        message.len()
+    )
+    .expect("buffer");
+    if let Some(parent) = parent {
+        writeln!(stream, "from {parent}").expect("buffer");
+    }
+    stream.extend_from_slice(b"deleteall\n");
+    for (path, mark) in files {
+        writeln!(stream, "M 100644 :{mark} {path}").expect("buffer");
+    }
+    stream
+}
+
+async fn synced(app: &TestApp, id: &str) {
+    assert_eq!(app.sync_to_end(id).await["status"], "completed");
+}
+
+fn names(page: &Value) -> Vec<String> {
+    page["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|entry| entry["name"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_large_directory_comes_in_pages_each_entry_once_in_path_order() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    let files: Vec<(String, u32)> = (0..2_500)
+        .map(|n| (format!("big/f{n:05}.txt"), 1))
+        .chain([("big/sub/x.txt".to_owned(), 1), ("top.txt".to_owned(), 1)])
+        .collect();
+    let first = fast_import(
+        &repo,
+        &commit_stream(&[(1, b"same\n".to_vec())], &files, None, "many"),
+    );
+    let id = app.register(&repo).await;
+    synced(&app, &id).await;
+
+    let base = format!("/api/v1/repo/tree?project_id={id}&path=big");
+    let (status, page) = app.get_json(&base).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["entries"].as_array().expect("entries").len(), 1000);
+    let mut seen = names(&page);
+    let mut cursor = page["next_cursor"].as_str().expect("more pages").to_owned();
+    let mut pages = 1;
+    loop {
+        let (status, page) = app
+            .get_json(&format!("{base}&limit=700&cursor={cursor}"))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        assert!(page["entries"].as_array().expect("entries").len() <= 700);
+        seen.extend(names(&page));
+        pages += 1;
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => {
+                assert!(page["next_cursor"].is_null(), "the last page says so");
+                break;
+            }
+        }
+    }
+    assert_eq!(pages, 1 + 3, "1,000 then 700, 700 and the last 101");
+    assert_eq!(seen.len(), 2_501, "every entry");
+    assert_eq!(
+        seen.iter().collect::<HashSet<_>>().len(),
+        2_501,
+        "each exactly once"
+    );
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(seen, sorted, "in path order across pages");
+
+    // a small directory is one page, as before
+    let (_, root) = app
+        .get_json(&format!("/api/v1/repo/tree?project_id={id}"))
+        .await;
+    assert_eq!(names(&root), ["big", "top.txt"]);
+    assert!(root["next_cursor"].is_null());
+
+    // bad limits and cursors are refused, not guessed at
+    for query in [
+        "limit=0",
+        "limit=10001",
+        "limit=many",
+        "cursor=not-a-cursor",
+        "cursor=dDEKYQpiCmM",
+    ] {
+        let (status, body) = app.get_json(&format!("{base}&{query}")).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{query}: {body}"
+        );
+    }
+    let (status, body) = app
+        .get_json(&format!(
+            "/api/v1/repo/tree?project_id={id}&path=big/sub&cursor={cursor}"
+        ))
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    // once the project synced another commit, an old cursor names nothing: 400
+    fast_import(
+        &repo,
+        &commit_stream(&[(1, b"changed\n".to_vec())], &files, Some(&first), "next"),
+    );
+    synced(&app, &id).await;
+    let (status, body) = app.get_json(&format!("{base}&cursor={cursor}")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("another commit")),
+        "{body}"
+    );
+    app.stop().await;
+}
+
+/// The 2,001 paths at one 300 KB blob of the issue: 699 MB of JSON before.
+#[tokio::test]
+async fn a_diff_of_many_large_files_stops_at_its_limits() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    let from = fast_import(
+        &repo,
+        &commit_stream(
+            &[(1, b"seed\n".to_vec())],
+            &[("seed.txt".to_owned(), 1)],
+            None,
+            "seed",
+        ),
+    );
+    let text: Vec<u8> = (0..20_000)
+        .flat_map(|n| format!("line {n:06} of a shared text\n").into_bytes())
+        .collect();
+    assert!(text.len() > 300_000);
+    let files: Vec<(String, u32)> = (0..2_001)
+        .map(|n| (format!("copies/{n:04}.txt"), 2))
+        .chain([("seed.txt".to_owned(), 1), ("small.txt".to_owned(), 3)])
+        .collect();
+    let to = fast_import(
+        &repo,
+        &commit_stream(
+            &[
+                (1, b"seed\n".to_vec()),
+                (2, text),
+                (3, b"a small file\n".to_vec()),
+            ],
+            &files,
+            Some(&from),
+            "fan out",
+        ),
+    );
+    let id = app.register(&repo).await;
+    synced(&app, &id).await;
+
+    let response = app
+        .get(
+            &format!("/api/v1/repo/diff?project_id={id}&from={from}&to={to}"),
+            &app.token,
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let raw = response.bytes().await.expect("body");
+    let limits = app.state.config.diff;
+    assert!(
+        raw.len() < limits.max_bytes + 512 * 1024,
+        "the answer stays near HIVESYNC_DIFF_MAX_BYTES: {} bytes",
+        raw.len()
+    );
+    let diff: Value = serde_json::from_slice(&raw).expect("json");
+    let files = diff["files"].as_array().expect("files");
+    assert_eq!(diff["truncated"], true, "files were left out");
+    assert_eq!(files.len(), limits.max_files, "up to the file limit");
+    let large: Vec<&Value> = files.iter().filter(|f| f["too_large"] == true).collect();
+    assert!(
+        large.len() >= files.len() - 1,
+        "every 440 KB patch is over the patch cap"
+    );
+    assert!(large.iter().all(|f| f["patch"].is_null()), "and not sent");
+    let small = files.iter().find(|f| f["path"] == "small.txt");
+    if let Some(small) = small {
+        assert_eq!(small["too_large"], false);
+        assert!(
+            small["patch"]
+                .as_str()
+                .is_some_and(|p| p.contains("+a small file"))
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_line_diff_out_of_time_is_marked_too_large_and_the_rest_is_shown() {
+    let app = TestApp::spawn_with(|config| {
+        config.diff.max_patch_bytes = 64 << 20;
+        config.diff.max_bytes = 256 << 20;
+        config.diff.max_lines = usize::MAX;
+        config.diff.timeout = Duration::from_millis(1);
+    })
+    .await;
+    let repo = GitRepo::new();
+    let old: String = (0..50_000).map(|n| format!("old {n}\n")).collect();
+    let new: String = (0..50_000).map(|n| format!("new {n}\n")).collect();
+    repo.write("big.txt", &old);
+    let from = repo.commit("old");
+    repo.write("big.txt", &new);
+    let to = repo.commit("new");
+    let id = app.register(&repo).await;
+    synced(&app, &id).await;
+    let (status, diff) = app
+        .get_json(&format!(
+            "/api/v1/repo/diff?project_id={id}&from={from}&to={to}"
+        ))
+        .await;
+    assert_eq!(status, 200, "{diff}");
+    let file = &diff["files"][0];
+    assert_eq!(file["path"], "big.txt");
+    assert_eq!(file["too_large"], true, "{file}");
+    assert!(file["patch"].is_null());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_users_reads_have_a_cap_and_another_users_reads_go_on() {
+    let app = TestApp::spawn_with(|config| {
+        config.reads_per_user = 1;
+        // the slow read: a line diff allowed to run for seconds
+        config.diff.max_patch_bytes = 64 << 20;
+        config.diff.max_bytes = 256 << 20;
+        config.diff.max_lines = usize::MAX;
+        config.diff.timeout = Duration::from_secs(4);
+    })
+    .await;
+    let repo = GitRepo::new();
+    let old: String = (0..60_000).map(|n| format!("old {n}\n")).collect();
+    let new: String = (0..60_000).map(|n| format!("new {n}\n")).collect();
+    repo.write("big.txt", &old);
+    let from = repo.commit("old");
+    repo.write("big.txt", &new);
+    let to = repo.commit("new");
+    let alice = app.register(&repo).await;
+    synced(&app, &alice).await;
+    let bob_token = token("bob", ClientKind::Desktop);
+    let bob = app.register_as(&bob_token, &repo).await;
+    let response = app
+        .post(
+            "/api/v1/repo/sync",
+            &bob_token,
+            serde_json::json!({"project_id": bob}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    let bob_tree = format!("/api/v1/repo/tree?project_id={bob}");
+    let readable = wait_until(WAIT, || async {
+        (app.get(&bob_tree, &bob_token).await.status() == 200).then_some(())
+    })
+    .await;
+    assert!(readable.is_some(), "bob's project synced");
+
+    let slow = {
+        let (http, url, token) = (
+            app.http.clone(),
+            format!(
+                "{}/api/v1/repo/diff?project_id={alice}&from={from}&to={to}",
+                app.base
+            ),
+            app.token.clone(),
+        );
+        tokio::spawn(async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("sent")
+                .status()
+                .as_u16()
+        })
+    };
+    let running = wait_until(WAIT, || async {
+        (app.state.reads.running() == 1).then_some(())
+    })
+    .await;
+    assert!(running.is_some(), "the diff holds alice's one place");
+    let mut refused = None;
+    let mut bob_served = 0;
+    while !slow.is_finished() {
+        let response = app
+            .get(&format!("/api/v1/repo/tree?project_id={alice}"), &app.token)
+            .await;
+        if response.status() == 429 {
+            let retry = response
+                .headers()
+                .get("retry-after")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned);
+            let body: Value = response.json().await.expect("json");
+            refused = Some((retry, body));
+            let status = app.get(&bob_tree, &bob_token).await.status();
+            assert_eq!(status, 200, "bob's reads are not alice's to spend");
+            bob_served += 1;
+            if bob_served >= 3 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (retry, body) = refused.expect("alice's second read while her diff ran was refused");
+    assert_eq!(body["error"], "rate_limited", "{body}");
+    assert!(retry.is_some(), "with Retry-After");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("HIVESYNC_READS_PER_USER")),
+        "{body}"
+    );
+    assert_eq!(slow.await.expect("joined"), 200);
+    // her place is back once the diff ended
+    let (status, _) = app
+        .get_json(&format!("/api/v1/repo/tree?project_id={alice}"))
+        .await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}

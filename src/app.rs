@@ -252,6 +252,11 @@ impl Application {
                 .unwrap_or_else(crate::http::slots::default_socket_cap),
         );
         let reads = crate::http::budget::ReadBudget::new(config.reads_per_user, config.reads_max);
+        let webhook_gate = crate::http::gate::WebhookGate::new(
+            config.webhook_failures,
+            config.webhook_per_project,
+            config.webhook_max,
+        );
         let state = Arc::new(AppState {
             metrics: Arc::clone(&engine.metrics),
             engine,
@@ -262,6 +267,7 @@ impl Application {
             reader,
             searches: crate::http::SearchSlots::default(),
             reads,
+            webhook_gate,
             read_stop: CancellationToken::new(),
             webhook_key,
             registering: Default::default(),

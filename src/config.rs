@@ -65,6 +65,11 @@ pub struct Config {
     pub pause_after_failures: u32,
     /// webhook deliveries one project may send, count per period
     pub webhook_rate: (u32, Duration),
+    /// deliveries with a wrong signature allowed per project and per peer address
+    pub webhook_failures: (u32, Duration),
+    /// webhook deliveries being read at once, per project and in the hub
+    pub webhook_per_project: usize,
+    pub webhook_max: usize,
     /// the key webhook secrets are derived from; see `app::webhook_key`
     pub webhook_key: Option<String>,
     /// how often the scheduler looks for due projects
@@ -137,6 +142,9 @@ impl Default for Config {
             min_sync_interval: Duration::from_secs(60),
             pause_after_failures: 5,
             webhook_rate: (60, Duration::from_secs(60)),
+            webhook_failures: crate::http::gate::DEFAULT_FAILURES,
+            webhook_per_project: crate::http::gate::DEFAULT_PER_PROJECT,
+            webhook_max: crate::http::gate::DEFAULT_MAX,
             webhook_key: None,
             scheduler_tick: Duration::from_secs(1),
             snapshot_watches: None,
@@ -299,6 +307,15 @@ pub struct ConfigArgs {
     /// webhook deliveries per project [default: 60/min]
     #[arg(long, env = "HIVESYNC_WEBHOOK_RATE")]
     pub webhook_rate: Option<String>,
+    /// deliveries with a wrong signature per project and per peer [default: 10/min]
+    #[arg(long, env = "HIVESYNC_WEBHOOK_FAILURES")]
+    pub webhook_failures: Option<String>,
+    /// webhook deliveries read at once for one project [default: 4]
+    #[arg(long, env = "HIVESYNC_WEBHOOK_PER_PROJECT")]
+    pub webhook_per_project: Option<usize>,
+    /// webhook deliveries read at once by the hub [default: 64]
+    #[arg(long, env = "HIVESYNC_WEBHOOK_MAX")]
+    pub webhook_max: Option<usize>,
     /// key webhook secrets derive from [default: from the JWT secret]
     #[arg(long, env = "HIVESYNC_WEBHOOK_KEY", hide_env_values = true)]
     pub webhook_key: Option<String>,
@@ -538,6 +555,18 @@ impl ConfigArgs {
                 name: "HIVESYNC_WEBHOOK_RATE",
                 reason: format!("'{v}' is not COUNT/s|min|hour"),
             })?;
+        }
+        if let Some(v) = self.webhook_failures {
+            config.webhook_failures = parse_rate(&v).ok_or_else(|| ConfigError {
+                name: "HIVESYNC_WEBHOOK_FAILURES",
+                reason: format!("'{v}' is not COUNT/s|min|hour"),
+            })?;
+        }
+        if let Some(v) = self.webhook_per_project {
+            config.webhook_per_project = v.max(1);
+        }
+        if let Some(v) = self.webhook_max {
+            config.webhook_max = v.max(1);
         }
         if let Some(v) = self.webhook_key {
             if v.len() < 32 {

@@ -42,6 +42,17 @@ impl RateLimiter {
         self.check_within(key, now, self.burst_tolerance)
     }
 
+    /// Whether a request of `key` at `now` would be allowed, without accounting it.
+    pub fn peek(&self, key: &str, now: Duration) -> Result<(), Duration> {
+        let tat = self.tat.get(key).copied().unwrap_or(now).max(now);
+        let allow_at = tat.saturating_sub(self.burst_tolerance);
+        if now < allow_at {
+            Err(allow_at - now)
+        } else {
+            Ok(())
+        }
+    }
+
     /// [`RateLimiter::check`] for a request that may use only the first half of the
     /// burst: what runs unattended (schedules, webhooks) leaves the rest of a budget to
     /// the people pressing Sync.

@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
+use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode};
 
 use super::handlers::{check_credential, owned_project, validate_interval};
@@ -15,6 +16,16 @@ use crate::protocol::{
     ErrorBody, Metadata, PatchProjectRequest, ProjectView, SyncAccepted, Trigger, WebhookCreated,
     WebhookOutcome,
 };
+
+/// A webhook delivery's body, not yet read, and who sends it.
+pub struct WebhookBody<S> {
+    pub peer: Option<std::net::IpAddr>,
+    pub stream: S,
+}
+
+/// How long a delivery's body may take to arrive: a sender trickling bytes holds one
+/// of the few places deliveries have.
+const WEBHOOK_READ_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Webhook bodies up to this are read (GitHub caps its payloads at 25 MB, but a push
 /// payload over a few MiB is a push of thousands of commits, and only `ref` is read).
@@ -201,12 +212,16 @@ pub async fn delete_webhook(
     ),
     security(("github_signature" = []), ("gitea_signature" = []), ("gitlab_token" = []), ("hivesync_signature" = []))
 )]
-pub async fn receive_webhook(
+pub async fn receive_webhook<S, B>(
     state: Arc<AppState>,
     project_id: String,
     headers: HeaderMap,
-    body: impl std::future::Future<Output = Result<Bytes, ApiError>>,
-) -> Result<(StatusCode, WebhookOutcome), ApiError> {
+    body: WebhookBody<S>,
+) -> Result<(StatusCode, WebhookOutcome), ApiError>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
     let not_found = || ApiError::NotFound("no such webhook".into());
     let id = ProjectId::parse(&project_id).ok_or_else(not_found)?;
     let project = state
@@ -216,13 +231,52 @@ pub async fn receive_webhook(
         .await?
         .ok_or_else(not_found)?;
     let key = project.webhook.as_ref().ok_or_else(not_found)?;
-    let body = body.await?;
-    let secret = webhook::derive_secret(&state.webhook_key, &project.project_id, &key.nonce);
+    // before a byte of the body: a peer or project whose signatures keep failing, or
+    // too many deliveries already being read, are refused here
+    let gate = &state.webhook_gate;
+    let _in_progress = gate.admit(id.as_str(), body.peer)?;
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
-    let delivery = webhook::verify(header, &body, &secret).map_err(|err| {
+    let refused = |err: webhook::WebhookError| {
+        gate.failed(id.as_str(), body.peer);
         tracing::info!(project_id = %project.project_id, error = %err, "webhook delivery refused");
         ApiError::InvalidSignature(err.to_string())
-    })?;
+    };
+    if header("content-length")
+        .and_then(|len| len.trim().parse::<u64>().ok())
+        .is_some_and(|len| len > MAX_WEBHOOK_BODY as u64)
+    {
+        return Err(ApiError::WebhookTooLarge);
+    }
+    let secret = webhook::derive_secret(&state.webhook_key, &project.project_id, &key.nonce);
+    let mut incoming = webhook::Incoming::begin(&header, &secret).map_err(refused)?;
+    // the body feeds the signature as it arrives; only its first KEPT bytes are kept
+    let read = async {
+        let mut stream = std::pin::pin!(body.stream);
+        while let Some(chunk) = stream.next().await {
+            let mut chunk = chunk.map_err(|err| {
+                ApiError::InvalidRequest(format!("could not read the body: {err}"))
+            })?;
+            if incoming.len() + chunk.remaining() > MAX_WEBHOOK_BODY {
+                return Err(ApiError::WebhookTooLarge);
+            }
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                incoming.update(part);
+                let advance = part.len();
+                chunk.advance(advance);
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(WEBHOOK_READ_TIME, read)
+        .await
+        .map_err(|_| {
+            ApiError::InvalidRequest(format!(
+                "the body did not arrive within {} s",
+                WEBHOOK_READ_TIME.as_secs()
+            ))
+        })??;
+    let delivery = incoming.finish(header).map_err(refused)?;
     if let Err(retry_after) = state.engine.store.admit_webhook(&id).await? {
         return Err(ApiError::RateLimited { retry_after });
     }

@@ -6,6 +6,7 @@
 pub mod budget;
 mod error;
 mod freshness;
+pub mod gate;
 mod handlers;
 pub mod openapi;
 mod outbox;
@@ -55,6 +56,8 @@ pub struct AppState {
     pub searches: SearchSlots,
     /// every read's place: per user and in the whole process
     pub reads: budget::ReadBudget,
+    /// failed signatures and deliveries in progress, before a webhook body is read
+    pub webhook_gate: gate::WebhookGate,
     /// cancelled when shutdown begins: reads still scanning stop at their next check
     pub read_stop: tokio_util::sync::CancellationToken,
     /// what webhook secrets are derived from (never logged)
@@ -357,22 +360,18 @@ pub fn routes(
         .and(warp::post())
         .and(with_state.clone())
         .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<server::Peer>())
         .and(warp::body::stream())
         .then(
-            |id, state: Arc<AppState>, headers: http::HeaderMap, stream| async move {
+            |id,
+             state: Arc<AppState>,
+             headers: http::HeaderMap,
+             peer: Option<server::Peer>,
+             stream| async move {
                 let metrics = Arc::clone(&state.metrics);
-                let declared = headers
-                    .get("content-length")
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.trim().parse::<u64>().ok());
-                // read only once the project is known to take webhooks: an anonymous
-                // caller cannot make the server buffer bodies for ids that do not exist
-                let body = async move {
-                    let max = freshness::MAX_WEBHOOK_BODY;
-                    if declared.is_some_and(|len| len > max as u64) {
-                        return Err(ApiError::WebhookTooLarge);
-                    }
-                    collect_capped(stream, max, || ApiError::WebhookTooLarge).await
+                let body = freshness::WebhookBody {
+                    peer: peer.map(|peer| peer.0),
+                    stream,
                 };
                 match freshness::receive_webhook(state, id, headers, body).await {
                     Ok((status, outcome)) => {

@@ -17,6 +17,10 @@ use super::reject::JsonRejects;
 use super::{AppState, routes, ws};
 use crate::metrics::HttpLabels;
 
+/// The address a request's connection came from (no proxy's header believed).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::IpAddr);
+
 /// Serves on `listener` until `shutdown`: then stops accepting, lets in-flight requests
 /// finish, and (through the same token) has every socket send its close frame. Socket
 /// and connection tasks run on `tracker`, so the caller can wait for them.
@@ -32,8 +36,8 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(err) => {
                 // out of file descriptors and the like: back off instead of spinning
                 tracing::warn!(error = %err, "accept failed");
@@ -48,34 +52,36 @@ pub async fn serve(
         let socket_tracker = tracker.clone();
         let connection_shutdown = shutdown.clone();
         tracker.spawn(async move {
-            let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                let state = Arc::clone(&state);
-                let mut rest = rest.clone();
-                let shutdown = shutdown.clone();
-                let tracker = socket_tracker.clone();
-                async move {
-                    let method = super::method_label(request.method());
-                    let route = super::route_of(request.uri().path());
-                    let metrics = Arc::clone(&state.metrics);
-                    let response = if request.uri().path() == ws::WS_PATH {
-                        ws::upgrade(state, request, shutdown, tracker).await
-                    } else {
-                        match rest.call(request).await {
-                            Ok(response) => response,
-                            Err(never) => match never {},
-                        }
-                    };
-                    metrics
-                        .http_requests
-                        .get_or_create(&HttpLabels {
-                            method,
-                            route,
-                            status: response.status().as_u16(),
-                        })
-                        .inc();
-                    Ok::<_, Infallible>(response)
-                }
-            });
+            let service =
+                hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+                    request.extensions_mut().insert(Peer(peer.ip()));
+                    let state = Arc::clone(&state);
+                    let mut rest = rest.clone();
+                    let shutdown = shutdown.clone();
+                    let tracker = socket_tracker.clone();
+                    async move {
+                        let method = super::method_label(request.method());
+                        let route = super::route_of(request.uri().path());
+                        let metrics = Arc::clone(&state.metrics);
+                        let response = if request.uri().path() == ws::WS_PATH {
+                            ws::upgrade(state, request, shutdown, tracker).await
+                        } else {
+                            match rest.call(request).await {
+                                Ok(response) => response,
+                                Err(never) => match never {},
+                            }
+                        };
+                        metrics
+                            .http_requests
+                            .get_or_create(&HttpLabels {
+                                method,
+                                route,
+                                status: response.status().as_u16(),
+                            })
+                            .inc();
+                        Ok::<_, Infallible>(response)
+                    }
+                });
             let connection = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))

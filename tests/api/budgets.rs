@@ -384,3 +384,155 @@ async fn one_users_reads_have_a_cap_and_another_users_reads_go_on() {
     assert_eq!(status, 200);
     app.stop().await;
 }
+
+/// A body of `chunks` pieces of 64 KiB, one every `every`; `then_hang` keeps the
+/// stream open after them, as a sender that never finishes would.
+fn trickle(chunks: usize, every: Duration, then_hang: bool) -> reqwest::Body {
+    let stream = futures_util::stream::unfold(0usize, move |sent| async move {
+        if sent == chunks {
+            if then_hang {
+                std::future::pending::<()>().await;
+            }
+            return None;
+        }
+        tokio::time::sleep(every).await;
+        Some((
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 64 * 1024])),
+            sent + 1,
+        ))
+    });
+    reqwest::Body::wrap_stream(stream)
+}
+
+async fn deliver_body(
+    app: &TestApp,
+    id: &str,
+    signature: &str,
+    body: reqwest::Body,
+) -> reqwest::Response {
+    app.http
+        .post(format!("{}/api/v1/webhooks/{id}", app.base))
+        .header("x-hub-signature-256", signature)
+        .header("x-github-event", "push")
+        .body(body)
+        .send()
+        .await
+        .expect("sent")
+}
+
+#[tokio::test]
+async fn a_malformed_signature_is_refused_before_the_body_is_read() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.write("a.txt", "a\n").commit("one");
+    let id = app.register(&repo).await;
+    crate::freshness::enable_webhook(&app, &id).await;
+    // the body never ends: only a refusal that does not wait for it can answer
+    let response = tokio::time::timeout(
+        Duration::from_secs(20),
+        deliver_body(
+            &app,
+            &id,
+            "sha256=not-hex",
+            trickle(1, Duration::ZERO, true),
+        ),
+    )
+    .await
+    .expect("answered without the body");
+    assert_eq!(response.status(), 401);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_signatures_are_rate_limited_per_project_and_per_peer() {
+    let app = TestApp::spawn_with(|config| {
+        config.webhook_failures = (5, Duration::from_secs(3600));
+    })
+    .await;
+    let repo = GitRepo::new();
+    repo.write("a.txt", "a\n").commit("one");
+    let id = app.register(&repo).await;
+    let other = app.register(&repo).await;
+    crate::freshness::enable_webhook(&app, &id).await;
+    let other_secret = crate::freshness::enable_webhook(&app, &other).await;
+    let body = crate::freshness::push_body("refs/heads/main");
+    let wrong = crate::freshness::github_signature("not the secret", body.as_bytes());
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let (status, _) = crate::freshness::deliver(
+            &app,
+            &id,
+            &[
+                ("x-hub-signature-256", wrong.clone()),
+                ("x-github-event", "push".into()),
+            ],
+            &body,
+        )
+        .await;
+        statuses.push(status);
+    }
+    assert_eq!(statuses[..5], [401; 5], "{statuses:?}");
+    assert_eq!(statuses[5..], [429; 7], "{statuses:?}");
+    // the peer is closed too (the tests' peer is 127.0.0.1 for every delivery): even
+    // a correct delivery to another project from it waits
+    let right = crate::freshness::github_signature(&other_secret, body.as_bytes());
+    let response = app
+        .http
+        .post(format!("{}/api/v1/webhooks/{other}", app.base))
+        .header("x-hub-signature-256", right)
+        .header("x-github-event", "push")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().get("retry-after").is_some());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn deliveries_being_read_are_bounded_per_project() {
+    let app = TestApp::spawn_with(|config| {
+        config.webhook_per_project = 2;
+        config.webhook_failures = (1000, Duration::from_secs(60));
+    })
+    .await;
+    let repo = GitRepo::new();
+    repo.write("a.txt", "a\n").commit("one");
+    let id = app.register(&repo).await;
+    crate::freshness::enable_webhook(&app, &id).await;
+    let wrong = crate::freshness::github_signature("not the secret", b"x");
+    // two slow senders hold the project's two places...
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let (http, url, wrong) = (
+                app.http.clone(),
+                format!("{}/api/v1/webhooks/{id}", app.base),
+                wrong.clone(),
+            );
+            tokio::spawn(async move {
+                http.post(url)
+                    .header("x-hub-signature-256", wrong)
+                    .body(trickle(4, Duration::from_millis(500), false))
+                    .send()
+                    .await
+                    .expect("sent")
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let held = wait_until(WAIT, || async {
+        let response = deliver_body(&app, &id, &wrong, reqwest::Body::from("{}")).await;
+        (response.status() == 429).then_some(())
+    })
+    .await;
+    assert!(
+        held.is_some(),
+        "a third delivery while two are read is refused"
+    );
+    for task in slow {
+        assert_eq!(task.await.expect("joined"), 401, "read whole, then refused");
+    }
+    app.stop().await;
+}

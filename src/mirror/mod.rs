@@ -2,6 +2,7 @@
 //! pool and stop it through the interrupt flag. Knows nothing of jobs, events, HTTP or
 //! the wire's error codes. [`layout`] says where everything lives.
 
+mod blob;
 mod changes;
 mod checkout;
 mod error;

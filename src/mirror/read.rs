@@ -412,8 +412,27 @@ impl Reader {
                     path.as_str()
                 )));
             }
-            let blob = repo.find_blob(entry.object_id()).map_err(git_error)?;
-            Ok(encode_content(&blob.data, FILE_CAP))
+            // the size from the object's header; no more than what is sent is inflated
+            let id = entry.object_id();
+            let size = repo.find_header(id).map_err(git_error)?.size();
+            let mut shown = Vec::with_capacity(FILE_CAP.min(size as usize));
+            super::blob::copy_prefix(
+                repo,
+                &self.layout.git_dir(project),
+                id,
+                size,
+                FILE_CAP as u64,
+                &mut shown,
+            )
+            .map_err(|err| match err {
+                super::blob::BlobError::DeltaTooLarge => ReadError::Invalid(format!(
+                    "{} is {size} bytes stored as a delta; files over {} MiB stored so are not shown",
+                    path.as_str(),
+                    super::blob::DELTA_LIMIT >> 20
+                )),
+                other => git_error(other),
+            })?;
+            Ok(encode_prefix(&shown, size, FILE_CAP))
         })
     }
 
@@ -660,7 +679,12 @@ pub(super) fn under_prefix(path: &str, prefix: &RepoPath) -> bool {
 
 /// Text as UTF-8 when it is (and has no NUL), else base64; cut at `cap` bytes.
 pub fn encode_content(data: &[u8], cap: usize) -> FileContent {
-    let truncated = data.len() > cap;
+    encode_prefix(data, data.len() as u64, cap)
+}
+
+/// [`encode_content`] of a file of `size` bytes of which `data` is the beginning.
+pub fn encode_prefix(data: &[u8], size: u64, cap: usize) -> FileContent {
+    let truncated = size > cap as u64;
     let shown = &data[..data.len().min(cap)];
     let text = match std::str::from_utf8(shown) {
         Ok(text) => Some(text),
@@ -672,13 +696,13 @@ pub fn encode_content(data: &[u8], cap: usize) -> FileContent {
     };
     match text.filter(|text| !text.contains('\0')) {
         Some(text) => FileContent {
-            size: data.len() as u64,
+            size,
             encoding: "utf-8",
             content: text.to_owned(),
             truncated,
         },
         None => FileContent {
-            size: data.len() as u64,
+            size,
             encoding: "base64",
             content: base64::engine::general_purpose::STANDARD.encode(shown),
             truncated,

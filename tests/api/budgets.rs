@@ -10,6 +10,7 @@ use hivesync::auth::ClientKind;
 use serde_json::Value;
 
 use crate::helpers::{GitRepo, TestApp, WAIT, token, wait_until};
+use crate::lifecycle::terminate;
 
 /// Feeds `stream` to `git fast-import` in `repo` (thousands of paths in a second) and
 /// returns the head of `main`.
@@ -535,4 +536,285 @@ async fn deliveries_being_read_are_bounded_per_project() {
         assert_eq!(task.await.expect("joined"), 401, "read whole, then refused");
     }
     app.stop().await;
+}
+
+/// The hub's resident memory, from `/proc/PID/status`, in bytes.
+fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The ceiling the README states for a hub under every hostile read of #30 at once.
+const RSS_CEILING: u64 = 320 << 20;
+
+/// Every hostile read of the issue at once — large-file reads, a fan-out diff, a
+/// 50,000-line rewrite, pages of a wide directory, searches, clients that hang up,
+/// and a hundred 5 MiB webhook bodies with wrong signatures — against a `hivesync
+/// serve` of its own, while another user's reads keep being answered. The hub's
+/// memory, sampled all along, stays under [`RSS_CEILING`].
+#[tokio::test]
+async fn every_hostile_read_at_once_leaves_another_user_served_and_memory_bounded() {
+    let data = tempfile::tempdir().expect("data dir");
+    let (mut hub, addr) = crate::lifecycle::serve_binary(
+        data.path(),
+        &[
+            ("HIVESYNC_ALLOWED_SCHEMES", "file,https"),
+            ("HIVESYNC_ALLOW_PRIVATE_HOSTS", "1"),
+            ("HIVESYNC_SYNC_RATE", "1000/min"),
+        ],
+    )
+    .await;
+    let base = format!("http://{addr}");
+    let http = hivesync::tls::http_client();
+    let alice = token("alice", ClientKind::Desktop);
+    let bob = token("bob", ClientKind::Desktop);
+
+    // alice's repository: a 48 MiB file, a directory of 20,000 entries, a 50,000-line
+    // file rewritten line by line, and 2,001 copies of one 40 KB text
+    let hostile = GitRepo::new();
+    let big: Vec<u8> = (0..(48usize << 20) / 32)
+        .flat_map(|n| format!("{n:031}\n").into_bytes())
+        .collect();
+    let old: Vec<u8> = (0..50_000)
+        .flat_map(|n| format!("old {n}\n").into_bytes())
+        .collect();
+    let new: Vec<u8> = (0..50_000)
+        .flat_map(|n| format!("new {n}\n").into_bytes())
+        .collect();
+    let copy: Vec<u8> = (0..2_000)
+        .flat_map(|n| format!("copy line {n:09}\n").into_bytes())
+        .collect();
+    let wide: Vec<(String, u32)> = (0..20_000).map(|n| (format!("wide/e{n:05}"), 1)).collect();
+    let mut first_files = wide.clone();
+    first_files.extend([("big.txt".to_owned(), 2), ("lines.txt".to_owned(), 3)]);
+    let from = fast_import(
+        &hostile,
+        &commit_stream(
+            &[(1, b"x\n".to_vec()), (2, big), (3, old)],
+            &first_files,
+            None,
+            "from",
+        ),
+    );
+    let big_blob = hostile.git(&["rev-parse", &format!("{from}:big.txt")]);
+    let mut second_files = wide.clone();
+    second_files.push(("lines.txt".to_owned(), 4));
+    second_files.extend((0..2_001).map(|n| (format!("copies/{n:04}.txt"), 5)));
+    let mut second = commit_stream(
+        &[(1, b"x\n".to_vec()), (4, new), (5, copy)],
+        &second_files,
+        Some(&from),
+        "to",
+    );
+    // the 48 MiB file stays as it was, by its id
+    second.extend_from_slice(format!("M 100644 {big_blob} big.txt\n").as_bytes());
+    let to = fast_import(&hostile, &second);
+    assert_eq!(
+        hostile.git(&["rev-parse", &format!("{to}:big.txt")]),
+        big_blob,
+        "big.txt is unchanged between the commits"
+    );
+    let quiet = GitRepo::new();
+    quiet
+        .write("README.md", "bob's\n")
+        .write("src/lib.rs", "pub fn x() {}\n");
+    quiet.commit("quiet");
+
+    let register = |token: &str, repo: &GitRepo| {
+        let (http, base, token, url) = (http.clone(), base.clone(), token.to_owned(), repo.url());
+        async move {
+            let response = http
+                .post(format!("{base}/api/v1/projects"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"name": "p", "repo_url": url}))
+                .send()
+                .await
+                .expect("sent");
+            assert_eq!(response.status(), 201);
+            let body: Value = response.json().await.expect("json");
+            let id = body["project_id"].as_str().expect("id").to_owned();
+            let response = http
+                .post(format!("{base}/api/v1/repo/sync"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"project_id": id}))
+                .send()
+                .await
+                .expect("sent");
+            assert_eq!(response.status(), 202);
+            let synced = wait_until(Duration::from_secs(120), || {
+                let (http, base, token, id) =
+                    (http.clone(), base.clone(), token.clone(), id.clone());
+                async move {
+                    let project: Value = http
+                        .get(format!("{base}/api/v1/projects/{id}"))
+                        .bearer_auth(&token)
+                        .send()
+                        .await
+                        .ok()?
+                        .json()
+                        .await
+                        .ok()?;
+                    project["commit"].is_string().then_some(())
+                }
+            })
+            .await;
+            assert!(synced.is_some(), "{url} synced");
+            id
+        }
+    };
+    let target = register(&alice, &hostile).await;
+    let calm = register(&bob, &quiet).await;
+    let response = http
+        .post(format!("{base}/api/v1/projects/{target}/webhook"))
+        .bearer_auth(&alice)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 201);
+
+    let pid = hub.id();
+    let baseline = rss_of(pid).expect("the hub's memory");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let peak = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while !stop.is_cancelled() {
+                peak = peak.max(rss_of(pid).unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            peak
+        })
+    };
+
+    // the attack: each kind of request from many tasks at once, for a while
+    let mut attackers = Vec::new();
+    let hostile_gets = [
+        (
+            16,
+            format!("/api/v1/repo/file?project_id={target}&path=big.txt"),
+            None,
+        ),
+        (
+            4,
+            format!("/api/v1/repo/diff?project_id={target}&from={from}&to={to}"),
+            None,
+        ),
+        (
+            4,
+            format!("/api/v1/repo/diff?project_id={target}&from={from}&to={to}"),
+            Some(Duration::from_millis(300)),
+        ),
+        (
+            4,
+            format!("/api/v1/repo/tree?project_id={target}&path=wide&limit=10000"),
+            None,
+        ),
+        (
+            2,
+            format!(
+                "/api/v1/repo/search?project_id={target}&q=%5B0-9%5D%2B9%24&regex=true&limit=1000"
+            ),
+            None,
+        ),
+    ];
+    for (tasks, path, hang_up) in hostile_gets {
+        for _ in 0..tasks {
+            let (http, url, alice, stop) = (
+                http.clone(),
+                format!("{base}{path}"),
+                alice.clone(),
+                stop.clone(),
+            );
+            attackers.push(tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while !stop.is_cancelled() {
+                    let request = http.get(&url).bearer_auth(&alice);
+                    let request = match hang_up {
+                        Some(after) => request.timeout(after),
+                        None => request,
+                    };
+                    match request.send().await {
+                        Ok(response) => {
+                            statuses.push(response.status().as_u16());
+                            // read the answer as a client would, then drop it
+                            let _ = response.bytes().await;
+                        }
+                        Err(err) => assert!(hang_up.is_some(), "{url}: {err}"),
+                    }
+                }
+                statuses
+            }));
+        }
+    }
+    let webhooks: Vec<_> = (0..100)
+        .map(|_| {
+            let (http, url) = (http.clone(), format!("{base}/api/v1/webhooks/{target}"));
+            tokio::spawn(async move {
+                let wrong = crate::freshness::github_signature("wrong", b"x");
+                let response = http
+                    .post(url)
+                    .header("x-hub-signature-256", wrong)
+                    .header("x-github-event", "push")
+                    .body(vec![b' '; 5 << 20])
+                    .send()
+                    .await;
+                response.map(|r| r.status().as_u16()).unwrap_or(0)
+            })
+        })
+        .collect();
+
+    // bob reads throughout, and is answered every time
+    let mut bob_reads = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(15) {
+        for path in [
+            format!("/api/v1/repo/tree?project_id={calm}"),
+            format!("/api/v1/repo/file?project_id={calm}&path=README.md"),
+        ] {
+            let response = tokio::time::timeout(
+                Duration::from_secs(10),
+                http.get(format!("{base}{path}")).bearer_auth(&bob).send(),
+            )
+            .await
+            .expect("bob is answered within 10 s")
+            .expect("sent");
+            assert_eq!(response.status(), 200, "{path}");
+            bob_reads += 1;
+        }
+    }
+    stop.cancel();
+    let mut statuses = Vec::new();
+    for attacker in attackers {
+        statuses.extend(attacker.await.expect("joined"));
+    }
+    for webhook in webhooks {
+        statuses.push(webhook.await.expect("joined"));
+    }
+    let peak = peak.await.expect("joined");
+    terminate(&mut hub);
+
+    assert!(bob_reads >= 10, "bob read {bob_reads} times");
+    let refused = statuses.iter().filter(|status| **status == 429).count();
+    assert!(refused > 0, "alice was held to her share");
+    assert!(
+        statuses
+            .iter()
+            .all(|status| matches!(status, 0 | 200 | 401 | 429)),
+        "nothing failed for want of memory or time: {statuses:?}"
+    );
+    eprintln!(
+        "hub memory: {} MiB before the attack, peak {} MiB during it; bob read {bob_reads} times",
+        baseline >> 20,
+        peak >> 20
+    );
+    assert!(
+        peak < RSS_CEILING,
+        "the hub peaked at {} MiB (ceiling {} MiB)",
+        peak >> 20,
+        RSS_CEILING >> 20
+    );
 }

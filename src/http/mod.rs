@@ -19,7 +19,7 @@ mod ws;
 
 pub use error::ApiError;
 pub use query::parse_query;
-pub use read::SearchSlots;
+pub use read::{SearchSlots, TreeCursor};
 pub use server::{serve, serve_ops};
 pub use ws::WS_PATH;
 

@@ -484,12 +484,12 @@ fn bounded_number(raw: Option<&str>, default: usize, max: usize) -> Result<usize
 
 /// Where the next page of a directory listing starts: opaque to clients, bound to the
 /// commit and directory it was given for.
-struct TreeCursor;
+pub struct TreeCursor;
 
 impl TreeCursor {
     const VERSION: &'static str = "t1";
 
-    fn encode(commit: &str, path: &RepoPath, after: &str) -> String {
+    pub fn encode(commit: &str, path: &RepoPath, after: &str) -> String {
         use base64::Engine as _;
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
             "{}\n{commit}\n{}\n{after}",
@@ -500,7 +500,7 @@ impl TreeCursor {
 
     /// The name the page starts after; a cursor of another commit or directory (or
     /// none this hub made) is `invalid_request`.
-    fn decode(cursor: &str, commit: &str, path: &RepoPath) -> Result<String, ApiError> {
+    pub fn decode(cursor: &str, commit: &str, path: &RepoPath) -> Result<String, ApiError> {
         use base64::Engine as _;
         let invalid = |why: &str| ApiError::InvalidRequest(format!("cursor {why}"));
         if cursor.len() > MAX_CURSOR {

@@ -32,13 +32,13 @@ pub enum BlobError {
 
 /// Writes the first `limit` bytes of blob `id` (of `size` bytes, from its header) of
 /// the repository at `git_dir` into `out`; returns how many it wrote. Streams what is
-/// stored whole; rebuilds a delta (at most [`DELTA_LIMIT`] bytes) in memory.
+/// stored whole; rebuilds a delta in memory, when it is at most `delta_limit` bytes.
 pub fn copy_prefix(
     repo: &gix::Repository,
     git_dir: &Path,
     id: ObjectId,
     size: u64,
-    limit: u64,
+    (limit, delta_limit): (u64, u64),
     out: &mut impl Write,
 ) -> Result<u64, BlobError> {
     if size > WHOLE {
@@ -48,7 +48,7 @@ pub fn copy_prefix(
         if let Some(written) = from_pack(git_dir, id, limit, out)? {
             return Ok(written);
         }
-        if size > DELTA_LIMIT {
+        if size > delta_limit {
             return Err(BlobError::DeltaTooLarge);
         }
     }
@@ -250,12 +250,27 @@ mod tests {
             let git_dir = dir.path().join(".git");
             let repo = gix::open(&git_dir).expect("open");
             let mut out = Vec::new();
-            let written = copy_prefix(&repo, &git_dir, id, data.len() as u64, 1 << 20, &mut out)
-                .expect("read");
+            let written = copy_prefix(
+                &repo,
+                &git_dir,
+                id,
+                data.len() as u64,
+                (1 << 20, DELTA_LIMIT),
+                &mut out,
+            )
+            .expect("read");
             assert_eq!(written, 1 << 20, "packed: {packed}");
             assert_eq!(out, data[..1 << 20], "packed: {packed}");
             let mut all = Vec::new();
-            copy_prefix(&repo, &git_dir, id, data.len() as u64, u64::MAX, &mut all).expect("read");
+            copy_prefix(
+                &repo,
+                &git_dir,
+                id,
+                data.len() as u64,
+                (u64::MAX, DELTA_LIMIT),
+                &mut all,
+            )
+            .expect("read");
             assert!(all == data, "the whole blob, packed: {packed}");
             // and it came the streaming way, not through gix's whole-object lookup
             let mut streamed = Vec::new();

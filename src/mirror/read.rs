@@ -421,7 +421,7 @@ impl Reader {
                 &self.layout.git_dir(project),
                 id,
                 size,
-                FILE_CAP as u64,
+                (FILE_CAP as u64, super::blob::DELTA_LIMIT),
                 &mut shown,
             )
             .map_err(|err| match err {
@@ -712,6 +712,23 @@ pub fn encode_prefix(data: &[u8], size: u64, cap: usize) -> FileContent {
 
 fn is_binary(data: &[u8]) -> bool {
     data[..data.len().min(8000)].contains(&0) || std::str::from_utf8(data).is_err()
+}
+
+/// The unified patch `/repo/diff` would show for a file changed from `old` to `new`
+/// (`None`: over `cap` bytes, or not done by `deadline`).
+pub fn patch_of(old: &[u8], new: &[u8], cap: usize, deadline: Instant) -> Option<String> {
+    unified_patch(
+        Sides {
+            old_path: "file",
+            new_path: "file",
+            old,
+            new,
+            added: old.is_empty(),
+            deleted: new.is_empty(),
+        },
+        cap,
+        deadline,
+    )
 }
 
 /// Both sides of one file's change.

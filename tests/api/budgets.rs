@@ -818,3 +818,69 @@ async fn every_hostile_read_at_once_leaves_another_user_served_and_memory_bounde
         RSS_CEILING >> 20
     );
 }
+
+/// Files over 4 MiB are written by streaming them out of the object database, not by
+/// gix's checkout (which holds each blob whole): the mirror is exactly the branch
+/// still, executable bits included, through a first sync, a sync that reuses them and
+/// one that changes them.
+#[tokio::test]
+async fn large_files_are_checked_out_streaming_and_exactly() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    let big: String = (0..(12usize << 20) / 16)
+        .map(|n| format!("{n:015}\n"))
+        .collect();
+    let tool: String = (0..(5usize << 20) / 16)
+        .map(|n| format!("#{n:014}\n"))
+        .collect();
+    repo.write("data/big.txt", &big)
+        .write("bin/tool.sh", &tool)
+        .write("small.txt", "small\n");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            repo.path().join("bin/tool.sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+    }
+    let first = repo.commit("large files");
+    assert!(
+        repo.git(&["ls-files", "-s", "bin/tool.sh"])
+            .starts_with("100755"),
+        "the tool is executable in the commit"
+    );
+    let id = app.register(&repo).await;
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    crate::helpers::assert_exact_worktree(&app.worktree(&id), &repo, &first);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(app.worktree(&id).join("bin/tool.sh"))
+            .expect("written")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o111, 0o111, "executable: {mode:o}");
+    }
+    let (status, file) = app
+        .get_json(&format!(
+            "/api/v1/repo/file?project_id={id}&path=data/big.txt"
+        ))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(file["size"], big.len());
+    assert_eq!(file["truncated"], true);
+    assert_eq!(file["content"].as_str().map(str::len), Some(1 << 20));
+    assert!(big.starts_with(file["content"].as_str().expect("content")));
+
+    repo.write("small.txt", "changed\n");
+    let second = repo.commit("small change");
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    crate::helpers::assert_exact_worktree(&app.worktree(&id), &repo, &second);
+
+    let bigger = format!("{big}one more line\n");
+    repo.write("data/big.txt", &bigger);
+    let third = repo.commit("big change");
+    assert_eq!(app.sync_to_end(&id).await["status"], "completed");
+    crate::helpers::assert_exact_worktree(&app.worktree(&id), &repo, &third);
+    app.stop().await;
+}

@@ -51,6 +51,40 @@ pub async fn projects(server: &str, token: &str, json: bool) -> ExitCode {
     ExitCode::from(COMPLETED)
 }
 
+/// `hivesync register URL`: registers a project and prints its id alone on stdout
+/// (so `PROJECT=$(hivesync register …)` keeps it), what was registered on stderr.
+pub async fn register(
+    server: &str,
+    token: &str,
+    repo_url: &str,
+    name: Option<&str>,
+    branch: Option<&str>,
+) -> ExitCode {
+    let client = match Client::new(server, token) {
+        Ok(client) => client,
+        Err(err) => return give_up(&err),
+    };
+    let fallback = repo_url
+        .trim_end_matches('/')
+        .rsplit(['/', ':'])
+        .next()
+        .map(|last| last.trim_end_matches(".git"))
+        .filter(|last| !last.is_empty())
+        .unwrap_or("project");
+    let name = name.unwrap_or(fallback);
+    match client.register(name, repo_url, branch).await {
+        Ok(project) => {
+            eprintln!(
+                "registered '{}' ({} on {}); sync it with: hivesync sync {}",
+                project.name, project.repo_url, project.branch, project.project_id
+            );
+            println!("{}", project.project_id);
+            ExitCode::from(COMPLETED)
+        }
+        Err(err) => give_up(&err),
+    }
+}
+
 /// How progress is shown: a bar on a terminal, else a line per stage (on stderr
 /// when stdout carries `--json`).
 enum Display {

@@ -80,6 +80,22 @@ impl Client {
         self.call(self.http.get(self.url("/api/v1/projects"))).await
     }
 
+    /// Registers a project: `name` (default: the URL's last component), `repo_url`,
+    /// `branch` (default: the hub's, `main`).
+    pub async fn register(
+        &self,
+        name: &str,
+        repo_url: &str,
+        branch: Option<&str>,
+    ) -> Result<ProjectView, ClientError> {
+        let mut body = serde_json::json!({ "name": name, "repo_url": repo_url });
+        if let Some(branch) = branch {
+            body["branch"] = branch.into();
+        }
+        self.call(self.http.post(self.url("/api/v1/projects")).json(&body))
+            .await
+    }
+
     /// Requests a sync (or joins the one waiting).
     pub async fn request_sync(&self, project_id: &str) -> Result<SyncAccepted, ClientError> {
         let body = serde_json::json!({ "project_id": project_id });

@@ -42,6 +42,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Registers a repository as a project and prints its id (for
+    /// `PROJECT=$(hivesync register URL)`).
+    Register {
+        /// the repository's URL (an allowed scheme: HIVESYNC_ALLOWED_SCHEMES)
+        repo_url: String,
+        /// the project's name [default: the URL's last part]
+        #[arg(long)]
+        name: Option<String>,
+        /// the branch to mirror [default: main]
+        #[arg(long)]
+        branch: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Lists the token's projects (id, name, branch, last status).
     Projects {
         #[command(flatten)]
@@ -76,7 +90,8 @@ struct Remote {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Sync { .. } | Command::Projects { .. } = &cli.command {
+    if let Command::Sync { .. } | Command::Projects { .. } | Command::Register { .. } = &cli.command
+    {
         return client_command(cli.command);
     }
     if let Err(err) = hivesync::telemetry::init() {
@@ -104,7 +119,7 @@ fn main() -> ExitCode {
                 ttl,
                 config,
             } => token(&sub, client, ttl, config),
-            Command::Sync { .. } | Command::Projects { .. } => {
+            Command::Sync { .. } | Command::Projects { .. } | Command::Register { .. } => {
                 Err("client commands run without the server runtime".into())
             }
         }
@@ -212,6 +227,21 @@ fn client_command(command: Command) -> ExitCode {
             } => cli::sync(&remote.server, &remote.token, &project_id, json).await,
             Command::Projects { remote, json } => {
                 cli::projects(&remote.server, &remote.token, json).await
+            }
+            Command::Register {
+                repo_url,
+                name,
+                branch,
+                remote,
+            } => {
+                cli::register(
+                    &remote.server,
+                    &remote.token,
+                    &repo_url,
+                    name.as_deref(),
+                    branch.as_deref(),
+                )
+                .await
             }
             _ => ExitCode::from(2),
         }

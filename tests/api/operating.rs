@@ -774,3 +774,32 @@ async fn a_quiet_wait_does_not_cut_a_reconnect_short() {
     );
     app.stop().await;
 }
+
+/// The README's walk-through, as it is pasted: `register` prints the id alone, so
+/// `PROJECT=$(hivesync register URL)` keeps it, and `sync $PROJECT` follows it to the end.
+#[tokio::test]
+async fn register_prints_the_id_a_shell_keeps_and_sync_takes() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.write("README.md", "hello\n").commit("first");
+    let (code, stdout, stderr) = cli(&app, &["register", &repo.url()]).await;
+    assert_eq!(code, 0, "register: {stderr}");
+    let project = stdout.trim().to_owned();
+    assert_eq!(stdout, format!("{project}\n"), "the id alone on stdout");
+    assert!(stderr.contains("registered"), "{stderr}");
+    let (status, shown) = app.get_json(&format!("/api/v1/projects/{project}")).await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["repo_url"], repo.url());
+    let (code, stdout, stderr) = cli(&app, &["sync", &project]).await;
+    assert_eq!(code, 0, "{stdout} {stderr}");
+
+    // a refusal says why, and exits non-zero with nothing on stdout
+    let (code, stdout, stderr) = cli(&app, &["register", "ftp://example.com/x.git"]).await;
+    assert_ne!(code, 0);
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.contains("invalid_request") || stderr.contains("scheme"),
+        "{stderr}"
+    );
+    app.stop().await;
+}

@@ -103,6 +103,9 @@ function storeProject(project) {
   if (project.project_id === state.selected) renderProjectHeader();
 }
 
+/** Notifications shown from the history when the page opens. */
+const RECENT_NOTIFICATIONS = 50;
+
 // ---- projects -------------------------------------------------------------
 
 async function loadProjects() {
@@ -128,6 +131,12 @@ function renderProjects() {
         el("div", { class: "row" },
           el("span", { class: "status", "data-status": status }, status),
           el("span", { class: "meta" }, shortCommit(project.commit))),
+        status === "failed" && project.last_error
+          ? el("span", { class: "card-error", "data-error-code": project.last_error.code }, `${project.last_error.code}: ${project.last_error.message}`)
+          : "",
+        project.schedule?.paused
+          ? el("span", { class: "card-error", "data-paused": "true" }, `scheduled syncs paused${project.schedule.paused_reason ? `: ${project.schedule.paused_reason}` : ""}`)
+          : "",
         el("span", { class: "meta" }, `${project.branch} · synced ${when(lastSuccess(project))}`),
         el("div", { class: "row" },
           el("span", { class: "meta" }, scheduleSummary(project)),
@@ -490,24 +499,41 @@ function onEvent(frame) {
       loadProjects().then(() => frame.project_id === state.selected && refreshSelected()).catch(reportError);
     }
   } else if (frame.type === "notification") {
-    const name = project?.name ?? frame.project_id;
-    const text =
-      frame.kind === "repo_sync_success" ? `${name}: synced to ${shortCommit(frame.commit)}`
-      : frame.kind === "repo_sync_failed" ? `${name}: sync failed — ${frame.error?.code}: ${frame.error?.message}`
-      : frame.kind === "repo_sync_paused" ? `${name}: scheduled syncs paused after repeated failures${frame.error ? ` — ${frame.error.code}` : ""}`
-      : `${name}: mirror repaired`;
-    const item = el("li", { "data-kind": frame.kind, "data-project": frame.project_id, "data-sync": frame.sync_id },
-      el("strong", {}, frame.kind.replaceAll("_", " ")), el("br"), text);
-    if (frame.kind === "repo_sync_success" && frame.changes) {
-      item.append(el("br"), el("span", { class: "changes" }, describeChanges(frame.changes)));
-      if (frame.changes.forced) item.append(" · ", el("span", { class: "forced" }, "history rewritten"));
-    }
-    const trigger = el("span", { class: "trigger" });
-    item.append(el("br"), el("span", { class: "meta" }, when(frame.at), trigger));
-    $("notifications").prepend(item);
-    if (frame.sync_id && frame.kind !== "repo_sync_paused") showTrigger(trigger, frame);
+    renderNotification(frame);
     if (frame.kind === "repo_sync_paused") loadProjects().catch(reportError);
   }
+}
+
+/** One notification at the top of the panel (live, or from the history on start). */
+function renderNotification(frame) {
+  const project = state.projects.get(frame.project_id);
+  const name = project?.name ?? frame.project_id;
+  const text =
+    frame.kind === "repo_sync_success" ? `${name}: synced to ${shortCommit(frame.commit)}`
+    : frame.kind === "repo_sync_failed" ? `${name}: sync failed — ${frame.error?.code}: ${frame.error?.message}`
+    : frame.kind === "repo_sync_paused" ? `${name}: scheduled syncs paused after repeated failures${frame.error ? ` — ${frame.error.code}` : ""}`
+    : `${name}: mirror repaired`;
+  const item = el("li", { "data-kind": frame.kind, "data-project": frame.project_id, "data-sync": frame.sync_id },
+    el("strong", {}, frame.kind.replaceAll("_", " ")), el("br"), text);
+  if (frame.kind === "repo_sync_success" && frame.changes) {
+    item.append(el("br"), el("span", { class: "changes" }, describeChanges(frame.changes)));
+    if (frame.changes.forced) item.append(" · ", el("span", { class: "forced" }, "history rewritten"));
+  }
+  const trigger = el("span", { class: "trigger" });
+  item.append(el("br"), el("span", { class: "meta" }, when(frame.at), trigger));
+  $("notifications").prepend(item);
+  if (frame.sync_id && frame.kind !== "repo_sync_paused") showTrigger(trigger, frame);
+}
+
+/** Notifications kept for this user, so a page opened after syncs ended shows what
+ * happened; returns the last event id seen, where the live stream takes over. */
+async function loadRecentNotifications() {
+  const events = await api("/api/v1/notifications?after=0&limit=10000");
+  $("notifications").replaceChildren();
+  for (const frame of events.filter((event) => event.type === "notification").slice(-RECENT_NOTIFICATIONS)) {
+    renderNotification(frame);
+  }
+  return events.length ? events[events.length - 1].id : null;
 }
 
 /** Notifications do not carry the trigger; the sync record does. */
@@ -526,9 +552,11 @@ async function showTrigger(node, frame) {
   node.textContent = ` · ${triggerText(trigger)}`;
 }
 
-function startLive() {
+function startLive(lastEventId = null) {
   state.client?.stop();
   const client = new HiveSyncClient({ token: state.token });
+  // the stream resumes after what the history showed: nothing twice, nothing missed
+  if (lastEventId !== null) client.lastEventId = lastEventId;
   client.addEventListener("event", (event) => onEvent(event.detail));
   client.addEventListener("state", (event) => {
     $("connection").dataset.state = event.detail;
@@ -562,7 +590,13 @@ async function signIn(token) {
   $("sign-in").hidden = true;
   $("app").hidden = false;
   $("sign-out").hidden = false;
-  startLive();
+  let lastEventId = null;
+  try {
+    lastEventId = await loadRecentNotifications();
+  } catch (error) {
+    reportError(error);
+  }
+  startLive(lastEventId);
 }
 
 $("sign-in-form").addEventListener("submit", (event) => {

@@ -34,7 +34,8 @@ async fn dashboard_drives_a_sync_in_a_real_browser() {
     }
     let repo = GitRepo::new();
     repo.write("README.md", "hello from the browser test\n")
-        .write("src/lib.rs", "pub fn f() {}\nlet needle = 42;\n");
+        .write("src/lib.rs", "pub fn f() {}\nlet needle = 42;\n")
+        .write("long.txt", &format!("{}\n", "x".repeat(500)));
     repo.commit("first");
     let data = tempfile::tempdir().expect("temp dir");
     // the remote of a second, scheduled project: missing until the script clones it
@@ -81,5 +82,27 @@ async fn dashboard_drives_a_sync_in_a_real_browser() {
         shots >= 12,
         "expected a screenshot per step in {}",
         out_dir.display()
+    );
+    // the README shows the dashboard as this test saw it: the picture kept in docs/
+    // is one this test made (same size); HIVESYNC_UPDATE_SCREENSHOT=1 replaces it
+    let fresh = out_dir.join("dashboard.png");
+    let kept = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png");
+    if std::env::var_os("HIVESYNC_UPDATE_SCREENSHOT").is_some() {
+        std::fs::copy(&fresh, &kept).expect("the README's screenshot replaced");
+    }
+    let size = |path: &Path| -> (u32, u32) {
+        let png = std::fs::read(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        assert!(
+            png.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{} is a PNG",
+            path.display()
+        );
+        let word = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().expect("4 bytes"));
+        (word(16), word(20))
+    };
+    assert_eq!(
+        size(&kept),
+        size(&fresh),
+        "docs/dashboard.png is the browser test's view (run it with HIVESYNC_UPDATE_SCREENSHOT=1 to renew it)"
     );
 }

@@ -7,6 +7,7 @@ mod chaos;
 mod conformance;
 mod conformance_fresh;
 mod conformance_sync;
+mod docs;
 mod errors;
 mod failpoints;
 mod failures;

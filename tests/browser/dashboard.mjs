@@ -133,6 +133,18 @@ try {
   await hit.click();
   await page.locator("#file-view .hl", { hasText: "needle" }).waitFor();
   await shot(page, "search");
+  // the README's picture: this view, the viewport only (a stable size)
+  await page.screenshot({ path: `${OUT_DIR}/dashboard.png` });
+
+  // a 500-character line scrolls inside the file box; the page never widens
+  await page.locator('#tree button[data-path="long.txt"]').click();
+  await page.locator("#file-view", { hasText: "x".repeat(100) }).waitFor();
+  for (const width of [1366, 1920]) {
+    await page.setViewportSize({ width, height: 900 });
+    const widths = await page.evaluate(() => [document.documentElement.scrollWidth, window.innerWidth]);
+    check(widths[0] <= widths[1], `at ${width} px a long line widened the page: ${widths}`);
+  }
+  await page.setViewportSize({ width: 1440, height: 900 });
 
   // the hub goes away: the page shows it and keeps trying
   outage = true;
@@ -262,6 +274,25 @@ try {
   check((await page.locator("#last-attempt").textContent()) !== "never", "an attempt is shown");
   await shot(page, "paused");
 
+  // opened afresh after all that, the page shows what happened: the notifications from
+  // the history (each once, the stream going on from there), and on the failed, paused
+  // project's card its error and why it is paused, with Resume beside it
+  await page.reload();
+  await page.locator('#connection[data-state="live"]').waitFor();
+  const card = page.locator(`#projects li[data-project="${laterId}"]`);
+  await card.locator('.card-error[data-error-code="repo_not_found"]').waitFor();
+  await card.locator('.card-error[data-paused="true"]', { hasText: "repo_not_found" }).waitFor();
+  await card.getByRole("button", { name: "Resume later" }).waitFor();
+  await page.locator(`#notifications li[data-kind="repo_sync_paused"][data-project="${laterId}"]`).waitFor();
+  await page.locator(`#notifications li[data-kind="repo_sync_success"][data-sync="${hookSync}"]`).waitFor();
+  await page.waitForTimeout(1_000); // anything the stream would repeat arrives by now
+  const pausedNotes = await page.locator(`#notifications li[data-kind="repo_sync_paused"][data-project="${laterId}"]`).count();
+  check(pausedNotes === 1, `the pause is shown once, not ${pausedNotes} times`);
+  await page.locator(`#projects li[data-project="${laterId}"] button.link`).click();
+  await page.locator("#project-title", { hasText: "later" }).waitFor();
+  await page.locator('#paused-block[data-paused="true"]').waitFor({ state: "visible" });
+  await shot(page, "reopened");
+
   // the remote appears; Resume clears the pause and the schedule syncs it
   execFileSync("git", ["clone", "-q", "--bare", REPO_DIR, LATER_REPO_DIR]);
   const [resumed] = await Promise.all([
@@ -285,6 +316,22 @@ try {
   check(cleared.status() === 200 && (await cleared.json()).sync_interval_s === null, `clearing the interval: ${cleared.status()}`);
   await page.locator("#schedule-text", { hasText: "On demand only" }).waitFor();
   await shot(page, "resumed-schedule");
+
+  // a phone: one column, every part reachable, nothing wider than the screen
+  const phone = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  phone.on("pageerror", (error) => consoleErrors.push(`page error (390 px): ${error}`));
+  await phone.goto(`http://${hub.addr}/#token=${TOKEN}`);
+  await phone.locator('#connection[data-state="live"]').waitFor();
+  await phone.locator(`#projects li[data-project="${demoId}"] button.link`).click();
+  await phone.locator("#project-title", { hasText: "demo" }).waitFor();
+  await phone.locator('#tree button[data-path="long.txt"]').click();
+  await phone.locator("#file-view", { hasText: "x".repeat(100) }).waitFor();
+  const phoneWidths = await phone.evaluate(() => [document.documentElement.scrollWidth, window.innerWidth]);
+  check(phoneWidths[0] <= phoneWidths[1], `at 390 px the page is wider than the screen: ${phoneWidths}`);
+  const [listBox, viewBox] = [await phone.locator("#projects").boundingBox(), await phone.locator("#project-title").boundingBox()];
+  check(viewBox.y > listBox.y && viewBox.x < 390, `the project comes below the list and on screen: ${JSON.stringify([listBox, viewBox])}`);
+  await phone.screenshot({ path: `${OUT_DIR}/${String(++step).padStart(2, "0")}-phone.png`, fullPage: true });
+  await phone.close();
 
   if (consoleErrors.length) throw new Error(`console errors:\n${consoleErrors.join("\n")}`);
   console.log(`dashboard test passed; screenshots in ${OUT_DIR}`);

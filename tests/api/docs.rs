@@ -201,3 +201,49 @@ fn anchors_and_links_are_read_as_github_does() {
             .contains(&("DELETE".to_owned(), "/api/v1/projects/{}".to_owned()))
     );
 }
+
+/// docs/configuration.md's table and `config.rs` name the same variables: one added to
+/// either alone fails here (as `serve --help` is checked against `config.rs`).
+#[test]
+fn the_configuration_table_lists_every_variable_the_hub_reads() {
+    // the hub's settings, and the client commands' (HIVESYNC_SERVER, HIVESYNC_TOKEN)
+    let source = [
+        include_str!("../../src/config.rs"),
+        include_str!("../../src/main.rs"),
+    ]
+    .concat();
+    let read: BTreeSet<&str> = source
+        .split("env = \"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    let table = std::fs::read_to_string(root().join("docs/configuration.md")).expect("readable");
+    let listed: BTreeSet<&str> = table
+        .lines()
+        .filter(|line| line.starts_with("| `"))
+        .flat_map(|line| {
+            let first = line.split('|').nth(1).unwrap_or_default();
+            first
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .filter(|name| name.starts_with("HIVESYNC_") || *name == "RUST_LOG")
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    // read by the log set-up, not through clap
+    let elsewhere = ["RUST_LOG", "HIVESYNC_LOG_FORMAT"];
+    let unlisted: Vec<_> = read.difference(&listed).collect();
+    assert!(
+        unlisted.is_empty(),
+        "read by the hub, not in docs/configuration.md: {unlisted:?}"
+    );
+    let unknown: Vec<_> = listed
+        .iter()
+        .filter(|name| !read.contains(*name) && !elsewhere.contains(name))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "in docs/configuration.md, read by nothing: {unknown:?}"
+    );
+}

@@ -54,6 +54,9 @@ pub enum AuthError {
     Invalid,
     #[error("token expired")]
     Expired,
+    /// well formed, but signed with another key
+    #[error("the token's signature does not match this hub's key")]
+    WrongKey,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +154,7 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|err| match err.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::InvalidSignature => AuthError::WrongKey,
                 _ => AuthError::Invalid,
             })?;
         let claims = data.claims;
@@ -280,7 +284,7 @@ mod tests {
         let token = other
             .mint("alice", ClientKind::Desktop, Duration::from_secs(60))
             .expect("mint");
-        assert_eq!(auth.verify(&token), Err(AuthError::Invalid));
+        assert_eq!(auth.verify(&token), Err(AuthError::WrongKey));
         assert_eq!(auth.verify("not.a.jwt"), Err(AuthError::Invalid));
         let expired = Claims {
             sub: "alice".into(),

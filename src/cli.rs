@@ -35,8 +35,12 @@ pub async fn projects(server: &str, token: &str, json: bool) -> ExitCode {
         return ExitCode::from(COMPLETED);
     }
     if projects.is_empty() {
-        eprintln!("no projects yet (POST /api/v1/projects, or the dashboard, registers one)");
+        eprintln!(
+            "no projects yet (`hivesync register URL`, the dashboard or POST /api/v1/projects registers one)"
+        );
+        return ExitCode::from(COMPLETED);
     }
+    println!("PROJECT\tNAME\tBRANCH\tLAST STATUS");
     for project in projects {
         println!(
             "{}\t{}\t{}\t{}",

@@ -85,7 +85,7 @@ struct Remote {
     server: String,
     /// a token for the API (see `hivesync token`)
     #[arg(long, env = "HIVESYNC_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -153,11 +153,13 @@ async fn serve(args: ConfigArgs) -> Result<(), String> {
             .auth
             .mint("dev", ClientKind::Desktop, Duration::from_secs(24 * 3600))
             .map_err(|err| chain(&err))?;
+        // where the secret is, not the secret: a terminal's scrollback and a CI log
+        // outlive the session
         println!(
-            "No HIVESYNC_JWT_SECRET set: using the dev secret kept in {}/dev-jwt-secret",
-            state.config.data_dir.display()
+            "No HIVESYNC_JWT_SECRET set: using the dev secret kept in {} ({}…); `hivesync token` run in this directory uses it too",
+            state.config.data_dir.join("dev-jwt-secret").display(),
+            secret.get(..6).unwrap_or_default()
         );
-        println!("  HIVESYNC_JWT_SECRET={secret}");
         println!("A token for user 'dev' (24h):");
         println!("  TOKEN={token}");
         println!("Dashboard:  http://{addr}/#token={token}");
@@ -199,7 +201,26 @@ async fn ready(args: ConfigArgs) -> Result<(), String> {
 fn token(sub: &str, client: ClientKind, ttl: Duration, args: ConfigArgs) -> Result<(), String> {
     let mut config = args.into_config().map_err(|err| err.to_string())?;
     app::prepare_data_dir(&mut config).map_err(|err| chain(&err))?;
-    let (auth, _) = app::authenticator(&config).map_err(|err| chain(&err))?;
+    let dev_secret = config.data_dir.join("dev-jwt-secret");
+    let existed = dev_secret.exists();
+    let (auth, generated) = app::authenticator(&config).map_err(|err| chain(&err))?;
+    // which key signs the token goes to stderr (stdout is the token alone): a hub
+    // started elsewhere has another dev secret and refuses it
+    if config.jwt_public_key.is_some() {
+        // minting below says why it cannot
+    } else if config.jwt_secret.is_some() {
+        eprintln!("signed with HIVESYNC_JWT_SECRET");
+    } else if generated.is_some() && !existed {
+        eprintln!(
+            "warning: no dev secret was in {}: made a new one there. A hub started in another directory (another HIVESYNC_DATA_DIR) has its own and will refuse this token; run this where the hub runs, or set HIVESYNC_JWT_SECRET for both",
+            dev_secret.display()
+        );
+    } else {
+        eprintln!(
+            "signed with the dev secret kept in {}",
+            dev_secret.display()
+        );
+    }
     let token = auth.mint(sub, client, ttl).map_err(|err| chain(&err))?;
     println!("{token}");
     Ok(())
@@ -224,9 +245,22 @@ fn client_command(command: Command) -> ExitCode {
                 project_id,
                 remote,
                 json,
-            } => cli::sync(&remote.server, &remote.token, &project_id, json).await,
+            } => {
+                cli::sync(
+                    &remote.server,
+                    remote.token.as_deref().unwrap_or_default(),
+                    &project_id,
+                    json,
+                )
+                .await
+            }
             Command::Projects { remote, json } => {
-                cli::projects(&remote.server, &remote.token, json).await
+                cli::projects(
+                    &remote.server,
+                    remote.token.as_deref().unwrap_or_default(),
+                    json,
+                )
+                .await
             }
             Command::Register {
                 repo_url,
@@ -236,7 +270,7 @@ fn client_command(command: Command) -> ExitCode {
             } => {
                 cli::register(
                     &remote.server,
-                    &remote.token,
+                    remote.token.as_deref().unwrap_or_default(),
                     &repo_url,
                     name.as_deref(),
                     branch.as_deref(),

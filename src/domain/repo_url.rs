@@ -7,9 +7,13 @@ use super::host::Host;
 pub enum RepoUrlError {
     #[error("repo_url is not a valid git URL")]
     Unparseable,
-    #[error("repo_url scheme '{0}' is not allowed (allowed: {1})")]
+    #[error(
+        "repo_url scheme '{0}' is not allowed on this hub (allowed: {1}); the operator can allow more with HIVESYNC_ALLOWED_SCHEMES"
+    )]
     SchemeNotAllowed(String, String),
-    #[error("repo_url names a loopback or private-range host, which this hub refuses")]
+    #[error(
+        "repo_url names a loopback or private-range host, which this hub refuses; an operator who means to mirror from the hub's own network sets HIVESYNC_ALLOW_PRIVATE_HOSTS=1"
+    )]
     PrivateHost,
     #[error("repo_url has no host")]
     MissingHost,

@@ -25,6 +25,12 @@ pub enum ApiError {
     PathInvalid(String),
     #[error("missing or invalid bearer token")]
     InvalidToken,
+    /// A well-formed token signed with another key: said, so a user whose token came
+    /// from another data directory's dev secret knows what to fix.
+    #[error(
+        "the token's signature does not match this hub's key: it was minted with another secret (another HIVESYNC_JWT_SECRET, or `hivesync token` run where another data directory's dev secret was used)"
+    )]
+    TokenWrongKey,
     #[error("token expired")]
     TokenExpired,
     #[error("this project belongs to another user")]
@@ -74,7 +80,9 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(_) => ("invalid_request", StatusCode::BAD_REQUEST),
             ApiError::PathInvalid(_) => ("path_invalid", StatusCode::BAD_REQUEST),
-            ApiError::InvalidToken => ("invalid_token", StatusCode::UNAUTHORIZED),
+            ApiError::InvalidToken | ApiError::TokenWrongKey => {
+                ("invalid_token", StatusCode::UNAUTHORIZED)
+            }
             ApiError::TokenExpired => ("token_expired", StatusCode::UNAUTHORIZED),
             ApiError::Forbidden | ApiError::CredentialForbidden(_) => {
                 ("forbidden", StatusCode::FORBIDDEN)
@@ -153,6 +161,7 @@ impl From<AuthError> for ApiError {
         match err {
             AuthError::Invalid => ApiError::InvalidToken,
             AuthError::Expired => ApiError::TokenExpired,
+            AuthError::WrongKey => ApiError::TokenWrongKey,
         }
     }
 }
@@ -171,6 +180,7 @@ mod tests {
             ),
             (ApiError::PathInvalid(String::new()), "path_invalid", 400),
             (ApiError::InvalidToken, "invalid_token", 401),
+            (ApiError::TokenWrongKey, "invalid_token", 401),
             (ApiError::TokenExpired, "token_expired", 401),
             (ApiError::Forbidden, "forbidden", 403),
             (

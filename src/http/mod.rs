@@ -242,9 +242,18 @@ pub type Caller = Result<Principal, ApiError>;
 
 fn with_principal(
     state: Arc<AppState>,
-) -> impl Filter<Extract = (Caller,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("authorization")
-        .map(move |header: Option<String>| state.principal(header.as_deref()))
+) -> impl Filter<Extract = (Caller,), Error = Infallible> + Clone {
+    // read raw: a header that is not visible ASCII (a pasted token with a `…` in it)
+    // is a bad token, not a route that does not match
+    warp::header::headers_cloned().map(move |headers: http::HeaderMap| {
+        match headers.get(http::header::AUTHORIZATION) {
+            None => state.principal(None),
+            Some(value) => match value.to_str() {
+                Ok(value) => state.principal(Some(value)),
+                Err(_) => Err(ApiError::InvalidToken),
+            },
+        }
+    })
 }
 
 /// All REST routes and the dashboard, with one recovery that renders any rejection as

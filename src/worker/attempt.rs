@@ -57,6 +57,21 @@ impl From<Counters> for Progress {
     }
 }
 
+/// A sample as the sync's bar shows it: never below what the sync already reported
+/// (gix drops the counters of a finished step, and a retry starts its own from zero),
+/// so percent only moves forward and the objects and bytes carry into later stages.
+fn carried(record: &SyncRecord, sample: Counters) -> Progress {
+    let sample = Progress::from(sample);
+    match &record.progress {
+        Some(shown) => Progress {
+            percent: sample.percent.max(shown.percent),
+            objects: sample.objects.max(shown.objects),
+            bytes: sample.bytes.max(shown.bytes),
+        },
+        None => sample,
+    }
+}
+
 impl Worker {
     /// The failure of a sync that ran out of its time, retries included.
     pub(super) fn timed_out(&self) -> MirrorError {
@@ -167,7 +182,7 @@ impl Worker {
                     phase = next;
                     let status = status_of(phase);
                     if status != record.status && engine_failure.is_none() {
-                        let progress = Progress::from(mirror::sample_progress(&root, phase));
+                        let progress = carried(record, mirror::sample_progress(&root, phase));
                         last_sent = progress;
                         if let Err(err) = self.stage(record, ctx, status, Some(progress)).await {
                             // the lock is lost or the project deleted: stop the sync
@@ -180,7 +195,7 @@ impl Worker {
                 }
                 joined = &mut handle => break joined,
                 _ = ticker.tick(), if engine_failure.is_none() => {
-                    let progress = Progress::from(mirror::sample_progress(&root, phase));
+                    let progress = carried(record, mirror::sample_progress(&root, phase));
                     if progress != last_sent {
                         last_sent = progress;
                         if let Err(err) = self.stage(record, ctx, record.status, Some(progress)).await {
@@ -226,7 +241,7 @@ impl Worker {
             phase = next;
             let status = status_of(phase);
             if status != record.status {
-                let progress = Progress::from(mirror::sample_progress(&root, phase));
+                let progress = carried(record, mirror::sample_progress(&root, phase));
                 self.stage(record, ctx, status, Some(progress)).await?;
             }
         }
@@ -279,6 +294,38 @@ mod tests {
                 SyncStatus::Finalizing
             ],
             "the contract's forward order of stages"
+        );
+    }
+
+    #[test]
+    fn a_sample_below_what_was_shown_does_not_move_the_bar_back() {
+        let mut record: SyncRecord = serde_json::from_value(serde_json::json!({
+            "sync_id": "s", "project_id": "p", "status": "running", "progress": null,
+            "commit": null, "previous_commit": null, "attempt": 1,
+            "queued_at": "2026-12-07T00:00:00Z", "started_at": null, "finished_at": null,
+            "duration_ms": null, "error": null
+        }))
+        .expect("a record");
+        let first = Counters {
+            percent: 18,
+            objects: 12_320,
+            bytes: 4_000,
+        };
+        assert_eq!(carried(&record, first), Progress::from(first));
+        record.progress = Some(Progress::from(first));
+        // gix dropped the finished step's counters; the pack's bytes went on
+        let later = Counters {
+            percent: 0,
+            objects: 0,
+            bytes: 16_900_000,
+        };
+        assert_eq!(
+            carried(&record, later),
+            Progress {
+                percent: 18,
+                objects: 12_320,
+                bytes: 16_900_000
+            }
         );
     }
 }

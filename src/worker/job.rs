@@ -165,7 +165,7 @@ impl Worker {
         };
         let retry_at = format_rfc3339(time::OffsetDateTime::now_utc() + wait);
         record.status = SyncStatus::Running;
-        record.progress = None;
+        // the bar stays where it got to: a retry does not move it backwards
         record.error = Some(error.clone());
         self.store_and_publish(
             record,

@@ -14,7 +14,7 @@ use crate::domain::ProjectId;
 use crate::engine::{EngineError, Project};
 use crate::error::error_chain;
 use crate::mirror::MirrorError;
-use crate::protocol::{Progress, SyncRecord, SyncStatus};
+use crate::protocol::{SyncRecord, SyncStatus};
 
 /// Network failures are worth another attempt; the others fail the same way again.
 pub(super) fn is_retryable(err: &MirrorError) -> bool {
@@ -61,7 +61,8 @@ impl Attempts for JobAttempts<'_> {
                 self.record,
                 self.ctx,
                 SyncStatus::Running,
-                Some(Progress::default()),
+                // a retry starts where the bar got to, never below it
+                Some(self.record.progress.unwrap_or_default()),
             )
             .await?;
         self.worker

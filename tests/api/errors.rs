@@ -109,6 +109,15 @@ async fn bad_fields_are_refused_with_a_reason() {
         assert_eq!((status, code.as_str()), (400, "invalid_request"), "{body}");
         assert!(!message.is_empty());
     }
+    // a refusal an operator can lift names the setting that lifts it
+    for (url, setting) in [
+        ("file:///etc", "HIVESYNC_ALLOWED_SCHEMES"),
+        ("https://127.0.0.1/repo.git", "HIVESYNC_ALLOW_PRIVATE_HOSTS"),
+    ] {
+        let body = json!({"name": "x", "repo_url": url});
+        let (_, _, message) = error_of(app.post("/api/v1/projects", &app.token, body).await).await;
+        assert!(message.contains(setting), "{url}: {message}");
+    }
     app.stop().await;
 }
 

@@ -803,3 +803,119 @@ async fn register_prints_the_id_a_shell_keeps_and_sync_takes() {
     );
     app.stop().await;
 }
+
+/// `hivesync token` says which key signed the token (on stderr; stdout is the token
+/// alone) and warns when it had to make a dev secret; a hub with another key answers
+/// that token 401 `invalid_token` naming the signature, never echoing the token.
+#[tokio::test]
+async fn a_token_from_another_key_is_explained_on_both_ends() {
+    let app = TestApp::spawn().await;
+    let elsewhere = tempfile::tempdir().expect("temp dir");
+    let data = elsewhere.path().join("data");
+    let data_dir = data.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = run(
+        &["token", "--sub", "alice"],
+        &[("HIVESYNC_DATA_DIR", data_dir.as_str())],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let minted = stdout.trim().to_owned();
+    assert_eq!(stdout, format!("{minted}\n"), "the token alone on stdout");
+    assert!(
+        stderr.contains("made a new one") && stderr.contains(&data_dir),
+        "warns where it made a secret: {stderr}"
+    );
+    let (code, _, stderr) = run(
+        &["token", "--sub", "alice"],
+        &[("HIVESYNC_DATA_DIR", data_dir.as_str())],
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(
+        stderr.contains("signed with the dev secret kept in"),
+        "{stderr}"
+    );
+
+    let response = app.get("/api/v1/projects", &minted).await;
+    assert_eq!(response.status(), 401);
+    let body = response.text().await.expect("body");
+    assert!(
+        body.contains("invalid_token") && body.contains("signature"),
+        "{body}"
+    );
+    assert!(!body.contains(&minted), "the token is not echoed");
+
+    // a pasted token with a non-ASCII ellipsis is a bad token, not a missing route
+    let pasted = reqwest::header::HeaderValue::from_bytes("Bearer eyJ0eXAi…".as_bytes())
+        .expect("obs-text is a valid header value");
+    let response = app
+        .http
+        .get(format!("{}/api/v1/projects", app.base))
+        .header(reqwest::header::AUTHORIZATION, pasted)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 401);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "invalid_token");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_cli_names_what_it_needs_and_heads_its_columns() {
+    let app = TestApp::spawn().await;
+    let (code, stdout, stderr) = run(&["projects"], &[("HIVESYNC_SERVER", &app.base)]).await;
+    assert_eq!(code, 2, "{stdout} {stderr}");
+    assert!(stderr.contains("HIVESYNC_TOKEN"), "{stderr}");
+    let repo = GitRepo::new();
+    repo.write("a.txt", "a").commit("one");
+    let project = app.register(&repo).await;
+    let (code, stdout, _) = cli(&app, &["projects"]).await;
+    assert_eq!(code, 0);
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("PROJECT\tNAME\tBRANCH\tLAST STATUS"));
+    assert!(lines.next().is_some_and(|line| line.starts_with(&project)));
+    app.stop().await;
+}
+
+/// `serve` with no secret configured says where its dev secret is, never the secret.
+#[tokio::test]
+async fn serve_does_not_print_its_dev_secret() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hivesync"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HIVESYNC_LISTEN", "127.0.0.1:0")
+        .env("HIVESYNC_DATA_DIR", data.path())
+        .env("HIVESYNC_MIN_FREE_BYTES", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let banner = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut banner = String::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            banner.push_str(&line);
+            banner.push('\n');
+            if line.starts_with("WebSocket:") {
+                break;
+            }
+        }
+        banner
+    })
+    .await
+    .expect("joined");
+    crate::lifecycle::terminate(&mut child);
+    let secret = std::fs::read_to_string(data.path().join("dev-jwt-secret")).expect("kept");
+    assert!(banner.contains("dev-jwt-secret"), "says where: {banner}");
+    assert!(
+        !banner.contains(secret.trim()),
+        "the secret is not printed: {banner}"
+    );
+}

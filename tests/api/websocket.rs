@@ -413,3 +413,55 @@ async fn socket_auth_takes_a_header_or_access_token_and_refuses_bad_ones() {
     assert_eq!(plain.status(), 400, "a plain GET is not an upgrade");
     app.stop().await;
 }
+
+/// The bar of a real sync only moves forward: percent, objects and bytes never drop
+/// from one frame to the next (gix drops a finished step's counters; the stages after
+/// the fetch carry what it counted), and the last frame says what was brought.
+#[tokio::test]
+async fn a_syncs_progress_only_moves_forward_and_ends_with_its_counts() {
+    let app = TestApp::spawn().await;
+    let repo = GitRepo::new();
+    repo.commit_random_files(300, 64 * 1024);
+    let id = app.register(&repo).await;
+    let mut socket = app.ws(&app.token, "").await;
+    let accepted = app.request_sync(&id).await;
+    let sync_id = accepted["sync_id"].as_str().expect("sync_id").to_owned();
+    let frames: Vec<Value> = socket
+        .until(|frame| {
+            frame["sync_id"] == sync_id.as_str()
+                && frame["type"] == "sync.stage"
+                && matches!(frame["stage"].as_str(), Some("completed" | "failed"))
+        })
+        .await
+        .into_iter()
+        .filter(|frame| frame["sync_id"] == sync_id.as_str() && frame["type"] == "sync.stage")
+        .collect();
+    let bars: Vec<(String, u64, u64, u64)> = frames
+        .iter()
+        .filter(|frame| frame["progress"].is_object())
+        .map(|frame| {
+            let progress = &frame["progress"];
+            (
+                frame["stage"].as_str().unwrap_or_default().to_owned(),
+                progress["percent"].as_u64().expect("percent"),
+                progress["objects"].as_u64().expect("objects"),
+                progress["bytes"].as_u64().expect("bytes"),
+            )
+        })
+        .collect();
+    assert!(bars.len() >= 3, "progress frames: {bars:?}");
+    for pair in bars.windows(2) {
+        let ((_, p0, o0, b0), (_, p1, o1, b1)) = (&pair[0], &pair[1]);
+        assert!(
+            p1 >= p0 && o1 >= o0 && b1 >= b0,
+            "the bar went backwards: {:?} → {:?} in {bars:?}",
+            pair[0],
+            pair[1]
+        );
+    }
+    let (stage, percent, objects, bytes) = bars.last().expect("a last frame").clone();
+    assert_eq!((stage.as_str(), percent), ("completed", 100));
+    assert!(objects >= 300, "the objects brought: {objects}");
+    assert!(bytes >= 300 * 64 * 1024, "the bytes brought: {bytes}");
+    app.stop().await;
+}

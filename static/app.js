@@ -29,6 +29,23 @@ function takeTokenFromUrl() {
   return localStorage.getItem(TOKEN_KEY);
 }
 
+/** Bytes as the CLI shows them: B, KiB, MiB, GiB. */
+function formatBytes(bytes) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = Number(bytes ?? 0);
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return unit === 0 ? `${value} B` : `${value.toFixed(2)} ${units[unit]}`;
+}
+
+/** A stage as people read it, the same in badges and headings. */
+function stageLabel(stage) {
+  return String(stage).replaceAll("_", " ");
+}
+
 function showBanner(message) {
   const banner = $("banner");
   banner.textContent = message;
@@ -129,7 +146,7 @@ function renderProjects() {
           el("button", { class: "link", type: "button", onclick: () => selectProject(project.project_id) }, project.name),
           el("button", { type: "button", "aria-label": `Sync ${project.name}`, onclick: () => requestSync(project.project_id) }, "Sync")),
         el("div", { class: "row" },
-          el("span", { class: "status", "data-status": status }, status),
+          el("span", { class: "status", "data-status": status }, stageLabel(status)),
           el("span", { class: "meta" }, shortCommit(project.commit))),
         status === "failed" && project.last_error
           ? el("span", { class: "card-error", "data-error-code": project.last_error.code }, `${project.last_error.code}: ${project.last_error.message}`)
@@ -167,13 +184,14 @@ async function registerProject(event) {
       method: "POST",
       body: JSON.stringify({ name: form.get("name"), repo_url: form.get("repo_url"), branch: form.get("branch") }),
     });
-    showBanner("");
+    showFormError("register-error", "");
     event.target.reset();
     $("project-branch").value = "main";
     await loadProjects();
     selectProject(project.project_id);
   } catch (error) {
-    reportError(error);
+    if (error.status === 400 || error.status === 403) showFormError("register-error", error.message);
+    else reportError(error);
   }
 }
 
@@ -198,9 +216,11 @@ function selectProject(projectId) {
   state.treePath = "";
   $("project-view").hidden = false;
   $("empty-hint").hidden = true;
-  $("file-view").textContent = "";
-  $("file-title").textContent = "File";
+  showFile(null);
+  $("search-input").value = "";
+  $("search-regex").checked = false;
   $("search-results").replaceChildren();
+  $("interval-error").hidden = true;
   renderProjects();
   renderProjectHeader();
   fillIntervalForm(state.projects.get(projectId));
@@ -260,12 +280,19 @@ function fillIntervalForm(project) {
 async function patchProject(projectId, change) {
   try {
     const project = await api(`/api/v1/projects/${encodeURIComponent(projectId)}`, { method: "PATCH", body: JSON.stringify(change) });
-    showBanner("");
+    showFormError("interval-error", "");
     storeProject(project);
     if (projectId === state.selected) fillIntervalForm(project);
   } catch (error) {
-    reportError(error);
+    if (error.status === 400) showFormError("interval-error", error.message);
+    else reportError(error);
   }
+}
+
+/** A refusal shown where it was typed, not in the banner. */
+function showFormError(id, message) {
+  $(id).textContent = message;
+  $(id).hidden = !message;
 }
 
 function saveInterval(event) {
@@ -273,7 +300,7 @@ function saveInterval(event) {
   if (!state.selected) return;
   const value = Number($("interval-value").value);
   if (!Number.isInteger(value) || value < 1) {
-    showBanner("invalid_request: the interval must be a whole number above zero");
+    showFormError("interval-error", "The interval must be a whole number above zero.");
     return;
   }
   patchProject(state.selected, { sync_interval_s: value * Number($("interval-unit").value) });
@@ -348,12 +375,14 @@ function renderProgress() {
   if (!project) return;
   const live = project.live;
   const stage = live?.stage ?? project.last_status ?? "idle";
-  const percent = live?.percent ?? (project.last_status === "completed" ? 100 : 0);
-  $("stage-text").textContent = stage.replaceAll("_", " ");
+  // a failed sync's bar is full and red: it ended, it did not stop at 0 %
+  const ended = ["completed", "failed"].includes(live?.stage ?? project.last_status);
+  const percent = ended ? 100 : live?.percent ?? 0;
+  $("stage-text").textContent = stageLabel(stage);
   $("progress").setAttribute("aria-valuenow", String(percent));
   $("progress").dataset.status = stage;
   $("progress-fill").style.width = `${percent}%`;
-  $("progress-detail").textContent = live?.objects !== undefined ? `${live.objects} objects · ${live.bytes} bytes` : "";
+  $("progress-detail").textContent = live?.objects !== undefined ? `${live.objects} objects · ${formatBytes(live.bytes)}` : "";
   $("sync-button").disabled = Boolean(live && !["completed", "failed"].includes(live.stage));
 }
 
@@ -438,18 +467,32 @@ function moreEntries(base, cursor, projectId) {
   return item;
 }
 
+/** Shows the file box (hidden, with a hint, until a file is chosen). */
+function showFile(title) {
+  $("file-title").textContent = title ?? "File";
+  $("file-view").hidden = title === null;
+  $("file-hint").hidden = title !== null;
+  if (title === null) $("file-view").textContent = "";
+}
+
 async function openFile(path, line = null) {
   try {
     const file = await api(`/api/v1/repo/file?project_id=${state.selected}&path=${encodeURIComponent(path)}`);
-    $("file-title").textContent = `${file.path}${file.truncated ? " (first 1 MiB)" : ""}`;
+    showFile(`${file.path}${file.truncated ? " (first 1 MiB)" : ""}`);
     const view = $("file-view");
+    // the tree shows the file's folder, wherever the file was opened from
+    const folder = file.path.split("/").slice(0, -1).join("/");
+    if (folder !== state.treePath) loadTree(folder);
     if (file.encoding !== "utf-8") {
-      view.textContent = `Binary file, ${file.size} bytes.`;
+      view.textContent = `Binary file, ${formatBytes(file.size)}.`;
       return;
     }
+    // a highlighted line is a block, so it carries no newline of its own
     view.replaceChildren(
       ...file.content.split("\n").map((text, index) =>
-        el("span", { class: index + 1 === line ? "hl" : null, "data-line": index + 1 }, `${text}\n`)),
+        index + 1 === line
+          ? el("span", { class: "hl", "data-line": index + 1 }, text)
+          : el("span", { "data-line": index + 1 }, `${text}\n`)),
     );
     if (line) view.querySelector(`[data-line="${line}"]`)?.scrollIntoView({ block: "center" });
   } catch (error) {
@@ -560,7 +603,7 @@ function startLive(lastEventId = null) {
   client.addEventListener("event", (event) => onEvent(event.detail));
   client.addEventListener("state", (event) => {
     $("connection").dataset.state = event.detail;
-    $("connection-text").textContent = event.detail;
+    $("connection-text").textContent = event.detail === "offline" ? "offline — retrying" : event.detail;
   });
   client.addEventListener("resync", () => loadProjects().then(refreshSelected).catch(reportError));
   client.start();
@@ -590,6 +633,7 @@ async function signIn(token) {
   $("sign-in").hidden = true;
   $("app").hidden = false;
   $("sign-out").hidden = false;
+  showBanner("");
   let lastEventId = null;
   try {
     lastEventId = await loadRecentNotifications();

@@ -3,7 +3,7 @@
 //   import { HiveSyncClient } from "./hivesync-client.js";
 //   const client = new HiveSyncClient({ baseUrl: "http://127.0.0.1:8080", token });
 //   client.addEventListener("event", (e) => console.log(e.detail));   // sync.stage / notification
-//   client.addEventListener("state", (e) => console.log(e.detail));   // connecting | live | reconnecting | polling | closed
+//   client.addEventListener("state", (e) => console.log(e.detail));   // connecting | live | reconnecting | polling | offline | closed
 //   client.addEventListener("resync", () => reloadEverything());      // history was too old to replay
 //   client.start();
 //
@@ -94,7 +94,7 @@ export class HiveSyncClient extends EventTarget {
 
   #connect() {
     if (this.#stopped) return;
-    this.#setState(this.#attempts === 0 && !this.#everOpened ? "connecting" : this.#state === "polling" ? "polling" : "reconnecting");
+    this.#setState(this.#attempts === 0 && !this.#everOpened ? "connecting" : ["polling", "offline"].includes(this.#state) ? this.#state : "reconnecting");
     let socket;
     try {
       socket = new this.#options.WebSocketImpl(this.#socketUrl());
@@ -182,10 +182,14 @@ export class HiveSyncClient extends EventTarget {
           { headers: { Authorization: `Bearer ${this.#token}` } },
         );
         if (response.ok) {
+          this.#setState("polling");
           for (const frame of await response.json()) this.#handle(frame);
+        } else if (response.status >= 500) {
+          this.#setState("offline");
         }
       } catch {
-        // the server is unreachable too; keep trying
+        // the server is unreachable too: say so, and keep trying
+        this.#setState("offline");
       }
       if (this.#pollTimer) this.#pollTimer = setTimeout(poll, this.#options.pollIntervalMs);
     };

@@ -34,7 +34,10 @@ async fn dashboard_drives_a_sync_in_a_real_browser() {
     }
     let repo = GitRepo::new();
     repo.write("README.md", "hello from the browser test\n")
-        .write("src/lib.rs", "pub fn f() {}\nlet needle = 42;\n")
+        .write(
+            "src/lib.rs",
+            "pub fn f() {}\nlet needle = 42;\nthe line after the needle\n",
+        )
         .write("long.txt", &format!("{}\n", "x".repeat(500)));
     repo.commit("first");
     let data = tempfile::tempdir().expect("temp dir");

@@ -104,14 +104,33 @@ try {
   });
   page.on("pageerror", (error) => consoleErrors.push(`page error: ${error}`));
 
-  await page.goto(`http://${hub.addr}/#token=${TOKEN}`);
+  // a bad token first: the page says so; a good one then clears it (the browser logs
+  // the refused requests of these deliberate mistakes as console errors)
+  outage = true;
+  await page.goto(`http://${hub.addr}/#token=not-a-token`);
+  await page.locator("#banner", { hasText: "Could not sign in" }).waitFor();
+  await page.getByLabel("Access token").fill(TOKEN);
+  await page.getByRole("button", { name: "Sign in" }).click();
   await page.locator('#connection[data-state="live"]').waitFor();
+  await page.locator("#banner").waitFor({ state: "hidden" });
   await shot(page, "signed-in");
+
+  // a refusal someone can fix shows beside the form, naming the setting
+  await page.getByLabel("Name").fill("nope");
+  await page.getByLabel("Repository URL").fill("ftp://example.com/x.git");
+  await page.getByRole("button", { name: "Register" }).click();
+  await page.locator("#register-error", { hasText: "HIVESYNC_ALLOWED_SCHEMES" }).waitFor();
+  check(await page.locator("#banner").isHidden(), "the refusal is not in the banner");
+  await page.getByLabel("Name").fill("");
+  outage = false;
 
   await page.getByLabel("Name").fill("demo");
   await page.getByLabel("Repository URL").fill(REPO_URL);
   await page.getByRole("button", { name: "Register" }).click();
   await page.locator("#project-title", { hasText: "demo" }).waitFor();
+  await page.locator("#register-error").waitFor({ state: "hidden" });
+  check(await page.locator("#file-view").isHidden(), "no empty file box before a file is chosen");
+  await page.locator("#file-hint").waitFor();
   await shot(page, "registered");
 
   await page.locator("#sync-button").click();
@@ -120,6 +139,10 @@ try {
       && document.getElementById("stage-text").textContent === "completed",
   );
   await page.locator('#notifications li[data-kind="repo_sync_success"]').waitFor();
+  const detail = await page.locator("#progress-detail").textContent();
+  check(/objects · \d+(\.\d+)? (B|KiB|MiB|GiB)$/.test(detail), `bytes as people read them: ${detail}`);
+  const badges = await page.locator(".status").allTextContents();
+  check(badges.every((text) => !text.includes("_")), `stage names as people read them: ${badges}`);
   await shot(page, "synced");
 
   await page.locator('#tree button[data-path="README.md"]').click();
@@ -132,11 +155,16 @@ try {
   await hit.waitFor();
   await hit.click();
   await page.locator("#file-view .hl", { hasText: "needle" }).waitFor();
+  // the line after the hit is drawn below it, whole; the tree shows the file's folder
+  const [hl, next] = [await page.locator("#file-view .hl").boundingBox(), await page.locator('#file-view [data-line="3"]').boundingBox()];
+  check(next && next.y >= hl.y + hl.height - 1 && next.x <= hl.x + 1, `the next line is below the hit: ${JSON.stringify([hl, next])}`);
+  await page.locator("#tree-path", { hasText: "/src" }).waitFor();
   await shot(page, "search");
   // the README's picture: this view, the viewport only (a stable size)
   await page.screenshot({ path: `${OUT_DIR}/dashboard.png` });
 
   // a 500-character line scrolls inside the file box; the page never widens
+  await page.locator("#tree").getByRole("button", { name: "..", exact: true }).click();
   await page.locator('#tree button[data-path="long.txt"]').click();
   await page.locator("#file-view", { hasText: "x".repeat(100) }).waitFor();
   for (const width of [1366, 1920]) {
@@ -149,8 +177,10 @@ try {
   // the hub goes away: the page shows it and keeps trying
   outage = true;
   await stopHub(hub.child);
-  await page.locator('#connection:is([data-state="reconnecting"], [data-state="polling"])').waitFor();
+  await page.locator('#connection:is([data-state="reconnecting"], [data-state="polling"], [data-state="offline"])').waitFor();
   await shot(page, "reconnecting");
+  // with the hub gone, polling fails too: the page says it is offline, not "polling"
+  await page.locator('#connection[data-state="offline"]', { hasText: "offline — retrying" }).waitFor({ timeout: 30_000 });
 
   // back on the same address; a sync runs before the page is back, and the page must
   // still get its events by resuming from its last event id
@@ -247,12 +277,15 @@ try {
   await shot(page, "webhook-off");
 
   // ---- a schedule that fails pauses; Resume starts it again ---------------------------
+  await page.getByLabel("Search text").fill("left over");
   await page.getByLabel("Name").fill("later");
   await page.getByLabel("Repository URL").fill(`file://${LATER_REPO_DIR}`);
   await page.getByRole("button", { name: "Register" }).click();
   await page.locator("#project-title", { hasText: "later" }).waitFor();
   const laterId = await page.locator('#projects li[aria-current="true"]').getAttribute("data-project");
   check(laterId && laterId !== demoId, "the new project is selected");
+  check((await page.getByLabel("Search text").inputValue()) === "", "another project starts with no search text");
+  check((await page.locator("#tree-path").textContent()) !== "/src", "nor the other project's folder");
   await page.locator("#schedule-text", { hasText: "On demand only" }).waitFor();
   await page.locator("#interval-value").fill("1");
   await page.locator("#interval-unit").selectOption("1");
@@ -272,6 +305,7 @@ try {
   check((await page.locator("#last-error").textContent()).startsWith("repo_not_found"), "the last error is shown");
   check((await page.locator("#last-success").textContent()) === "never", "never succeeded");
   check((await page.locator("#last-attempt").textContent()) !== "never", "an attempt is shown");
+  await page.locator('#progress[data-status="failed"][aria-valuenow="100"]').waitFor();
   await shot(page, "paused");
 
   // opened afresh after all that, the page shows what happened: the notifications from

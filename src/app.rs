@@ -41,6 +41,14 @@ pub enum StartError {
     Redis { url: String, source: EngineError },
 }
 
+/// The rules the engine applies to a sync's end and to webhooks, from the configuration.
+fn rules(config: &Config) -> crate::engine::schedule::Rules {
+    crate::engine::schedule::Rules {
+        pause_after: config.pause_after_failures,
+        webhook_rate: config.webhook_rate,
+    }
+}
+
 /// Opens the configured engine: Redis when `HIVESYNC_REDIS_URL` is set, else the
 /// embedded one under DATA_DIR (whose unfinished syncs are put back on its queue; a
 /// Redis queue keeps them itself, pending in the stream).
@@ -53,7 +61,7 @@ pub async fn open_engine(
             &config.data_dir,
             config.sync_rate,
             config.event_history,
-            config.rules(),
+            rules(config),
             metrics.store_commit.clone(),
             config.store_cache_bytes,
         )?;
@@ -79,7 +87,7 @@ pub async fn open_engine(
         reclaim_after: config.reclaim_after,
         history_len: config.event_history,
         sync_rate: config.sync_rate,
-        rules: config.rules(),
+        rules: rules(config),
         pool_size: 16 + config.workers.max(config.effective_serve_workers()),
     };
     let redis = RedisEngine::connect(settings)

@@ -266,7 +266,7 @@ impl EventStream {
             Some((_, rest)) => format!("ws://{rest}"),
             None => return Err(ClientError::Usage("the server URL has no scheme".into())),
         };
-        let mut url = format!("{ws_base}{}", crate::http::WS_PATH);
+        let mut url = format!("{ws_base}{}", crate::protocol::WS_PATH);
         let mut query = Vec::new();
         if !self.projects.is_empty() {
             query.push(format!("project_ids={}", self.projects.join(",")));
@@ -390,10 +390,9 @@ impl EventStream {
                 }
                 Some(Ok(Message::Close(frame))) => {
                     // 4001: the token expired; a new socket with it would be refused too
-                    if frame
-                        .as_ref()
-                        .is_some_and(|frame| u16::from(frame.code) == 4001)
-                    {
+                    if frame.as_ref().is_some_and(|frame| {
+                        u16::from(frame.code) == crate::protocol::CLOSE_TOKEN_EXPIRED
+                    }) {
                         return Err(ClientError::Usage(
                             "the token expired; get a fresh one".into(),
                         ));

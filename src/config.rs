@@ -142,9 +142,9 @@ impl Default for Config {
             min_sync_interval: Duration::from_secs(60),
             pause_after_failures: 5,
             webhook_rate: (60, Duration::from_secs(60)),
-            webhook_failures: crate::http::gate::DEFAULT_FAILURES,
-            webhook_per_project: crate::http::gate::DEFAULT_PER_PROJECT,
-            webhook_max: crate::http::gate::DEFAULT_MAX,
+            webhook_failures: (10, Duration::from_secs(60)),
+            webhook_per_project: 4,
+            webhook_max: 64,
             webhook_key: None,
             scheduler_tick: Duration::from_secs(1),
             snapshot_watches: None,
@@ -153,8 +153,10 @@ impl Default for Config {
             max_projects_per_user: 1000,
             ws_per_user: 64,
             ws_max: None,
-            reads_per_user: crate::http::budget::DEFAULT_PER_USER,
-            reads_max: crate::http::budget::DEFAULT_POOL,
+            reads_per_user: 4,
+            // enough to keep both cores of a small box busy while some reads wait on
+            // the disk, far below tokio's 512 blocking threads
+            reads_max: 16,
             diff: crate::mirror::read::DiffLimits::default(),
             file_roots: Vec::new(),
             quota: crate::mirror::Quota::default(),
@@ -188,14 +190,6 @@ impl Config {
         crate::domain::repo_url::FileRoots {
             roots: self.file_roots.clone(),
             data_dir: self.data_dir.clone(),
-        }
-    }
-
-    /// The rules the engine applies to a sync's end and to webhooks.
-    pub fn rules(&self) -> crate::engine::schedule::Rules {
-        crate::engine::schedule::Rules {
-            pause_after: self.pause_after_failures,
-            webhook_rate: self.webhook_rate,
         }
     }
 

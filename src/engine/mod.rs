@@ -40,7 +40,11 @@ pub enum EngineError {
     #[error("the project is gone")]
     ProjectGone,
     #[error("redis command failed")]
-    Redis(#[from] ::redis::RedisError),
+    Redis(#[source] ::redis::RedisError),
+    /// The engine cannot be reached now (a connection refused, dropped or timed out),
+    /// as each backend tells it: callers answer "try again shortly", not "broken".
+    #[error("the engine cannot be reached")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("unexpected reply from redis")]
     RedisReply(#[from] ::redis::ParsingError),
     #[error("no redis connection available: {0}")]
@@ -58,6 +62,22 @@ pub enum EngineError {
     /// A failpoint armed to fail this step ([`crate::failpoint`]; test builds only).
     #[error(transparent)]
     Injected(#[from] crate::failpoint::Injected),
+}
+
+impl From<::redis::RedisError> for EngineError {
+    /// A Redis that cannot be reached is [`EngineError::Unavailable`]; any other
+    /// failure of a command stays a Redis error.
+    fn from(err: ::redis::RedisError) -> Self {
+        if err.is_io_error()
+            || err.is_connection_refusal()
+            || err.is_connection_dropped()
+            || err.is_timeout()
+        {
+            EngineError::Unavailable(Box::new(err))
+        } else {
+            EngineError::Redis(err)
+        }
+    }
 }
 
 /// A worker's exclusive hold on one project's mirror. `fence` grows with every grant,

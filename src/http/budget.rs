@@ -17,15 +17,6 @@ use crate::mirror::read::ReadError;
 /// How long a read waits for a place in the process-wide pool before it is refused.
 const POOL_WAIT: Duration = Duration::from_secs(5);
 
-/// Reads one user may run at once when nothing else is configured
-/// (`HIVESYNC_READS_PER_USER`).
-pub const DEFAULT_PER_USER: usize = 4;
-
-/// Reads the process runs at once when nothing else is configured
-/// (`HIVESYNC_READS_MAX`): enough to keep both cores of a small box busy while some
-/// wait on the disk, far below tokio's 512 blocking threads.
-pub const DEFAULT_POOL: usize = 16;
-
 #[derive(Debug)]
 pub struct ReadBudget {
     users: Arc<UserSlots>,

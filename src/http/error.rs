@@ -136,16 +136,11 @@ impl ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> Self {
-        let unreachable = match &err {
-            EngineError::Pool(_) | EngineError::Closed => true,
-            EngineError::Redis(cause) => {
-                cause.is_io_error()
-                    || cause.is_connection_refusal()
-                    || cause.is_connection_dropped()
-                    || cause.is_timeout()
-            }
-            _ => false,
-        };
+        // each backend says when it cannot be reached; this layer only maps that
+        let unreachable = matches!(
+            err,
+            EngineError::Pool(_) | EngineError::Closed | EngineError::Unavailable(_)
+        );
         match err {
             // a project deleted while the request ran
             EngineError::ProjectGone => ApiError::ProjectNotFound,

@@ -11,14 +11,6 @@ use super::ApiError;
 use super::slots::{Full, Slot, UserSlots};
 use crate::domain::RateLimiter;
 
-/// Deliveries in progress per project and in the hub when nothing else is configured
-/// (`HIVESYNC_WEBHOOK_PER_PROJECT`, `HIVESYNC_WEBHOOK_MAX`).
-pub const DEFAULT_PER_PROJECT: usize = 4;
-pub const DEFAULT_MAX: usize = 64;
-
-/// Failed signatures allowed per project and per peer (`HIVESYNC_WEBHOOK_FAILURES`).
-pub const DEFAULT_FAILURES: (u32, Duration) = (10, Duration::from_secs(60));
-
 pub struct WebhookGate {
     failures: Mutex<RateLimiter>,
     epoch: Instant,
@@ -112,7 +104,7 @@ mod tests {
 
     #[test]
     fn deliveries_in_progress_are_bounded_per_project_and_in_all() {
-        let gate = WebhookGate::new(DEFAULT_FAILURES, 2, 3);
+        let gate = WebhookGate::new((10, Duration::from_secs(60)), 2, 3);
         let _a = gate.admit("p1", None).expect("first");
         let _b = gate.admit("p1", None).expect("second");
         assert!(gate.admit("p1", None).is_err(), "per project");

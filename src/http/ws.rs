@@ -27,13 +27,7 @@ use crate::engine::EngineError;
 use crate::hub::Attachment;
 use crate::protocol::{ClientFrame, ControlFrame, EventId};
 
-pub const WS_PATH: &str = "/api/v1/ws";
-/// Close code for a client that could not keep up; it should resume (4000–4499:
-/// reconnect allowed).
-pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
-/// Close code when the token the socket was opened with expires: reconnect with a
-/// fresh token (and `last_event_id`, to miss nothing).
-pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+pub use crate::protocol::{CLOSE_SLOW_CONSUMER, CLOSE_TOKEN_EXPIRED, WS_PATH};
 /// How long one batch of writes may take before the peer counts as stuck.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Client frames are small; the read buffer grows for the rare larger one.

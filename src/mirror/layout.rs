@@ -116,7 +116,7 @@ impl Layout {
         remove_if_exists(&self.worktree(project))?;
         // a spare may be being built in it: wait for that to end
         let trees = self.trees_dir(project);
-        let _lock = super::spare::lock(&trees).ok();
+        let _lock = lock(&trees).ok();
         remove_if_exists(&trees)?;
         remove_if_exists(&self.git_dir(project))?;
         remove_if_exists(&self.footprint_file(project))?;
@@ -237,6 +237,18 @@ impl Layout {
 pub fn free_bytes(path: &Path) -> Option<u64> {
     let stat = rustix::fs::statvfs(path).ok()?;
     Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// The exclusive lock on a project's trees directory, held until dropped (the swap, a
+/// spare being built and the removal of a project's trees take it in turn).
+pub(crate) struct TreesLock(#[allow(dead_code)] std::fs::File);
+
+/// Waits for the lock on `trees_dir` (a spare being built holds it for as long as
+/// linking one tree takes).
+pub(crate) fn lock(trees_dir: &Path) -> std::io::Result<TreesLock> {
+    let dir = std::fs::File::open(trees_dir)?;
+    dir.lock()?;
+    Ok(TreesLock(dir))
 }
 
 #[cfg(test)]

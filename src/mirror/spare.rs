@@ -27,16 +27,7 @@ pub(crate) fn is_spare(name: &std::ffi::OsStr) -> bool {
     name.to_str().is_some_and(|name| name.starts_with(SPARE))
 }
 
-/// The exclusive lock on a project's trees directory, held until dropped.
-pub(crate) struct TreesLock(#[allow(dead_code)] std::fs::File);
-
-/// Waits for the lock on `trees_dir` (a spare being built holds it for as long as
-/// linking one tree takes).
-pub(crate) fn lock(trees_dir: &Path) -> std::io::Result<TreesLock> {
-    let dir = std::fs::File::open(trees_dir)?;
-    dir.lock()?;
-    Ok(TreesLock(dir))
-}
+pub(crate) use super::layout::{TreesLock, lock};
 
 /// Where the spare of `snapshot` lives once complete.
 fn spare_of(snapshot: &Path) -> Option<PathBuf> {

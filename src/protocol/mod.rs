@@ -8,6 +8,15 @@ use utoipa::ToSchema;
 /// one it saw.
 pub type EventId = u64;
 
+/// Where the WebSocket is served (the contract's `GET /api/v1/ws`).
+pub const WS_PATH: &str = "/api/v1/ws";
+/// Close code for a client that could not keep up; it should resume (4000–4499:
+/// reconnect allowed).
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code when the token the socket was opened with expires: reconnect with a
+/// fresh token (and `last_event_id`, to miss nothing).
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+
 /// Stages a sync moves through, in the contract's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -171,6 +171,7 @@ try {
     await page.setViewportSize({ width, height: 900 });
     const widths = await page.evaluate(() => [document.documentElement.scrollWidth, window.innerWidth]);
     check(widths[0] <= widths[1], `at ${width} px a long line widened the page: ${widths}`);
+    await shot(page, `long-line-${width}`);
   }
   await page.setViewportSize({ width: 1440, height: 900 });
 

@@ -208,7 +208,7 @@ pub async fn delete_webhook(
         (status = 401, description = "missing or wrong signature (invalid_signature)", body = ErrorBody),
         (status = 404, description = "no such project, or its webhooks are off (not_found)", body = ErrorBody),
         (status = 413, description = "the body is over 5 MiB (payload_too_large)", body = ErrorBody),
-        (status = 429, description = "over the project's webhook rate (rate_limited)", body = ErrorBody),
+        (status = 429, description = "over the project's webhook rate, too many wrong signatures lately from this project or address, or too many deliveries being read (rate_limited)", body = ErrorBody),
     ),
     security(("github_signature" = []), ("gitea_signature" = []), ("gitlab_token" = []), ("hivesync_signature" = []))
 )]

@@ -473,13 +473,17 @@ impl Reader {
                     break;
                 }
                 let patch = change.patch(repo, limits, deadline)?;
-                let patch = patch.filter(|patch| {
-                    bytes + patch.len() <= limits.max_bytes
-                        && lines + patch.lines().count() <= limits.max_lines
-                });
                 if let Some(patch) = &patch {
+                    let patch_lines = patch.lines().count();
+                    if bytes + patch.len() > limits.max_bytes
+                        || lines + patch_lines > limits.max_lines
+                    {
+                        // the answer is full: this file and the rest are left out
+                        outcome.truncated = true;
+                        break;
+                    }
                     bytes += patch.len();
-                    lines += patch.lines().count();
+                    lines += patch_lines;
                 }
                 // what a file costs in the answer beside its patch
                 bytes += change.path.len() + change.old_path.as_ref().map_or(0, String::len) + 64;

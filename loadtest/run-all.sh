@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every run the README's Benchmarks section quotes, in the order it quotes them, each
+# Every run docs/benchmarks.md quotes, in the order it quotes them, each
 # writing its raw JSON to loadtest/results/PREFIX-<name>.json. One command, so every
 # figure there comes from a command anyone can run:
 #

@@ -44,5 +44,5 @@ extern "C" fn report() {
     for (test, why) in skipped.iter() {
         eprintln!("  SKIPPED {test}: {why}");
     }
-    eprintln!("Install what they need (see the README's test section) to run them.\n");
+    eprintln!("Install what they need (see docs/testing.md) to run them.\n");
 }

@@ -483,7 +483,12 @@ async fn spare_of(worktree: &std::path::Path) -> Option<std::path::PathBuf> {
 /// directory and back, directories emptied, and files edited on the server through
 /// the current tree (whose inodes the spare shares) all end exact; the tree readers
 /// had is never written through; and the new tree is vouched for by its watch at once.
+///
+/// Run in a process of its own (`.ci/run` does, after `cargo test`): the snapshot watch
+/// and its verifying thread are one per process, and in the full suite other tests'
+/// trees sometimes leave this one's no-op sync to a stat pass instead of the watch.
 #[tokio::test]
+#[ignore = "needs a process of its own: cargo test --test api -- --ignored --exact sync::a_changed_sync_brings_the_spare_tree_up_to_date_without_touching_the_old_one"]
 async fn a_changed_sync_brings_the_spare_tree_up_to_date_without_touching_the_old_one() {
     use std::os::unix::fs::MetadataExt;
     let app = TestApp::spawn().await;

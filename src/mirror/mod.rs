@@ -5,6 +5,7 @@
 mod blob;
 mod changes;
 mod checkout;
+mod diff;
 mod error;
 mod fetch;
 pub mod health;

@@ -26,19 +26,6 @@ fn query_map(query: &str) -> Result<HashMap<String, String>, ApiError> {
     super::query::parse_query(query)
 }
 
-fn parse_limit(value: Option<&String>, default: usize, max: usize) -> Result<usize, ApiError> {
-    match value {
-        None => Ok(default),
-        Some(raw) => raw
-            .parse::<usize>()
-            .ok()
-            .filter(|limit| (1..=max).contains(limit))
-            .ok_or_else(|| {
-                ApiError::InvalidRequest(format!("limit must be a number from 1 to {max}"))
-            }),
-    }
-}
-
 /// Loads a project of the caller: unknown or malformed ids and someone else's
 /// project are all `project_not_found` (v1.2), so ids cannot be probed.
 pub(super) async fn owned_project(
@@ -363,7 +350,11 @@ pub async fn list_syncs(
     let project_id = query
         .get("project_id")
         .ok_or_else(|| ApiError::InvalidRequest("project_id is required".into()))?;
-    let limit = parse_limit(query.get("limit"), DEFAULT_SYNC_LIST, MAX_SYNC_LIST)?;
+    let limit = super::query::parse_limit(
+        query.get("limit").map(String::as_str),
+        DEFAULT_SYNC_LIST,
+        MAX_SYNC_LIST,
+    )?;
     let project = owned_project(&state, &principal, project_id).await?;
     let id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
     Ok(state.engine.store.syncs_of(&id, limit).await?)
@@ -398,7 +389,11 @@ pub async fn notifications(
             .and_then(|id| u64::try_from(id).ok())
             .ok_or_else(|| ApiError::InvalidRequest("after must be an event id".into()))?,
     };
-    let limit = parse_limit(query.get("limit"), DEFAULT_NOTIFICATIONS, MAX_REPLAY)?;
+    let limit = super::query::parse_limit(
+        query.get("limit").map(String::as_str),
+        DEFAULT_NOTIFICATIONS,
+        MAX_REPLAY,
+    )?;
     let history = state
         .engine
         .events

@@ -45,6 +45,24 @@ fn decode(text: &str) -> Result<String, ApiError> {
     })
 }
 
+/// An optional `limit` from 1 to `max`, `default` when absent.
+pub(super) fn parse_limit(
+    raw: Option<&str>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|limit| (1..=max).contains(limit))
+            .ok_or_else(|| {
+                ApiError::InvalidRequest(format!("limit must be a number from 1 to {max}"))
+            }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -342,7 +342,8 @@ async fn read(
     let reader = Arc::clone(&state.reader);
     let body = match kind {
         ReadKind::Tree => {
-            let limit = bounded_number(param("limit"), DEFAULT_TREE_LIMIT, MAX_TREE_LIMIT)?;
+            let limit =
+                super::query::parse_limit(param("limit"), DEFAULT_TREE_LIMIT, MAX_TREE_LIMIT)?;
             let after = param("cursor")
                 .map(|cursor| TreeCursor::decode(cursor, &commit, &path))
                 .transpose()?;
@@ -392,7 +393,8 @@ async fn read(
             };
             let prefix = RepoPath::parse(param("path_prefix").unwrap_or_default())
                 .map_err(|err| ApiError::PathInvalid(err.to_string()))?;
-            let limit = bounded_number(param("limit"), DEFAULT_SEARCH_LIMIT, MAX_SEARCH_LIMIT)?;
+            let limit =
+                super::query::parse_limit(param("limit"), DEFAULT_SEARCH_LIMIT, MAX_SEARCH_LIMIT)?;
             // refused before any work: too long or too expensive to compile
             crate::mirror::search::matcher(pattern, regex)?;
             let _slot = state
@@ -466,20 +468,6 @@ async fn read(
 
 fn flag_set(cancel: &CancelOnDrop) -> bool {
     cancel.flag.load(Ordering::Relaxed)
-}
-
-/// An optional numeric parameter from 1 to `max`, `default` when absent.
-fn bounded_number(raw: Option<&str>, default: usize, max: usize) -> Result<usize, ApiError> {
-    match raw {
-        None => Ok(default),
-        Some(raw) => raw
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=max).contains(n))
-            .ok_or_else(|| {
-                ApiError::InvalidRequest(format!("limit must be a number from 1 to {max}"))
-            }),
-    }
 }
 
 /// Where the next page of a directory listing starts: opaque to clients, bound to the

@@ -10,6 +10,7 @@ mod error;
 mod fetch;
 pub mod health;
 pub mod housekeeping;
+mod large_files;
 pub mod layout;
 pub mod progress;
 pub mod quota;

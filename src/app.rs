@@ -55,7 +55,9 @@ fn rules(config: &Config) -> crate::engine::schedule::Rules {
 pub async fn open_engine(
     config: &Config,
 ) -> Result<(Engine, Option<Arc<RedisEngine>>), StartError> {
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(
+        &crate::mirror::SnapshotCheck::ALL.map(crate::mirror::SnapshotCheck::as_str),
+    ));
     let Some(url) = &config.redis_url else {
         let embedded = EmbeddedEngine::open_sized(
             &config.data_dir,
@@ -306,46 +308,13 @@ impl Application {
     pub async fn run(self, shutdown: CancellationToken) {
         let state = self.state;
         let tracker = TaskTracker::new();
-        let workers = TaskTracker::new();
-        let stops = WorkerStops {
-            stop_taking: shutdown.child_token(),
-            interrupt: CancellationToken::new(),
-        };
-        worker::spawn(
+        let workers = WorkerPool::start(
             self.serve_workers,
-            state.engine.clone(),
-            state.layout.clone(),
-            worker_settings(&state.config),
-            stops.clone(),
-            &workers,
+            &state.engine,
+            &state.layout,
+            &state.config,
+            &shutdown,
         );
-        if self.serve_workers > 0 {
-            workers.spawn(worker::run_watchdog(
-                state.engine.clone(),
-                state.config.watchdog_interval,
-                state.config.sync_timeout + state.config.watchdog_margin,
-                stops.stop_taking.clone(),
-            ));
-        }
-        // every node schedules; the engine hands each due project to one of them
-        workers.spawn(worker::run_scheduler(
-            state.engine.clone(),
-            state.config.scheduler_tick,
-            state.config.sync_timeout + state.config.watchdog_margin,
-            stops.stop_taking.clone(),
-        ));
-        if self.serve_workers > 0
-            && let Some(every) = state.config.health_check_interval
-        {
-            workers.spawn(worker::run_health_checks(
-                state.engine.clone(),
-                state.layout.clone(),
-                every,
-                state.config.housekeeping,
-                stops.stop_taking.clone(),
-            ));
-        }
-        workers.close();
         let dispatch_stop = CancellationToken::new();
         let dispatcher = tokio::spawn(Arc::clone(&state.hub).run_dispatch(dispatch_stop.clone()));
 
@@ -359,20 +328,88 @@ impl Application {
         state.read_stop.cancel();
         tracing::info!("shutting down: closing sockets and draining syncs");
         tracker.close();
-        if tokio::time::timeout(state.config.drain_timeout, workers.wait())
+        workers.drain(state.config.drain_timeout).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tracker.wait()).await;
+        dispatch_stop.cancel();
+        let _ = dispatcher.await;
+        tracing::info!("stopped");
+    }
+}
+
+/// A process's sync workers and what runs beside them — the watchdog and health
+/// checks where there are workers, the scheduler on every node — started once and
+/// drained once, by `serve` and `worker` alike.
+struct WorkerPool {
+    tasks: TaskTracker,
+    stops: WorkerStops,
+}
+
+impl WorkerPool {
+    /// `count` workers on `engine`; they stop taking jobs when `shutdown` fires.
+    fn start(
+        count: usize,
+        engine: &Engine,
+        layout: &Layout,
+        config: &Config,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let tasks = TaskTracker::new();
+        let stops = WorkerStops {
+            stop_taking: shutdown.child_token(),
+            interrupt: CancellationToken::new(),
+        };
+        worker::spawn(
+            count,
+            engine.clone(),
+            layout.clone(),
+            worker_settings(config),
+            stops.clone(),
+            &tasks,
+        );
+        let stranded_after = config.sync_timeout + config.watchdog_margin;
+        if count > 0 {
+            tasks.spawn(worker::run_watchdog(
+                engine.clone(),
+                config.watchdog_interval,
+                stranded_after,
+                stops.stop_taking.clone(),
+            ));
+        }
+        // every node schedules; the engine hands each due project to one of them
+        tasks.spawn(worker::run_scheduler(
+            engine.clone(),
+            config.scheduler_tick,
+            stranded_after,
+            stops.stop_taking.clone(),
+        ));
+        if count > 0
+            && let Some(every) = config.health_check_interval
+        {
+            tasks.spawn(worker::run_health_checks(
+                engine.clone(),
+                layout.clone(),
+                every,
+                config.housekeeping,
+                stops.stop_taking.clone(),
+            ));
+        }
+        tasks.close();
+        Self { tasks, stops }
+    }
+
+    /// Waits for running syncs up to `timeout` (they stopped taking jobs when shutdown
+    /// fired), then interrupts the rest, which go back to the queue.
+    async fn drain(self, timeout: std::time::Duration) {
+        if tokio::time::timeout(timeout, self.tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!(
                 "syncs still running after the drain timeout; returning them to the queue"
             );
-            stops.interrupt.cancel();
-            workers.wait().await;
+            self.stops.interrupt.cancel();
+            self.tasks.wait().await;
         }
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tracker.wait()).await;
-        dispatch_stop.cancel();
-        let _ = dispatcher.await;
-        tracing::info!("stopped");
     }
 }
 
@@ -427,58 +464,17 @@ pub async fn run_workers(
         Arc::clone(&config),
         ops_stop.clone(),
     ));
-    let workers = TaskTracker::new();
-    let stops = WorkerStops {
-        stop_taking: shutdown.child_token(),
-        interrupt: CancellationToken::new(),
-    };
     let layout = Layout::new(config.data_dir.clone());
     layout.empty_trash_in_background();
     if let Some(budget) = config.snapshot_watches {
         crate::mirror::watch::set_budget(budget);
     }
-    worker::spawn(
-        config.workers,
-        engine.clone(),
-        layout.clone(),
-        worker_settings(&config),
-        stops.clone(),
-        &workers,
-    );
-    workers.spawn(worker::run_watchdog(
-        engine.clone(),
-        config.watchdog_interval,
-        config.sync_timeout + config.watchdog_margin,
-        stops.stop_taking.clone(),
-    ));
-    workers.spawn(worker::run_scheduler(
-        engine.clone(),
-        config.scheduler_tick,
-        config.sync_timeout + config.watchdog_margin,
-        stops.stop_taking.clone(),
-    ));
-    if let Some(every) = config.health_check_interval {
-        workers.spawn(worker::run_health_checks(
-            engine,
-            layout,
-            every,
-            config.housekeeping,
-            stops.stop_taking.clone(),
-        ));
-    }
-    workers.close();
+    let workers = WorkerPool::start(config.workers, &engine, &layout, &config, &shutdown);
     tracing::info!(workers = config.workers, metrics = %ops_addr, "hivesync worker running");
     println!("metrics, healthz and readyz on http://{ops_addr}");
     shutdown.cancelled().await;
     tracing::info!("shutting down: draining running syncs");
-    if tokio::time::timeout(config.drain_timeout, workers.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("syncs still running after the drain timeout; returning them to the queue");
-        stops.interrupt.cancel();
-        workers.wait().await;
-    }
+    workers.drain(config.drain_timeout).await;
     ops_stop.cancel();
     let _ = ops.await;
     tracing::info!("stopped");

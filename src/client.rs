@@ -206,7 +206,7 @@ impl Client {
                 },
             };
             if check {
-                match self.sync_record(&sync_id).await {
+                match self.sync_record(sync_id.as_str()).await {
                     Ok(record) if record.status.is_terminal() => return Ok(record),
                     Ok(_) => {}
                     // the hub is away: the stream's reconnecting decides when to give up

@@ -192,10 +192,6 @@ impl Config {
             data_dir: self.data_dir.clone(),
         }
     }
-
-    pub fn repos_dir(&self) -> PathBuf {
-        self.data_dir.join("repos")
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -103,12 +103,24 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(&[])
     }
 }
 
+/// What one housekeeping run changed in a mirror's object store.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Consolidated {
+    pub packs_before: usize,
+    pub packs_after: usize,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub pruned: u64,
+}
+
 impl Metrics {
-    pub fn new() -> Self {
+    /// The process's metrics, every label set shown from the start (0 until counted);
+    /// `check_names` names the ways a mirror's tree can be found unchanged.
+    pub fn new(check_names: &[&'static str]) -> Self {
         let mut registry = Registry::with_prefix("hivesync");
         let syncs = Family::<SyncLabels, Counter>::default();
         registry.register(
@@ -280,10 +292,8 @@ impl Metrics {
         for reason in REJECT_REASONS {
             let _ = ws_rejected.get_or_create(&ReasonLabel { reason });
         }
-        for check in crate::mirror::SnapshotCheck::ALL {
-            let _ = snapshot_checks.get_or_create(&ResultLabel {
-                result: check.as_str(),
-            });
+        for &result in check_names {
+            let _ = snapshot_checks.get_or_create(&ResultLabel { result });
         }
         Self {
             registry,
@@ -337,12 +347,7 @@ impl Metrics {
     }
 
     /// Counts one housekeeping run that ended.
-    pub fn housekeeping(
-        &self,
-        result: &'static str,
-        seconds: f64,
-        report: Option<&crate::mirror::housekeeping::Report>,
-    ) {
+    pub fn housekeeping(&self, result: &'static str, seconds: f64, report: Option<Consolidated>) {
         self.housekeeping_runs
             .get_or_create(&ResultLabel { result })
             .inc();
@@ -366,6 +371,19 @@ impl Metrics {
         }
     }
 
+    /// Counts a sync whose tree was found unchanged, by how (`watched`, …).
+    pub fn snapshot_check(&self, result: &'static str) {
+        self.snapshot_checks
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// The directories the snapshot watches hold now (set before a scrape).
+    pub fn set_snapshot_watches(&self, directories: usize) {
+        self.snapshot_watches
+            .set(i64::try_from(directories).unwrap_or(i64::MAX));
+    }
+
     pub fn kicked(&self, reason: &'static str) {
         self.ws_kicked.get_or_create(&ReasonLabel { reason }).inc();
     }
@@ -377,10 +395,9 @@ impl Metrics {
     }
 
     /// Every family in the OpenMetrics text format (which Prometheus reads). Gauges
-    /// read from elsewhere (queue depth, sockets) are set by the caller first.
+    /// read from elsewhere (queue depth, sockets, snapshot watches) are set by the
+    /// caller first.
     pub fn render(&self) -> String {
-        self.snapshot_watches
-            .set(i64::try_from(crate::mirror::watch::watched_directories()).unwrap_or(i64::MAX));
         let mut text = String::new();
         // writing into a String cannot fail
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);

@@ -36,9 +36,9 @@ fn cpu_time() -> Duration {
 
 fn project(n: usize) -> Project {
     Project::new(
-        ProjectId::generate().to_string(),
+        ProjectId::generate(),
         format!("p{n}"),
-        "file:///nonexistent".into(),
+        hivesync::domain::RepoUrl::from_stored("file:///nonexistent".into()).expect("a url"),
         "main".into(),
         format!("user{}", n % 500),
         None,
@@ -48,7 +48,7 @@ fn project(n: usize) -> Project {
 
 /// An engine holding `registered` scheduled projects, none of them due.
 async fn engine_with(dir: &std::path::Path, registered: usize) -> Result<Engine, String> {
-    let metrics = std::sync::Arc::new(hivesync::metrics::Metrics::new());
+    let metrics = std::sync::Arc::new(hivesync::metrics::Metrics::new(&[]));
     let embedded = EmbeddedEngine::open_with(
         dir,
         (1_000_000, Duration::from_secs(1)),

@@ -5,7 +5,13 @@ use std::fmt;
 macro_rules! uuid_id {
     ($name:ident, $doc:literal) => {
         #[doc = $doc]
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        ///
+        /// (De)serializes as its string; a string that does not parse is refused, so a
+        /// record that holds one was checked when it was read.
+        #[derive(
+            Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+        )]
+        #[serde(try_from = "String", into = "String")]
         pub struct $name(String);
 
         impl $name {
@@ -32,8 +38,69 @@ macro_rules! uuid_id {
                 f.write_str(&self.0)
             }
         }
+
+        impl TryFrom<String> for $name {
+            type Error = InvalidId;
+
+            fn try_from(input: String) -> Result<Self, InvalidId> {
+                Self::parse(&input).ok_or(InvalidId(stringify!($name)))
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
+
+        impl PartialEq<$name> for String {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
+
+        impl PartialEq<$name> for &str {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
     };
 }
+
+/// A string that is not an id's canonical form.
+#[derive(Debug, thiserror::Error)]
+#[error("not a canonical {0} (a lowercase hyphenated UUID)")]
+pub struct InvalidId(&'static str);
 
 uuid_id!(ProjectId, "A project's id; names its mirror directory.");
 uuid_id!(SyncId, "A sync's id; sorts by the time it was requested.");
@@ -42,9 +109,9 @@ impl SyncId {
     /// A fresh id for a sync of `project`: a UUID v7 whose last byte (random in v7) is
     /// the project id's last byte, so a store partitioned by that byte (the Redis
     /// engine on a cluster) finds the sync beside its project from the id alone.
-    pub fn generate_for(project: &str) -> Self {
+    pub fn generate_for(project: &ProjectId) -> Self {
         let mut bytes = *uuid::Uuid::now_v7().as_bytes();
-        bytes[15] = partition_byte(project);
+        bytes[15] = partition_byte(project.as_str());
         Self(uuid::Uuid::from_bytes(bytes).hyphenated().to_string())
     }
 }
@@ -80,8 +147,8 @@ mod tests {
     #[test]
     fn a_sync_id_carries_its_projects_partition_byte_and_still_sorts_by_time() {
         let project = ProjectId::generate();
-        let first = SyncId::generate_for(project.as_str());
-        let second = SyncId::generate_for(project.as_str());
+        let first = SyncId::generate_for(&project);
+        let second = SyncId::generate_for(&project);
         assert_eq!(SyncId::parse(first.as_str()), Some(first.clone()));
         assert!(first < second);
         assert_eq!(
@@ -102,6 +169,19 @@ mod tests {
         assert!(ProjectId::parse(&id.as_str().replace('-', "")).is_none());
         assert!(ProjectId::parse("../etc").is_none());
         assert!(ProjectId::parse("").is_none());
+    }
+
+    #[test]
+    fn an_id_reads_back_from_json_only_in_its_canonical_form() {
+        let id = ProjectId::generate();
+        let json = serde_json::to_string(&id).expect("serializes");
+        assert_eq!(json, format!("\"{id}\""));
+        let back: ProjectId = serde_json::from_str(&json).expect("reads back");
+        assert_eq!(back, id);
+        let upper = json.to_uppercase();
+        let refused = serde_json::from_str::<ProjectId>(&upper).expect_err("not canonical");
+        assert!(refused.to_string().contains("ProjectId"), "{refused}");
+        assert!(serde_json::from_str::<SyncId>("\"../x\"").is_err());
     }
 
     proptest! {

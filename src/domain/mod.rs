@@ -10,7 +10,7 @@ mod scope;
 pub mod webhook;
 
 pub use host::{Host, HostError, is_public};
-pub use ids::{ProjectId, SyncId, partition_byte};
+pub use ids::{InvalidId, ProjectId, SyncId, partition_byte};
 pub use rate::{RateLimiter, parse_rate};
 pub use repo_path::{RepoPath, RepoPathError};
 pub use repo_url::{RepoUrl, RepoUrlError, UrlPolicy};

@@ -113,6 +113,8 @@ impl FileRoots {
 pub struct RepoUrl {
     full: String,
     redacted: String,
+    /// `full` parsed, kept so that no caller parses it again
+    parsed: gix::Url,
 }
 
 impl RepoUrl {
@@ -152,37 +154,45 @@ impl RepoUrl {
         if url.password().is_some() || (is_http && url.user().is_some()) {
             return Err(RepoUrlError::CredentialsInUrl);
         }
-        let mut shown = url.clone();
+        Ok(Self::from_parsed(input.to_owned(), url))
+    }
+
+    fn from_parsed(full: String, parsed: gix::Url) -> Self {
+        let mut shown = parsed.clone();
         shown.set_user(None);
         shown.set_password(None);
-        Ok(Self {
-            full: input.to_owned(),
+        Self {
+            full,
             redacted: shown.to_bstring().to_string(),
-        })
+            parsed,
+        }
     }
 
     /// Rebuilds a URL that was validated before (read back from the store). The policy
     /// is not applied again: it governs registration, not existing projects.
     pub fn from_stored(full: String) -> Result<Self, RepoUrlError> {
         let url = gix::url::parse(full.as_bytes()).map_err(|_| RepoUrlError::Unparseable)?;
-        let mut shown = url;
-        shown.set_user(None);
-        shown.set_password(None);
-        Ok(Self {
-            redacted: shown.to_bstring().to_string(),
-            full,
-        })
+        Ok(Self::from_parsed(full, url))
     }
 
     /// The host to connect to, as written (lowercase; no brackets, userinfo or port);
     /// `None` for URLs without one (`file://`).
     pub fn host(&self) -> Option<String> {
-        let url = gix::url::parse(self.full.as_bytes()).ok()?;
-        url.host().map(|host| {
+        self.parsed.host().map(|host| {
             host.trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_ascii_lowercase()
         })
+    }
+
+    /// The URL as gitoxide parsed it: scheme, host and port as written. It holds the
+    /// credentials too: never log it.
+    pub fn parsed(&self) -> &gix::Url {
+        &self.parsed
+    }
+
+    pub fn scheme(&self) -> &gix::url::Scheme {
+        &self.parsed.scheme
     }
 
     /// The form to connect with. Never log, return or publish it.
@@ -200,15 +210,35 @@ impl RepoUrl {
     /// libraries that may quote the URL they were given.
     pub fn scrub(&self, text: &str) -> String {
         let mut scrubbed = text.replace(&self.full, &self.redacted);
-        if let Ok(url) = gix::url::parse(self.full.as_bytes()) {
-            for secret in [url.password(), url.user()].into_iter().flatten() {
-                // short user names like "git" are not secrets and would mangle text
-                if secret.len() >= 4 {
-                    scrubbed = scrubbed.replace(secret, "***");
-                }
+        for secret in [self.parsed.password(), self.parsed.user()]
+            .into_iter()
+            .flatten()
+        {
+            // short user names like "git" are not secrets and would mangle text
+            if secret.len() >= 4 {
+                scrubbed = scrubbed.replace(secret, "***");
             }
         }
         scrubbed
+    }
+}
+
+/// A [`RepoUrl`] (de)serialized in its full form, for the store's records only
+/// (`#[serde(with = "crate::domain::repo_url::stored")]`): what goes to a client is the
+/// redacted form, written by hand. Reading back rebuilds the URL as
+/// [`RepoUrl::from_stored`] does, so a stored record that holds one holds a URL.
+pub mod stored {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::RepoUrl;
+
+    pub fn serialize<S: Serializer>(url: &RepoUrl, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(url.expose_secret())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<RepoUrl, D::Error> {
+        let full = String::deserialize(deserializer)?;
+        RepoUrl::from_stored(full).map_err(serde::de::Error::custom)
     }
 }
 

@@ -80,8 +80,8 @@ mod tests {
 
     fn job(owner: &str, trigger: Trigger) -> Job {
         Job {
-            sync_id: format!("{owner}-{trigger:?}"),
-            project_id: "p".into(),
+            sync_id: crate::domain::SyncId::generate(),
+            project_id: crate::domain::ProjectId::generate(),
             owner: owner.into(),
             trigger,
             queued_us: 0,

@@ -183,9 +183,9 @@ mod tests {
 
     fn project(interval: Option<u64>) -> Project {
         Project::new(
-            "p".into(),
+            crate::domain::ProjectId::generate(),
             "n".into(),
-            "file:///x".into(),
+            crate::domain::RepoUrl::from_stored("file:///x".into()).expect("a url"),
             "main".into(),
             "alice".into(),
             None,
@@ -195,8 +195,8 @@ mod tests {
 
     fn ended(status: SyncStatus) -> SyncRecord {
         SyncRecord {
-            sync_id: "s".into(),
-            project_id: "p".into(),
+            sync_id: crate::domain::SyncId::generate(),
+            project_id: crate::domain::ProjectId::generate(),
             status,
             progress: None,
             commit: None,

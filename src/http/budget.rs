@@ -10,11 +10,17 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::ApiError;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::error::ApiError;
 use super::slots::{Slot, UserSlots};
 use crate::mirror::read::ReadError;
 
 /// How long a read waits for a place in the process-wide pool before it is refused.
+/// Searches one user may have running at once; more get `429`.
+const SEARCHES_PER_USER: usize = 2;
+
 const POOL_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
@@ -98,6 +104,53 @@ where
     .map_err(|err| ApiError::Backend(Box::new(err)))??)
 }
 
+/// Searches running per user, so one user cannot take every core.
+#[derive(Debug, Default)]
+pub struct SearchSlots {
+    running: Mutex<HashMap<String, usize>>,
+}
+
+/// One running search; its slot is given back when dropped.
+#[derive(Debug)]
+pub(super) struct SearchSlot<'a> {
+    slots: &'a SearchSlots,
+    user: String,
+}
+
+impl SearchSlots {
+    pub(super) fn take(&self, user: &str) -> Option<SearchSlot<'_>> {
+        let mut running = self
+            .running
+            .lock()
+            .expect("search slots are never poisoned");
+        let count = running.entry(user.to_owned()).or_default();
+        if *count >= SEARCHES_PER_USER {
+            return None;
+        }
+        *count += 1;
+        Some(SearchSlot {
+            slots: self,
+            user: user.to_owned(),
+        })
+    }
+}
+
+impl Drop for SearchSlot<'_> {
+    fn drop(&mut self) {
+        let mut running = self
+            .slots
+            .running
+            .lock()
+            .expect("search slots are never poisoned");
+        if let Some(count) = running.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                running.remove(&self.user);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +213,19 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("condition not reached in 5 s");
+    }
+
+    #[test]
+    fn a_user_gets_a_few_searches_at_once_and_slots_come_back() {
+        let slots = SearchSlots::default();
+        let first = slots.take("alice").expect("first");
+        let _second = slots.take("alice").expect("second");
+        assert!(slots.take("alice").is_none(), "a third waits");
+        assert!(slots.take("bob").is_some(), "users do not share slots");
+        drop(first);
+        assert!(
+            slots.take("alice").is_some(),
+            "a finished search frees its slot"
+        );
     }
 }

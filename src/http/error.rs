@@ -9,6 +9,7 @@ use warp::Reply;
 use crate::auth::AuthError;
 use crate::engine::EngineError;
 use crate::error::error_chain;
+use crate::mirror::read::ReadError;
 use crate::protocol::ErrorBody;
 
 /// What `Retry-After` tells a client when the engine is unreachable.
@@ -137,10 +138,7 @@ impl ApiError {
 impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> Self {
         // each backend says when it cannot be reached; this layer only maps that
-        let unreachable = matches!(
-            err,
-            EngineError::Pool(_) | EngineError::Closed | EngineError::Unavailable(_)
-        );
+        let unreachable = matches!(err, EngineError::Closed | EngineError::Unavailable(_));
         match err {
             // a project deleted while the request ran
             EngineError::ProjectGone => ApiError::ProjectNotFound,
@@ -157,6 +155,16 @@ impl From<AuthError> for ApiError {
             AuthError::Invalid => ApiError::InvalidToken,
             AuthError::Expired => ApiError::TokenExpired,
             AuthError::WrongKey => ApiError::TokenWrongKey,
+        }
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(err: ReadError) -> Self {
+        match err {
+            ReadError::NotFound(message) => ApiError::NotFound(message),
+            ReadError::Invalid(message) => ApiError::InvalidRequest(message),
+            ReadError::Git(cause) => ApiError::Backend(cause),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::ApiError;
+use super::error::ApiError;
 use super::slots::{Full, Slot, UserSlots};
 use crate::domain::RateLimiter;
 

@@ -12,7 +12,7 @@ use utoipa::openapi::{ContentBuilder, OpenApi as Document, RefOr, Response, Resp
 use utoipa::{Modify, OpenApi, ToSchema};
 use warp::Reply;
 
-use super::{freshness, handlers, read};
+use super::{ops, projects, reads, syncs, webhooks};
 use crate::protocol::ErrorBody;
 
 #[derive(OpenApi)]
@@ -25,29 +25,29 @@ use crate::protocol::ErrorBody;
         license(name = "MIT")
     ),
     paths(
-        handlers::healthz,
-        handlers::readyz,
-        handlers::metrics,
+        ops::healthz,
+        ops::readyz,
+        ops::metrics,
         document,
-        handlers::list_projects,
-        handlers::create_project,
-        handlers::get_project,
-        freshness::patch_project,
-        handlers::delete_project,
-        freshness::resume,
-        freshness::create_webhook,
-        freshness::delete_webhook,
-        freshness::receive_webhook,
-        freshness::metadata,
-        handlers::request_sync,
-        handlers::list_syncs,
-        handlers::get_sync,
-        handlers::notifications,
-        handlers::mobile_projects,
-        read::tree,
-        read::file,
-        read::search,
-        read::diff,
+        projects::list_projects,
+        projects::create_project,
+        projects::get_project,
+        projects::patch_project,
+        projects::delete_project,
+        projects::resume,
+        webhooks::create_webhook,
+        webhooks::delete_webhook,
+        webhooks::receive_webhook,
+        reads::metadata,
+        syncs::request_sync,
+        syncs::list_syncs,
+        syncs::get_sync,
+        syncs::notifications,
+        projects::mobile_projects,
+        reads::tree,
+        reads::file,
+        reads::search,
+        reads::diff,
     ),
     components(schemas(ErrorBody)),
     modifiers(&Common),

@@ -4,7 +4,11 @@
 
 use std::collections::HashMap;
 
-use super::ApiError;
+use super::error::ApiError;
+use crate::domain::RepoPath;
+
+/// Cursors longer than this were not made by this hub (a name is at most 4 KiB).
+const MAX_CURSOR: usize = 8 * 1024;
 
 /// Parses `a=1&b=two+words`; a key given twice keeps its last value.
 pub fn parse_query(raw: &str) -> Result<HashMap<String, String>, ApiError> {
@@ -60,6 +64,53 @@ pub(super) fn parse_limit(
             .ok_or_else(|| {
                 ApiError::InvalidRequest(format!("limit must be a number from 1 to {max}"))
             }),
+    }
+}
+
+/// Where the next page of a directory listing starts: opaque to clients, bound to the
+/// commit and directory it was given for.
+pub struct TreeCursor;
+
+impl TreeCursor {
+    const VERSION: &'static str = "t1";
+
+    pub fn encode(commit: &str, path: &RepoPath, after: &str) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            "{}\n{commit}\n{}\n{after}",
+            Self::VERSION,
+            path.as_str()
+        ))
+    }
+
+    /// The name the page starts after; a cursor of another commit or directory (or
+    /// none this hub made) is `invalid_request`.
+    pub fn decode(cursor: &str, commit: &str, path: &RepoPath) -> Result<String, ApiError> {
+        use base64::Engine as _;
+        let invalid = |why: &str| ApiError::InvalidRequest(format!("cursor {why}"));
+        if cursor.len() > MAX_CURSOR {
+            return Err(invalid("is too long"));
+        }
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(cursor)
+            .ok()
+            .and_then(|raw| String::from_utf8(raw).ok())
+            .ok_or_else(|| invalid("is not one this hub gave"))?;
+        let mut parts = raw.splitn(4, '\n');
+        let (Some(Self::VERSION), Some(of_commit), Some(of_path), Some(after)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid("is not one this hub gave"));
+        };
+        if of_commit != commit {
+            return Err(invalid(
+                "is from another commit: the project synced since; list from the start",
+            ));
+        }
+        if of_path != path.as_str() {
+            return Err(invalid("is from another directory"));
+        }
+        Ok(after.to_owned())
     }
 }
 

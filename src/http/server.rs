@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
+use super::extract::AppState;
 use super::reject::JsonRejects;
-use super::{AppState, routes, ws};
+use super::{routes, ws};
 use crate::metrics::HttpLabels;
 
 /// The address a request's connection came from (no proxy's header believed).
@@ -114,17 +115,17 @@ pub async fn serve_ops(
     use warp::Filter;
     let healthz = warp::path!("healthz")
         .and(warp::get())
-        .then(super::handlers::healthz);
+        .then(super::ops::healthz);
     let readyz = {
         let (engine, config) = (engine.clone(), Arc::clone(&config));
         warp::path!("readyz").and(warp::get()).then(move || {
             let (engine, config) = (engine.clone(), Arc::clone(&config));
-            async move { super::handlers::readiness(&engine, &config).await }
+            async move { super::ops::readiness(&engine, &config).await }
         })
     };
     let metrics = warp::path!("metrics").and(warp::get()).then(move || {
         let engine = engine.clone();
-        async move { super::handlers::render_metrics(&engine).await }
+        async move { super::ops::render_metrics(&engine).await }
     });
     let routes = healthz
         .or(readyz)

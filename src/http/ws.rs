@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::Reply;
 
+use super::error::ApiError;
+use super::extract::{AppState, Response};
 use super::outbox::{ConnIo, Outbox};
-use super::{ApiError, AppState, Response};
 use crate::engine::EngineError;
 use crate::hub::Attachment;
 use crate::protocol::{ClientFrame, ControlFrame, EventId};

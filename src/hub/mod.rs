@@ -1,7 +1,9 @@
 //! The hub: who is connected, which events each connection gets, and resume. Events are
 //! serialized once and shared by every connection of their user; a connection whose
 //! queue is full is kicked (it closes with 4008 and resumes without loss). Knows the
-//! event log trait only: no warp, no sockets, no storage types.
+//! event log trait only: no warp, no storage types, and no socket: it builds each
+//! event's WebSocket text frame once (the bytes), and a [`FrameSink`] of the socket
+//! layer writes them.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -124,8 +124,7 @@ pub(crate) fn fetch(
 ) -> Result<(gix::ObjectId, Transfer), MirrorError> {
     let tracking = format!("refs/remotes/origin/{}", spec.branch);
     let refspec = format!("+refs/heads/{}:{tracking}", spec.branch);
-    let mut url = gix::url::parse(spec.url.as_bytes())
-        .map_err(|err| MirrorError::RepoNotFound(Box::new(err)))?;
+    let mut url = spec.url.parsed().clone();
     // over http(s), the login goes through the credentials callback only: from the
     // project's credential, else from the URL's userinfo, which is taken off the URL
     let mut identity = spec.http_identity.clone();

@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::domain::{ProjectId, SyncId};
+
 /// A user-visible event id. Ids increase per user, so a client resumes from the last
 /// one it saw.
 pub type EventId = u64;
@@ -138,8 +140,10 @@ pub struct Changes {
 /// `GET /api/v1/repo/sync/{id}` and the stored sync record are the same shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SyncRecord {
-    pub sync_id: String,
-    pub project_id: String,
+    #[schema(value_type = String)]
+    pub sync_id: SyncId,
+    #[schema(value_type = String)]
+    pub project_id: ProjectId,
     pub status: SyncStatus,
     pub progress: Option<Progress>,
     pub commit: Option<String>,
@@ -179,7 +183,8 @@ pub struct ScheduleView {
 /// A registered project as shown to its owner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ProjectView {
-    pub project_id: String,
+    #[schema(value_type = String)]
+    pub project_id: ProjectId,
     pub name: String,
     /// Always without userinfo.
     pub repo_url: String,
@@ -253,7 +258,8 @@ pub struct WebhookCreated {
 /// `GET /api/v1/repo/metadata`: the head of the last completed sync, without contents.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Metadata {
-    pub project_id: String,
+    #[schema(value_type = String)]
+    pub project_id: ProjectId,
     pub commit: String,
     pub branch: String,
     pub subject: String,
@@ -275,8 +281,10 @@ pub struct SyncRequest {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SyncAccepted {
-    pub sync_id: String,
-    pub project_id: String,
+    #[schema(value_type = String)]
+    pub sync_id: SyncId,
+    #[schema(value_type = String)]
+    pub project_id: ProjectId,
     pub status: SyncStatus,
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub coalesced: bool,
@@ -296,7 +304,8 @@ impl SyncAccepted {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MobileProject {
-    pub project_id: String,
+    #[schema(value_type = String)]
+    pub project_id: ProjectId,
     pub name: String,
     pub branch: String,
     pub last_status: Option<SyncStatus>,
@@ -433,7 +442,8 @@ pub enum WebhookOutcome {
     /// 202: a push to the tracked branch over the owner's sync budget: acknowledged,
     /// and synced once the budget allows (pushes meanwhile join that one sync)
     Throttled {
-        project_id: String,
+        #[schema(value_type = String)]
+        project_id: ProjectId,
         coalesced: bool,
         throttled: bool,
         /// when the sync is expected to start, seconds from now
@@ -476,8 +486,8 @@ pub enum ClientFrame {
 /// from the store when the job starts, so a stale envelope can never carry stale state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
-    pub sync_id: String,
-    pub project_id: String,
+    pub sync_id: SyncId,
+    pub project_id: ProjectId,
     pub owner: String,
     /// what asked for the sync: a person's request goes ahead of the same owner's
     /// scheduled and repair syncs (jobs queued before this field read as `api`)

@@ -10,13 +10,13 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::Worker;
 use super::credentials::{SshFiles, SshRefusal, http_identity, ssh_setup};
 use super::guard;
-use super::job::JobCtx;
+use super::retry::AttemptEnd;
+use super::{Worker, WorkerSettings};
 use crate::domain::ProjectId;
 use crate::engine::{EngineError, Project};
-use crate::mirror::{self, Counters, MirrorError, Phase, SyncOutcome, SyncSpec};
+use crate::mirror::{self, Counters, MirrorError, Phase, SyncSpec};
 use crate::protocol::{Progress, SyncRecord, SyncStatus};
 
 /// How long an interrupted sync may take to notice before it is left behind.
@@ -32,10 +32,14 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 /// How often gix's counters are sampled into a progress event while a sync runs.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
-pub(super) enum AttemptEnd {
-    Done(SyncOutcome),
-    Failed(MirrorError),
-    Released,
+/// Where an attempt reports the stages and progress it reaches.
+pub(super) trait Stages {
+    async fn stage(
+        &self,
+        record: &mut SyncRecord,
+        status: SyncStatus,
+        progress: Option<Progress>,
+    ) -> Result<(), EngineError>;
 }
 
 pub(super) fn status_of(phase: Phase) -> SyncStatus {
@@ -72,28 +76,35 @@ fn carried(record: &SyncRecord, sample: Counters) -> Progress {
     }
 }
 
-impl Worker {
-    /// The failure of a sync that ran out of its time, retries included.
-    pub(super) fn timed_out(&self) -> MirrorError {
-        MirrorError::TimedOut(format!(
-            "the sync did not finish within HIVESYNC_SYNC_TIMEOUT_S ({} s), retries included",
-            self.settings.sync_timeout.as_secs()
-        ))
-    }
+/// The failure of a sync that ran out of its time, retries included.
+pub(super) fn out_of_time(settings: &WorkerSettings) -> MirrorError {
+    MirrorError::TimedOut(format!(
+        "the sync did not finish within HIVESYNC_SYNC_TIMEOUT_S ({} s), retries included",
+        settings.sync_timeout.as_secs()
+    ))
+}
 
-    /// One run of the mirror sync, with progress sampling, the timeout and shutdown.
+impl Worker {
+    /// One run of the mirror sync, with progress sampling, the timeout and shutdown;
+    /// stages and progress go to `stages`, and writes are fenced with `fence`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn attempt(
         &self,
         project: &Project,
         project_id: &ProjectId,
         record: &mut SyncRecord,
-        ctx: &JobCtx<'_>,
+        fence: u64,
+        stages: &impl Stages,
         deadline: tokio::time::Instant,
         shutdown: &CancellationToken,
     ) -> Result<AttemptEnd, EngineError> {
         // a file URL is checked again: a symlink on its path may have been swapped
         // since registration to point into another user's mirror
-        if let Err(err) = self.settings.file_roots.check_url(&project.repo_url) {
+        if let Err(err) = self
+            .settings
+            .file_roots
+            .check_url(project.repo_url.expose_secret())
+        {
             return Ok(AttemptEnd::Failed(MirrorError::PrivateAddress(
                 err.to_string(),
             )));
@@ -123,18 +134,27 @@ impl Worker {
         });
         let root = gix::progress::tree::Root::new();
         let interrupt = Arc::new(AtomicBool::new(false));
-        let fence = ctx.lock.fence;
         let min_free_bytes = self.settings.min_free_bytes;
         let quota = self.settings.quota;
         // what the owner's other mirrors hold, for the per-user total
-        let owner_other_bytes = match self.engine.store.projects_of(&project.owner).await {
-            Ok(projects) => projects
-                .iter()
-                .filter(|other| other.project_id != project.project_id)
-                .filter_map(|other| ProjectId::parse(&other.project_id))
-                .map(|other| self.layout.footprint(&other))
-                .fold(0u64, u64::saturating_add),
-            Err(err) => return Err(err),
+        let others: Vec<ProjectId> = self
+            .engine
+            .store
+            .projects_of(&project.owner)
+            .await?
+            .into_iter()
+            .map(|other| other.project_id)
+            .filter(|other| *other != project.project_id)
+            .collect();
+        let owner_other_bytes = {
+            let layout = self.layout.clone();
+            tokio::task::spawn_blocking(move || {
+                others
+                    .iter()
+                    .map(|other| layout.footprint(other))
+                    .fold(0u64, u64::saturating_add)
+            })
+            .await?
         };
         let (phase_tx, mut phase_rx) = mpsc::unbounded_channel::<Phase>();
         let handle = {
@@ -184,7 +204,7 @@ impl Worker {
                     if status != record.status && engine_failure.is_none() {
                         let progress = carried(record, mirror::sample_progress(&root, phase));
                         last_sent = progress;
-                        if let Err(err) = self.stage(record, ctx, status, Some(progress)).await {
+                        if let Err(err) = stages.stage(record, status, Some(progress)).await {
                             // the lock is lost or the project deleted: stop the sync
                             // before it writes more, then report
                             engine_failure = Some(err);
@@ -198,7 +218,7 @@ impl Worker {
                     let progress = carried(record, mirror::sample_progress(&root, phase));
                     if progress != last_sent {
                         last_sent = progress;
-                        if let Err(err) = self.stage(record, ctx, record.status, Some(progress)).await {
+                        if let Err(err) = stages.stage(record, record.status, Some(progress)).await {
                             engine_failure = Some(err);
                             interrupt.store(true, Ordering::Relaxed);
                             abandon_at.get_or_insert(tokio::time::Instant::now() + ABANDON_AFTER_INTERRUPT);
@@ -221,7 +241,7 @@ impl Worker {
                     return Ok(if released {
                         AttemptEnd::Released
                     } else if timed_out {
-                        AttemptEnd::Failed(self.timed_out())
+                        AttemptEnd::Failed(out_of_time(&self.settings))
                     } else {
                         AttemptEnd::Failed(MirrorError::Interrupted)
                     });
@@ -242,7 +262,7 @@ impl Worker {
             let status = status_of(phase);
             if status != record.status {
                 let progress = carried(record, mirror::sample_progress(&root, phase));
-                self.stage(record, ctx, status, Some(progress)).await?;
+                stages.stage(record, status, Some(progress)).await?;
             }
         }
         let result = result?;
@@ -255,7 +275,7 @@ impl Worker {
         }
         Ok(match result {
             Ok(outcome) => AttemptEnd::Done(outcome),
-            Err(_) if timed_out => AttemptEnd::Failed(self.timed_out()),
+            Err(_) if timed_out => AttemptEnd::Failed(out_of_time(&self.settings)),
             // ssh writes its diagnostics to our log instead of stderr, so gix cannot
             // classify them; the log does
             Err(MirrorError::Network(cause)) => match ssh_files.as_ref().map(SshFiles::refusal) {
@@ -300,7 +320,9 @@ mod tests {
     #[test]
     fn a_sample_below_what_was_shown_does_not_move_the_bar_back() {
         let mut record: SyncRecord = serde_json::from_value(serde_json::json!({
-            "sync_id": "s", "project_id": "p", "status": "running", "progress": null,
+            "sync_id": crate::domain::SyncId::generate(),
+            "project_id": crate::domain::ProjectId::generate(),
+            "status": "running", "progress": null,
             "commit": null, "previous_commit": null, "attempt": 1,
             "queued_at": "2026-12-07T00:00:00Z", "started_at": null, "finished_at": null,
             "duration_ms": null, "error": null

@@ -8,7 +8,6 @@ use std::path::Path;
 
 use super::WorkerSettings;
 use super::guard::Checked;
-use crate::domain::{CredentialScopes, RepoUrl};
 use crate::engine::Project;
 use crate::mirror::{self, MirrorError};
 
@@ -48,21 +47,6 @@ pub fn env_name(name: &str) -> String {
         .collect()
 }
 
-/// The credential policy as the file says now (it is read on every use, so an edit
-/// takes effect without a restart). No file: no credential is usable.
-pub fn load_scopes(path: Option<&Path>) -> Result<CredentialScopes, String> {
-    let Some(path) = path else {
-        return Ok(CredentialScopes::default());
-    };
-    let text = std::fs::read_to_string(path).map_err(|err| {
-        format!(
-            "cannot read HIVESYNC_CREDENTIAL_SCOPES ({}): {err}",
-            path.display()
-        )
-    })?;
-    CredentialScopes::parse(&text).map_err(|err| err.to_string())
-}
-
 /// Whether `project`'s owner may send its credential `name` to the project's host;
 /// checked before the secret is even read.
 fn check_scope(
@@ -70,15 +54,13 @@ fn check_scope(
     name: &str,
     settings: &WorkerSettings,
 ) -> Result<(), MirrorError> {
-    let scopes = load_scopes(settings.credential_scopes.as_deref())
-        .map_err(MirrorError::CredentialRefused)?;
-    let host = RepoUrl::from_stored(project.repo_url.clone())
-        .ok()
-        .and_then(|url| url.host())
-        .unwrap_or_default();
-    scopes
-        .check(name, &project.owner, &host)
-        .map_err(|refusal| MirrorError::CredentialRefused(refusal.to_string()))
+    crate::credential_policy::check(
+        settings.credential_scopes.as_deref(),
+        name,
+        &project.owner,
+        &project.repo_url,
+    )
+    .map_err(|err| MirrorError::CredentialRefused(err.to_string()))
 }
 
 pub fn resolve(name: &str, secrets_dir: Option<&Path>) -> Result<Secret, CredentialError> {
@@ -125,8 +107,7 @@ pub(super) fn ssh_setup(
     settings: &WorkerSettings,
     pinned: Option<&Checked>,
 ) -> Result<(Option<String>, Option<SshFiles>), MirrorError> {
-    let is_ssh = gix::url::parse(project.repo_url.as_bytes())
-        .is_ok_and(|url| url.scheme == gix::url::Scheme::Ssh);
+    let is_ssh = *project.repo_url.scheme() == gix::url::Scheme::Ssh;
     if !is_ssh {
         return Ok((None, None));
     }
@@ -197,9 +178,7 @@ pub(super) fn http_identity(
     project: &Project,
     settings: &WorkerSettings,
 ) -> Result<Option<mirror::HttpIdentity>, MirrorError> {
-    let Ok(url) = gix::url::parse(project.repo_url.as_bytes()) else {
-        return Ok(None);
-    };
+    let url = project.repo_url.parsed();
     if !matches!(url.scheme, gix::url::Scheme::Http | gix::url::Scheme::Https) {
         return Ok(None);
     }
@@ -266,9 +245,9 @@ mod tests {
 
     fn project(url: &str, credential: Option<&str>) -> Project {
         Project::new(
+            crate::domain::ProjectId::generate(),
             "p".into(),
-            "p".into(),
-            url.into(),
+            crate::domain::RepoUrl::from_stored(url.into()).expect("a url"),
             "main".into(),
             "alice".into(),
             credential.map(str::to_owned),

@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::domain::{Host, is_public};
+use crate::domain::{Host, RepoUrl, is_public};
 use crate::mirror::MirrorError;
 
 /// Where an attempt may connect, after the check.
@@ -24,17 +24,13 @@ pub(super) struct Checked {
 /// Resolves the host of `url` and checks every address it has. `Ok(None)` for URLs
 /// with no network host (`file://`) and when private hosts are allowed.
 pub(super) async fn check_remote(
-    url: &str,
+    url: &RepoUrl,
     allow_private_hosts: bool,
 ) -> Result<Option<Checked>, MirrorError> {
     if allow_private_hosts {
         return Ok(None);
     }
-    let Ok(parsed) = gix::url::parse(url.as_bytes()) else {
-        return Err(MirrorError::RepoNotFound(
-            "the repo URL does not parse".into(),
-        ));
-    };
+    let parsed = url.parsed();
     let Some(raw_host) = parsed.host() else {
         return Ok(None);
     };
@@ -97,6 +93,10 @@ fn default_port(scheme: gix::url::Scheme) -> u16 {
 mod tests {
     use super::*;
 
+    fn stored(url: &str) -> RepoUrl {
+        RepoUrl::from_stored(url.to_owned()).expect("a url")
+    }
+
     #[tokio::test]
     async fn loopback_by_any_spelling_or_name_is_refused() {
         for url in [
@@ -108,7 +108,7 @@ mod tests {
             "git@127.1:r.git",
             "https://localhost/r.git",
         ] {
-            let checked = check_remote(url, false).await;
+            let checked = check_remote(&stored(url), false).await;
             assert!(
                 matches!(checked, Err(MirrorError::PrivateAddress(_))),
                 "{url}: {checked:?}"
@@ -118,20 +118,22 @@ mod tests {
 
     #[tokio::test]
     async fn public_addresses_pass_and_are_pinned_and_allowing_skips_the_check() {
-        let checked = check_remote("ssh://git@8.8.8.8:2222/r.git", false)
+        let checked = check_remote(&stored("ssh://git@8.8.8.8:2222/r.git"), false)
             .await
             .expect("public")
             .expect("a network host");
         assert_eq!(checked.port, 2222);
         assert_eq!(checked.address, "8.8.8.8".parse::<IpAddr>().expect("ip"));
         assert_eq!(
-            check_remote("https://127.0.0.1/r.git", true)
+            check_remote(&stored("https://127.0.0.1/r.git"), true)
                 .await
                 .expect("allowed"),
             None
         );
         assert_eq!(
-            check_remote("file:///tmp/r", false).await.expect("local"),
+            check_remote(&stored("file:///tmp/r"), false)
+                .await
+                .expect("local"),
             None
         );
     }

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::ProjectId;
-use crate::engine::{Engine, EngineError, Lease};
+use crate::engine::{Engine, Lease};
 use crate::error::error_chain;
 use crate::mirror::{self, Layout};
 
@@ -27,13 +26,20 @@ pub async fn run_health_checks(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        for project_id in layout.mirrored_projects() {
+        let mirrored = {
+            let layout = layout.clone();
+            tokio::task::spawn_blocking(move || layout.mirrored_projects()).await
+        };
+        let Ok(mirrored) = mirrored else {
+            continue;
+        };
+        for project_id in mirrored {
             let project = match engine.store.project(&project_id).await {
                 Ok(Some(project)) => project,
                 Ok(None) => {
                     // its delete raced a process that died before it could clean up
                     tracing::info!(%project_id, "removing the mirror of a deleted project");
-                    if let Err(err) = remove_mirror(&engine, &layout, project_id).await {
+                    if let Err(err) = engine.remove_mirror(&layout, project_id).await {
                         tracing::warn!(error = %error_chain(&err), "could not remove an orphaned mirror");
                     }
                     continue;
@@ -58,7 +64,7 @@ pub async fn run_health_checks(
                 Ok(Ok(())) => {
                     // a mirror no sync came to since its unreachable objects' grace
                     // ended: housekeeping, under a lock of its own
-                    let lease = Lease::maintenance(project_id.as_str());
+                    let lease = Lease::maintenance(&project_id);
                     if let Ok(Some(lock)) = engine.queue.lock_project(&lease).await {
                         super::housekeeping::housekeep(
                             &engine,
@@ -83,33 +89,5 @@ pub async fn run_health_checks(
                 tracing::warn!(error = %error_chain(&err), "could not start a repair sync");
             }
         }
-    }
-}
-
-/// Removes the mirror of a deleted project under its project lock. While a worker holds
-/// the lock this does nothing and returns `false`: that worker removes the mirror when
-/// its job ends and finds the project gone.
-pub async fn remove_mirror(
-    engine: &Engine,
-    layout: &Layout,
-    project_id: ProjectId,
-) -> Result<bool, EngineError> {
-    let lease = Lease::maintenance(project_id.as_str());
-    let Some(lock) = engine.queue.lock_project(&lease).await? else {
-        return Ok(false);
-    };
-    remove_files(layout, project_id).await;
-    engine.queue.unlock_project(&lock).await?;
-    Ok(true)
-}
-
-/// Removes a project's files by [`Layout::remove`], on the blocking pool; the caller
-/// holds the project lock. A failure leaves only disk space behind, so it is logged.
-pub(super) async fn remove_files(layout: &Layout, project_id: ProjectId) {
-    let layout = layout.clone();
-    let id = project_id.clone();
-    let removed = tokio::task::spawn_blocking(move || layout.remove(&id)).await;
-    if let Ok(Err(err)) = removed {
-        tracing::warn!(%project_id, error = %err, "could not remove the mirror");
     }
 }

@@ -76,7 +76,14 @@ pub(super) async fn housekeep(
                 seconds,
                 "housekeeping consolidated the mirror"
             );
-            metrics.housekeeping("done", seconds, Some(&report));
+            let consolidated = crate::metrics::Consolidated {
+                packs_before: report.packs_before,
+                packs_after: report.packs_after,
+                bytes_before: report.bytes_before,
+                bytes_after: report.bytes_after,
+                pruned: report.pruned,
+            };
+            metrics.housekeeping("done", seconds, Some(consolidated));
         }
         Ok(Err(MirrorError::Interrupted)) => {
             tracing::info!(%project, "housekeeping interrupted; the mirror is as it was");

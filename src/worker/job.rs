@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::attempt::AttemptEnd;
-use super::retry::{JobAttempts, RetryPolicy, retry_loop};
+use super::attempt::Stages;
+use super::codes::error_code;
+use super::retry::{AttemptEnd, Attempts, RetryPolicy, retry_loop};
 use super::{JobEnd, Worker};
 use crate::backoff::Backoff;
-use crate::domain::{ProjectId, RepoUrl, SyncId, format_rfc3339, millis_between, now_rfc3339};
+use crate::domain::{ProjectId, format_rfc3339, millis_between, now_rfc3339};
 use crate::engine::{EngineError, Lease, Project, ProjectLock, Put};
 use crate::error::error_chain;
 use crate::mirror::{MirrorError, SyncOutcome};
@@ -23,6 +24,83 @@ use crate::protocol::{
 pub(super) struct JobCtx<'a> {
     pub owner: &'a str,
     pub lock: &'a ProjectLock,
+}
+
+/// The attempts of one job, for [`retry_loop`]: each announced as `running`, its
+/// retries announced before their wait.
+pub(super) struct JobAttempts<'a> {
+    pub worker: &'a Worker,
+    pub record: &'a mut SyncRecord,
+    pub ctx: &'a JobCtx<'a>,
+    pub project: &'a Project,
+    pub project_id: &'a ProjectId,
+    pub deadline: tokio::time::Instant,
+    pub interrupt: &'a CancellationToken,
+}
+
+impl Attempts for JobAttempts<'_> {
+    async fn attempt(&mut self, number: u32) -> Result<AttemptEnd, EngineError> {
+        self.record.attempt = number;
+        self.record.error = None;
+        self.worker
+            .stage(
+                self.record,
+                self.ctx,
+                SyncStatus::Running,
+                // a retry starts where the bar got to, never below it
+                Some(self.record.progress.unwrap_or_default()),
+            )
+            .await?;
+        let stages = JobStages {
+            worker: self.worker,
+            ctx: self.ctx,
+        };
+        self.worker
+            .attempt(
+                self.project,
+                self.project_id,
+                self.record,
+                self.ctx.lock.fence,
+                &stages,
+                self.deadline,
+                self.interrupt,
+            )
+            .await
+    }
+
+    async fn before_wait(
+        &mut self,
+        number: u32,
+        wait: Duration,
+        err: &MirrorError,
+    ) -> Result<(), EngineError> {
+        self.worker
+            .announce_retry(self.record, self.ctx, number, wait, err)
+            .await?;
+        tracing::warn!(attempt = number, wait_ms = wait.as_millis() as u64, error = %self.project.repo_url.scrub(&error_chain(err)), "sync attempt failed; retrying");
+        Ok(())
+    }
+}
+
+/// An attempt's stages, recorded and published as the job's.
+struct JobStages<'a> {
+    worker: &'a Worker,
+    ctx: &'a JobCtx<'a>,
+}
+
+impl Stages for JobStages<'_> {
+    async fn stage(
+        &self,
+        record: &mut SyncRecord,
+        status: SyncStatus,
+        progress: Option<Progress>,
+    ) -> Result<(), EngineError> {
+        // an attempt needs only to know the write did not fail
+        self.worker
+            .stage(record, self.ctx, status, progress)
+            .await
+            .map(|_| ())
+    }
 }
 
 /// A key that makes the retries of one publish publish it once.
@@ -46,13 +124,8 @@ impl Worker {
             owner: &job.owner,
             lock,
         };
-        let (Some(sync_id), Some(project_id)) = (
-            SyncId::parse(&job.sync_id),
-            ProjectId::parse(&job.project_id),
-        ) else {
-            tracing::warn!(sync_id = %job.sync_id, "dropping a job with malformed ids");
-            return Ok(JobEnd::Finished);
-        };
+        let sync_id = job.sync_id.clone();
+        let project_id = job.project_id.clone();
         let Some(mut record) = self.engine.store.sync(&sync_id).await? else {
             return Ok(JobEnd::Finished);
         };
@@ -127,7 +200,7 @@ impl Worker {
                 Ok(JobEnd::Released)
             }
             AttemptEnd::Failed(err) => {
-                tracing::warn!(attempt = attempts, code = error_code(&err).as_str(), error = %scrub(&project, &error_chain(&err)), "sync failed");
+                tracing::warn!(attempt = attempts, code = error_code(&err).as_str(), error = %project.repo_url.scrub(&error_chain(&err)), "sync failed");
                 self.fail(&mut record, &ctx, error_code(&err), &err.to_string())
                     .await?;
                 Ok(JobEnd::Finished)
@@ -189,8 +262,8 @@ impl Worker {
         retry: Option<RetryWait>,
     ) -> Result<bool, EngineError> {
         let body = EventBody::SyncStage {
-            sync_id: record.sync_id.clone(),
-            project_id: record.project_id.clone(),
+            sync_id: record.sync_id.to_string(),
+            project_id: record.project_id.to_string(),
             stage: record.status,
             progress: record.progress,
             at: now_rfc3339(),
@@ -267,13 +340,7 @@ impl Worker {
     ) -> Result<(), EngineError> {
         stop_clock(record);
         if let Some(check) = outcome.snapshot_check {
-            self.engine
-                .metrics
-                .snapshot_checks
-                .get_or_create(&crate::metrics::ResultLabel {
-                    result: check.as_str(),
-                })
-                .inc();
+            self.engine.metrics.snapshot_check(check.as_str());
         }
         record.commit = Some(outcome.commit.clone());
         record.previous_commit = outcome.previous_commit.clone();
@@ -427,8 +494,8 @@ fn end_part(record: &SyncRecord, kind: Option<NotificationKind>) -> (EventBody, 
     match kind {
         None => (
             EventBody::SyncStage {
-                sync_id: record.sync_id.clone(),
-                project_id: record.project_id.clone(),
+                sync_id: record.sync_id.to_string(),
+                project_id: record.project_id.to_string(),
                 stage: record.status,
                 progress: record.progress,
                 at,
@@ -447,8 +514,8 @@ fn end_part(record: &SyncRecord, kind: Option<NotificationKind>) -> (EventBody, 
             (
                 EventBody::Notification {
                     kind,
-                    sync_id: record.sync_id.clone(),
-                    project_id: record.project_id.clone(),
+                    sync_id: record.sync_id.to_string(),
+                    project_id: record.project_id.to_string(),
                     commit: record.commit.clone(),
                     error: record.error.clone(),
                     at,
@@ -470,102 +537,4 @@ fn stop_clock(record: &mut SyncRecord) {
         .as_deref()
         .and_then(|start| millis_between(start, &finished_at));
     record.finished_at = Some(finished_at);
-}
-
-/// The wire's code for a failed sync (API.md "Sync failures").
-pub(super) fn error_code(err: &MirrorError) -> SyncErrorCode {
-    if err.is_out_of_space() {
-        return SyncErrorCode::StorageFull;
-    }
-    match err {
-        MirrorError::RepoNotFound(_) | MirrorError::BranchNotFound(_) => {
-            SyncErrorCode::RepoNotFound
-        }
-        MirrorError::AuthFailed(_)
-        | MirrorError::CredentialMissing(_)
-        | MirrorError::CredentialRefused(_)
-        | MirrorError::HostKeyRejected => SyncErrorCode::RepoAuthFailed,
-        MirrorError::Network(_) => SyncErrorCode::NetworkError,
-        MirrorError::Corrupt(_) => SyncErrorCode::MirrorCorrupt,
-        MirrorError::Interrupted | MirrorError::TimedOut(_) => SyncErrorCode::Timeout,
-        MirrorError::StorageFloor(_) => SyncErrorCode::StorageFull,
-        MirrorError::TooLarge(_) => SyncErrorCode::RepoTooLarge,
-        MirrorError::Io(_)
-        | MirrorError::Checkout(_)
-        | MirrorError::Git(_)
-        | MirrorError::UnsafeTree(_)
-        | MirrorError::MalformedTree(_)
-        | MirrorError::RemoteAborted(_)
-        | MirrorError::PrivateAddress(_)
-        | MirrorError::Fenced
-        | MirrorError::Unsupported(_) => SyncErrorCode::BackendError,
-    }
-}
-
-/// A log line about `project` with its URL's credentials removed: errors of the git
-/// layer may quote the URL they were given.
-pub(super) fn scrub(project: &Project, text: &str) -> String {
-    match RepoUrl::from_stored(project.repo_url.clone()) {
-        Ok(url) => url.scrub(text),
-        Err(_) => "<error text withheld: the repo URL could not be parsed to scrub it>".to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mirror_errors_map_to_the_contract_codes() {
-        let io =
-            |kind| Box::new(std::io::Error::from(kind)) as Box<dyn std::error::Error + Send + Sync>;
-        let table = [
-            (
-                MirrorError::RepoNotFound(io(std::io::ErrorKind::NotFound)),
-                SyncErrorCode::RepoNotFound,
-            ),
-            (
-                MirrorError::BranchNotFound("main".into()),
-                SyncErrorCode::RepoNotFound,
-            ),
-            (
-                MirrorError::AuthFailed(io(std::io::ErrorKind::PermissionDenied)),
-                SyncErrorCode::RepoAuthFailed,
-            ),
-            (MirrorError::HostKeyRejected, SyncErrorCode::RepoAuthFailed),
-            (
-                MirrorError::CredentialMissing("x".into()),
-                SyncErrorCode::RepoAuthFailed,
-            ),
-            (
-                MirrorError::Network(io(std::io::ErrorKind::ConnectionReset)),
-                SyncErrorCode::NetworkError,
-            ),
-            (
-                MirrorError::Corrupt("x".into()),
-                SyncErrorCode::MirrorCorrupt,
-            ),
-            (MirrorError::Interrupted, SyncErrorCode::Timeout),
-            (MirrorError::TimedOut("x".into()), SyncErrorCode::Timeout),
-            (
-                MirrorError::StorageFloor("x".into()),
-                SyncErrorCode::StorageFull,
-            ),
-            (
-                MirrorError::UnsafeTree("x".into()),
-                SyncErrorCode::BackendError,
-            ),
-            (
-                MirrorError::Io(std::io::Error::from_raw_os_error(28)),
-                SyncErrorCode::StorageFull,
-            ),
-            (
-                MirrorError::Checkout(io(std::io::ErrorKind::StorageFull)),
-                SyncErrorCode::StorageFull,
-            ),
-        ];
-        for (err, code) in table {
-            assert_eq!(error_code(&err), code, "{err}");
-        }
-    }
 }

@@ -14,6 +14,7 @@
 //! - `watchdog`: requeues syncs whose job was lost.
 
 mod attempt;
+mod codes;
 pub mod credentials;
 mod guard;
 pub mod health;
@@ -34,7 +35,7 @@ use crate::engine::{Engine, EngineError};
 use crate::error::error_chain;
 use crate::mirror::Layout;
 
-pub use health::{remove_mirror, run_health_checks};
+pub use health::run_health_checks;
 pub use retry::retry_delay;
 pub use scheduler::{run_scheduler, schedule_due};
 pub use watchdog::run_watchdog;
@@ -167,16 +168,14 @@ impl Worker {
             {
                 end = Err(injected.into());
             }
-            if let Ok(done @ (JobEnd::Finished | JobEnd::Rewritten)) = &end
-                && let Some(project) = ProjectId::parse(&lease.job.project_id)
-            {
+            if let Ok(done @ (JobEnd::Finished | JobEnd::Rewritten)) = &end {
                 // the sync's end is recorded and announced; the lock and its heartbeat
                 // are still held, so no other sync of this mirror runs meanwhile
                 housekeeping::housekeep(
                     &self.engine,
                     &self.layout,
                     self.settings.housekeeping,
-                    &project,
+                    &lease.job.project_id,
                     matches!(done, JobEnd::Rewritten),
                     &job_stop,
                 )
@@ -217,12 +216,9 @@ impl Worker {
 
     /// Removes the mirror of a project deleted while this worker held its lock (the
     /// delete left the files to the lock holder).
-    async fn remove_if_deleted(&self, project_id: &str) {
-        let Some(id) = ProjectId::parse(project_id) else {
-            return;
-        };
-        if let Ok(None) = self.engine.store.project(&id).await {
-            health::remove_files(&self.layout, id).await;
+    async fn remove_if_deleted(&self, project_id: &ProjectId) {
+        if let Ok(None) = self.engine.store.project(project_id).await {
+            crate::engine::remove_files(&self.layout, project_id.clone()).await;
         }
     }
 }

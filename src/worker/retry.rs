@@ -1,24 +1,26 @@
 //! The retry policy of a failing sync: which failures are tried again, the schedule
 //! (immediate, then `base`, then doubling, with jitter), and the loop that drives the
-//! attempts of one job. Tested on tokio's paused time.
+//! attempts of one job through the [`Attempts`] it is given. Pure policy: it knows no
+//! worker, store or mirror. Tested on tokio's paused time.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::Worker;
-use super::attempt::AttemptEnd;
-use super::job::{JobCtx, scrub};
 use crate::backoff::{jitter_fraction, nth_wait};
-use crate::domain::ProjectId;
-use crate::engine::{EngineError, Project};
-use crate::error::error_chain;
-use crate::mirror::MirrorError;
-use crate::protocol::{SyncRecord, SyncStatus};
+use crate::engine::EngineError;
+use crate::mirror::{MirrorError, SyncOutcome};
 
 /// Network failures are worth another attempt; the others fail the same way again.
 pub(super) fn is_retryable(err: &MirrorError) -> bool {
     matches!(err, MirrorError::Network(_)) && !err.is_out_of_space()
+}
+
+/// How one attempt ended.
+pub(super) enum AttemptEnd {
+    Done(SyncOutcome),
+    Failed(MirrorError),
+    Released,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -40,55 +42,6 @@ pub(super) trait Attempts {
         wait: Duration,
         err: &MirrorError,
     ) -> Result<(), EngineError>;
-}
-
-pub(super) struct JobAttempts<'a> {
-    pub worker: &'a Worker,
-    pub record: &'a mut SyncRecord,
-    pub ctx: &'a JobCtx<'a>,
-    pub project: &'a Project,
-    pub project_id: &'a ProjectId,
-    pub deadline: tokio::time::Instant,
-    pub interrupt: &'a CancellationToken,
-}
-
-impl Attempts for JobAttempts<'_> {
-    async fn attempt(&mut self, number: u32) -> Result<AttemptEnd, EngineError> {
-        self.record.attempt = number;
-        self.record.error = None;
-        self.worker
-            .stage(
-                self.record,
-                self.ctx,
-                SyncStatus::Running,
-                // a retry starts where the bar got to, never below it
-                Some(self.record.progress.unwrap_or_default()),
-            )
-            .await?;
-        self.worker
-            .attempt(
-                self.project,
-                self.project_id,
-                self.record,
-                self.ctx,
-                self.deadline,
-                self.interrupt,
-            )
-            .await
-    }
-
-    async fn before_wait(
-        &mut self,
-        number: u32,
-        wait: Duration,
-        err: &MirrorError,
-    ) -> Result<(), EngineError> {
-        self.worker
-            .announce_retry(self.record, self.ctx, number, wait, err)
-            .await?;
-        tracing::warn!(attempt = number, wait_ms = wait.as_millis() as u64, error = %scrub(self.project, &error_chain(err)), "sync attempt failed; retrying");
-        Ok(())
-    }
 }
 
 /// Runs attempts until one ends other than in a retryable failure, or they run out:

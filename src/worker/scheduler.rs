@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{ProjectId, now_epoch_ms};
+use crate::domain::now_epoch_ms;
 use crate::engine::{Engine, EngineError, ProjectChange};
 use crate::error::error_chain;
 use crate::protocol::Trigger;
@@ -44,10 +44,8 @@ pub async fn schedule_due(engine: &Engine, hold: Duration) -> Result<usize, Engi
     loop {
         let due = engine.store.claim_due(now, BATCH, hold).await?;
         for claimed in &due {
-            let Some(project_id) = ProjectId::parse(&claimed.project_id) else {
-                continue;
-            };
-            let Some(project) = engine.store.project(&project_id).await? else {
+            let project_id = &claimed.project_id;
+            let Some(project) = engine.store.project(project_id).await? else {
                 continue;
             };
             if project.paused || project.sync_interval_s.is_none() {
@@ -55,7 +53,7 @@ pub async fn schedule_due(engine: &Engine, hold: Duration) -> Result<usize, Engi
                 // change takes it off the schedule
                 engine
                     .store
-                    .update_project(&project_id, ProjectChange::default())
+                    .update_project(project_id, ProjectChange::default())
                     .await?;
                 continue;
             }
@@ -67,7 +65,7 @@ pub async fn schedule_due(engine: &Engine, hold: Duration) -> Result<usize, Engi
                 engine
                     .store
                     .update_project(
-                        &project_id,
+                        project_id,
                         ProjectChange {
                             due_in: Some(wait),
                             ..ProjectChange::default()

@@ -142,7 +142,7 @@ pub(crate) fn project(owner: &str) -> Project {
 
 pub(crate) fn record(project: &Project) -> SyncRecord {
     SyncRecord {
-        sync_id: SyncId::generate_for(&project.project_id).to_string(),
+        sync_id: SyncId::generate_for(&project.project_id),
         project_id: project.project_id.clone(),
         status: SyncStatus::Queued,
         progress: None,
@@ -180,11 +180,32 @@ pub(crate) async fn begin(store: &dyn Store, project: &Project) -> (SyncRecord, 
 }
 
 pub(crate) fn pid(project: &Project) -> ProjectId {
-    ProjectId::parse(&project.project_id).expect("valid id")
+    project.project_id.clone()
 }
 
 fn sid(record: &SyncRecord) -> SyncId {
-    SyncId::parse(&record.sync_id).expect("valid id")
+    record.sync_id.clone()
+}
+
+/// The sync id spelled by `label` (at most 16 bytes, hex-encoded into the UUID), so
+/// jobs can be told apart by name and ids sort as their labels do.
+fn named(label: &str) -> SyncId {
+    assert!(label.len() <= 16, "a label fits in a uuid: {label}");
+    let mut bytes = [0u8; 16];
+    bytes[..label.len()].copy_from_slice(label.as_bytes());
+    let uuid = bytes
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<String>();
+    let canonical = format!(
+        "{}-{}-{}-{}-{}",
+        &uuid[..8],
+        &uuid[8..12],
+        &uuid[12..16],
+        &uuid[16..20],
+        &uuid[20..]
+    );
+    SyncId::parse(&canonical).expect("a canonical uuid")
 }
 
 async fn projects_syncs_and_coalescing(engine: Engine) {
@@ -234,7 +255,7 @@ async fn projects_syncs_and_coalescing(engine: Engine) {
         .await
         .expect("read")
         .expect("exists");
-    assert_eq!(holder.active_sync.as_deref(), Some(first.sync_id.as_str()));
+    assert_eq!(holder.active_sync.as_ref(), Some(&first.sync_id));
     assert_eq!(holder.owner, "alice");
 
     let mut done = running.clone();
@@ -466,10 +487,10 @@ impl WithAt for EventBody {
     }
 }
 
-fn job(project: &str, n: u32) -> Job {
+fn job(project: &ProjectId, n: u32) -> Job {
     Job {
-        sync_id: format!("job-{n}"),
-        project_id: project.into(),
+        sync_id: named(&format!("job-{n}")),
+        project_id: project.clone(),
         owner: "alice".into(),
         trigger: Trigger::Api,
         queued_us: hivesync::protocol::now_epoch_us(),
@@ -479,7 +500,7 @@ fn job(project: &str, n: u32) -> Job {
 /// A job of `owner` for a project of its own (so, on a cluster, on its own shard).
 fn owned_job(owner: &str, n: u32, trigger: Trigger) -> Job {
     Job {
-        sync_id: format!("{owner}-{n}"),
+        sync_id: named(&format!("{owner}-{n}")),
         project_id: project(owner).project_id,
         owner: owner.into(),
         trigger,
@@ -518,17 +539,20 @@ async fn jobs_are_taken_fairly_by_owner(engine: Engine) {
         .expect("enqueue");
     let first = next(&engine).await.expect("a job");
     assert_eq!(
-        first.job.sync_id, "alice-0",
+        first.job.sync_id,
+        named("alice-0"),
         "nobody runs anything: oldest first"
     );
     let second = next(&engine).await.expect("a job");
     assert_eq!(
-        second.job.sync_id, "bob-0",
+        second.job.sync_id,
+        named("bob-0"),
         "bob runs nothing, alice runs one: bob's job goes ahead of her backlog"
     );
     let third = next(&engine).await.expect("a job");
     assert_eq!(
-        third.job.sync_id, "alice-1",
+        third.job.sync_id,
+        named("alice-1"),
         "alice's turn again, in her order"
     );
     let held = next(&engine).await;
@@ -548,12 +572,13 @@ async fn jobs_are_taken_fairly_by_owner(engine: Engine) {
         .expect("enqueue");
     let carol = next(&engine).await.expect("a job");
     assert_eq!(
-        carol.job.sync_id, "carol-1",
+        carol.job.sync_id,
+        named("carol-1"),
         "a push goes ahead of its owner's schedule"
     );
     queue.complete(&carol).await.expect("complete");
     let carol = next(&engine).await.expect("a job");
-    assert_eq!(carol.job.sync_id, "carol-0");
+    assert_eq!(carol.job.sync_id, named("carol-0"));
     queue.complete(&carol).await.expect("complete");
     // alice's running syncs end: her backlog moves again, one per place freed
     queue.complete(&first).await.expect("complete");
@@ -566,7 +591,7 @@ async fn jobs_are_taken_fairly_by_owner(engine: Engine) {
         queue.complete(&lease).await.expect("complete");
     }
     taken.sort();
-    let expected: Vec<String> = (0..8).map(|n| format!("alice-{n}")).collect();
+    let expected: Vec<SyncId> = (0..8).map(|n| named(&format!("alice-{n}"))).collect();
     assert_eq!(taken, expected, "every job of alice's taken once");
     assert_eq!(queue.depth().await.expect("depth"), 0);
 }
@@ -599,14 +624,14 @@ async fn jobs_locks_and_fences(engine: Engine) {
         .expect("enqueue");
     assert_eq!(queue.depth().await.expect("depth"), 2, "two jobs wait");
     let first = queue.take(&shutdown).await.expect("take").expect("a job");
-    assert_eq!(first.job.sync_id, "job-1", "first in, first out");
+    assert_eq!(first.job.sync_id, named("job-1"), "first in, first out");
     assert_eq!(
         queue.depth().await.expect("depth"),
         1,
         "a job taken is no longer waiting"
     );
     let second = queue.take(&shutdown).await.expect("take").expect("a job");
-    assert_eq!(second.job.sync_id, "job-2");
+    assert_eq!(second.job.sync_id, named("job-2"));
     assert_eq!(queue.depth().await.expect("depth"), 0);
 
     let lock = queue
@@ -656,7 +681,11 @@ async fn jobs_locks_and_fences(engine: Engine) {
         .await
         .expect("take")
         .expect("released job");
-    assert_eq!(again.job.sync_id, "job-2", "a released job is taken again");
+    assert_eq!(
+        again.job.sync_id,
+        named("job-2"),
+        "a released job is taken again"
+    );
     queue.complete(&again).await.expect("complete");
     queue.unlock_project(&newer).await.expect("unlock");
 
@@ -698,7 +727,7 @@ async fn silent_worker_is_replaced(server: RedisServer) {
 
     first_worker
         .queue
-        .enqueue(job("p1", 1))
+        .enqueue(job(&ProjectId::generate(), 1))
         .await
         .expect("enqueue");
     let lease = first_worker
@@ -739,7 +768,7 @@ async fn silent_worker_is_replaced(server: RedisServer) {
         .expect("taken over in time")
         .expect("take")
         .expect("the job");
-    assert_eq!(taken.job.sync_id, "job-1");
+    assert_eq!(taken.job.sync_id, named("job-1"));
     let new_lock = second_worker
         .queue
         .lock_project(&taken)

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hivesync::domain::{now_epoch_ms, now_rfc3339};
+use hivesync::domain::{ProjectId, now_epoch_ms, now_rfc3339};
 use hivesync::engine::{Engine, Project, ProjectChange, Put, Store};
 use hivesync::protocol::{SyncError, SyncErrorCode, SyncStatus};
 
@@ -113,7 +113,7 @@ pub(crate) async fn a_sync_end_moves_status_schedule_and_pause_once(engine: Engi
         .claim_due(now_epoch_ms() + 1, 100, HOLD)
         .await
         .expect("claim");
-    let ids: Vec<String> = due
+    let ids: Vec<ProjectId> = due
         .iter()
         .map(|claimed| claimed.project_id.clone())
         .collect();
@@ -193,7 +193,7 @@ pub(crate) async fn due_projects_are_claimed_once_across_schedulers(engine: Engi
     for racer in racers {
         all.extend(racer.await.expect("racer"));
     }
-    let unique: HashSet<String> = all.iter().cloned().collect();
+    let unique: HashSet<ProjectId> = all.iter().cloned().collect();
     assert_eq!(all.len(), unique.len(), "no project was handed out twice");
     assert_eq!(unique, wanted, "every due project was handed out");
     assert!(

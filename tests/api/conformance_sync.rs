@@ -91,10 +91,7 @@ pub(crate) async fn a_request_during_a_running_sync_queues_one_follow_up(engine:
     );
 
     let project = end_sync(store.as_ref(), &running, SyncStatus::Completed, &alice).await;
-    assert_eq!(
-        project.active_sync.as_deref(),
-        Some(follow_up.sync_id.as_str())
-    );
+    assert_eq!(project.active_sync.as_ref(), Some(&follow_up.sync_id));
     assert_eq!(project.follow_up, None);
     let job = next_job(&engine)
         .await

@@ -591,9 +591,9 @@ pub fn scopes_file(dir: &Path, owner: &str, credentials: &[&str]) -> PathBuf {
 /// rule that registration now enforces would be).
 pub fn stored_project(owner: &str, name: &str, repo_url: &str) -> hivesync::engine::Project {
     hivesync::engine::Project::new(
-        hivesync::domain::ProjectId::generate().to_string(),
+        hivesync::domain::ProjectId::generate(),
         name.into(),
-        repo_url.into(),
+        hivesync::domain::RepoUrl::from_stored(repo_url.into()).expect("a url"),
         "main".into(),
         owner.into(),
         None,

@@ -399,7 +399,7 @@ async fn credentials_in_a_repo_url_never_reach_logs_responses_or_events() {
         refused["error"], "invalid_request",
         "a URL with credentials is refused at registration: {refused}"
     );
-    let record = recorded.sync_to_end(&id).await;
+    let record = recorded.sync_to_end(id.as_str()).await;
     assert!(
         record.contains("\"failed\""),
         "nothing listens there: {record}"

@@ -438,7 +438,7 @@ async fn schedules_are_throttled_by_the_owners_budget_not_their_presses() {
     for id in &ids {
         let project = engine
             .store
-            .project(&hivesync::domain::ProjectId::parse(id).expect("id"))
+            .project(id)
             .await
             .expect("read")
             .expect("exists");

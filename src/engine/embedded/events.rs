@@ -108,7 +108,7 @@ pub(super) fn run_event_writer(
 }
 
 fn failed(message: &str) -> EngineError {
-    EngineError::Embedded(redb::Error::Io(std::io::Error::other(message.to_owned())))
+    EngineError::from(redb::Error::Io(std::io::Error::other(message.to_owned())))
 }
 
 fn write_events(

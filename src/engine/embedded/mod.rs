@@ -21,7 +21,7 @@ use tokio::sync::{Notify, broadcast};
 
 use super::schedule::Rules;
 use super::{EngineError, Live, Project};
-use crate::domain::RateLimiter;
+use crate::domain::{ProjectId, RateLimiter};
 use events::{WriterRequest, run_event_writer};
 
 /// project id → project JSON
@@ -108,8 +108,15 @@ impl Drop for EmbeddedEngine {
 
 #[derive(Default)]
 struct Locks {
-    held: HashMap<String, u64>,
+    held: HashMap<ProjectId, u64>,
     last_fence: u64,
+}
+
+impl From<redb::Error> for EngineError {
+    /// redb fails only on its own file: a backend failure (nothing to reach).
+    fn from(err: redb::Error) -> Self {
+        EngineError::Backend(Box::new(err))
+    }
 }
 
 impl EmbeddedEngine {
@@ -155,7 +162,7 @@ impl EmbeddedEngine {
         commit_seconds: Histogram,
         cache_bytes: usize,
     ) -> Result<Arc<Self>, EngineError> {
-        std::fs::create_dir_all(dir).map_err(|err| EngineError::Embedded(redb::Error::Io(err)))?;
+        std::fs::create_dir_all(dir).map_err(|err| EngineError::from(redb::Error::Io(err)))?;
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(dir.join("hivesync.redb"))
@@ -188,7 +195,7 @@ impl EmbeddedEngine {
             std::thread::Builder::new()
                 .name("hivesync-events".into())
                 .spawn(move || run_event_writer(db, requests, live, keep))
-                .map_err(|err| EngineError::Embedded(redb::Error::Io(err)))?
+                .map_err(|err| EngineError::from(redb::Error::Io(err)))?
         };
         Ok(Arc::new(Self {
             db,

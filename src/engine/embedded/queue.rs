@@ -9,6 +9,7 @@ use redb::{ReadableDatabase, ReadableTable};
 use tokio_util::sync::CancellationToken;
 
 use super::{EmbeddedEngine, PROJECTS, SYNCS, read_json};
+use crate::domain::SyncId;
 use crate::engine::{
     EngineError, JobQueue, Lease, Project, ProjectLock, fair, next_fence, put_back,
 };
@@ -47,7 +48,8 @@ impl Waiting {
         let job = self.jobs.remove(index)?;
         self.starts += 1;
         self.served.insert(job.owner.clone(), self.starts);
-        self.running.insert(job.sync_id.clone(), job.owner.clone());
+        self.running
+            .insert(job.sync_id.to_string(), job.owner.clone());
         Some(job)
     }
 
@@ -78,7 +80,7 @@ impl JobQueue for EmbeddedEngine {
             let cap = self.owner_cap.get();
             if let Some(job) = self.waiting().start_next(cap) {
                 return Ok(Some(Lease {
-                    token: job.sync_id.clone(),
+                    token: job.sync_id.to_string(),
                     deliveries: 1,
                     job,
                 }));
@@ -146,7 +148,7 @@ impl JobQueue for EmbeddedEngine {
 
     async fn stranded_syncs(&self) -> Result<Vec<(SyncRecord, String)>, EngineError> {
         let unfinished = self.unfinished_syncs().await?;
-        let queued: std::collections::HashSet<String> = self
+        let queued: std::collections::HashSet<SyncId> = self
             .waiting()
             .jobs
             .iter()

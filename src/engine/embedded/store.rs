@@ -72,7 +72,7 @@ pub(super) fn put_sync_in(
                 .map(|raw| raw.value().to_owned());
             if let Some(raw_project) = raw_project {
                 let mut project: Project = read_json(&raw_project)?;
-                if project.active_sync.as_deref() == Some(record.sync_id.as_str()) {
+                if project.active_sync.as_ref() == Some(&record.sync_id) {
                     // the follow-up, if any, is the project's sync now
                     project.active_sync = project.follow_up.take();
                     if let Some(sync_id) = project.active_sync.clone() {
@@ -91,7 +91,7 @@ pub(super) fn put_sync_in(
                             queued_us: crate::protocol::now_epoch_us(),
                         });
                     }
-                } else if project.follow_up.as_deref() == Some(record.sync_id.as_str()) {
+                } else if project.follow_up.as_ref() == Some(&record.sync_id) {
                     project.follow_up = None;
                 }
                 project.last_status = Some(record.status);
@@ -105,7 +105,12 @@ pub(super) fn put_sync_in(
                         put = Put::StoredAndPaused;
                     }
                     let mut due = tx.open_table(DUE).map_err(redb::Error::from)?;
-                    move_due(&mut due, &project.project_id, was_due, project.next_sync_ms)?;
+                    move_due(
+                        &mut due,
+                        project.project_id.as_str(),
+                        was_due,
+                        project.next_sync_ms,
+                    )?;
                 }
                 let raw = serde_json::to_string(&project)?;
                 projects
@@ -127,7 +132,12 @@ impl Store for EmbeddedEngine {
             let tx = db.begin_write().map_err(redb::Error::from)?;
             {
                 let mut due = tx.open_table(DUE).map_err(redb::Error::from)?;
-                move_due(&mut due, &project.project_id, None, project.next_sync_ms)?;
+                move_due(
+                    &mut due,
+                    project.project_id.as_str(),
+                    None,
+                    project.next_sync_ms,
+                )?;
                 let mut projects = tx.open_table(PROJECTS).map_err(redb::Error::from)?;
                 projects
                     .insert(project.project_id.as_str(), raw.as_str())
@@ -233,7 +243,7 @@ impl Store for EmbeddedEngine {
                     };
                     let mut project: Project = read_json(&raw_project)?;
                     let unfinished =
-                        |id: &Option<String>| -> Result<Option<SyncRecord>, EngineError> {
+                        |id: &Option<SyncId>| -> Result<Option<SyncRecord>, EngineError> {
                             let Some(id) = id else { return Ok(None) };
                             Ok(syncs
                                 .get(id.as_str())
@@ -444,7 +454,7 @@ impl Store for EmbeddedEngine {
                     .map(|entry| {
                         entry
                             .map(|(key, _)| (key.value().0, key.value().1.to_owned()))
-                            .map_err(|err| EngineError::Embedded(err.into()))
+                            .map_err(|err| EngineError::from(redb::Error::from(err)))
                     })
                     .collect::<Result<_, _>>()?;
                 if found.is_empty() {
@@ -470,7 +480,13 @@ impl Store for EmbeddedEngine {
                 }
                 found
                     .into_iter()
-                    .map(|(due_ms, project_id)| Claimed { project_id, due_ms })
+                    // the due table is keyed by ids this store wrote
+                    .filter_map(|(due_ms, id)| {
+                        Some(Claimed {
+                            project_id: ProjectId::parse(&id)?,
+                            due_ms,
+                        })
+                    })
                     .collect()
             };
             db.commit(tx)?;

@@ -342,11 +342,11 @@ impl RedisEngine {
         backoff: &mut Backoff,
     ) -> Result<(), EngineError> {
         let super::Topology::Single { client, .. } = &self.topology else {
-            return Err(EngineError::Pool("plain pub/sub is for one Redis".into()));
+            return Err(super::no_connection("plain pub/sub is for one Redis"));
         };
         let pubsub = tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub())
             .await
-            .map_err(|_| EngineError::Pool("pub/sub connect timed out".into()))??;
+            .map_err(|_| super::no_connection("pub/sub connect timed out"))??;
         let (mut sink, mut stream) = pubsub.split();
         sink.subscribe(self.keys.group_channel(0)).await?;
         backoff.reset();
@@ -367,7 +367,7 @@ impl RedisEngine {
             tokio::select! {
                 message = stream.next() => {
                     let Some(message) = message else {
-                        return Err(EngineError::Pool("pub/sub connection closed".into()));
+                        return Err(super::no_connection("pub/sub connection closed"));
                     };
                     match parse_channel_payload(message.get_payload_bytes()) {
                         Some(event) => {
@@ -379,7 +379,7 @@ impl RedisEngine {
                 _ = ping.tick() => {
                     tokio::time::timeout(PUBSUB_PING, sink.ping::<()>())
                         .await
-                        .map_err(|_| EngineError::Pool("pub/sub ping timed out".into()))??;
+                        .map_err(|_| super::no_connection("pub/sub ping timed out"))??;
                 }
             }
         }

@@ -40,9 +40,9 @@ impl Keys {
     }
 
     /// The shard of a project or sync id.
-    pub(super) fn shard_of(&self, id: &str) -> u16 {
+    pub(super) fn shard_of(&self, id: impl AsRef<str>) -> u16 {
         if self.cluster {
-            u16::from(partition_byte(id)) % SHARDS
+            u16::from(partition_byte(id.as_ref())) % SHARDS
         } else {
             0
         }
@@ -69,7 +69,7 @@ impl Keys {
         }
     }
 
-    fn of_project(&self, id: &str) -> String {
+    fn of_project(&self, id: impl AsRef<str>) -> String {
         self.in_shard(self.shard_of(id))
     }
 
@@ -85,17 +85,20 @@ impl Keys {
         }
     }
 
-    pub(super) fn project(&self, id: &str) -> String {
+    pub(super) fn project(&self, id: impl AsRef<str>) -> String {
+        let id = id.as_ref();
         format!("{}:project:{id}", self.of_project(id))
     }
     pub(super) fn owner(&self, owner: &str) -> String {
         format!("{}:owner:{owner}", self.of_user(owner))
     }
     /// A sync's record; the id's partition byte is its project's.
-    pub(super) fn sync(&self, id: &str) -> String {
+    pub(super) fn sync(&self, id: impl AsRef<str>) -> String {
+        let id = id.as_ref();
         format!("{}:sync:{id}", self.of_project(id))
     }
-    pub(super) fn project_syncs(&self, project: &str) -> String {
+    pub(super) fn project_syncs(&self, project: impl AsRef<str>) -> String {
+        let project = project.as_ref();
         format!("{}:project-syncs:{project}", self.of_project(project))
     }
     pub(super) fn rate(&self, user: &str) -> String {
@@ -106,20 +109,22 @@ impl Keys {
         format!("{}:jobs", self.in_shard(shard))
     }
     /// The job stream a project's jobs go on.
-    pub(super) fn jobs_of(&self, project: &str) -> String {
+    pub(super) fn jobs_of(&self, project: impl AsRef<str>) -> String {
         self.jobs(self.shard_of(project))
     }
     /// The sharded channel a cluster shard's job stream rings when a job is added.
     pub(super) fn bell(&self, shard: u16) -> String {
         format!("{}:jobs-bell", self.in_shard(shard))
     }
-    pub(super) fn bell_of(&self, project: &str) -> String {
+    pub(super) fn bell_of(&self, project: impl AsRef<str>) -> String {
         self.bell(self.shard_of(project))
     }
-    pub(super) fn lock(&self, project: &str) -> String {
+    pub(super) fn lock(&self, project: impl AsRef<str>) -> String {
+        let project = project.as_ref();
         format!("{}:lock:{project}", self.of_project(project))
     }
-    pub(super) fn fence(&self, project: &str) -> String {
+    pub(super) fn fence(&self, project: impl AsRef<str>) -> String {
+        let project = project.as_ref();
         format!("{}:fence:{project}", self.of_project(project))
     }
     pub(super) fn event_seq(&self, user: &str) -> String {
@@ -170,13 +175,15 @@ impl Keys {
     pub(super) fn due(&self, shard: u16) -> String {
         format!("{}:due", self.in_shard(shard))
     }
-    pub(super) fn due_of(&self, project: &str) -> String {
+    pub(super) fn due_of(&self, project: impl AsRef<str>) -> String {
         self.due(self.shard_of(project))
     }
-    pub(super) fn delivery(&self, project: &str, delivery: &str) -> String {
+    pub(super) fn delivery(&self, project: impl AsRef<str>, delivery: &str) -> String {
+        let project = project.as_ref();
         format!("{}:delivery:{project}:{delivery}", self.of_project(project))
     }
-    pub(super) fn webhook_rate(&self, project: &str) -> String {
+    pub(super) fn webhook_rate(&self, project: impl AsRef<str>) -> String {
+        let project = project.as_ref();
         format!("{}:webhook-rate:{project}", self.of_project(project))
     }
     /// The jobs workers run, for fair shares by owner: a sorted set of
@@ -247,8 +254,8 @@ mod tests {
             cluster: true,
         };
         let project = ProjectId::generate();
+        let sync = SyncId::generate_for(&project);
         let project = project.as_str();
-        let sync = SyncId::generate_for(project);
         let tag = hashed(&keys.project(project)).to_owned();
         assert!(tag.starts_with('s'), "{tag}");
         for key in [

@@ -46,6 +46,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{EngineError, Live, Project};
+use crate::domain::{ProjectId, SyncId};
 use keys::Keys;
 use scripts::Scripts;
 
@@ -163,7 +164,7 @@ impl RedisEngine {
             .create_timeout(Some(Duration::from_secs(3)))
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(|err| EngineError::Pool(err.to_string()))?;
+            .map_err(|err| no_connection(err.to_string()))?;
         let (live, _) = broadcast::channel(16 * 1024);
         let shared_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -186,7 +187,7 @@ impl RedisEngine {
 
     async fn connect_cluster(settings: RedisSettings) -> Result<Arc<Self>, EngineError> {
         if settings.prefix.contains(['{', '}']) {
-            return Err(EngineError::Pool(
+            return Err(EngineError::Backend(
                 "on a cluster the key prefix may not contain { or }: they mark hash tags".into(),
             ));
         }
@@ -289,8 +290,8 @@ impl RedisEngine {
             Topology::Single { pool, .. } => pool
                 .get()
                 .await
-                .map_err(|err| EngineError::Pool(err.to_string())),
-            Topology::Cluster { .. } => Err(EngineError::Pool(
+                .map_err(|err| no_connection(err.to_string())),
+            Topology::Cluster { .. } => Err(EngineError::Backend(
                 "no blocking commands on a cluster".into(),
             )),
         }
@@ -324,7 +325,7 @@ impl RedisEngine {
     async fn read_project(
         &self,
         conn: &mut Conn,
-        id: &str,
+        id: &ProjectId,
     ) -> Result<Option<Project>, EngineError> {
         Ok(self
             .read_project_rev(conn, id)
@@ -336,13 +337,41 @@ impl RedisEngine {
     async fn read_project_rev(
         &self,
         conn: &mut Conn,
-        id: &str,
+        id: &ProjectId,
     ) -> Result<Option<(Project, String)>, EngineError> {
         let mut fields: std::collections::HashMap<String, String> =
             conn.hgetall(self.keys.project(id)).await?;
         let rev = fields.remove("rev").unwrap_or_else(|| "0".to_owned());
         Ok(project_from_fields(fields)?.map(|project| (project, rev)))
     }
+}
+
+impl From<redis::RedisError> for EngineError {
+    /// A Redis that cannot be reached is [`EngineError::Unavailable`]; any other
+    /// failure of a command is the backend's.
+    fn from(err: redis::RedisError) -> Self {
+        if err.is_io_error()
+            || err.is_connection_refusal()
+            || err.is_connection_dropped()
+            || err.is_timeout()
+        {
+            EngineError::Unavailable(Box::new(err))
+        } else {
+            EngineError::Backend(Box::new(err))
+        }
+    }
+}
+
+impl From<redis::ParsingError> for EngineError {
+    fn from(err: redis::ParsingError) -> Self {
+        EngineError::Backend(Box::new(err))
+    }
+}
+
+/// No connection could be had (the pool, a pub/sub connection): the engine is
+/// unreachable for now.
+fn no_connection(why: impl Into<String>) -> EngineError {
+    EngineError::Unavailable(why.into().into())
 }
 
 fn hostname() -> String {
@@ -364,8 +393,14 @@ fn project_from_fields(
         return Ok(None);
     };
     let mut project: Project = serde_json::from_str(&json)?;
-    project.active_sync = fields.remove("active_sync");
-    project.follow_up = fields.remove("follow_up");
+    project.active_sync = fields
+        .remove("active_sync")
+        .map(SyncId::try_from)
+        .transpose()?;
+    project.follow_up = fields
+        .remove("follow_up")
+        .map(SyncId::try_from)
+        .transpose()?;
     project.last_status = fields
         .remove("last_status")
         .and_then(|status| serde_json::from_value(serde_json::Value::String(status)).ok());

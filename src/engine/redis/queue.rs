@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::fair::{Fair, HELD_WAIT};
 use super::{Conn, GROUP, READ_BLOCK, RedisEngine};
+use crate::domain::ProjectId;
 use crate::engine::{EngineError, JobQueue, Lease, Project, ProjectLock};
 use crate::protocol::{Job, SyncRecord};
 
@@ -302,7 +303,7 @@ impl RedisEngine {
     }
 
     /// On a cluster, adds the ring of `project`'s shard bell to `pipe` (after its XADD).
-    pub(super) fn ring_in(&self, pipe: &mut redis::Pipeline, project: &str) {
+    pub(super) fn ring_in(&self, pipe: &mut redis::Pipeline, project: &ProjectId) {
         if self.keys.cluster {
             pipe.cmd("SPUBLISH")
                 .arg(self.keys.bell_of(project))

@@ -43,7 +43,7 @@ impl Store for RedisEngine {
         // these are two steps: the list first, because listing skips an id whose
         // project does not exist, while a project no list names would never be seen
         // (nor deleted) by anyone
-        conn.zadd::<_, _, _, ()>(self.keys.owner(&project.owner), id, 0)
+        conn.zadd::<_, _, _, ()>(self.keys.owner(&project.owner), id.as_str(), 0)
             .await?;
         let mut pipe = redis::pipe();
         pipe.atomic()
@@ -52,10 +52,10 @@ impl Store for RedisEngine {
                 &[("json", json), ("fresh", fresh), ("rev", "0".to_owned())],
             )
             .ignore()
-            .sadd(self.keys.projects(self.keys.shard_of(id)), id)
+            .sadd(self.keys.projects(self.keys.shard_of(id)), id.as_str())
             .ignore();
         if let Some(due) = project.next_sync_ms {
-            pipe.zadd(self.keys.due_of(id), id, due).ignore();
+            pipe.zadd(self.keys.due_of(id), id.as_str(), due).ignore();
         }
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
@@ -63,7 +63,7 @@ impl Store for RedisEngine {
 
     async fn project(&self, id: &ProjectId) -> Result<Option<Project>, EngineError> {
         let mut conn = self.conn().await?;
-        self.read_project(&mut conn, id.as_str()).await
+        self.read_project(&mut conn, id).await
     }
 
     async fn projects_of(&self, owner: &str) -> Result<Vec<Project>, EngineError> {
@@ -92,7 +92,7 @@ impl Store for RedisEngine {
 
     async fn delete_project(&self, id: &ProjectId) -> Result<(), EngineError> {
         let mut conn = self.conn().await?;
-        let Some(project) = self.read_project(&mut conn, id.as_str()).await? else {
+        let Some(project) = self.read_project(&mut conn, id).await? else {
             return Ok(());
         };
         let id = id.as_str();
@@ -159,7 +159,7 @@ impl Store for RedisEngine {
                 .key(record_key(&active))
                 .key(record_key(&follow_up))
                 .arg(&json)
-                .arg(&record.sync_id)
+                .arg(record.sync_id.as_str())
                 .arg(&job)
                 .arg(active.as_deref().unwrap_or(""))
                 .arg(follow_up.as_deref().unwrap_or(""))
@@ -242,7 +242,7 @@ impl Store for RedisEngine {
                 } else {
                     "0"
                 })
-                .arg(&record.sync_id)
+                .arg(record.sync_id.as_str())
                 .arg(record.status.as_str())
                 .arg(record.finished_at.as_deref().unwrap_or(""))
                 .arg(record.commit.as_deref().unwrap_or(""))
@@ -250,7 +250,7 @@ impl Store for RedisEngine {
                 .arg(&rev)
                 .arg(&fresh)
                 .arg(&due)
-                .arg(&record.project_id)
+                .arg(record.project_id.as_str())
                 .arg(self.ring())
                 .invoke_async(&mut conn)
                 .await?;
@@ -273,8 +273,7 @@ impl Store for RedisEngine {
     ) -> Result<Option<Project>, EngineError> {
         let mut conn = self.conn().await?;
         for _ in 0..REV_RETRIES {
-            let Some((mut project, rev)) = self.read_project_rev(&mut conn, id.as_str()).await?
-            else {
+            let Some((mut project, rev)) = self.read_project_rev(&mut conn, id).await? else {
                 return Ok(None);
             };
             apply_change(&mut project, &change, now_epoch_ms(), jitter());
@@ -331,9 +330,12 @@ impl Store for RedisEngine {
                 .arg(now_ms + hold.as_millis() as u64)
                 .invoke_async(&mut conn)
                 .await?;
-            claimed.extend(flat.chunks_exact(2).map(|pair| Claimed {
-                project_id: pair[0].clone(),
-                due_ms: pair[1].parse::<f64>().map_or(now_ms, |due| due as u64),
+            // the due sets hold ids this engine wrote
+            claimed.extend(flat.chunks_exact(2).filter_map(|pair| {
+                Some(Claimed {
+                    project_id: ProjectId::parse(&pair[0])?,
+                    due_ms: pair[1].parse::<f64>().map_or(now_ms, |due| due as u64),
+                })
             }));
         }
         Ok(claimed)

@@ -2,23 +2,61 @@
 //! Metadata-only (mobile) tokens are refused before any work; responses carry an ETag
 //! derived from the commit and the request, and `If-None-Match` gets a 304.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde::Serialize;
 use serde_json::json;
 use utoipa::ToSchema;
-use warp::Reply;
+use warp::filters::BoxedFilter;
+use warp::{Filter, Reply};
 
 use super::budget::blocking;
-use super::{ApiError, AppState, Caller, Response};
+use super::error::ApiError;
+use super::extract::{AppState, Caller, Response, authed, owned_project, raw_query, respond};
+use super::query::TreeCursor;
 use crate::domain::{ProjectId, RepoPath};
-use crate::mirror::read::{FileContent, FileDiff, ReadError, TreeEntry};
+use crate::mirror::read::{FileContent, FileDiff, TreeEntry};
 use crate::mirror::search::{SearchMatch, SearchQuery};
-use crate::protocol::ErrorBody;
+use crate::protocol::{ErrorBody, Metadata};
+
+type ReadFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+
+/// `/api/v1/repo/{tree,file,search,diff}` and `/api/v1/repo/metadata`.
+pub(super) fn routes(state: &Arc<AppState>) -> Vec<BoxedFilter<(Response,)>> {
+    type ReadFn = fn(Arc<AppState>, Caller, String, Option<String>) -> ReadFuture;
+    let read_route = |name: &'static str, handler: ReadFn| {
+        warp::path("api")
+            .and(warp::path("v1"))
+            .and(warp::path("repo"))
+            .and(warp::path(name))
+            .and(warp::path::end())
+            .and(warp::get())
+            .and(authed(state))
+            .and(raw_query())
+            .and(warp::header::optional::<String>("if-none-match"))
+            .then(handler)
+    };
+    let reads = read_route("tree", |s, p, q, e| Box::pin(tree(s, p, q, e)))
+        .or(read_route("file", |s, p, q, e| Box::pin(file(s, p, q, e))))
+        .unify()
+        .or(read_route("search", |s, p, q, e| {
+            Box::pin(search(s, p, q, e))
+        }))
+        .unify()
+        .or(read_route("diff", |s, p, q, e| Box::pin(diff(s, p, q, e))))
+        .unify();
+    let head = warp::path!("api" / "v1" / "repo" / "metadata")
+        .and(warp::get())
+        .and(authed(state))
+        .and(raw_query())
+        .then(|state, principal, query| async move {
+            respond(StatusCode::OK, metadata(state, principal, query).await)
+        });
+    vec![reads.boxed(), head.boxed()]
+}
 
 /// One search may run this long before it returns what it found as `truncated`.
 const SEARCH_BUDGET: Duration = Duration::from_secs(5);
@@ -27,57 +65,6 @@ const MAX_SEARCH_LIMIT: usize = 1000;
 /// Entries of a directory listing per page, unless asked otherwise, and at most.
 const DEFAULT_TREE_LIMIT: usize = 1000;
 const MAX_TREE_LIMIT: usize = 10_000;
-/// Cursors longer than this were not made by this hub (a name is at most 4 KiB).
-const MAX_CURSOR: usize = 8 * 1024;
-/// Searches one user may have running at once; more get `429`.
-const SEARCHES_PER_USER: usize = 2;
-
-/// Searches running per user, so one user cannot take every core.
-#[derive(Debug, Default)]
-pub struct SearchSlots {
-    running: Mutex<HashMap<String, usize>>,
-}
-
-/// One running search; its slot is given back when dropped.
-#[derive(Debug)]
-struct SearchSlot<'a> {
-    slots: &'a SearchSlots,
-    user: String,
-}
-
-impl SearchSlots {
-    fn take(&self, user: &str) -> Option<SearchSlot<'_>> {
-        let mut running = self
-            .running
-            .lock()
-            .expect("search slots are never poisoned");
-        let count = running.entry(user.to_owned()).or_default();
-        if *count >= SEARCHES_PER_USER {
-            return None;
-        }
-        *count += 1;
-        Some(SearchSlot {
-            slots: self,
-            user: user.to_owned(),
-        })
-    }
-}
-
-impl Drop for SearchSlot<'_> {
-    fn drop(&mut self) {
-        let mut running = self
-            .slots
-            .running
-            .lock()
-            .expect("search slots are never poisoned");
-        if let Some(count) = running.get_mut(&self.user) {
-            *count -= 1;
-            if *count == 0 {
-                running.remove(&self.user);
-            }
-        }
-    }
-}
 
 /// Sets the flag when dropped — when the request's future is, because the client
 /// went away — or when the server starts shutting down, so a scan nobody waits for
@@ -114,16 +101,6 @@ pub enum ReadKind {
     File,
     Search,
     Diff,
-}
-
-impl From<ReadError> for ApiError {
-    fn from(err: ReadError) -> Self {
-        match err {
-            ReadError::NotFound(message) => ApiError::NotFound(message),
-            ReadError::Invalid(message) => ApiError::InvalidRequest(message),
-            ReadError::Git(cause) => ApiError::Backend(cause),
-        }
-    }
 }
 
 /// FNV-1a: a stable hash for ETags, the same on every node and every build.
@@ -254,6 +231,54 @@ pub async fn diff(
     if_none_match: Option<String>,
 ) -> Response {
     handle(ReadKind::Diff, state, principal, query, if_none_match).await
+}
+
+/// The head of the last completed sync: for every token class, mobile included.
+#[utoipa::path(
+    get,
+    path = "/api/v1/repo/metadata",
+    tag = "reads",
+    params(("project_id" = String, Query, description = "the project's id")),
+    responses(
+        (status = 200, description = "the head of the last completed sync", body = Metadata),
+        (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
+        (status = 404, description = "no such project (or another user's), or no completed sync yet", body = ErrorBody),
+        (status = 429, description = "too many reads running for this user or the hub (rate_limited)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn metadata(
+    state: Arc<AppState>,
+    principal: Caller,
+    query: String,
+) -> Result<Metadata, ApiError> {
+    let principal = principal?;
+    let params = super::query::parse_query(&query)?;
+    let id = params
+        .get("project_id")
+        .ok_or_else(|| ApiError::InvalidRequest("project_id is required".into()))?;
+    let project = owned_project(&state, &principal, id).await?;
+    let commit = project
+        .commit
+        .clone()
+        .ok_or_else(|| ApiError::NotFound("the project has no completed sync yet".into()))?;
+    let project_id = project.project_id.clone();
+    let pass = state.reads.enter(&principal.user).await?;
+    let reader = Arc::clone(&state.reader);
+    let head_commit = commit.clone();
+    let info =
+        super::budget::blocking(pass, move || reader.head_info(&project_id, &head_commit)).await?;
+    Ok(Metadata {
+        project_id: project.project_id,
+        commit,
+        branch: project.branch,
+        subject: info.subject,
+        author: info.author,
+        committed_at: info.committed_at,
+        files: info.files,
+        bytes: info.bytes,
+        last_success_at: project.last_success_at,
+    })
 }
 
 async fn handle(
@@ -468,72 +493,6 @@ async fn read(
 
 fn flag_set(cancel: &CancelOnDrop) -> bool {
     cancel.flag.load(Ordering::Relaxed)
-}
-
-/// Where the next page of a directory listing starts: opaque to clients, bound to the
-/// commit and directory it was given for.
-pub struct TreeCursor;
-
-impl TreeCursor {
-    const VERSION: &'static str = "t1";
-
-    pub fn encode(commit: &str, path: &RepoPath, after: &str) -> String {
-        use base64::Engine as _;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
-            "{}\n{commit}\n{}\n{after}",
-            Self::VERSION,
-            path.as_str()
-        ))
-    }
-
-    /// The name the page starts after; a cursor of another commit or directory (or
-    /// none this hub made) is `invalid_request`.
-    pub fn decode(cursor: &str, commit: &str, path: &RepoPath) -> Result<String, ApiError> {
-        use base64::Engine as _;
-        let invalid = |why: &str| ApiError::InvalidRequest(format!("cursor {why}"));
-        if cursor.len() > MAX_CURSOR {
-            return Err(invalid("is too long"));
-        }
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(cursor)
-            .ok()
-            .and_then(|raw| String::from_utf8(raw).ok())
-            .ok_or_else(|| invalid("is not one this hub gave"))?;
-        let mut parts = raw.splitn(4, '\n');
-        let (Some(Self::VERSION), Some(of_commit), Some(of_path), Some(after)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(invalid("is not one this hub gave"));
-        };
-        if of_commit != commit {
-            return Err(invalid(
-                "is from another commit: the project synced since; list from the start",
-            ));
-        }
-        if of_path != path.as_str() {
-            return Err(invalid("is from another directory"));
-        }
-        Ok(after.to_owned())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_user_gets_a_few_searches_at_once_and_slots_come_back() {
-        let slots = SearchSlots::default();
-        let first = slots.take("alice").expect("first");
-        let _second = slots.take("alice").expect("second");
-        assert!(slots.take("alice").is_none(), "a third waits");
-        assert!(slots.take("bob").is_some(), "users do not share slots");
-        drop(first);
-        assert!(
-            slots.take("alice").is_some(),
-            "a finished search frees its slot"
-        );
-    }
 }
 
 /// `GET /api/v1/repo/tree`: the entries of one directory at the mirror's commit.

@@ -1,21 +1,79 @@
-//! Keeping mirrors fresh: project settings (`PATCH`), resume, webhook secrets and the
-//! deliveries they sign, and the metadata every client class may read.
+//! Push webhooks: turning a project's webhook on and off (its secret is derived,
+//! never stored) and the deliveries it signs, read within a budget before any body
+//! byte is trusted.
 
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode};
+use warp::filters::BoxedFilter;
+use warp::{Filter, Reply};
 
-use super::handlers::{check_credential, owned_project, validate_interval};
-use super::{ApiError, AppState, Caller, parse_json};
+use super::error::ApiError;
+use super::extract::{AppState, Caller, Response, authed, owned_project, respond, with_state};
+use super::projects::change;
 use crate::domain::webhook::{self, Request};
 use crate::domain::{ProjectId, now_rfc3339};
-use crate::engine::{Project, ProjectChange, WebhookKey};
-use crate::protocol::{
-    ErrorBody, Metadata, PatchProjectRequest, ProjectView, SyncAccepted, Trigger, WebhookCreated,
-    WebhookOutcome,
-};
+use crate::engine::{ProjectChange, WebhookKey};
+use crate::protocol::{ErrorBody, SyncAccepted, Trigger, WebhookCreated, WebhookOutcome};
+
+/// Turning a project's webhook on and off, and `/api/v1/webhooks/{project_id}`, which
+/// takes no token: a delivery is authenticated by the project's webhook secret.
+pub(super) fn routes(state: &Arc<AppState>) -> Vec<BoxedFilter<(Response,)>> {
+    let project_webhook = warp::path!("api" / "v1" / "projects" / String / "webhook");
+    let create = project_webhook.and(warp::post()).and(authed(state)).then(
+        |id, state, principal| async move {
+            respond(
+                StatusCode::CREATED,
+                create_webhook(state, principal, id).await,
+            )
+        },
+    );
+    let delete = project_webhook.and(warp::delete()).and(authed(state)).then(
+        |id, state, principal| async move {
+            match delete_webhook(state, principal, id).await {
+                Ok(()) => StatusCode::NO_CONTENT.into_response(),
+                Err(err) => err.into_response(),
+            }
+        },
+    );
+    let receive = warp::path!("api" / "v1" / "webhooks" / String)
+        .and(warp::post())
+        .and(with_state(state))
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<super::server::Peer>())
+        .and(warp::body::stream())
+        .then(
+            |id,
+             state: Arc<AppState>,
+             headers: HeaderMap,
+             peer: Option<super::server::Peer>,
+             stream| async move {
+                let metrics = Arc::clone(&state.metrics);
+                let body = WebhookBody {
+                    peer: peer.map(|peer| peer.0),
+                    stream,
+                };
+                match receive_webhook(state, id, headers, body).await {
+                    Ok((status, outcome)) => {
+                        metrics.webhook(match outcome {
+                            WebhookOutcome::Accepted(_) => "accepted",
+                            WebhookOutcome::Throttled { .. } => "throttled",
+                            WebhookOutcome::Duplicate { .. } => "duplicate",
+                            WebhookOutcome::Ignored { .. } => "ignored",
+                        });
+                        respond(status, Ok(outcome))
+                    }
+                    Err(err) => {
+                        metrics.webhook(err.code_and_status().0);
+                        err.into_response()
+                    }
+                }
+            },
+        );
+    vec![create.boxed(), delete.boxed(), receive.boxed()]
+}
 
 /// A webhook delivery's body, not yet read, and who sends it.
 pub struct WebhookBody<S> {
@@ -30,101 +88,6 @@ const WEBHOOK_READ_TIME: std::time::Duration = std::time::Duration::from_secs(30
 /// Webhook bodies up to this are read (GitHub caps its payloads at 25 MB, but a push
 /// payload over a few MiB is a push of thousands of commits, and only `ref` is read).
 pub const MAX_WEBHOOK_BODY: usize = 5 * 1024 * 1024;
-
-async fn change(
-    state: &AppState,
-    project: &Project,
-    change: ProjectChange,
-) -> Result<Project, ApiError> {
-    let id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
-    state
-        .engine
-        .store
-        .update_project(&id, change)
-        .await?
-        .ok_or(ApiError::ProjectNotFound)
-}
-
-#[utoipa::path(
-    patch,
-    path = "/api/v1/projects/{project_id}",
-    tag = "projects",
-    params(("project_id" = String, Path, description = "the project's id")),
-    request_body = PatchProjectRequest,
-    responses(
-        (status = 200, description = "the changed project", body = ProjectView),
-        (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
-        (status = 403, description = "a credential the caller may not use (forbidden)", body = ErrorBody),
-        (status = 404, description = "no such project, or another user's: the two answer alike (project_not_found)", body = ErrorBody),
-        (status = 413, description = "the body is over 64 KiB (payload_too_large)", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn patch_project(
-    state: Arc<AppState>,
-    principal: Caller,
-    id: String,
-    body: Result<Bytes, ApiError>,
-) -> Result<ProjectView, ApiError> {
-    let principal = principal?;
-    let request: PatchProjectRequest = parse_json(body)?;
-    let project = owned_project(&state, &principal, &id).await?;
-    let name = match &request.name {
-        Some(name) => {
-            let name = name.trim();
-            if name.is_empty() || name.chars().count() > 200 {
-                return Err(ApiError::InvalidRequest(
-                    "name must be 1 to 200 characters".into(),
-                ));
-            }
-            Some(name.to_owned())
-        }
-        None => None,
-    };
-    if let Some(Some(credential)) = &request.credential {
-        check_credential(&state, &principal.user, credential, &project.repo_url)?;
-    }
-    if let Some(interval) = request.sync_interval_s {
-        validate_interval(&state, interval)?;
-    }
-    let updated = change(
-        &state,
-        &project,
-        ProjectChange {
-            name,
-            credential: request.credential,
-            sync_interval_s: request.sync_interval_s,
-            ..Default::default()
-        },
-    )
-    .await?;
-    Ok(updated.view())
-}
-
-#[utoipa::path(
-    post,
-    path = "/api/v1/projects/{project_id}/resume",
-    tag = "projects",
-    params(("project_id" = String, Path, description = "the project's id")),
-    responses(
-        (status = 200, description = "scheduled syncs resumed", body = ProjectView),
-        (status = 404, description = "no such project, or another user's: the two answer alike (project_not_found)", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn resume(
-    state: Arc<AppState>,
-    principal: Caller,
-    id: String,
-) -> Result<ProjectView, ApiError> {
-    let principal = principal?;
-    let project = owned_project(&state, &principal, &id).await?;
-    let resume = ProjectChange {
-        resume: true,
-        ..Default::default()
-    };
-    Ok(change(&state, &project, resume).await?.view())
-}
 
 /// Turns webhooks on with a new secret (rotating any earlier one): the only response
 /// that ever carries it.
@@ -152,7 +115,8 @@ pub async fn create_webhook(
         nonce: nonce.iter().map(|b| format!("{b:02x}")).collect(),
         created_at: now_rfc3339(),
     };
-    let secret = webhook::derive_secret(&state.webhook_key, &project.project_id, &key.nonce);
+    let secret =
+        webhook::derive_secret(&state.webhook_key, project.project_id.as_str(), &key.nonce);
     let on = ProjectChange {
         webhook: Some(Some(key)),
         ..Default::default()
@@ -247,7 +211,8 @@ where
     {
         return Err(ApiError::WebhookTooLarge);
     }
-    let secret = webhook::derive_secret(&state.webhook_key, &project.project_id, &key.nonce);
+    let secret =
+        webhook::derive_secret(&state.webhook_key, project.project_id.as_str(), &key.nonce);
     let mut incoming = webhook::Incoming::begin(&header, &secret).map_err(refused)?;
     // the body feeds the signature as it arrives; only its first KEPT bytes are kept
     let read = async {
@@ -336,17 +301,17 @@ where
 /// now: one per project however many pushes arrive meanwhile. Held in this process
 /// (a restart before it runs drops it; the next push or scheduled sync brings the
 /// mirror up to date).
-fn defer_webhook_sync(state: &Arc<AppState>, project_id: &str, wait: std::time::Duration) {
+fn defer_webhook_sync(state: &Arc<AppState>, project_id: &ProjectId, wait: std::time::Duration) {
     let fresh = state
         .deferred_webhooks
         .lock()
         .expect("deferred set is never poisoned")
-        .insert(project_id.to_owned());
+        .insert(project_id.clone());
     if !fresh {
         return;
     }
     let state = Arc::clone(state);
-    let project_id = project_id.to_owned();
+    let project_id = project_id.clone();
     tokio::spawn(async move {
         let mut wait = wait;
         loop {
@@ -354,10 +319,7 @@ fn defer_webhook_sync(state: &Arc<AppState>, project_id: &str, wait: std::time::
                 _ = state.read_stop.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
             }
-            let Some(id) = ProjectId::parse(&project_id) else {
-                break;
-            };
-            let project = match state.engine.store.project(&id).await {
+            let project = match state.engine.store.project(&project_id).await {
                 Ok(Some(project)) => project,
                 Ok(None) => break,
                 Err(err) => {
@@ -399,52 +361,4 @@ fn defer_webhook_sync(state: &Arc<AppState>, project_id: &str, wait: std::time::
             .expect("deferred set is never poisoned")
             .remove(&project_id);
     });
-}
-
-/// The head of the last completed sync: for every token class, mobile included.
-#[utoipa::path(
-    get,
-    path = "/api/v1/repo/metadata",
-    tag = "reads",
-    params(("project_id" = String, Query, description = "the project's id")),
-    responses(
-        (status = 200, description = "the head of the last completed sync", body = Metadata),
-        (status = 400, description = "a malformed or invalid request (invalid_request)", body = ErrorBody),
-        (status = 404, description = "no such project (or another user's), or no completed sync yet", body = ErrorBody),
-        (status = 429, description = "too many reads running for this user or the hub (rate_limited)", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn metadata(
-    state: Arc<AppState>,
-    principal: Caller,
-    query: String,
-) -> Result<Metadata, ApiError> {
-    let principal = principal?;
-    let params = super::query::parse_query(&query)?;
-    let id = params
-        .get("project_id")
-        .ok_or_else(|| ApiError::InvalidRequest("project_id is required".into()))?;
-    let project = owned_project(&state, &principal, id).await?;
-    let commit = project
-        .commit
-        .clone()
-        .ok_or_else(|| ApiError::NotFound("the project has no completed sync yet".into()))?;
-    let project_id = ProjectId::parse(&project.project_id).ok_or(ApiError::ProjectNotFound)?;
-    let pass = state.reads.enter(&principal.user).await?;
-    let reader = Arc::clone(&state.reader);
-    let head_commit = commit.clone();
-    let info =
-        super::budget::blocking(pass, move || reader.head_info(&project_id, &head_commit)).await?;
-    Ok(Metadata {
-        project_id: project.project_id,
-        commit,
-        branch: project.branch,
-        subject: info.subject,
-        author: info.author,
-        committed_at: info.committed_at,
-        files: info.files,
-        bytes: info.bytes,
-        last_success_at: project.last_success_at,
-    })
 }

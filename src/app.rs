@@ -310,6 +310,7 @@ impl Application {
         let tracker = TaskTracker::new();
         let workers = WorkerPool::start(
             self.serve_workers,
+            false,
             &state.engine,
             &state.layout,
             &state.config,
@@ -337,8 +338,8 @@ impl Application {
 }
 
 /// A process's sync workers and what runs beside them — the watchdog and health
-/// checks where there are workers, the scheduler on every node — started once and
-/// drained once, by `serve` and `worker` alike.
+/// checks in a `hivesync worker` and in a `serve` that runs workers, the scheduler on
+/// every node — started once and drained once, by `serve` and `worker` alike.
 struct WorkerPool {
     tasks: TaskTracker,
     stops: WorkerStops,
@@ -346,8 +347,11 @@ struct WorkerPool {
 
 impl WorkerPool {
     /// `count` workers on `engine`; they stop taking jobs when `shutdown` fires.
+    /// `dedicated`: a `hivesync worker` process, which keeps the watchdog and the
+    /// health checks even with no workers of its own.
     fn start(
         count: usize,
+        dedicated: bool,
         engine: &Engine,
         layout: &Layout,
         config: &Config,
@@ -367,7 +371,8 @@ impl WorkerPool {
             &tasks,
         );
         let stranded_after = config.sync_timeout + config.watchdog_margin;
-        if count > 0 {
+        let tends_mirrors = count > 0 || dedicated;
+        if tends_mirrors {
             tasks.spawn(worker::run_watchdog(
                 engine.clone(),
                 config.watchdog_interval,
@@ -382,9 +387,7 @@ impl WorkerPool {
             stranded_after,
             stops.stop_taking.clone(),
         ));
-        if count > 0
-            && let Some(every) = config.health_check_interval
-        {
+        if tends_mirrors && let Some(every) = config.health_check_interval {
             tasks.spawn(worker::run_health_checks(
                 engine.clone(),
                 layout.clone(),
@@ -469,7 +472,7 @@ pub async fn run_workers(
     if let Some(budget) = config.snapshot_watches {
         crate::mirror::watch::set_budget(budget);
     }
-    let workers = WorkerPool::start(config.workers, &engine, &layout, &config, &shutdown);
+    let workers = WorkerPool::start(config.workers, true, &engine, &layout, &config, &shutdown);
     tracing::info!(workers = config.workers, metrics = %ops_addr, "hivesync worker running");
     println!("metrics, healthz and readyz on http://{ops_addr}");
     shutdown.cancelled().await;

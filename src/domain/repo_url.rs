@@ -98,6 +98,15 @@ impl FileRoots {
     /// [`FileRoots::check`] for the path of a `file` URL (other URLs pass).
     pub fn check_url(&self, url: &str) -> Result<(), RepoUrlError> {
         let parsed = gix::url::parse(url.as_bytes()).map_err(|_| RepoUrlError::Unparseable)?;
+        self.check_parsed(&parsed)
+    }
+
+    /// [`FileRoots::check_url`] for a URL already validated (a stored project's).
+    pub fn check_repo_url(&self, url: &RepoUrl) -> Result<(), RepoUrlError> {
+        self.check_parsed(url.parsed())
+    }
+
+    fn check_parsed(&self, parsed: &gix::Url) -> Result<(), RepoUrlError> {
         if parsed.scheme != gix::url::Scheme::File {
             return Ok(());
         }

@@ -12,7 +12,8 @@ pub enum EngineError {
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("stored record is unreadable")]
     Corrupt(#[from] serde_json::Error),
-    /// A stored id that is not one (records read as JSON check theirs as they parse).
+    /// A stored id that is not one, kept outside a JSON record (the Redis project
+    /// hash's `active_sync` and `follow_up`); ids inside JSON fail as `Corrupt`.
     #[error("stored record holds an invalid id")]
     InvalidId(#[from] crate::domain::InvalidId),
     #[error("engine task failed")]
@@ -42,4 +43,12 @@ pub enum EngineError {
     /// A failpoint armed to fail this step ([`crate::failpoint`]; test builds only).
     #[error(transparent)]
     Injected(#[from] crate::failpoint::Injected),
+}
+
+impl EngineError {
+    /// A stored record that does not parse (its JSON, an id or its URL): reading it
+    /// again fails the same way, so callers skip or drop it rather than retry.
+    pub fn is_unreadable_record(&self) -> bool {
+        matches!(self, EngineError::Corrupt(_) | EngineError::InvalidId(_))
+    }
 }

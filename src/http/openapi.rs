@@ -83,7 +83,7 @@ pub fn document_json() -> String {
         .unwrap_or_else(|err| format!("{{\"error\":\"{err}\"}}"))
 }
 
-pub(super) fn document_response() -> super::Response {
+pub(super) fn document_response() -> super::extract::Response {
     warp::reply::with_header(document_json(), "content-type", "application/json").into_response()
 }
 

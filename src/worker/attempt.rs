@@ -100,11 +100,7 @@ impl Worker {
     ) -> Result<AttemptEnd, EngineError> {
         // a file URL is checked again: a symlink on its path may have been swapped
         // since registration to point into another user's mirror
-        if let Err(err) = self
-            .settings
-            .file_roots
-            .check_url(project.repo_url.expose_secret())
-        {
+        if let Err(err) = self.settings.file_roots.check_repo_url(&project.repo_url) {
             return Ok(AttemptEnd::Failed(MirrorError::PrivateAddress(
                 err.to_string(),
             )));

@@ -44,6 +44,10 @@ pub async fn run_health_checks(
                     }
                     continue;
                 }
+                Err(err) if err.is_unreadable_record() => {
+                    tracing::error!(%project_id, error = %error_chain(&err), "a mirrored project's record cannot be read; not checking it");
+                    continue;
+                }
                 Err(err) => {
                     tracing::warn!(error = %error_chain(&err), "health check cannot read projects; next round");
                     break;

@@ -7,10 +7,13 @@
 //! - [`attempt`]: one attempt's select loop (progress, timeout, shutdown);
 //! - [`retry`]: which failures are tried again, and when;
 //! - [`lease`]: the heartbeat that keeps a running job and its lock alive;
-//! - [`health`]: periodic mirror health checks, and mirror removal under the lock;
+//! - [`health`]: periodic mirror health checks (an orphaned mirror is removed through
+//!   the engine, under its lock);
 //! - `housekeeping`: a mirror's object store consolidated after its sync, under the
 //!   same lock;
-//! - [`credentials`]: named secrets and what they become for ssh and https;
+//! - [`credentials`]: named secrets and what they become for ssh and https; `guard`:
+//!   the private-address check of a remote, pinned for the fetch;
+//! - `codes`: the wire's code for each way a sync fails;
 //! - `watchdog`: requeues syncs whose job was lost.
 
 mod attempt;
@@ -199,6 +202,11 @@ impl Worker {
                     // another worker owns the job now; it acks it
                     tracing::warn!(sync_id = %lease.job.sync_id, "lost the project lock; leaving the job to the worker that took it over");
                     continue;
+                }
+                Err(err) if err.is_unreadable_record() => {
+                    // released, it would come straight back and fail the same way
+                    tracing::error!(sync_id = %lease.job.sync_id, error = %error_chain(&err), "the job's stored records cannot be read; dropping the job");
+                    self.engine.queue.complete(&lease).await
                 }
                 Err(err) => {
                     tracing::error!(error = %error_chain(&err), "job failed in the engine; it stays queued");

@@ -1,7 +1,8 @@
 //! The retry policy of a failing sync: which failures are tried again, the schedule
 //! (immediate, then `base`, then doubling, with jitter), and the loop that drives the
 //! attempts of one job through the [`Attempts`] it is given. Pure policy: it knows no
-//! worker, store or mirror. Tested on tokio's paused time.
+//! worker or store, only the error and outcome types it passes along. Tested on
+//! tokio's paused time.
 
 use std::time::Duration;
 

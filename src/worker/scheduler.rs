@@ -45,8 +45,15 @@ pub async fn schedule_due(engine: &Engine, hold: Duration) -> Result<usize, Engi
         let due = engine.store.claim_due(now, BATCH, hold).await?;
         for claimed in &due {
             let project_id = &claimed.project_id;
-            let Some(project) = engine.store.project(project_id).await? else {
-                continue;
+            let project = match engine.store.project(project_id).await {
+                Ok(Some(project)) => project,
+                Ok(None) => continue,
+                // the rest of the batch is not held up by one record that cannot be read
+                Err(err) if err.is_unreadable_record() => {
+                    tracing::error!(%project_id, error = %error_chain(&err), "a due project's record cannot be read; skipping it");
+                    continue;
+                }
+                Err(err) => return Err(err),
             };
             if project.paused || project.sync_interval_s.is_none() {
                 // an entry the project no longer wants: rewriting the project with no

@@ -22,6 +22,7 @@ mod multinode;
 mod operating;
 mod projects;
 mod read;
+mod records;
 mod redis_server;
 mod security;
 mod skips;

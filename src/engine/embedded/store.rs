@@ -174,7 +174,14 @@ impl Store for EmbeddedEngine {
                     break;
                 }
                 if let Some(raw) = projects.get(project_id).map_err(redb::Error::from)? {
-                    out.push(read_json::<Project>(raw.value())?);
+                    match read_json::<Project>(raw.value()) {
+                        Ok(project) => out.push(project),
+                        // one unreadable record must not hide the owner's other projects
+                        Err(err) if err.is_unreadable_record() => {
+                            tracing::error!(project_id, error = %crate::error::error_chain(&err), "skipping a project whose stored record cannot be read");
+                        }
+                        Err(err) => return Err(err),
+                    }
                 }
             }
             Ok(out)

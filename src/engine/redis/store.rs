@@ -82,9 +82,15 @@ impl Store for RedisEngine {
             }))
             .await?;
         let mut out = Vec::with_capacity(all.len());
-        for fields in all {
-            if let Some(project) = project_from_fields(fields)? {
-                out.push(project);
+        for (id, fields) in ids.iter().zip(all) {
+            match project_from_fields(fields) {
+                Ok(Some(project)) => out.push(project),
+                Ok(None) => {}
+                // one unreadable record must not hide the owner's other projects
+                Err(err) if err.is_unreadable_record() => {
+                    tracing::error!(project_id = %id, error = %crate::error::error_chain(&err), "skipping a project whose stored record cannot be read");
+                }
+                Err(err) => return Err(err),
             }
         }
         Ok(out)

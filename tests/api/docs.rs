@@ -208,7 +208,7 @@ fn anchors_and_links_are_read_as_github_does() {
 fn the_configuration_table_lists_every_variable_the_hub_reads() {
     // the hub's settings, and the client commands' (HIVESYNC_SERVER, HIVESYNC_TOKEN)
     let source = [
-        include_str!("../../src/config.rs"),
+        include_str!("../../src/config/mod.rs"),
         include_str!("../../src/main.rs"),
     ]
     .concat();

@@ -502,7 +502,7 @@ fn serve_help_lists_every_variable_with_its_default() {
         .expect("help runs");
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
-    let source = include_str!("../../src/config.rs");
+    let source = include_str!("../../src/config/mod.rs");
     let variables: Vec<&str> = source
         .split("env = \"")
         .skip(1)

@@ -84,6 +84,38 @@ for step in "${steps[@]}"; do
       # the same with the embedded store's page cache at 8 MiB (the hub inherits it)
       HIVESYNC_STORE_CACHE_MB=8 $L --json "$R-projects-store-cache-8mb.json" projects \
         --count 1000,4000 --seconds 10 ;;
+    projects-memory)
+      # where the hub's memory per project goes: 1,000 then 4,000 projects as
+      # configured, without snapshot watches, and with glibc held to two arenas
+      $L --json "$R-projects-watch.json" projects --count 1000,4000 --seconds 10
+      HIVESYNC_SNAPSHOT_WATCHES=0 $L --json "$R-projects-nowatch.json" projects --count 1000,4000 --seconds 10
+      MALLOC_ARENA_MAX=2 $L --json "$R-projects-arena2.json" projects --count 1000,4000 --seconds 10 ;;
+    projects-heap)
+      # the hub's live heap by heaptrack through 300 then 1,200 projects (its own
+      # RSS figures in the JSON are heaptrack's, not the hub's)
+      W=$(mktemp); printf '#!/bin/sh\nexec heaptrack -o %s %s "$@"\n' "/tmp/projects-heap" "$PWD/target/release/hivesync" > "$W"; chmod +x "$W"
+      rm -f /tmp/projects-heap.zst
+      target/release/loadtest --hub "$W" --json /tmp/projects-heap.json projects --count 300,1200 --seconds 5
+      heaptrack_print -f /tmp/projects-heap.zst --print-leaks=0 --print-peaks=0 --print-allocators=0 \
+        --print-temporary=0 --print-histogram=0 --flamegraph-cost-type=leaked -F /tmp/projects-heap.fg \
+        | grep "^peak\|^total" > "$R-projects-heap.txt"
+      python3 - /tmp/projects-heap.fg >> "$R-projects-heap.txt" <<'PY'
+import collections, sys
+sites = ["(cached_file.rs)", "(broadcast.rs)", "arm (watch.rs)", "repo (read.rs)",
+         "tree_at (read.rs)", "(page_manager.rs)", "(events.rs)"]
+live = collections.Counter()
+for line in open(sys.argv[1]):
+    stack, _, cost = line.rstrip("\n").rpartition(" ")
+    if not cost.isdigit():
+        continue
+    frames = stack.split(";")
+    key = next((f for f in reversed(frames) if any(s in f for s in sites)), "(other)")
+    live[key] += int(cost)
+print("\nlive at the end (1,200 projects), by the allocating call site, from heaptrack_print -F with --flamegraph-cost-type=leaked:")
+for key, cost in live.most_common(10):
+    print(f"{cost:>10} {key[:120]}")
+PY
+      rm -f "$W" ;;
     projects-100k)
       $L --json "$R-projects-100k.json" projects --count 1000,10000,100000 --seconds 20 ;;
     100k)

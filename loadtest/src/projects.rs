@@ -23,6 +23,19 @@ pub struct Options {
 }
 
 /// The hub's footprint now: RSS, lines of `/proc/PID/maps`, open descriptors.
+/// The hub's anonymous resident memory (its heap and stacks, not mapped files), from
+/// `RssAnon` in `/proc/PID/status`.
+fn anon_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|line| line.starts_with("RssAnon:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or_default()
+}
+
 fn footprint(pid: u32) -> (u64, u64, u64) {
     let rss = crate::rss_bytes(pid).unwrap_or_default();
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
@@ -104,6 +117,17 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         &[
             ("HIVESYNC_SERVE_WORKERS", options.workers.to_string()),
             ("HIVESYNC_READER_CACHE", options.reader_cache.to_string()),
+            // one user registers them all: past the per-user quota
+            (
+                "HIVESYNC_MAX_PROJECTS",
+                options
+                    .counts
+                    .iter()
+                    .max()
+                    .copied()
+                    .unwrap_or(0)
+                    .to_string(),
+            ),
         ],
     )
     .await?;
@@ -112,7 +136,8 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
     let (rss, maps, files) = footprint(pid);
     eprintln!("hub at start: RSS {rss} B, {maps} maps, {files} open files");
     let mut points = vec![json!({
-        "projects": 0, "rss_bytes": rss, "maps": maps, "open_files": files,
+        "projects": 0, "rss_bytes": rss, "rss_anon_bytes": anon_bytes(pid), "maps": maps,
+        "open_files": files,
     })];
     let mut projects: Vec<String> = Vec::new();
     let mut recent = Recent {
@@ -175,6 +200,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         let point = json!({
             "projects": count,
             "rss_bytes": rss,
+            "rss_anon_bytes": anon_bytes(pid),
             "maps": maps,
             "open_files": files,
             "cached_reads": summary(cached),
@@ -196,6 +222,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
                 "from": a["projects"],
                 "to": b["projects"],
                 "rss_bytes_per_project": per("rss_bytes"),
+                "rss_anon_bytes_per_project": per("rss_anon_bytes"),
                 "maps_per_project": per("maps"),
                 "open_files_per_project": per("open_files"),
             }))

@@ -20,7 +20,14 @@ use std::sync::{Mutex, OnceLock};
 
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 
-/// `usize::MAX`: the default, half the user's `max_user_watches`
+/// The most directories watched by default: each costs about 0.7 KB of this process's
+/// memory (measured: the watch table of 1,200 small mirrors, 5.4 directories each,
+/// held 4.3 MB) besides the kernel's own per watch, so the default stops well short
+/// of what the kernel allows; the least recently used trees are let go past it.
+pub const DEFAULT_MAX_DIRECTORIES: usize = 16_384;
+
+/// `usize::MAX`: the default, half the user's `max_user_watches` up to
+/// [`DEFAULT_MAX_DIRECTORIES`]
 static BUDGET: AtomicUsize = AtomicUsize::new(usize::MAX);
 static WATCHER: OnceLock<Option<Watcher>> = OnceLock::new();
 
@@ -56,7 +63,8 @@ fn budget() -> usize {
         usize::MAX => std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
             .ok()
             .and_then(|text| text.trim().parse::<usize>().ok())
-            .map_or(8192, |limit| limit / 2),
+            .map_or(8192, |limit| limit / 2)
+            .min(DEFAULT_MAX_DIRECTORIES),
         set => set,
     }
 }

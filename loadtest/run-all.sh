@@ -89,7 +89,9 @@ for step in "${steps[@]}"; do
       # configured, without snapshot watches, and with glibc held to two arenas
       $L --json "$R-projects-watch.json" projects --count 1000,4000 --seconds 10
       HIVESYNC_SNAPSHOT_WATCHES=0 $L --json "$R-projects-nowatch.json" projects --count 1000,4000 --seconds 10
-      MALLOC_ARENA_MAX=2 $L --json "$R-projects-arena2.json" projects --count 1000,4000 --seconds 10 ;;
+      MALLOC_ARENA_MAX=2 $L --json "$R-projects-arena2.json" projects --count 1000,4000 --seconds 10
+      # and past the point where the watch table is full (16,384 directories)
+      $L --json "$R-projects-capped.json" projects --count 4000,7000 --seconds 10 ;;
     projects-heap)
       # the hub's live heap by heaptrack through 300 then 1,200 projects (its own
       # RSS figures in the JSON are heaptrack's, not the hub's)

@@ -7,6 +7,10 @@
 #   loadtest/run-all.sh 2026-12-02b           # every step but ab, ~35 minutes on 2 cores
 #   loadtest/run-all.sh 2026-12-02b syncs     # one step (names below)
 #
+# The runs keep their repositories and the hub's data under $TMPDIR: put it on a
+# journaled filesystem (loadtest/scratch-fs.sh says why and makes one); the figures in
+# docs/benchmarks.md from 2026-12-07b on were measured that way.
+#
 # Needs redis-server and redis-cli (the tool starts its own on free ports), node and
 # npm for the Socket.IO peer, git; the 100k step also needs root, debootstrap,
 # qemu-system-x86 and e2fsprogs (see loadtest/vm/100k.sh).
@@ -119,7 +123,9 @@ for key, cost in live.most_common(10):
 PY
       rm -f "$W" ;;
     projects-100k)
-      $L --json "$R-projects-100k.json" projects --count 1000,10000,100000 --seconds 20 ;;
+      # 100 users of 1,000 projects each (the per-user quota); put $TMPDIR on a
+      # filesystem with room for ~11 million inodes (loadtest/scratch-fs.sh)
+      $L --json "$R-projects-100k.json" projects --count 1000,10000,50000,100000 --seconds 20 ;;
     100k)
       loadtest/vm/100k.sh "$R-100k" ;;
     ab-mirrors)

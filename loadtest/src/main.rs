@@ -142,6 +142,10 @@ enum Scenario {
         /// the hub's HIVESYNC_READER_CACHE
         #[arg(long, default_value_t = 256)]
         reader_cache: usize,
+        /// projects per user, each user's in turn (the hub's default quota): one sync
+        /// totals what its owner's other mirrors hold, so its cost grows with them
+        #[arg(long, default_value_t = 1000)]
+        per_user: usize,
     },
     /// An SVG of the latency percentiles in fan-out result files
     Plot {
@@ -326,7 +330,8 @@ pub(crate) fn token_for(user: &str) -> Result<String, String> {
         .mint(
             user,
             hivesync::auth::ClientKind::Desktop,
-            Duration::from_secs(3600),
+            // a day: the longest runs (100,000 projects) take hours
+            Duration::from_secs(24 * 3600),
         )
         .map_err(|e| e.to_string())
 }
@@ -548,6 +553,7 @@ async fn main() -> std::process::ExitCode {
             seconds,
             workers,
             reader_cache,
+            per_user,
         } => {
             let mut counts: Vec<usize> = count.iter().copied().filter(|c| *c > 0).collect();
             counts.sort_unstable();
@@ -559,6 +565,8 @@ async fn main() -> std::process::ExitCode {
                     seconds: (*seconds).max(1),
                     workers: (*workers).max(1),
                     reader_cache: (*reader_cache).max(1),
+                    per_user: (*per_user).max(1),
+                    json: cli.json.clone(),
                 },
             )
             .await

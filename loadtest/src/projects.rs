@@ -1,6 +1,8 @@
 //! The `projects` scenario: a hub that serves many projects. Registers, syncs and
 //! reads projects up to each count in `--count` (tiny ones, and one in ten of a few
-//! hundred files), then reads a random spread of every project so far for a while;
+//! hundred files), owned `--per-user` to a user as a busy hub's are (one sync totals
+//! what its owner's other mirrors hold, so a single owner of them all would make the
+//! run quadratic), then reads a random spread of every project so far for a while;
 //! at each count, the hub's RSS, memory maps, open files, and read latency of projects
 //! the reader had open (read among the last `HIVESYNC_READER_CACHE` distinct ones)
 //! and of projects it had let go. The per-project slope between counts says whether
@@ -20,6 +22,10 @@ pub struct Options {
     pub seconds: u64,
     pub workers: usize,
     pub reader_cache: usize,
+    pub per_user: usize,
+    /// where the result goes, written before the run's temporary files are removed
+    /// (at 100,000 projects, millions of files: minutes)
+    pub json: PathBuf,
 }
 
 /// The hub's footprint now: RSS, lines of `/proc/PID/maps`, open descriptors.
@@ -66,12 +72,36 @@ fn upstream(dir: &Path, files: usize) -> Result<String, String> {
     }
     git(dir, &["add", "-A"])?;
     git(dir, &["commit", "-q", "-m", "upstream"])?;
+    // packed, as a forge keeps its repositories: each clone then sends the pack's
+    // objects as they are instead of compressing and delta-searching loose ones
+    git(dir, &["gc", "-q"])?;
     Ok(format!("file://{}", dir.display()))
 }
 
 /// Reads `README.md` of `project`: milliseconds, or the failure.
 async fn read(api: &Api, project: &str) -> Result<f64, String> {
     api.read_file(project, "README.md").await
+}
+
+/// The users the projects belong to, `per_user` each in turn, each a client with its
+/// event stream open, connected when its first project comes.
+struct Users {
+    base: String,
+    per_user: usize,
+    apis: Vec<Api>,
+}
+
+impl Users {
+    /// The client of the owner of project number `n`.
+    async fn of(&mut self, n: usize) -> Result<&Api, String> {
+        let user = n / self.per_user;
+        while self.apis.len() <= user {
+            let token = crate::token_for(&format!("projects-{}", self.apis.len()))?;
+            self.apis
+                .push(Api::connect(self.base.clone(), token).await?);
+        }
+        Ok(&self.apis[user])
+    }
 }
 
 /// The last `capacity` distinct projects read, newest last: what the hub's reader
@@ -117,22 +147,16 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         &[
             ("HIVESYNC_SERVE_WORKERS", options.workers.to_string()),
             ("HIVESYNC_READER_CACHE", options.reader_cache.to_string()),
-            // one user registers them all: past the per-user quota
-            (
-                "HIVESYNC_MAX_PROJECTS",
-                options
-                    .counts
-                    .iter()
-                    .max()
-                    .copied()
-                    .unwrap_or(0)
-                    .to_string(),
-            ),
+            ("HIVESYNC_MAX_PROJECTS", options.per_user.to_string()),
         ],
     )
     .await?;
     let pid = hub.child.id().ok_or("the hub has no pid")?;
-    let api = Api::connect(format!("http://{}", hub.addr), crate::loadtest_token()?).await?;
+    let mut users = Users {
+        base: format!("http://{}", hub.addr),
+        per_user: options.per_user,
+        apis: Vec::new(),
+    };
     let (rss, maps, files) = footprint(pid);
     eprintln!("hub at start: RSS {rss} B, {maps} maps, {files} open files");
     let mut points = vec![json!({
@@ -155,22 +179,23 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
     for &count in &options.counts {
         // register, sync and read the projects up to `count`, 50 at a time
         while projects.len() < count {
-            let batch = (count - projects.len()).min(50);
+            // up to 50 projects of one user
+            let first = projects.len();
+            let batch = (count - first)
+                .min(50)
+                .min(options.per_user - first % options.per_user);
+            let api = users.of(first).await?;
             let mut ids = Vec::with_capacity(batch);
             let mut syncs = Vec::with_capacity(batch);
-            for _ in 0..batch {
-                let url = if projects.len().is_multiple_of(10) {
-                    &mixed
-                } else {
-                    &tiny
-                };
+            for n in first..first + batch {
+                let url = if n.is_multiple_of(10) { &mixed } else { &tiny };
                 let id = api.register(url).await?;
                 syncs.push(api.request(&id).await?);
                 ids.push(id);
             }
             api.ended(&syncs).await?;
             for id in ids {
-                read(&api, &id).await?;
+                read(api, &id).await?;
                 recent.touch(projects.len());
                 projects.push(id);
             }
@@ -188,7 +213,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         while Instant::now() < until {
             let n = random(projects.len());
             let was_open = recent.contains(n);
-            let ms = read(&api, &projects[n]).await?;
+            let ms = read(users.of(n).await?, &projects[n]).await?;
             if was_open {
                 cached.push(ms);
             } else {
@@ -231,14 +256,20 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
     for slope in &slopes {
         eprintln!("slope {slope}");
     }
-    Ok(json!({
+    let result = json!({
         "scenario": "projects",
         "counts": options.counts,
         "seconds": options.seconds,
         "workers": options.workers,
         "reader_cache": options.reader_cache,
+        "per_user": options.per_user,
+        "users": users.apis.len(),
         "mix": "9 in 10 projects of 3 files, 1 in 10 of 300 files",
         "points": points,
         "slopes": slopes,
-    }))
+    });
+    std::fs::write(&options.json, format!("{result:#}\n"))
+        .map_err(|e| format!("cannot write {}: {e}", options.json.display()))?;
+    eprintln!("wrote {}; removing the run's files", options.json.display());
+    Ok(result)
 }

@@ -96,6 +96,16 @@ for step in "${steps[@]}"; do
       MALLOC_ARENA_MAX=2 $L --json "$R-projects-arena2.json" projects --count 1000,4000 --seconds 10
       # and past the point where the watch table is full (16,384 directories)
       $L --json "$R-projects-capped.json" projects --count 4000,7000 --seconds 10 ;;
+    allocator)
+      # the hub with glibc's malloc (the default build) against mimalloc (feature
+      # `mimalloc`, built in its own target directory), one after the other, each
+      # through 1,000, 4,000 then 7,000 projects (memory, not time: one run each)
+      CARGO_TARGET_DIR=target/mimalloc cargo build --release -q -p hivesync --features mimalloc
+      for v in glibc mimalloc; do
+        hub=$([ $v = glibc ] && echo target/release/hivesync || echo target/mimalloc/release/hivesync)
+        target/release/loadtest --hub "$hub" --json "$R-projects-$v.json" projects \
+          --count 1000,4000,7000 --seconds 10
+      done ;;
     projects-heap)
       # the hub's live heap by heaptrack through 300 then 1,200 projects (its own
       # RSS figures in the JSON are heaptrack's, not the hub's)

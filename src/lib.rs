@@ -20,7 +20,8 @@
 //! - Cross-cutting, usable by any module: [`error`] (cause chains for logs),
 //!   [`backoff`] (the one exponential backoff), [`metrics`] (counters, fed by their
 //!   callers), [`credential_policy`] (who may send which named credential where),
-//!   [`failpoint`] (fault injection, in test builds only).
+//!   [`failpoint`] (fault injection, in test builds only), [`memory`] (the heap's
+//!   freed pages handed back).
 //! - [`client`] — the reference Rust client (REST + resuming event stream), which
 //!   `hivesync sync` uses.
 //! - [`app`] — wiring; [`config`], [`shutdown`], [`telemetry`], [`tls`] (outgoing TLS).
@@ -37,6 +38,7 @@ pub mod error;
 pub mod failpoint;
 pub mod http;
 pub mod hub;
+pub mod memory;
 pub mod metrics;
 pub mod mirror;
 pub mod protocol;

@@ -11,6 +11,13 @@ use hivesync::config::ConfigArgs;
 
 mod cli;
 
+/// mimalloc as the process's allocator with feature `mimalloc` (off by default: it
+/// held more memory than glibc's malloc for a hub of many projects, measured by
+/// `loadtest/run-all.sh DATE allocator`).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "hivesync",

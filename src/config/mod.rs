@@ -99,6 +99,8 @@ pub struct Config {
     pub quota: crate::mirror::Quota,
     /// the embedded store's page cache
     pub store_cache_bytes: usize,
+    /// how often a serving process hands its heap's freed pages back; zero = never
+    pub malloc_trim_every: Duration,
     /// when a mirror's object store is consolidated, and how long unreachable objects
     /// are kept
     pub housekeeping: crate::mirror::housekeeping::Policy,
@@ -161,6 +163,7 @@ impl Default for Config {
             file_roots: Vec::new(),
             quota: crate::mirror::Quota::default(),
             store_cache_bytes: crate::engine::embedded::DEFAULT_CACHE_BYTES,
+            malloc_trim_every: Duration::from_secs(10),
             housekeeping: crate::mirror::housekeeping::Policy::default(),
         }
     }
@@ -374,6 +377,10 @@ pub struct ConfigArgs {
     /// the embedded store's page cache, MiB [default: 64]
     #[arg(long, env = "HIVESYNC_STORE_CACHE_MB")]
     pub store_cache_mb: Option<usize>,
+    /// seconds between handing the heap's freed pages back to the kernel (glibc's
+    /// malloc_trim), 0 = never [default: 10]
+    #[arg(long, env = "HIVESYNC_MALLOC_TRIM_S")]
+    pub malloc_trim_s: Option<u64>,
     /// packs a mirror may have before housekeeping consolidates it, 0 = off [default: 8]
     #[arg(long, env = "HIVESYNC_HOUSEKEEPING_PACKS")]
     pub housekeeping_packs: Option<usize>,
@@ -516,6 +523,9 @@ impl ConfigArgs {
         }
         if let Some(v) = self.store_cache_mb {
             config.store_cache_bytes = v.max(1).saturating_mul(1 << 20);
+        }
+        if let Some(v) = self.malloc_trim_s {
+            config.malloc_trim_every = Duration::from_secs(v);
         }
         if let Some(v) = self.housekeeping_packs {
             // one pack is already as compact as housekeeping makes it

@@ -99,11 +99,12 @@ for step in "${steps[@]}"; do
     allocator)
       # the hub with glibc's malloc (the default build) against mimalloc (feature
       # `mimalloc`, built in its own target directory), one after the other, each
-      # through 1,000, 4,000 then 7,000 projects (memory, not time: one run each)
+      # through 1,000, 4,000 then 7,000 projects (memory, not time: one run each),
+      # neither trimming its heap (HIVESYNC_MALLOC_TRIM_S=0): the allocators alone
       CARGO_TARGET_DIR=target/mimalloc cargo build --release -q -p hivesync --features mimalloc
       for v in glibc mimalloc; do
         hub=$([ $v = glibc ] && echo target/release/hivesync || echo target/mimalloc/release/hivesync)
-        target/release/loadtest --hub "$hub" --json "$R-projects-$v.json" projects \
+        HIVESYNC_MALLOC_TRIM_S=0 target/release/loadtest --hub "$hub" --json "$R-projects-$v.json" projects \
           --count 1000,4000,7000 --seconds 10
       done ;;
     projects-heap)
@@ -136,6 +137,17 @@ PY
       # 100 users of 1,000 projects each (the per-user quota); put $TMPDIR on a
       # filesystem with room for ~11 million inodes (loadtest/scratch-fs.sh)
       $L --json "$R-projects-100k.json" projects --count 1000,10000,50000,100000 --seconds 20 ;;
+    projects-untrimmed)
+      # the same hub never trimming its heap, to ${UNTRIMMED:-50000} projects; glibc's
+      # own account of the heap (malloc_stats, printed into the hub's stderr by gdb)
+      # once the last count is synced, as its random reads begin
+      n=${UNTRIMMED:-50000}
+      HIVESYNC_MALLOC_TRIM_S=0 $L --json "$R-projects-untrimmed.json" projects \
+        --count 1000,10000,$n --seconds 20 2> "$R-projects-untrimmed.txt" &
+      tool=$!
+      while kill -0 $tool 2>/dev/null && ! grep -q "^$n projects synced" "$R-projects-untrimmed.txt"; do sleep 2; done
+      gdb -p "$(pgrep -n -f 'release/hivesync serve')" -batch -ex 'call (void)malloc_stats()' >/dev/null 2>&1 || true
+      wait $tool ;;
     100k)
       loadtest/vm/100k.sh "$R-100k" ;;
     ab-mirrors)

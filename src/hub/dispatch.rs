@@ -57,27 +57,43 @@ impl Hub {
     /// Forwards every live event to the connections of its user until `shutdown`: one
     /// dispatcher per core, each for the users that hash to it, so the writes into
     /// sockets (most of a fan-out's cost) run on every core and not on one. A user's
-    /// events stay in one dispatcher, in order.
-    pub async fn run_dispatch(self: Arc<Self>, shutdown: CancellationToken) {
+    /// events stay in one dispatcher, in order. The dispatchers subscribe to the live
+    /// feed when this is called, not when the future is first polled: an event
+    /// published after the call reaches them however late the task starts.
+    pub fn run_dispatch(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let shards = std::thread::available_parallelism()
             .map_or(1, std::num::NonZeroUsize::get)
             .min(MAX_DISPATCHERS);
-        self.run_dispatchers(shards, shutdown).await;
+        self.run_dispatchers(shards, shutdown)
     }
 
     /// [`Hub::run_dispatch`] with `shards` dispatchers.
-    pub(super) async fn run_dispatchers(
+    pub(super) fn run_dispatchers(
         self: Arc<Self>,
         shards: usize,
         shutdown: CancellationToken,
-    ) {
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let shards = shards.max(1);
+        // subscribed here, before any of them runs: none misses an event published
+        // after this call
+        let subscribed: Vec<(Shard, broadcast::Receiver<Live>)> = (0..shards)
+            .map(|index| (Shard { index, of: shards }, self.events.live()))
+            .collect();
+        self.supervise_dispatchers(subscribed, shutdown)
+    }
+
+    /// Runs a dispatcher per subscription, and starts again any that panics.
+    async fn supervise_dispatchers(
+        self: Arc<Self>,
+        subscribed: Vec<(Shard, broadcast::Receiver<Live>)>,
+        shutdown: CancellationToken,
+    ) {
         let mut dispatchers = tokio::task::JoinSet::new();
         let mut of_task = HashMap::new();
-        for index in 0..shards {
-            let shard = Shard { index, of: shards };
-            // subscribed here, before any of them runs: none misses the first events
-            let live = self.events.live();
+        for (shard, live) in subscribed {
             let task =
                 dispatchers.spawn(Arc::clone(&self).dispatch_shard(shard, live, shutdown.clone()));
             of_task.insert(task.id(), shard);
@@ -322,8 +338,20 @@ impl Hub {
                 of_user.known.fetch_max(last.id, Ordering::AcqRel);
             }
             for connection in &of_user.list {
-                if connection.sink.offer(&frames).is_err() {
-                    connection.kicked.cancel();
+                // a sink that panics (a bug in the socket layer) fails its offer like
+                // a full one: its connection is kicked and resumes from the last id
+                // its client has, so it loses nothing, and the dispatcher, this
+                // user's other connections and the rest of the batch go on
+                let offered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    connection.sink.offer(&frames)
+                }));
+                match offered {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => connection.kicked.cancel(),
+                    Err(_) => {
+                        tracing::error!(user, "a connection's sink panicked; kicking it");
+                        connection.kicked.cancel();
+                    }
                 }
             }
         }

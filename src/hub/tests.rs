@@ -58,6 +58,8 @@ struct Skipping {
     live: broadcast::Sender<Live>,
     /// while set, `latest` waits for it (holds an attach in its opening)
     hold_latest: std::sync::Mutex<Option<Arc<tokio::sync::Notify>>>,
+    /// while set, the next `after` panics (a bug in a dispatcher's history read)
+    panic_in_after: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -86,6 +88,10 @@ impl EventLog for Skipping {
         after: EventId,
         limit: usize,
     ) -> Result<crate::engine::History, EngineError> {
+        assert!(
+            !self.panic_in_after.swap(false, Ordering::AcqRel),
+            "a history read that fails once"
+        );
         self.inner.after(user, after, limit).await
     }
     async fn latest(&self, user: &str) -> Result<EventId, EngineError> {
@@ -125,6 +131,7 @@ fn skipping_hub(
         inner,
         live: live.clone(),
         hold_latest: std::sync::Mutex::new(None),
+        panic_in_after: std::sync::atomic::AtomicBool::new(false),
     });
     let hub = Hub::new(log.clone(), 64);
     let stop = CancellationToken::new();
@@ -171,49 +178,102 @@ async fn a_second_socket_attaching_does_not_hide_events_the_first_was_not_handed
     stop.cancel();
 }
 
+/// Takes frames from `queue` until `attachment` has admitted `want` of them (or 10 s
+/// pass), and returns the admitted ids.
+async fn admitted(
+    queue: &mut tokio::sync::mpsc::UnboundedReceiver<Arc<Frame>>,
+    attachment: &mut Attachment,
+    want: usize,
+) -> Vec<EventId> {
+    let mut ids = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ids.len() < want {
+        match tokio::time::timeout_at(deadline, queue.recv()).await {
+            Ok(Some(frame)) => {
+                if attachment.subscription.admit(&frame) {
+                    ids.push(frame.id);
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatcher_that_panicked_is_started_again_and_catches_its_users_up() {
     let (_dir, log, live, _hub, stop) = skipping_hub(100);
     let hub = Hub::new(log.clone(), 64);
     tokio::spawn(Arc::clone(&hub).run_dispatchers(1, stop.child_token()));
-    let (sender, mut queue_u) = tokio::sync::mpsc::unbounded_channel();
-    let sink_u: Arc<dyn FrameSink> = Arc::new(PanicsOnce(
-        std::sync::atomic::AtomicBool::new(false),
-        sender,
-    ));
+    let (sink_u, mut queue_u) = channel_sink();
     let mut attached_u = hub.attach("u", None, None, sink_u).await.expect("attach");
     let (sink_v, mut queue_v) = channel_sink();
     let mut attached_v = hub.attach("v", None, None, sink_v).await.expect("attach");
-    // u's first event makes the only dispatcher panic
+    // the feed skips u's first event; the gap it leaves sends the only dispatcher to
+    // the history, and that read panics
+    log.panic_in_after.store(true, Ordering::Release);
+    log.publish("u", stage(1)).await.expect("publish");
+    for user in ["v", "u"] {
+        let event = log.publish(user, stage(1)).await.expect("publish");
+        let _ = live.send(Live::Event(event));
+    }
+    // the restarted dispatcher catches each user up from their history: nothing the
+    // panic cut short is lost
+    assert_eq!(
+        admitted(&mut queue_u, &mut attached_u, 2).await,
+        vec![1, 2],
+        "u's events after the dispatcher panicked"
+    );
+    assert_eq!(
+        admitted(&mut queue_v, &mut attached_v, 1).await,
+        vec![1],
+        "v's event after the dispatcher panicked"
+    );
+    assert!(
+        !log.panic_in_after.load(Ordering::Acquire),
+        "the history read panicked"
+    );
+    // and it takes the live feed again
+    let event = log.publish("u", stage(3)).await.expect("publish");
+    let _ = live.send(Live::Event(event));
+    assert_eq!(admitted(&mut queue_u, &mut attached_u, 1).await, vec![3]);
+    assert!(!attached_u.kicked.is_cancelled() && !attached_v.kicked.is_cancelled());
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_panics_has_its_connection_kicked_and_the_batch_goes_on() {
+    let (_dir, log, live, hub, stop) = skipping_hub(100);
+    let (sender, _panicked_queue) = tokio::sync::mpsc::unbounded_channel();
+    let panicking: Arc<dyn FrameSink> = Arc::new(PanicsOnce(
+        std::sync::atomic::AtomicBool::new(false),
+        sender,
+    ));
+    let broken = hub
+        .attach("u", None, None, panicking)
+        .await
+        .expect("attach");
+    let (sink_u, mut queue_u) = channel_sink();
+    let mut attached_u = hub.attach("u", None, None, sink_u).await.expect("attach");
+    let (sink_v, mut queue_v) = channel_sink();
+    let mut attached_v = hub.attach("v", None, None, sink_v).await.expect("attach");
     for user in ["u", "v", "u"] {
         let event = log.publish(user, stage(1)).await.expect("publish");
         let _ = live.send(Live::Event(event));
     }
-    let first_admitted = |queue: &mut tokio::sync::mpsc::UnboundedReceiver<Arc<Frame>>,
-                          attachment: &mut Attachment| {
-        let mut admitted = None;
-        while let Ok(frame) = queue.try_recv() {
-            if attachment.subscription.admit(&frame) {
-                admitted.get_or_insert(frame.id);
-            }
-        }
-        admitted
-    };
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    let (mut got_v, mut got_u) = (None, None);
-    while (got_v.is_none() || got_u.is_none()) && tokio::time::Instant::now() < deadline {
-        got_v = got_v.or_else(|| first_admitted(&mut queue_v, &mut attached_v));
-        got_u = got_u.or_else(|| first_admitted(&mut queue_u, &mut attached_u));
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    // v's event was in the batch the panic cut short: the restarted dispatcher's
-    // catch-up sends it; u's second event comes after
-    assert_eq!(got_v, Some(1), "v's event after the dispatcher panicked");
-    assert_eq!(
-        got_u,
-        Some(2),
-        "u's next event after the dispatcher panicked"
-    );
+    // u's other connection and v have everything, whatever the batches were
+    assert_eq!(admitted(&mut queue_u, &mut attached_u, 2).await, vec![1, 2]);
+    assert_eq!(admitted(&mut queue_v, &mut attached_v, 1).await, vec![1]);
+    // the connection whose sink panicked is kicked: its client resumes from the last
+    // id it has and loses nothing
+    tokio::time::timeout(std::time::Duration::from_secs(5), broken.kicked.cancelled())
+        .await
+        .expect("the connection whose sink panicked is kicked");
+    assert!(!attached_u.kicked.is_cancelled() && !attached_v.kicked.is_cancelled());
+    // the same dispatcher goes on with the live feed
+    let event = log.publish("v", stage(2)).await.expect("publish");
+    let _ = live.send(Live::Event(event));
+    assert_eq!(admitted(&mut queue_v, &mut attached_v, 1).await, vec![2]);
     stop.cancel();
 }
 

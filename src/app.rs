@@ -318,7 +318,11 @@ impl Application {
         );
         let dispatch_stop = CancellationToken::new();
         let dispatcher = tokio::spawn(Arc::clone(&state.hub).run_dispatch(dispatch_stop.clone()));
-        crate::memory::spawn_trimming(state.config.malloc_trim_every, shutdown.clone());
+        crate::memory::spawn_trimming(
+            state.config.malloc_trim_every,
+            Arc::clone(&state.engine.metrics),
+            shutdown.clone(),
+        );
 
         crate::http::serve(
             self.listener,
@@ -468,7 +472,11 @@ pub async fn run_workers(
         Arc::clone(&config),
         ops_stop.clone(),
     ));
-    crate::memory::spawn_trimming(config.malloc_trim_every, shutdown.clone());
+    crate::memory::spawn_trimming(
+        config.malloc_trim_every,
+        Arc::clone(&engine.metrics),
+        shutdown.clone(),
+    );
     let layout = Layout::new(config.data_dir.clone());
     layout.empty_trash_in_background();
     if let Some(budget) = config.snapshot_watches {

@@ -8,9 +8,12 @@
 //! trims every `HIVESYNC_MALLOC_TRIM_S` seconds: `malloc_trim` walks every arena and
 //! hands each free page back (`MADV_DONTNEED`), keeping the address space.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
 
 /// Hands the heap's free pages back to the kernel now; whether anything was given
 /// back. Elsewhere than glibc, nothing to do.
@@ -26,8 +29,21 @@ pub fn trim() -> bool {
     }
 }
 
-/// Trims every `every` until `stop` (`every` zero: never).
-pub fn spawn_trimming(every: Duration, stop: CancellationToken) {
+/// This process's anonymous resident memory (`RssAnon` of `/proc/self/status`), 0
+/// where there is none to read.
+pub fn rss_anon() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|line| line.starts_with("RssAnon:"))
+        .and_then(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        .saturating_mul(1024)
+}
+
+/// Trims every `every` until `stop` (`every` zero: never), counting each trim, its
+/// duration and the resident memory it gave back in `metrics`.
+pub fn spawn_trimming(every: Duration, metrics: Arc<Metrics>, stop: CancellationToken) {
     if every.is_zero() {
         return;
     }
@@ -40,30 +56,27 @@ pub fn spawn_trimming(every: Duration, stop: CancellationToken) {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let started = Instant::now();
             // a walk of every arena under its lock: off the async threads
-            let released = tokio::task::spawn_blocking(trim).await.unwrap_or(false);
-            tracing::trace!(
-                released,
-                took_us = started.elapsed().as_micros() as u64,
-                "heap trimmed"
-            );
+            let trimmed = tokio::task::spawn_blocking(|| {
+                let before = rss_anon();
+                let started = Instant::now();
+                trim();
+                let took = started.elapsed();
+                (took, before.saturating_sub(rss_anon()))
+            })
+            .await;
+            let Ok((took, released)) = trimmed else {
+                continue;
+            };
+            metrics.heap_trimmed(took.as_secs_f64(), released);
+            tracing::trace!(released, took_us = took.as_micros() as u64, "heap trimmed");
         }
     });
 }
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
-    /// This process's anonymous resident memory, from `/proc/self/status`.
-    fn rss_anon() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        status
-            .lines()
-            .find(|line| line.starts_with("RssAnon:"))
-            .and_then(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    }
+    use super::rss_anon;
 
     #[test]
     fn trimming_gives_a_threads_freed_memory_back() {

@@ -99,6 +99,9 @@ pub struct Metrics {
     pub housekeeping_packs: Family<WhenLabel, Counter>,
     pub housekeeping_bytes: Family<WhenLabel, Counter>,
     pub housekeeping_pruned: Counter,
+    pub heap_trims: Counter,
+    pub heap_trim_duration: Histogram,
+    pub heap_trimmed_bytes: Counter,
 }
 
 impl Default for Metrics {
@@ -269,6 +272,25 @@ impl Metrics {
             "Objects no branch reached that housekeeping deleted once their grace period was over",
             housekeeping_pruned.clone(),
         );
+        let heap_trims = Counter::default();
+        registry.register(
+            "heap_trims",
+            "Times this process handed its heap's free pages back to the kernel (glibc's malloc_trim, every HIVESYNC_MALLOC_TRIM_S)",
+            heap_trims.clone(),
+        );
+        // 10 µs … ~5 s
+        let heap_trim_duration = Histogram::new(exponential_buckets(0.00001, 2.0, 20));
+        registry.register(
+            "heap_trim_duration_seconds",
+            "Wall time of one malloc_trim: it walks every arena under that arena's lock, so allocations of other threads wait meanwhile",
+            heap_trim_duration.clone(),
+        );
+        let heap_trimmed_bytes = Counter::default();
+        registry.register(
+            "heap_trimmed_bytes",
+            "Resident anonymous memory the trims gave back, summed (RssAnon before each trim less after it)",
+            heap_trimmed_bytes.clone(),
+        );
         // every bounded label combination starts at zero, so each family is in the
         // exposition from the first scrape and rates start from a real zero
         for outcome in ["completed", "failed"] {
@@ -321,6 +343,9 @@ impl Metrics {
             housekeeping_packs,
             housekeeping_bytes,
             housekeeping_pruned,
+            heap_trims,
+            heap_trim_duration,
+            heap_trimmed_bytes,
         }
     }
 
@@ -338,6 +363,13 @@ impl Metrics {
         if let Some(seconds) = seconds {
             self.sync_duration.observe(seconds);
         }
+    }
+
+    /// One heap trim that took `seconds` and gave `released` resident bytes back.
+    pub fn heap_trimmed(&self, seconds: f64, released: u64) {
+        self.heap_trims.inc();
+        self.heap_trim_duration.observe(seconds);
+        self.heap_trimmed_bytes.inc_by(released);
     }
 
     pub fn webhook(&self, result: &'static str) {

@@ -288,6 +288,49 @@ fn metrics_address(stdout: std::process::ChildStdout) -> String {
 }
 
 #[tokio::test]
+async fn the_hubs_heap_trims_are_counted_timed_and_can_be_turned_off() {
+    let trimming = TestApp::spawn_with(|config| {
+        config.malloc_trim_every = std::time::Duration::from_millis(100);
+    })
+    .await;
+    let never =
+        TestApp::spawn_with(|config| config.malloc_trim_every = std::time::Duration::ZERO).await;
+    let url = format!("{}/metrics", trimming.base);
+    let trims = wait_until(WAIT, || async {
+        let metrics = scrape(&trimming.http, &url).await;
+        metrics
+            .value("hivesync_heap_trims_total", &[])
+            .filter(|trims| *trims >= 3.0)
+            .map(|trims| (trims, metrics))
+    })
+    .await;
+    let Some((trims, metrics)) = trims else {
+        panic!("the hub did not trim its heap three times within {WAIT:?}");
+    };
+    // each trim is timed (the duration is observed just after the count goes up)
+    let timed = metrics
+        .value("hivesync_heap_trim_duration_seconds_count", &[])
+        .unwrap_or(0.0);
+    assert!(
+        timed >= trims - 1.0 && timed <= trims,
+        "{timed} timed of {trims}"
+    );
+    assert!(
+        metrics
+            .value("hivesync_heap_trimmed_bytes_total", &[])
+            .is_some(),
+        "the bytes given back are counted"
+    );
+    // HIVESYNC_MALLOC_TRIM_S=0: never, and the families are there at zero
+    let metrics = scrape(&never.http, &format!("{}/metrics", never.base)).await;
+    assert_eq!(metrics.value("hivesync_heap_trims_total", &[]), Some(0.0));
+    assert_eq!(
+        metrics.value("hivesync_heap_trim_duration_seconds_count", &[]),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
 async fn a_worker_process_serves_metrics_health_and_readiness() {
     let Some(redis) = redis_or_skip() else {
         return;

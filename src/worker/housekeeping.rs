@@ -48,7 +48,7 @@ pub(super) async fn housekeep(
         let project = project.clone();
         let interrupt = Arc::clone(&interrupt);
         tokio::task::spawn_blocking(move || {
-            housekeeping::run(&layout, &project, &policy, &interrupt)
+            housekeeping::run(&layout, &project, &policy, rewritten, &interrupt)
         })
     };
     let stopped = stop.clone();

@@ -255,6 +255,13 @@ async fn objects_a_force_push_left_behind_go_after_the_grace_period_with(tool: T
     let id = app.register(&repo).await;
     assert_eq!(app.sync_to_end(&id).await["commit"], mistake.as_str());
     assert!(mirror_has(&app, &id, &blob));
+    // the mistake was fetched long before the rewrite (an hour, far past the grace):
+    // its grace must still start at the rewrite, not at the fetch
+    let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for entry in std::fs::read_dir(git_dir(&app, &id).join("objects/pack")).expect("packs") {
+        let pack = std::fs::File::open(entry.expect("entry").path()).expect("open");
+        pack.set_modified(an_hour_ago).expect("backdated");
+    }
 
     // the branch is rewritten without the mistake
     repo.git(&["reset", "-q", "--hard", &base]);

@@ -38,13 +38,25 @@ pub(super) fn git_binary() -> Option<&'static Path> {
 /// a commit-graph. Its environment holds no configuration but what is passed here, and
 /// no hook runs. Killed when `interrupt` is set; git leaves the store whole either way
 /// (new packs are renamed into place before old ones are removed).
+///
+/// git dates an unreachable object by the pack that holds it (the mirror keeps no
+/// reflog that would say when a ref left it), so after a rewrite (`rewritten`) the
+/// packs that are not cruft packs are dated now first: what the rewrite left behind
+/// starts its grace period at the rewrite, as on the gitoxide path, not at the fetch
+/// or the last consolidation that wrote it (which may be older than the grace, and
+/// would have it pruned at once). Objects already in a cruft pack keep their dates
+/// (its `.mtimes`).
 pub(super) fn run_git(
     git: &Path,
     git_dir: &Path,
     policy: &Policy,
+    rewritten: bool,
     interrupt: &AtomicBool,
 ) -> Result<Report, MirrorError> {
     let before = Store::scan(git_dir)?;
+    if rewritten {
+        date_packs_now(&git_dir.join("objects").join("pack"))?;
+    }
     let expire = if policy.grace.is_zero() {
         "now".to_owned()
     } else {
@@ -109,4 +121,26 @@ pub(super) fn run_git(
         bytes_after: after.bytes(),
         ..Report::default()
     })
+}
+
+/// Sets the modification time of every pack in `pack_dir` but git's cruft packs (those
+/// with a `.mtimes` file) to now.
+fn date_packs_now(pack_dir: &Path) -> std::io::Result<()> {
+    let now = std::time::SystemTime::now();
+    for entry in std::fs::read_dir(pack_dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|ext| ext != "pack")
+            || path.with_extension("mtimes").exists()
+        {
+            continue;
+        }
+        // the owner may set a file's times through a read-only descriptor (packs are
+        // 0444); a pack a concurrent run removed is no longer there to date
+        match std::fs::File::open(&path) {
+            Ok(pack) => pack.set_modified(now)?,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }

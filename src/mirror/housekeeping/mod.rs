@@ -246,10 +246,13 @@ fn git_error(err: impl std::error::Error + Send + Sync + 'static) -> MirrorError
 /// Consolidates the mirror's object store (see the module's documentation). The caller
 /// holds the project lock. Stops with [`MirrorError::Interrupted`] when `interrupt` is
 /// set, leaving the store as it was (a half-written pack is a temporary file).
+/// `rewritten`: the sync before it found its branch rewritten, so the objects it left
+/// unreachable start their grace period now.
 pub fn run(
     layout: &Layout,
     project: &ProjectId,
     policy: &Policy,
+    rewritten: bool,
     interrupt: &AtomicBool,
 ) -> Result<Report, MirrorError> {
     let git_dir = layout.git_dir(project);
@@ -259,7 +262,7 @@ pub fn run(
     if policy.tool == Tool::Auto
         && let Some(git) = git_binary()
     {
-        return run_git(git, &git_dir, policy, interrupt);
+        return run_git(git, &git_dir, policy, rewritten, interrupt);
     }
     let now = SystemTime::now();
     let before = Store::scan(&git_dir)?;

@@ -21,8 +21,6 @@ const HISTORY: u64 = 5;
 /// Makes a fresh, empty engine for one check.
 trait Factory {
     fn make(&self) -> impl Future<Output = Engine>;
-    /// Whether the live feed is a network subscription that announces itself ready.
-    fn networked(&self) -> bool;
 }
 
 struct Embedded(tempfile::TempDir);
@@ -40,10 +38,6 @@ impl Factory for Embedded {
             events: engine,
             metrics: Default::default(),
         }
-    }
-
-    fn networked(&self) -> bool {
-        false
     }
 }
 
@@ -65,7 +59,12 @@ impl OnRedis {
         })
         .await
         .expect("redis engine connects");
+        // the subscription announces itself once it is in place; taken before it is
+        // started, so the announcement cannot come before anyone listens
+        let mut live = hivesync::engine::EventLog::live(&*engine);
         engine.start_subscriber();
+        let ready = tokio::time::timeout(Duration::from_secs(10), live.recv()).await;
+        assert!(matches!(ready, Ok(Ok(Live::Reconnected))), "{ready:?}");
         engine
     }
 }
@@ -86,10 +85,6 @@ impl Factory for OnRedis {
                 .await,
         )
     }
-
-    fn networked(&self) -> bool {
-        true
-    }
 }
 
 async fn all_checks(factory: &impl Factory) {
@@ -105,7 +100,7 @@ async fn all_checks(factory: &impl Factory) {
     crate::conformance_fresh::due_projects_are_claimed_once_across_schedulers(factory.make().await)
         .await;
     rate_limit_is_a_burst_then_an_exact_wait(factory.make().await).await;
-    events_are_numbered_per_user_kept_and_live(factory.make().await, factory.networked()).await;
+    events_are_numbered_per_user_kept_and_live(factory.make().await).await;
     jobs_locks_and_fences(factory.make().await).await;
     jobs_are_taken_fairly_by_owner(factory.make().await).await;
 }
@@ -299,6 +294,7 @@ async fn projects_syncs_and_coalescing(engine: Engine) {
 }
 
 async fn rate_limit_is_a_burst_then_an_exact_wait(engine: Engine) {
+    let burst_started = std::time::Instant::now();
     for _ in 0..RATE.0 {
         assert_eq!(
             engine
@@ -315,9 +311,12 @@ async fn rate_limit_is_a_burst_then_an_exact_wait(engine: Engine) {
         .await
         .expect("admit")
         .expect_err("over the rate");
+    // what the requests themselves took (a slow disk under the store's commits) is
+    // all the wait may be short of one interval, give or take the store's clock
+    let spent = burst_started.elapsed() + Duration::from_millis(50);
     assert!(
-        wait > Duration::from_secs(19) && wait <= Duration::from_secs(20),
-        "one emission interval (20 s) from the burst's start, got {wait:?}"
+        wait >= Duration::from_secs(20).saturating_sub(spent) && wait <= Duration::from_secs(20),
+        "one emission interval (20 s) from the burst's start ({spent:?} ago), got {wait:?}"
     );
     assert_eq!(
         engine
@@ -341,14 +340,10 @@ fn stage(project_id: &str, n: u64) -> EventBody {
     }
 }
 
-async fn events_are_numbered_per_user_kept_and_live(engine: Engine, networked: bool) {
+async fn events_are_numbered_per_user_kept_and_live(engine: Engine) {
     let events = &engine.events;
+    // a networked engine's subscription is in place when the factory hands it over
     let mut live = events.live();
-    if networked {
-        // the subscription announces itself once it is in place
-        let ready = tokio::time::timeout(Duration::from_secs(5), live.recv()).await;
-        assert!(matches!(ready, Ok(Ok(Live::Reconnected))), "{ready:?}");
-    }
     // what a hub does for the users it holds sockets for (on a cluster, this
     // subscribes their groups' channels)
     for user in ["erin", "frank", "gina"] {
@@ -720,7 +715,9 @@ async fn on_a_cluster_a_silent_workers_job_is_taken_over_and_its_lock_fenced() {
 async fn silent_worker_is_replaced(server: RedisServer) {
     let redis = OnRedis { server };
     let prefix = unique_prefix();
-    let reclaim = Duration::from_millis(1000);
+    // a stall of Redis (its append-only file synced on a busy disk) shorter than this
+    // must not pass for a silent worker
+    let reclaim = Duration::from_millis(2500);
     let first_worker = engine_of(redis.connect(&prefix, reclaim).await);
     let second_worker = engine_of(redis.connect(&prefix, reclaim).await);
     let shutdown = CancellationToken::new();
@@ -743,7 +740,7 @@ async fn silent_worker_is_replaced(server: RedisServer) {
         .expect("lock")
         .expect("free");
     // heartbeats keep the job: the other worker finds nothing for a while
-    let kept = tokio::time::timeout(Duration::from_millis(2500), async {
+    let kept = tokio::time::timeout(Duration::from_millis(5000), async {
         loop {
             assert!(
                 first_worker
@@ -756,14 +753,14 @@ async fn silent_worker_is_replaced(server: RedisServer) {
         }
     });
     let stolen = tokio::time::timeout(
-        Duration::from_millis(2500),
+        Duration::from_millis(5000),
         second_worker.queue.take(&shutdown),
     );
     let (_, stolen) = tokio::join!(kept, stolen);
     assert!(stolen.is_err(), "a heartbeating worker keeps its job");
 
     // then the first worker goes silent
-    let taken = tokio::time::timeout(Duration::from_secs(5), second_worker.queue.take(&shutdown))
+    let taken = tokio::time::timeout(Duration::from_secs(15), second_worker.queue.take(&shutdown))
         .await
         .expect("taken over in time")
         .expect("take")

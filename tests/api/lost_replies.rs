@@ -78,6 +78,7 @@ async fn request_cutting_proxy(upstream: &str) -> CuttingProxy {
                             hit
                         };
                         // set before the request leaves: its reply is never passed on
+                        let withheld_before = withheld.load(Ordering::SeqCst);
                         if hit {
                             cut.store(true, Ordering::SeqCst);
                         }
@@ -85,8 +86,15 @@ async fn request_cutting_proxy(upstream: &str) -> CuttingProxy {
                             return;
                         }
                         if hit {
-                            // long enough for Redis to have run it; then both sides close
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            // until Redis has run it and answered (the reply withheld;
+                            // an fsync of its append-only file can take a while on a
+                            // busy disk), at most 10 s; then both sides close
+                            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                            while withheld.load(Ordering::SeqCst) == withheld_before
+                                && tokio::time::Instant::now() < deadline
+                            {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
                             return;
                         }
                     }

@@ -469,7 +469,7 @@ async fn spare_of(worktree: &std::path::Path) -> Option<std::path::PathBuf> {
     let snapshot = std::fs::read_link(worktree).expect("worktree link");
     let name = snapshot.file_name()?.to_str()?.to_owned();
     let spare = snapshot.with_file_name(format!(".spare-{name}"));
-    for _ in 0..100 {
+    for _ in 0..600 {
         if spare.is_dir() {
             return Some(spare);
         }
@@ -570,7 +570,12 @@ async fn a_changed_sync_brings_the_spare_tree_up_to_date_without_touching_the_ol
 /// A commit that changes a `.gitattributes` can change how files whose blobs did not
 /// change check out (here their line endings): no file is reused then, and the tree
 /// is what a fresh clone gives.
+///
+/// Run in a process of its own (`.ci/run` does): it needs the spare of its first tree,
+/// which the process's one verifying thread builds from a queue of four that drops
+/// what comes when it is full, as it may when other tests write trees meanwhile.
 #[tokio::test]
+#[ignore = "needs a process of its own: cargo test --test api -- --ignored --exact sync::a_changed_gitattributes_rewrites_the_files_it_governs"]
 async fn a_changed_gitattributes_rewrites_the_files_it_governs() {
     let app = TestApp::spawn().await;
     let repo = GitRepo::new();

@@ -28,7 +28,6 @@ pub struct Options {
     pub json: PathBuf,
 }
 
-/// The hub's footprint now: RSS, lines of `/proc/PID/maps`, open descriptors.
 /// The hub's anonymous resident memory (its heap and stacks, not mapped files), from
 /// `RssAnon` in `/proc/PID/status`.
 fn anon_bytes(pid: u32) -> u64 {
@@ -42,6 +41,91 @@ fn anon_bytes(pid: u32) -> u64 {
         .unwrap_or_default()
 }
 
+/// What the hub's heap trims (`hivesync_heap_trim*` of its `/metrics`) add up to so
+/// far: how many, their total and per-bucket durations, the memory they gave back.
+#[derive(Default, Clone)]
+struct Trims {
+    count: f64,
+    seconds: f64,
+    /// (upper bound in seconds, trims that took at most that), ascending
+    buckets: Vec<(f64, f64)>,
+    released_bytes: f64,
+}
+
+impl Trims {
+    async fn scrape(http: &reqwest::Client, base: &str) -> Result<Trims, String> {
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| format!("metrics: {e}"))?
+            .text()
+            .await
+            .map_err(|e| format!("metrics: {e}"))?;
+        let mut trims = Trims::default();
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            match name {
+                "hivesync_heap_trims_total" => trims.count = value,
+                "hivesync_heap_trim_duration_seconds_sum" => trims.seconds = value,
+                "hivesync_heap_trimmed_bytes_total" => trims.released_bytes = value,
+                _ => {
+                    let le = name
+                        .strip_prefix("hivesync_heap_trim_duration_seconds_bucket{le=\"")
+                        .and_then(|rest| rest.strip_suffix("\"}"))
+                        .and_then(|le| le.parse::<f64>().ok());
+                    if let Some(le) = le {
+                        trims.buckets.push((le, value));
+                    }
+                }
+            }
+        }
+        trims.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(trims)
+    }
+
+    /// The trims between `before` and these: their count, mean, the bucket bounds
+    /// their p99 and their longest fall under, and what they gave back.
+    fn since(&self, before: &Trims) -> Value {
+        let count = self.count - before.count;
+        if count <= 0.0 {
+            return json!({"trims": 0});
+        }
+        let window: Vec<(f64, f64)> = self
+            .buckets
+            .iter()
+            .map(|&(le, n)| {
+                let earlier = before
+                    .buckets
+                    .iter()
+                    .find(|(b, _)| *b == le)
+                    .map_or(0.0, |(_, n)| *n);
+                (le, n - earlier)
+            })
+            .collect();
+        let at_most = |share: f64| {
+            window
+                .iter()
+                .find(|(_, n)| *n >= share * count)
+                .map(|(le, _)| le * 1000.0)
+        };
+        json!({
+            "trims": count,
+            "mean_ms": (self.seconds - before.seconds) / count * 1000.0,
+            "p99_ms_at_most": at_most(0.99),
+            "max_ms_at_most": at_most(1.0),
+            "released_bytes": self.released_bytes - before.released_bytes,
+        })
+    }
+}
+
+/// The hub's footprint now: RSS, lines of `/proc/PID/maps`, open descriptors.
 fn footprint(pid: u32) -> (u64, u64, u64) {
     let rss = crate::rss_bytes(pid).unwrap_or_default();
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
@@ -157,6 +241,8 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
         per_user: options.per_user,
         apis: Vec::new(),
     };
+    let http = hivesync::tls::http_client();
+    let mut trims_before = Trims::scrape(&http, &users.base).await?;
     let (rss, maps, files) = footprint(pid);
     eprintln!("hub at start: RSS {rss} B, {maps} maps, {files} open files");
     let mut points = vec![json!({
@@ -222,6 +308,10 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
             recent.touch(n);
         }
         let (rss, maps, files) = footprint(pid);
+        // the heap trims since the previous count (every HIVESYNC_MALLOC_TRIM_S)
+        let trims = Trims::scrape(&http, &users.base).await?;
+        let heap_trims = trims.since(&trims_before);
+        trims_before = trims;
         let point = json!({
             "projects": count,
             "rss_bytes": rss,
@@ -230,6 +320,7 @@ pub async fn run(hub_binary: &PathBuf, options: Options) -> Result<Value, String
             "open_files": files,
             "cached_reads": summary(cached),
             "evicted_reads": summary(evicted),
+            "heap_trims": heap_trims,
             "elapsed_s": started.elapsed().as_secs_f64(),
         });
         eprintln!("{point}");

@@ -137,6 +137,10 @@ PY
       # 100 users of 1,000 projects each (the per-user quota); put $TMPDIR on a
       # filesystem with room for ~11 million inodes (loadtest/scratch-fs.sh)
       $L --json "$R-projects-100k.json" projects --count 1000,10000,50000,100000 --seconds 20 ;;
+    projects-trims)
+      # what the heap trims every HIVESYNC_MALLOC_TRIM_S cost as projects grow: the
+      # points' heap_trims (count, mean, p99 and longest bound, memory given back)
+      $L --json "$R-projects-trims.json" projects --count 1000,10000,50000 --seconds 20 ;;
     projects-untrimmed)
       # the same hub never trimming its heap, to ${UNTRIMMED:-50000} projects; glibc's
       # own account of the heap (malloc_stats, printed into the hub's stderr by gdb)

@@ -29,16 +29,27 @@ pub fn trim() -> bool {
     }
 }
 
-/// This process's anonymous resident memory (`RssAnon` of `/proc/self/status`), 0
-/// where there is none to read.
+/// A memory figure of `/proc/PID/status` (`VmRSS`, `RssAnon`, …, which it gives in
+/// kB) in bytes: of process `pid`, or of this one with `None`. `None` where there is
+/// none to read.
+pub fn status_bytes(pid: Option<u32>, field: &str) -> Option<u64> {
+    let path = pid.map_or_else(
+        || "/proc/self/status".to_owned(),
+        |pid| format!("/proc/{pid}/status"),
+    );
+    let status = std::fs::read_to_string(path).ok()?;
+    let line = status.lines().find(|line| {
+        line.strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
+/// This process's anonymous resident memory (`RssAnon`), 0 where there is none to
+/// read.
 pub fn rss_anon() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|line| line.starts_with("RssAnon:"))
-        .and_then(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .unwrap_or(0)
-        .saturating_mul(1024)
+    status_bytes(None, "RssAnon").unwrap_or(0)
 }
 
 /// Trims every `every` until `stop` (`every` zero: never), counting each trim, its

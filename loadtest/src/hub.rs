@@ -107,10 +107,7 @@ pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    hivesync::memory::status_bytes(Some(pid), "VmRSS")
 }
 
 /// Raises this process's open-file limit (and so its children's) to `wanted`, or as

@@ -31,14 +31,7 @@ pub struct Options {
 /// The hub's anonymous resident memory (its heap and stacks, not mapped files), from
 /// `RssAnon` in `/proc/PID/status`.
 fn anon_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            let line = status.lines().find(|line| line.starts_with("RssAnon:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or_default()
+    hivesync::memory::status_bytes(Some(pid), "RssAnon").unwrap_or_default()
 }
 
 /// What the hub's heap trims (`hivesync_heap_trim*` of its `/metrics`) add up to so
